@@ -1,0 +1,13 @@
+"""fastaccum: train with the batch size you want on the GPU you have.
+
+Fused micro-batch gradient accumulation for PyTorch. Importing this package is cheap: it
+loads the compiled extension (if built) and registers its ops; Triton is imported only
+when a Triton kernel is about to run.
+"""
+
+from fastaccum import _backend
+from fastaccum.ops import AccumulateResult, accumulate_, finalize_
+
+__version__ = "0.1.0"
+
+__all__ = ["AccumulateResult", "__version__", "_backend", "accumulate_", "finalize_"]
