@@ -99,6 +99,7 @@ def _forced() -> str | None:
     return value
 
 
+@torch.compiler.assume_constant_result  # torch.compile bakes the choice into the graph
 def select(device: torch.device | str, backend: str | None = None) -> str:
     """Pick the backend for an op on tensors of ``device``.
 

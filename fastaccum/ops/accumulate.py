@@ -158,8 +158,7 @@ def check_finalize_args(
             )
         if o.shape != a.shape:
             raise ValueError(
-                f"outs[{i}] has shape {tuple(o.shape)} but accums[{i}] has shape "
-                f"{tuple(a.shape)}"
+                f"outs[{i}] has shape {tuple(o.shape)} but accums[{i}] has shape {tuple(a.shape)}"
             )
         if o is a:
             raise ValueError(f"outs[{i}] and accums[{i}] are the same tensor")
@@ -202,7 +201,8 @@ def accumulate_ref(
         nonfinite = nonfinite | ~torch.isfinite(g32).all()
         updated = a.float() + scale * g32
         a.copy_(updated)
-        accum_sumsq = accum_sumsq + updated.double().square().sum()
+        # Of the values stored: with bf16/fp16 accumulators, after rounding.
+        accum_sumsq = accum_sumsq + a.double().square().sum()
         if zero_grads:
             g.zero_()
     if per_tensor:
