@@ -1,0 +1,38 @@
+# The two commands of the README:
+#   make demo   installs fastaccum and runs `fastaccum bench` on its default workload
+#   make test   installs fastaccum with its test tools and runs lint + the whole test suite
+#
+# Install rules: keep the torch that is already installed; with none, take torch==2.13.0
+# (the CPU build on a machine without a GPU). Build with --no-build-isolation, since an
+# isolated build environment would download a different torch.
+
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test lint bench-cpu bench-gpu clean
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install setuptools wheel ninja pybind11
+	$(PIP) install --no-build-isolation -e ".[test,triton]"
+
+demo: install
+	fastaccum bench
+
+lint:
+	ruff check fastaccum tests benchmarks setup.py
+	ruff format --check fastaccum tests benchmarks setup.py
+
+test: install lint
+	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest benchmarks --benchmark-disable -q
+
+bench-cpu: install
+	$(PYTHON) -m pytest benchmarks/test_accumulate_cpu.py
+
+bench-gpu: install
+	$(PYTHON) benchmarks/gpu_accumulate.py
+
+clean:
+	rm -rf build *.egg-info fastaccum/*.so .pytest_cache .benchmarks

@@ -1,0 +1,45 @@
+"""pytest-benchmark suites: fastaccum against native PyTorch in the same run.
+
+At the end of a run this prints, per group, each provider's median time as a ratio to the
+native PyTorch provider of the same group, plus bytes/s against the measured copy rate
+(for benchmarks that record ``extra_info["bytes"]``). With ``--benchmark-disable`` the
+suites run once each as smoke tests and nothing is printed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled or not session.benchmarks:
+        return
+    groups: dict[str, list] = {}
+    for bench in session.benchmarks:
+        if bench:
+            groups.setdefault(bench.group or "", []).append(bench)
+    copy_rate = None
+    for bench in session.benchmarks:
+        if bench and bench.extra_info.get("provider") == "copy":
+            copy_rate = bench.extra_info["bytes"] / bench.stats.median
+    write = terminalreporter.write_line
+    terminalreporter.section("fastaccum vs native PyTorch (median, same run)")
+    for name, benches in sorted(groups.items()):
+        native = [b for b in benches if b.extra_info.get("provider") == "native"]
+        if not native:
+            continue
+        base = native[0].stats.median
+        for b in sorted(benches, key=lambda b: b.stats.median):
+            provider = b.extra_info.get("provider", b.name)
+            line = f"{name:<28} {provider:<12} speed-up vs native {base / b.stats.median:6.2f}x"
+            if "bytes" in b.extra_info:
+                rate = b.extra_info["bytes"] / b.stats.median
+                line += f"   {rate / 1e9:7.1f} GB/s"
+                if copy_rate:
+                    line += f" ({rate / copy_rate:.0%} of copy)"
+            write(line)
+    if copy_rate:
+        write(f"copy: {copy_rate / 1e9:.1f} GB/s (float32 copy_, bytes read + written)")

@@ -1,0 +1,114 @@
+"""Parameter sets and the native PyTorch baseline that benchmarks compare against.
+
+Shared by ``fastaccum bench``, the pytest-benchmark suites under ``benchmarks/`` and the
+GPU scripts, so that every comparison uses the same shapes and the same native sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of GPT-2 small: 124,439,808 parameters in 148 tensors.
+
+    Token and position embeddings (50257x768, 1024x768), 12 blocks (two LayerNorms,
+    attention in/out projections, MLP up/down projections, with biases) and the final
+    LayerNorm. The LM head is tied to the token embedding, so it adds no tensor.
+    """
+    d, ff = 768, 3072
+    block = [
+        (d,),
+        (d,),
+        (d, 3 * d),
+        (3 * d,),
+        (d, d),
+        (d,),
+        (d,),
+        (d,),
+        (d, ff),
+        (ff,),
+        (ff, d),
+        (d,),
+    ]
+    return [(50257, d), (1024, d), *(block * 12), (d,), (d,)]
+
+
+def tiny_shapes() -> list[tuple[int, ...]]:
+    """A small GPT-like set (about 0.9M parameters in 40 tensors) for quick runs and CI."""
+    d, ff = 128, 512
+    block = [
+        (d,),
+        (d,),
+        (d, 3 * d),
+        (3 * d,),
+        (d, d),
+        (d,),
+        (d,),
+        (d,),
+        (d, ff),
+        (ff,),
+        (ff, d),
+        (d,),
+    ]
+    return [(2048, d), (256, d), *(block * 3), (d,), (d,)]
+
+
+PARAM_SETS = {"gpt2-small": gpt2_small_shapes, "tiny": tiny_shapes}
+
+
+def make_param_set(
+    shapes: list[tuple[int, ...]],
+    grad_dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    accum_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Random gradients of ``grad_dtype`` and random ``accum_dtype`` accumulators, per shape.
+
+    Random (never zero) data, so that no path is flattered by zeros.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    accums = [torch.randn(s, generator=gen, device=device).to(accum_dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen, device=device).to(grad_dtype) for s in shapes]
+    return accums, grads
+
+
+def native_accumulate(
+    accums: list[torch.Tensor], grads: list[torch.Tensor], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a native training loop does per micro-step, the way users write it today.
+
+    1. Each gradient is added into its fp32 accumulator, one ``add_`` per parameter (the
+       ``.grad += dW`` of autograd, or a hand-written fp32 buffer for bf16 models).
+    2. The global norm, as ``torch.nn.utils.clip_grad_norm_`` computes it (``_foreach_norm``,
+       then the norm of the norms).
+    3. The non-finite check (and in-place unscale, here by 1) that ``GradScaler`` runs.
+
+    Returns (global norm, found-non-finite flag as a 1-element float tensor).
+    """
+    for a, g in zip(accums, grads, strict=True):
+        a.add_(g, alpha=scale)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    device = grads[0].device
+    found_inf = torch.zeros(1, device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones(1, device=device))
+    return total, found_inf
+
+
+def fused_accumulate(
+    accums: list[torch.Tensor], grads: list[torch.Tensor], scale: float, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same job as :func:`native_accumulate` in one fused pass (returns norm and flag)."""
+    from fastaccum.ops import accumulate_
+
+    res = accumulate_(accums, grads, scale, backend=backend)
+    return res.grad_sumsq.sqrt(), res.found_nonfinite
+
+
+def bytes_moved(grads: list[torch.Tensor], accum_dtype: torch.dtype = torch.float32) -> int:
+    """Fewest bytes one accumulate pass must move: read each gradient, read and write each
+    accumulator."""
+    accum_size = torch.empty((), dtype=accum_dtype).element_size()
+    return sum(g.numel() * (g.element_size() + 2 * accum_size) for g in grads)
