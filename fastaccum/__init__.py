@@ -5,9 +5,17 @@ loads the compiled extension (if built) and registers its ops; Triton is importe
 when a Triton kernel is about to run.
 """
 
-from fastaccum import _backend
+from fastaccum import _backend  # noqa: F401  (fastaccum._backend, for introspection)
 from fastaccum.ops import AccumulateResult, accumulate_, finalize_
+from fastaccum.optim import AccumulatingOptimizer, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["AccumulateResult", "__version__", "_backend", "accumulate_", "finalize_"]
+__all__ = [
+    "AccumulateResult",
+    "AccumulatingOptimizer",
+    "__version__",
+    "accumulate_",
+    "finalize_",
+    "wrap",
+]

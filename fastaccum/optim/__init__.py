@@ -1,0 +1,51 @@
+"""Optimizer-side API: :func:`wrap` and :class:`AccumulatingOptimizer`."""
+
+from __future__ import annotations
+
+import torch
+
+from fastaccum.optim.wrapper import AccumulatingOptimizer
+
+
+def wrap(
+    optimizer: torch.optim.Optimizer,
+    accum_steps: int,
+    *,
+    model: torch.nn.Module | None = None,
+    max_grad_norm: float | None = None,
+    accum_dtype: torch.dtype = torch.float32,
+    master_weights: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+) -> AccumulatingOptimizer:
+    """Wrap ``optimizer`` so that it steps once per window of ``accum_steps`` micro-batches.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``; it keeps its param groups and state.
+        accum_steps: micro-batches per window (K >= 1).
+        model: the module whose parameters ``optimizer`` updates; used to check them and
+            to name parameters in messages.
+        max_grad_norm: clip the window gradient to this global L2 norm (None: no clip).
+        accum_dtype: accumulator dtype, ``torch.float32`` (default) or the parameters' own.
+        master_weights: keep fp32 master copies of bf16/fp16 parameters for the update.
+        scaler: a ``torch.amp.GradScaler``; its scale is held for a window, unscaling and
+            the inf check happen once at the boundary, and its update runs per window.
+
+    Returns:
+        The :class:`AccumulatingOptimizer`, usable wherever an optimizer is expected.
+
+    Raises:
+        TypeError, ValueError: a non-optimizer, ``accum_steps < 1``, a parameter missing
+            from ``model``, a bad ``max_grad_norm`` or ``accum_dtype``.
+    """
+    return AccumulatingOptimizer(
+        optimizer,
+        accum_steps,
+        model=model,
+        max_grad_norm=max_grad_norm,
+        accum_dtype=accum_dtype,
+        master_weights=master_weights,
+        scaler=scaler,
+    )
+
+
+__all__ = ["AccumulatingOptimizer", "wrap"]

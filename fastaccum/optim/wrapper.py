@@ -1,0 +1,567 @@
+"""``fastaccum.wrap``: any ``torch.optim`` optimizer, stepping once per window of K micro-batches.
+
+The wrapper folds each micro-batch's gradients into fp32 accumulators with the fused
+``accumulate_`` op (one read per gradient, which also yields the gradient's squared norm
+and a non-finite flag), and at the window boundary normalizes, unscales and clips them
+with one ``finalize_`` pass before the wrapped optimizer steps.
+
+Normalization. A micro-batch's loss is the mean over its ``num_items`` items, so its
+gradient ``g_i`` is the mean of per-item gradients. The window gradient is the mean over
+all items: ``G = sum_i n_i g_i / sum_i n_i``. Without ``num_items`` every ``n_i`` is 1 and
+micro-batches weigh equally.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fastaccum.ops import accumulate_, finalize_
+
+_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+
+
+def _check_num_items(num_items: object) -> float | None:
+    if num_items is None:
+        return None
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(
+                f"num_items must be a number, got a tensor of shape {tuple(num_items.shape)}"
+            )
+        num_items = num_items.item()
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
+        raise TypeError(f"num_items must be a positive number, got {type(num_items).__name__}")
+    if not math.isfinite(num_items) or num_items <= 0:
+        raise ValueError(f"num_items must be > 0, got {num_items}")
+    return float(num_items)
+
+
+class AccumulatingOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that steps its wrapped optimizer once per window.
+
+    Create it with :func:`wrap`. It shares ``param_groups`` and ``state`` with the wrapped
+    optimizer, so LR schedulers built on it drive the wrapped optimizer's learning rates.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        accum_steps: int,
+        *,
+        model: torch.nn.Module | None = None,
+        max_grad_norm: float | None = None,
+        accum_dtype: torch.dtype = torch.float32,
+        master_weights: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, AccumulatingOptimizer):
+            raise TypeError(
+                "optimizer is already wrapped by fastaccum; wrap the inner optimizer once"
+            )
+        if isinstance(accum_steps, bool) or not isinstance(accum_steps, int):
+            raise TypeError(f"accum_steps must be an int, got {type(accum_steps).__name__}")
+        if accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, (int, float))
+            and math.isfinite(max_grad_norm)
+            and max_grad_norm > 0
+        ):
+            raise ValueError(
+                f"max_grad_norm must be a positive finite number or None, got {max_grad_norm}"
+            )
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if accum_dtype != torch.float32:
+            mismatched = [p for p in params if p.dtype != accum_dtype]
+            if accum_dtype not in (torch.bfloat16, torch.float16) or mismatched:
+                raise ValueError(
+                    "accum_dtype must be torch.float32 or the parameters' own dtype, got "
+                    f"{accum_dtype}"
+                )
+        self._names = self._param_names(params, model)
+
+        # Optimizer.__init__ sets up the hook dictionaries and the step patching that
+        # schedulers and profilers rely on; its own copies of the groups are then replaced
+        # by the wrapped optimizer's, so both see the same learning rates and state.
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.optimizer = optimizer
+        self.model = model
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.accum_dtype = accum_dtype
+        self.scaler = scaler
+        self.master_weights = bool(master_weights)
+
+        # The model's parameters, in param-group order; gradients are read from these.
+        self._params: list[torch.Tensor] = params
+        # model parameter -> fp32 master the wrapped optimizer updates (master_weights)
+        self._masters: dict[torch.Tensor, torch.Tensor] = {}
+        if self.master_weights:
+            self._install_masters()
+        self._accums: dict[torch.Tensor, torch.Tensor] = {}
+        self._hooks: list[Any] = []
+        self._hooks_active = False
+        self._accum_steps = accum_steps
+        self._reset_window()
+        self._skipped_windows = 0
+        self._windows = 0
+        self._items_seen = 0.0
+        self._last_norm: float | None = None
+        self._last_micro_sumsq: list[float] = []
+        self._windows_since_inf = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per window (K)."""
+        return self._accum_steps
+
+    @property
+    def micro_step(self) -> int:
+        """Micro-batches folded into the current window so far (0 right after a step)."""
+        return self._micro_step
+
+    # ------------------------------------------------------------------ setup helpers
+
+    @staticmethod
+    def _param_names(params: list[torch.Tensor], model: torch.nn.Module | None) -> dict[int, str]:
+        if model is None:
+            return {id(p): f"param {i} (shape {tuple(p.shape)})" for i, p in enumerate(params)}
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        names = {id(p): n for n, p in model.named_parameters()}
+        for i, p in enumerate(params):
+            if id(p) not in names:
+                raise ValueError(
+                    f"the optimizer's parameter {i} (shape {tuple(p.shape)}) is not a parameter "
+                    "of model; pass the model whose parameters the optimizer updates"
+                )
+        return names
+
+    def _install_masters(self) -> None:
+        # The wrapped optimizer is pointed at fp32 copies; the model keeps its low-precision
+        # parameters, which are refreshed from the masters after every step.
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    master = p.detach().float().clone().requires_grad_(p.requires_grad)
+                    self._masters[p] = master
+                    if p in self.state:
+                        self.state[master] = self.state.pop(p)
+                    group["params"][i] = master
+
+    def _reset_window(self) -> None:
+        self._micro_step = 0
+        self._weights: list[float] = []
+        self._uses_num_items: bool | None = None
+        self._window_bad: list[torch.Tensor] = []
+        self._micro_sumsq: list[torch.Tensor] = []
+        self._start_micro_step()
+
+    def _start_micro_step(self) -> None:
+        # (ids of params folded by one accumulate_ call, that call's accumulator sum of
+        # squares) for the current micro-step: at the boundary they give the window norm
+        # without re-reading the accumulators.
+        self._covers: list[tuple[set[int], torch.Tensor]] = []
+        self._step_sumsq: list[torch.Tensor] = []
+        self._hook_weight: float | None = None
+
+    def _accum_for(self, p: torch.Tensor) -> torch.Tensor:
+        acc = self._accums.get(p)
+        if acc is None:
+            dtype = self.accum_dtype if self.accum_dtype == torch.float32 else p.dtype
+            acc = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            self._accums[p] = acc
+        return acc
+
+    def _weight(self, num_items: object) -> float:
+        value = _check_num_items(num_items)
+        uses = value is not None
+        if self._uses_num_items is not None and uses != self._uses_num_items:
+            have = "with" if self._uses_num_items else "without"
+            raise ValueError(
+                "num_items must be given on every micro-batch of a window or on none; this "
+                f"window already has {self._micro_step} micro-batch(es) {have} it"
+            )
+        return 1.0 if value is None else value
+
+    def _fold(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
+        """accumulate_ the (param, grad) pairs, one fused call per device."""
+        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p, g in pairs:
+            if g.is_sparse:
+                raise TypeError(
+                    f"{self._names[id(p)]} has a sparse gradient; fastaccum needs dense gradients"
+                )
+            by_device.setdefault(g.device, []).append((p, g))
+        for group in by_device.values():
+            accums = [self._accum_for(p) for p, _ in group]
+            res = accumulate_(accums, [g.contiguous() for _, g in group], weight)
+            self._covers.append(({id(p) for p, _ in group}, res.accum_sumsq))
+            self._step_sumsq.append(res.grad_sumsq)
+            self._window_bad.append(res.found_nonfinite)
+        for p, _ in pairs:
+            p.grad = None  # folded: free it, so a later backward cannot fold it twice
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, num_items: float | None = None
+    ) -> bool:
+        """Fold this micro-batch's gradients in; step the wrapped optimizer at the boundary.
+
+        Args:
+            closure: optional; re-evaluates the loss with gradients, as in torch.optim.
+            num_items: items (tokens, samples) this micro-batch's mean loss was taken over.
+                It weights the micro-batch so that the window gradient is the mean over all
+                items. Give it on every micro-batch of a window or on none.
+
+        Returns:
+            True when the wrapped optimizer stepped (last micro-batch of a window with
+            finite gradients), else False.
+
+        Raises:
+            ValueError: ``num_items <= 0``, or given on only some micro-batches of a window.
+            RuntimeError: no parameter has a gradient (no backward on this micro-batch).
+            Nothing is folded or changed when it raises.
+        """
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if self._hook_weight is not None:  # opt.backward() already folded this micro-batch
+            weight, uses = self._hook_weight, self._hook_uses
+            if num_items is not None and _check_num_items(num_items) != weight:
+                raise ValueError(
+                    f"num_items={num_items} differs from the {weight} given to opt.backward()"
+                )
+            leftovers = [(p, p.grad) for p in self._params if p.grad is not None]
+            if leftovers:
+                self._fold(leftovers, weight)
+        else:
+            weight, uses = self._weight(num_items), num_items is not None
+            pairs = [(p, p.grad) for p in self._params if p.grad is not None]
+            if not pairs:
+                raise RuntimeError(
+                    "step() found no gradients: call loss.backward() or opt.backward(loss) on "
+                    "this micro-batch before opt.step()"
+                )
+            self._fold(pairs, weight)
+        self._uses_num_items = uses
+        self._micro_sumsq.append(
+            torch.stack([s.to(self._step_sumsq[0].device) for s in self._step_sumsq]).sum()
+        )
+        self._weights.append(weight)
+        self._micro_step += 1
+        if self._micro_step >= self._accum_steps:
+            return self._finish_window()
+        self._start_micro_step()
+        return False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the model parameters' ``.grad`` (the accumulators are kept: they hold the
+        window). After ``step()`` the gradients are already folded and cleared."""
+        for p in [*self._params, *self._masters.values()]:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_().zero_()
+
+    # ------------------------------------------------------------------ opt.backward
+
+    def backward(self, loss: torch.Tensor, num_items: float | None = None, **kwargs: Any) -> None:
+        """``loss.backward()`` that folds each gradient into its accumulator as soon as
+        autograd produces it, then frees it, so that a full set of gradients never sits
+        next to the accumulators. Call ``opt.step()`` afterwards as usual.
+
+        Raises:
+            ValueError: ``num_items <= 0`` or mixed with micro-batches without it.
+            RuntimeError: called twice without ``opt.step()`` in between, or with stale
+                gradients from an earlier ``loss.backward()`` still in place.
+        """
+        if self._hook_weight is not None:
+            raise RuntimeError("opt.backward() was called twice without opt.step() in between")
+        weight = self._weight(num_items)
+        stale = [self._names[id(p)] for p in self._params if p.grad is not None]
+        if stale:
+            raise RuntimeError(
+                f"{len(stale)} parameter(s) already hold a gradient (first: {stale[0]}); call "
+                "opt.step() or opt.zero_grad() before opt.backward()"
+            )
+        if not self._hooks:
+            self._hooks = [
+                p.register_post_accumulate_grad_hook(self._fold_hook)
+                for p in self._params
+                if p.requires_grad
+            ]
+        self._hook_weight, self._hook_uses = weight, num_items is not None
+        self._hooks_active = True
+        try:
+            loss.backward(**kwargs)
+        except BaseException:
+            self._hook_weight = None
+            raise
+        finally:
+            self._hooks_active = False
+
+    def _fold_hook(self, p: torch.Tensor) -> None:
+        if self._hooks_active and p.grad is not None:
+            self._fold([(p, p.grad)], self._hook_weight)
+
+    # ------------------------------------------------------------------ boundary
+
+    def flush(self) -> bool:
+        """Step on a partial window (end of an epoch), normalized by what it actually held.
+
+        Returns True when the wrapped optimizer stepped; False for an empty window or one
+        skipped for non-finite gradients.
+        """
+        if self._micro_step == 0:
+            return False
+        return self._finish_window()
+
+    def _window_norm_sq(self) -> torch.Tensor:
+        """Squared norm of the summed, weighted (still loss-scaled) window gradient.
+
+        The last micro-step's accumulate_ calls already returned it for the tensors they
+        touched; only accumulators that micro-step left alone are read again.
+        """
+        covered: set[int] = set()
+        parts = []
+        for ids, accum_sumsq in self._covers:
+            covered |= ids
+            parts.append(accum_sumsq)
+        for p, acc in self._accums.items():
+            if id(p) not in covered:
+                parts.append(acc.double().square().sum())
+        device = parts[0].device
+        return torch.stack([t.to(device=device, dtype=torch.float64) for t in parts]).sum()
+
+    def _finish_window(self) -> bool:
+        total = math.fsum(self._weights)
+        inv_scale = 1.0
+        if self.scaler is not None and self.scaler.is_enabled():
+            inv_scale = 1.0 / self.scaler.get_scale()
+        norm_sq = self._window_norm_sq()
+        device = norm_sq.device
+        bad = torch.stack([b.to(device) for b in self._window_bad]).any()
+        micro = torch.stack([m.to(device=device, dtype=torch.float64) for m in self._micro_sumsq])
+        # One host sync per window: the skip decision and the statistics.
+        host = torch.cat([norm_sq.reshape(1), bad.double().reshape(1), micro]).tolist()
+        norm = math.sqrt(host[0]) * inv_scale / total if math.isfinite(host[0]) else math.inf
+        found_bad = host[1] != 0.0 or not math.isfinite(norm)
+        self._last_micro_sumsq = [s * inv_scale * inv_scale for s in host[2:]]
+        stepped = False
+        if found_bad:
+            self._skip_window()
+        else:
+            clip = 1.0
+            if self.max_grad_norm is not None:
+                clip = min(1.0, self.max_grad_norm / (norm + _CLIP_EPS))
+            self._apply_and_step(inv_scale / total * clip)
+            self._last_norm = norm
+            self._windows += 1
+            self._items_seen += total
+            stepped = True
+        self._update_scaler(found_bad)
+        self._reset_window()
+        return stepped
+
+    def _skip_window(self) -> None:
+        self._skipped_windows += 1
+        if self.scaler is None or not self.scaler.is_enabled():
+            offenders = [
+                self._names[id(p)]
+                for p, acc in self._accums.items()
+                if not bool(torch.isfinite(acc).all())
+            ]
+            shown = ", ".join(offenders[:5]) + (" ..." if len(offenders) > 5 else "")
+            warnings.warn(
+                f"fastaccum: non-finite gradients in {len(offenders)} parameter(s) ({shown}); "
+                "the window was skipped and parameters and optimizer state are unchanged",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        for acc in self._accums.values():
+            acc.zero_()
+
+    def _apply_and_step(self, factor: float) -> None:
+        """Write factor x accumulator into each updated tensor's .grad, step, reset."""
+        aliased, written = [], []
+        for p, acc in self._accums.items():
+            target = self._masters.get(p, p)
+            if acc.dtype == target.dtype:
+                aliased.append((target, acc))
+            else:
+                written.append((target, acc))
+        by_device: dict[tuple[torch.device, bool], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for target, acc in aliased:
+            by_device.setdefault((acc.device, True), []).append((target, acc))
+        for target, acc in written:
+            by_device.setdefault((acc.device, False), []).append((target, acc))
+        for (_, alias), group in by_device.items():
+            accums = [acc for _, acc in group]
+            if alias:
+                # Scale in place and hand the accumulator itself to the optimizer as .grad:
+                # no second full-size gradient buffer at step time.
+                finalize_(accums, None, factor, zero_accums=False)
+                for target, acc in group:
+                    target.grad = acc
+            else:
+                outs = [torch.empty_like(target) for target, _ in group]
+                finalize_(accums, outs, factor, zero_accums=True)
+                for (target, _), out in zip(group, outs, strict=True):
+                    target.grad = out
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, master in self._masters.items():
+                p.copy_(master)
+        for target, acc in aliased:
+            target.grad = None
+            acc.zero_()
+        for target, _ in written:
+            target.grad = None
+
+    def _update_scaler(self, found_inf: bool) -> None:
+        """GradScaler's update rule, applied once per window rather than per micro-step."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return
+        scale = self.scaler.get_scale()
+        if found_inf:
+            scale *= self.scaler.get_backoff_factor()
+            self._windows_since_inf = 0
+        else:
+            self._windows_since_inf += 1
+            if self._windows_since_inf >= self.scaler.get_growth_interval():
+                scale *= self.scaler.get_growth_factor()
+                self._windows_since_inf = 0
+        self.scaler.update(scale)
+
+    # ------------------------------------------------------------------ telemetry
+
+    def stats(self) -> dict[str, Any]:
+        """Accumulation telemetry.
+
+        Returns a dict with ``grad_norm`` (global L2 norm of the last applied window's
+        gradient, unscaled, before clipping; None before the first step),
+        ``micro_batch_sumsq`` (squared L2 norms of each micro-batch's gradient in the last
+        finished window, unscaled), ``skipped_windows``, ``windows`` (applied),
+        ``items_seen`` (sum of num_items, or of micro-batches, over applied windows),
+        ``micro_step`` and ``accum_steps``.
+        """
+        return {
+            "grad_norm": self._last_norm,
+            "micro_batch_sumsq": list(self._last_micro_sumsq),
+            "skipped_windows": self._skipped_windows,
+            "windows": self._windows,
+            "items_seen": self._items_seen,
+            "micro_step": self._micro_step,
+            "accum_steps": self._accum_steps,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "accum_steps": self._accum_steps,
+            "accum_dtype": str(self.accum_dtype),
+            "master_weights": self.master_weights,
+            "param_shapes": [tuple(p.shape) for p in self._params],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus the accumulation state.
+
+        ``"fastaccum"`` holds the configuration, the accumulators (None for parameters that
+        have none yet), fp32 masters, the micro-step, the window's item weights and the
+        telemetry, so a run saved mid-window resumes exactly.
+
+        Raises:
+            RuntimeError: between ``opt.backward()`` and ``opt.step()``.
+        """
+        if self._hook_weight is not None:
+            raise RuntimeError(
+                "state_dict() between opt.backward() and opt.step(); call step() first"
+            )
+        window_bad = (
+            torch.stack([b.cpu() for b in self._window_bad]).any() if self._window_bad else None
+        )
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "fastaccum": {
+                **self._config(),
+                "accums": [self._accums.get(p) for p in self._params],
+                "masters": [self._masters.get(p) for p in self._params],
+                "micro_step": self._micro_step,
+                "weights": list(self._weights),
+                "uses_num_items": self._uses_num_items,
+                "window_bad": window_bad,
+                "micro_sumsq": [s.cpu() for s in self._micro_sumsq],
+                "skipped_windows": self._skipped_windows,
+                "windows": self._windows,
+                "items_seen": self._items_seen,
+                "last_norm": self._last_norm,
+                "last_micro_sumsq": list(self._last_micro_sumsq),
+                "windows_since_inf": self._windows_since_inf,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, accumulation state included.
+
+        Raises:
+            ValueError: the state dict is not a fastaccum one, or comes from another
+                configuration (accum_steps, accum_dtype, master_weights or parameter
+                shapes differ). Nothing is changed then.
+        """
+        if not isinstance(state_dict, dict) or "fastaccum" not in state_dict:
+            raise ValueError(
+                "not a fastaccum state dict (no 'fastaccum' entry); load the wrapped "
+                "optimizer's own state dict with opt.optimizer.load_state_dict()"
+            )
+        saved = state_dict["fastaccum"]
+        for key, here in self._config().items():
+            there = saved.get(key)
+            if key == "param_shapes" and there is not None:
+                there = [tuple(s) for s in there]
+            if there != here:
+                raise ValueError(
+                    f"state dict from another configuration: {key} is {there} there and {here} here"
+                )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._accums = {}
+        for p, acc in zip(self._params, saved["accums"], strict=True):
+            if acc is not None:
+                self._accums[p] = acc.detach().to(device=p.device, copy=True)
+        with torch.no_grad():
+            for p, master in zip(self._params, saved["masters"], strict=True):
+                if master is not None and p in self._masters:
+                    self._masters[p].copy_(master)
+        self._reset_window()
+        self._micro_step = saved["micro_step"]
+        self._weights = list(saved["weights"])
+        self._uses_num_items = saved["uses_num_items"]
+        device = self._params[0].device
+        if saved["window_bad"] is not None:
+            self._window_bad = [saved["window_bad"].to(device)]
+        self._micro_sumsq = [s.to(device) for s in saved["micro_sumsq"]]
+        self._skipped_windows = saved["skipped_windows"]
+        self._windows = saved["windows"]
+        self._items_seen = saved["items_seen"]
+        self._last_norm = saved["last_norm"]
+        self._last_micro_sumsq = list(saved["last_micro_sumsq"])
+        self._windows_since_inf = saved["windows_since_inf"]

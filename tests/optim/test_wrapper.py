@@ -1,0 +1,396 @@
+"""fastaccum.wrap: K micro-batches train exactly like one batch of K times the size.
+
+References are independent of fastaccum: the same model trained by the plain torch
+optimizer on the concatenated batch (one backward over all items), in the same dtype.
+"""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import fastaccum.optim as fo
+from tests.helpers import assert_close_rel
+
+VOCAB, DIM = 23, 16
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(VOCAB, DIM),
+        torch.nn.Linear(DIM, 32),
+        torch.nn.GELU(),
+        torch.nn.LayerNorm(32),
+        torch.nn.Linear(32, VOCAB),
+    )
+    return model.to(dtype)
+
+
+def token_batches(n_micro, seed=1):
+    """Micro-batches of token sequences of different lengths: (tokens, targets) each,
+    flattened; the loss of one is the mean over its own tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_micro):
+        n = int(torch.randint(3, 40, (1,), generator=gen))
+        batches.append(
+            (
+                torch.randint(0, VOCAB, (n,), generator=gen),
+                torch.randint(0, VOCAB, (n,), generator=gen),
+            )
+        )
+    return batches
+
+
+def mean_loss(model, x, y):
+    return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+
+def make_opt(kind, params):
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def reference_run(kind, windows, max_grad_norm=None):
+    """One big batch per window: loss = mean over every token of the window."""
+    model = make_model()
+    opt = make_opt(kind, model.parameters())
+    for window in windows:
+        x = torch.cat([b[0] for b in window])
+        y = torch.cat([b[1] for b in window])
+        mean_loss(model, x, y).backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def split_windows(batches, k):
+    return [batches[i : i + k] for i in range(0, len(batches), k)]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("mode", ["step", "backward"])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_matches_large_batch_training(kind, mode, max_grad_norm):
+    k = 8
+    batches = token_batches(5 * k - 3)  # 4 full windows, then a partial one for flush()
+    windows = split_windows(batches, k)
+    want = reference_run(kind, windows, max_grad_norm)
+
+    model = make_model()
+    opt = fo.wrap(make_opt(kind, model.parameters()), k, model=model, max_grad_norm=max_grad_norm)
+    stepped = []
+    for x, y in batches:
+        loss = mean_loss(model, x, y)
+        if mode == "backward":
+            opt.backward(loss, num_items=len(y))
+            stepped.append(opt.step())
+        else:
+            loss.backward()
+            stepped.append(opt.step(num_items=len(y)))
+        opt.zero_grad()
+    assert stepped == [(i + 1) % k == 0 for i in range(len(batches))]
+    assert opt.micro_step == k - 3
+    assert opt.flush() is True
+    assert opt.micro_step == 0
+
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+    assert opt.stats()["windows"] == 5
+    assert opt.stats()["items_seen"] == sum(len(b[1]) for b in batches)
+
+
+def test_without_num_items_micro_batches_weigh_equally():
+    batches = token_batches(4, seed=3)
+    model = make_model()
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for x, y in batches:
+        mean_loss(model, x, y).backward()
+        opt.step()
+        (mean_loss(ref, x, y) / 4).backward()  # the native loop: loss / K
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-6)
+
+
+def test_stats_report_norms_against_float64():
+    batches = token_batches(3, seed=4)
+    model = make_model()
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.0), 3, model=model)
+    ref = copy.deepcopy(model).double()
+    micro = []
+    total = [torch.zeros_like(p) for p in ref.parameters()]
+    items = sum(len(y) for _, y in batches)
+    for x, y in batches:
+        mean_loss(model, x, y).backward()
+        opt.step(num_items=len(y))
+        g = torch.autograd.grad(mean_loss(ref, x, y), list(ref.parameters()))
+        micro.append(sum(t.square().sum() for t in g).item())
+        for t, gi in zip(total, g, strict=True):
+            t += gi * len(y) / items
+    s = opt.stats()
+    want_norm = math.sqrt(sum(t.square().sum().item() for t in total))
+    assert s["grad_norm"] == pytest.approx(want_norm, rel=1e-5)
+    assert s["micro_batch_sumsq"] == pytest.approx(micro, rel=1e-5)
+    assert s["micro_step"] == 0 and s["skipped_windows"] == 0 and s["items_seen"] == items
+
+
+def test_bf16_accumulation_is_10x_more_exact_than_native():
+    """32 micro-batches of bf16 gradients: fp32 accumulators vs native bf16 ``.grad +=``.
+
+    Both sum the very same bf16 micro-batch gradients, so the float64 sum of those is the
+    exact answer and the error measured is the accumulation's alone.
+    """
+    k = 32
+    model = make_model(dtype=torch.bfloat16)
+    micro_grads = [
+        torch.autograd.grad(mean_loss(model, x, y), list(model.parameters()))
+        for x, y in token_batches(k, seed=5)
+    ]
+    truth = [sum(g[i].double() for g in micro_grads) / k for i in range(len(micro_grads[0]))]
+    native = [torch.zeros_like(t, dtype=torch.bfloat16) for t in truth]
+    for g in micro_grads:
+        for n, gi in zip(native, g, strict=True):
+            n += gi / k  # what (loss / K).backward() does to a bf16 .grad
+
+    inner = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = fo.wrap(inner, k, master_weights=True)
+    captured = []
+    inner.register_step_pre_hook(
+        lambda o, a, kw: captured.extend(
+            p.grad.clone() for g in o.param_groups for p in g["params"]
+        )
+    )
+    for g in micro_grads:
+        for p, gi in zip(model.parameters(), g, strict=True):
+            p.grad = gi.clone()
+        opt.step()
+    assert len(captured) == len(truth)
+
+    def rel(gs):
+        err = sum((g.double() - t).square().sum() for g, t in zip(gs, truth, strict=True))
+        return math.sqrt(err / sum(t.square().sum() for t in truth))
+
+    assert rel(captured) * 10 <= rel(native), (rel(captured), rel(native))
+
+
+def test_master_weights_keep_fp32_copies():
+    model = make_model(dtype=torch.bfloat16)
+    before = [p.detach().float().clone() for p in model.parameters()]
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=1e-3), 2, master_weights=True)
+    for x, y in token_batches(4, seed=6):
+        mean_loss(model, x, y).backward()
+        opt.step()
+    masters = [p for g in opt.param_groups for p in g["params"]]
+    assert all(m.dtype == torch.float32 for m in masters)
+    for p, m, b in zip(model.parameters(), masters, before, strict=True):
+        assert torch.equal(p, m.bfloat16())  # the model is refreshed from the masters
+        # lr 1e-3 updates are below bf16 resolution for many entries: the masters keep them
+        assert not torch.equal(m, b)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def run_with_checkpoint(stop_at, batches, k=4):
+    model = make_model()
+    opt = fo.wrap(make_opt("adamw", model.parameters()), k, model=model, max_grad_norm=1.0)
+    for i, (x, y) in enumerate(batches):
+        if i == stop_at:
+            buf = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+            buf.seek(0)
+            ckpt = torch.load(buf, weights_only=False)
+            model = make_model(seed=99)
+            opt = fo.wrap(make_opt("adamw", model.parameters()), k, model=model, max_grad_norm=1.0)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+        mean_loss(model, x, y).backward()
+        opt.step(num_items=len(y))
+        opt.zero_grad()
+    return model, opt
+
+
+def test_resume_mid_window_is_bit_identical():
+    batches = token_batches(14, seed=7)
+    straight, s_opt = run_with_checkpoint(None, batches)
+    resumed, r_opt = run_with_checkpoint(6, batches)  # 2 micro-batches into window 2
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert s_opt.micro_step == r_opt.micro_step == 2
+    assert s_opt.stats() == r_opt.stats()
+
+
+def test_load_state_dict_from_other_configuration_changes_nothing():
+    model = make_model()
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    x, y = token_batches(1)[0]
+    mean_loss(model, x, y).backward()
+    opt.step()
+    other = fo.wrap(torch.optim.SGD(make_model().parameters(), lr=0.1), 8)
+    sd = other.state_dict()
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="accum_steps"):
+        opt.load_state_dict(sd)
+    assert opt.micro_step == 1
+    after = opt.state_dict()
+    for a, b in zip(after["fastaccum"]["accums"], before["fastaccum"]["accums"], strict=True):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- AMP, non-finite
+
+
+def test_grad_scaler_skips_a_window_with_inf_then_trains_normally():
+    k = 2
+    batches = token_batches(6, seed=8)
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), k, model=model, scaler=scaler)
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for i, (x, y) in enumerate(batches):
+        scaler.scale(mean_loss(model, x, y)).backward()
+        if i == 2:  # inject an inf into the second window
+            next(model.parameters()).grad[0, 0] = math.inf
+        opt.step()
+        opt.zero_grad()
+        if i == 1:
+            assert scaler.get_scale() == 1024.0  # held constant through the window
+        if i not in (2, 3):
+            (mean_loss(ref, x, y) / k).backward()
+            if i % k == 1:
+                ref_opt.step()
+                ref_opt.zero_grad()
+    s = opt.stats()
+    assert s["skipped_windows"] == 1 and s["windows"] == 2
+    assert scaler.get_scale() == 512.0  # one backoff, for the skipped window only
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
+def test_nonfinite_without_scaler_warns_and_changes_nothing():
+    model = make_model()
+    opt = fo.wrap(make_opt("adamw", model.parameters()), 2, model=model)
+    x, y = token_batches(1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    mean_loss(model, x, y).backward()
+    opt.step()
+    mean_loss(model, x, y).backward()
+    model[1].weight.grad[0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match=r"1 parameter\(s\) \(1\.weight\)"):
+        assert opt.step() is False
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    assert len(opt.optimizer.state) == 0  # AdamW never initialized its state
+    assert opt.stats()["skipped_windows"] == 1
+    assert all(
+        torch.count_nonzero(a) == 0
+        for a in opt.state_dict()["fastaccum"]["accums"]
+        if a is not None
+    )
+
+
+# --------------------------------------------------------------------------- schedulers
+
+
+@pytest.mark.parametrize("sched", ["cosine", "onecycle"])
+def test_schedulers_follow_optimizer_steps(sched):
+    def make_sched(o):
+        if sched == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5)
+        return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=6)
+
+    model = make_model()
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 3)
+    scheduler = make_sched(opt)
+    ref_opt = torch.optim.SGD(make_model().parameters(), lr=0.1, momentum=0.9)
+    ref_sched = make_sched(ref_opt)
+    lrs, ref_lrs = [], []
+    for x, y in token_batches(15, seed=9):
+        mean_loss(model, x, y).backward()
+        if opt.step():
+            scheduler.step()
+            ref_opt.step()
+            ref_sched.step()
+            ref_lrs.append(ref_opt.param_groups[0]["lr"])
+            lrs.append(opt.optimizer.param_groups[0]["lr"])
+    assert len(lrs) == 5
+    assert lrs == pytest.approx(ref_lrs)
+    assert len(set(lrs)) == 5  # the wrapped optimizer's lr really moved
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_construction_arguments():
+    model = make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="accum_steps must be >= 1, got 0"):
+        fo.wrap(sgd, 0)
+    with pytest.raises(TypeError, match=r"must be a torch\.optim\.Optimizer"):
+        fo.wrap(model, 4)
+    with pytest.raises(ValueError, match="is not a parameter of model"):
+        fo.wrap(sgd, 4, model=make_model(seed=5))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        fo.wrap(sgd, 4, max_grad_norm=-1.0)
+
+
+def test_step_without_gradients_changes_nothing():
+    model = make_model()
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    with pytest.raises(RuntimeError, match="found no gradients"):
+        opt.step()
+    assert opt.micro_step == 0
+
+
+@pytest.mark.parametrize("bad", [0, -3, float("nan")])
+def test_bad_num_items_changes_nothing(bad):
+    model = make_model()
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    batches = token_batches(2, seed=10)
+    x, y = batches[0]
+    mean_loss(model, x, y).backward()
+    opt.step(num_items=len(y))
+    acc_before = [a.clone() for a in opt.state_dict()["fastaccum"]["accums"]]
+    x, y = batches[1]
+    mean_loss(model, x, y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="num_items must be > 0"):
+        opt.step(num_items=bad)
+    assert opt.micro_step == 1
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)  # the user's gradients are still there
+    for a, b in zip(opt.state_dict()["fastaccum"]["accums"], acc_before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_num_items_on_some_micro_batches_only_is_an_error():
+    model = make_model()
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    (x, y), (x2, y2) = token_batches(2, seed=11)
+    mean_loss(model, x, y).backward()
+    opt.step(num_items=len(y))
+    mean_loss(model, x2, y2).backward()
+    with pytest.raises(ValueError, match="every micro-batch of a window or on none"):
+        opt.step()
+    assert opt.micro_step == 1
+
+
+def test_is_an_optimizer_sharing_param_groups():
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    opt = fo.wrap(inner, 2)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups
+    opt.param_groups[0]["lr"] = 1e-3
+    assert inner.param_groups[0]["lr"] == 1e-3
+    assert opt.accum_steps == 2
