@@ -32,9 +32,19 @@ def pytest_terminal_summary(
         if not native:
             continue
         base = native[0].stats.median
+        floor = [
+            b.stats.median
+            for b in benches
+            if b.extra_info.get("provider") == native[0].extra_info.get("baseline")
+        ]
         for b in sorted(benches, key=lambda b: b.stats.median):
             provider = b.extra_info.get("provider", b.name)
-            line = f"{name:<28} {provider:<12} speed-up vs native {base / b.stats.median:6.2f}x"
+            line = f"{name:<28} {provider:<14} speed-up vs native {base / b.stats.median:6.2f}x"
+            if floor and base > floor[0]:
+                overhead = (b.stats.median - floor[0]) / (base - floor[0])
+                line += f"   overhead vs native's {overhead:6.2f}"
+            if "peak_bytes" in b.extra_info:
+                line += f"   peak {b.extra_info['peak_bytes'] / 2**20:8.1f} MiB"
             if "bytes" in b.extra_info:
                 rate = b.extra_info["bytes"] / b.stats.median
                 line += f"   {rate / 1e9:7.1f} GB/s"

@@ -6,6 +6,8 @@ GPU scripts, so that every comparison uses the same shapes and the same native s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -112,3 +114,53 @@ def bytes_moved(grads: list[torch.Tensor], accum_dtype: torch.dtype = torch.floa
     accumulator."""
     accum_size = torch.empty((), dtype=accum_dtype).element_size()
     return sum(g.numel() * (g.element_size() + 2 * accum_size) for g in grads)
+
+
+class TinyGPT(torch.nn.Module):
+    """A small GPT-style language model (pre-LN blocks, causal attention, tied head).
+
+    Defaults give about 0.85M parameters: vocabulary 256 (bytes), width 128, 4 heads,
+    4 blocks, context 64. ``forward(tokens)`` maps (batch, seq) int64 token ids to
+    (batch, seq, vocab) logits.
+    """
+
+    def __init__(
+        self, vocab: int = 256, dim: int = 128, heads: int = 4, layers: int = 4, ctx: int = 64
+    ) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, dim)
+        self.pos = torch.nn.Embedding(ctx, dim)
+        block = torch.nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]
+        pos = torch.arange(seq, device=tokens.device)
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(seq, device=tokens.device)
+        h = self.blocks(self.tok(tokens) + self.pos(pos), mask=mask, is_causal=True)
+        return self.norm(h) @ self.tok.weight.t()
+
+
+def peak_rss_bytes(fn: Callable[[], object]) -> int:
+    """Extra resident memory (bytes) at the peak of ``fn()`` over what was resident before.
+
+    Linux only: resets the process high-water mark (``/proc/self/clear_refs``) and reads
+    ``VmHWM``. Used for CPU peaks because the CPU allocator keeps no statistics; large
+    tensors are mmapped, so a freed tensor leaves the resident set at once.
+    """
+
+    def read(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not found in /proc/self/status")
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = read("VmRSS")
+    fn()
+    return read("VmHWM") - before

@@ -134,6 +134,21 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """Micro-batches folded into the current window so far (0 right after a step)."""
         return self._micro_step
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the wrapped optimizer; its parameters are accumulated too."""
+        super().add_param_group(param_group)  # appends to the shared param_groups list
+        if not hasattr(self, "_params"):
+            return  # called from Optimizer.__init__, before the wrapper is set up
+        known = {id(p) for p in self._params}
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            if id(p) not in known:
+                self._params.append(p)
+                self._names.setdefault(
+                    id(p), f"param {len(self._params) - 1} (shape {tuple(p.shape)})"
+                )
+                if self.master_weights:
+                    self._install_master(self.param_groups[-1], i)
+
     # ------------------------------------------------------------------ setup helpers
 
     @staticmethod
@@ -152,16 +167,21 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         return names
 
     def _install_masters(self) -> None:
-        # The wrapped optimizer is pointed at fp32 copies; the model keeps its low-precision
-        # parameters, which are refreshed from the masters after every step.
         for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.dtype in (torch.bfloat16, torch.float16):
-                    master = p.detach().float().clone().requires_grad_(p.requires_grad)
-                    self._masters[p] = master
-                    if p in self.state:
-                        self.state[master] = self.state.pop(p)
-                    group["params"][i] = master
+            for i in range(len(group["params"])):
+                self._install_master(group, i)
+
+    def _install_master(self, group: dict[str, Any], i: int) -> None:
+        # The wrapped optimizer is pointed at an fp32 copy; the model keeps its low-precision
+        # parameter, which is refreshed from the master after every step.
+        p = group["params"][i]
+        if p.dtype not in (torch.bfloat16, torch.float16):
+            return
+        master = p.detach().float().clone().requires_grad_(p.requires_grad)
+        self._masters[p] = master
+        if p in self.state:
+            self.state[master] = self.state.pop(p)
+        group["params"][i] = master
 
     def _reset_window(self) -> None:
         self._micro_step = 0

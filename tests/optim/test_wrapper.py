@@ -394,3 +394,17 @@ def test_is_an_optimizer_sharing_param_groups():
     opt.param_groups[0]["lr"] = 1e-3
     assert inner.param_groups[0]["lr"] == 1e-3
     assert opt.accum_steps == 2
+
+
+def test_added_param_group_is_accumulated():
+    model = make_model()
+    extra = torch.nn.Parameter(torch.randn(5))
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2)
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert opt.optimizer.param_groups[-1]["params"][0] is extra
+    before = extra.detach().clone()
+    for x, y in token_batches(2, seed=12):
+        (mean_loss(model, x, y) + extra.square().sum()).backward()
+        opt.step()
+    # d/dx sum(x^2) = 2x on both micro-batches; mean over the window is 2x; lr 0.5
+    assert_close_rel(extra, before - 0.5 * 2 * before, 1e-6)
