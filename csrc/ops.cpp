@@ -24,6 +24,24 @@ TORCH_LIBRARY(fastaccum, m) {
   m.def(
       "finalize_(Tensor(a!)[] accums, Tensor(b!)[] outs, float factor, "
       "Tensor? factor_tensor=None, bool zero_accums=True) -> ()");
+  // The window boundary of the fused optimizers (fastaccum.optim.SGD/Adam/AdamW), in one
+  // pass over each accumulator, state tensor and parameter (all float32):
+  //   g = accums[i] * factor * factor_tensor (negated when maximize), then torch.optim's
+  //   update of params[i] and its state with gradient g, then accums[i] = 0.
+  // SGD: momentum_buffers is empty when momentum == 0; first_step sets the buffer to the
+  // (weight-decayed) gradient, as torch does when a parameter has no buffer yet.
+  m.def(
+      "sgd_window_step_(Tensor(a!)[] params, Tensor(b!)[] accums, "
+      "Tensor(c!)[] momentum_buffers, float factor, Tensor? factor_tensor, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool first_step) -> ()");
+  // Adam / AdamW (decoupled_weight_decay); step is the step count after its increment,
+  // for the bias corrections. No amsgrad.
+  m.def(
+      "adam_window_step_(Tensor(a!)[] params, Tensor(b!)[] accums, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, float factor, Tensor? factor_tensor, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
+      "bool maximize, int step) -> ()");
 }
 
 namespace fastaccum {

@@ -11,69 +11,24 @@
 #include <cstring>
 #include <vector>
 
-#define FA_KERNEL_NS baseline
-#include "accumulate_kernels.h"
-#undef FA_KERNEL_NS
+#include "multi_tensor.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define FA_HAVE_AVX2_BUILD 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define FA_KERNEL_NS avx2
-#include "accumulate_kernels.h"
-#undef FA_KERNEL_NS
-#pragma GCC pop_options
-#endif
+#define FA_KERNELS_HEADER "accumulate_kernels.h"
+#include "for_each_target.h"
 
 namespace fastaccum {
 namespace {
 
-// Elements per work item: big enough to amortize scheduling, small enough to balance
-// a 124M-parameter set across threads.
-constexpr int64_t kChunk = 1 << 16;
-
-bool use_avx2() {
-#ifdef FA_HAVE_AVX2_BUILD
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
+using cpu::check_same_device;
+using cpu::split_into_chunks;
+using cpu::use_avx2;
+using cpu::WorkItem;
 
 bool is_grad_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
 const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
-
-struct WorkItem {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
-
-std::vector<WorkItem> split_into_chunks(const std::vector<int64_t>& numels) {
-  std::vector<WorkItem> items;
-  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
-    for (int64_t b = 0; b < numels[t]; b += kChunk) {
-      items.push_back({t, b, std::min(b + kChunk, numels[t])});
-    }
-  }
-  return items;
-}
-
-void check_same_device(at::TensorList tensors, const char* name, const at::Device& device) {
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(tensors[i].device() == device,
-                "all tensors of one call must be on one device: expected ", device, " but ",
-                name, "[", i, "] is on ", tensors[i].device());
-    TORCH_CHECK(tensors[i].is_contiguous(), name, "[", i,
-                "] is not contiguous; the kernels update memory in place and need "
-                "contiguous tensors");
-  }
-}
 
 // ---------------------------------------------------------------- accumulate_
 
@@ -241,16 +196,7 @@ void finalize_cpu(at::TensorList accums, at::TensorList outs, double factor,
   const at::Device device = n > 0 ? accums[0].device() : at::Device(at::kCPU);
   check_same_device(accums, "accums", device);
   check_same_device(outs, "outs", device);
-  float f = static_cast<float>(factor);
-  if (factor_tensor.has_value()) {
-    const at::Tensor& ft = *factor_tensor;
-    TORCH_CHECK(ft.numel() == 1 && ft.is_floating_point(),
-                "factor_tensor must be a floating-point tensor with one element, got shape ",
-                ft.sizes(), " and dtype ", dtype_name(ft.scalar_type()));
-    TORCH_CHECK(n == 0 || ft.device() == device, "factor_tensor is on ", ft.device(),
-                " but the accumulators are on ", device);
-    f *= ft.item<float>();
-  }
+  const float f = cpu::times_factor_tensor(factor, factor_tensor, n, device);
 
   const auto items = split_into_chunks(numels);
   std::vector<void*> accum_ptrs(n), out_ptrs(n, nullptr);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fastaccum.optim.fused import SGD, Adam, AdamW
 from fastaccum.optim.wrapper import AccumulatingOptimizer
 
 
@@ -48,4 +49,4 @@ def wrap(
     )
 
 
-__all__ = ["AccumulatingOptimizer", "wrap"]
+__all__ = ["SGD", "AccumulatingOptimizer", "Adam", "AdamW", "wrap"]

@@ -189,6 +189,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._uses_num_items: bool | None = None
         self._window_bad: list[torch.Tensor] = []
         self._micro_sumsq: list[torch.Tensor] = []
+        # ids of the parameters that received a gradient in this window: only these step,
+        # as torch.optim skips parameters whose .grad is None.
+        self._touched: set[int] = set()
         self._start_micro_step()
 
     def _start_micro_step(self) -> None:
@@ -198,6 +201,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._covers: list[tuple[set[int], torch.Tensor]] = []
         self._step_sumsq: list[torch.Tensor] = []
         self._hook_weight: float | None = None
+
+    def window_accums(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Model parameter -> accumulator, for the parameters that received a gradient in
+        the current window (the ones a boundary steps). Subclasses that replace
+        :meth:`_apply_and_step` read the window from here."""
+        return {p: acc for p, acc in self._accums.items() if id(p) in self._touched}
 
     def _accum_for(self, p: torch.Tensor) -> torch.Tensor:
         acc = self._accums.get(p)
@@ -231,6 +240,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             accums = [self._accum_for(p) for p, _ in group]
             res = accumulate_(accums, [g.contiguous() for _, g in group], weight)
             self._covers.append(({id(p) for p, _ in group}, res.accum_sumsq))
+            self._touched.update(id(p) for p, _ in group)
             self._step_sumsq.append(res.grad_sumsq)
             self._window_bad.append(res.found_nonfinite)
         for p, _ in pairs:
@@ -365,7 +375,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         for ids, accum_sumsq in self._covers:
             covered |= ids
             parts.append(accum_sumsq)
-        for p, acc in self._accums.items():
+        for p, acc in self.window_accums().items():
             if id(p) not in covered:
                 parts.append(acc.double().square().sum())
         device = parts[0].device
@@ -420,9 +430,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             acc.zero_()
 
     def _apply_and_step(self, factor: float) -> None:
-        """Write factor x accumulator into each updated tensor's .grad, step, reset."""
+        """Write factor x accumulator into each updated tensor's .grad, step, reset.
+
+        The extension point for subclasses (the fused optimizers replace it): it must
+        apply ``factor x accumulator`` as the gradient of every parameter in
+        :meth:`window_accums` and leave those accumulators zeroed.
+        """
         aliased, written = [], []
-        for p, acc in self._accums.items():
+        for p, acc in self.window_accums().items():
             target = self._masters.get(p, p)
             if acc.dtype == target.dtype:
                 aliased.append((target, acc))
@@ -527,6 +542,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "accums": [self._accums.get(p) for p in self._params],
                 "masters": [self._masters.get(p) for p in self._params],
                 "micro_step": self._micro_step,
+                "touched": [i for i, p in enumerate(self._params) if id(p) in self._touched],
                 "weights": list(self._weights),
                 "uses_num_items": self._uses_num_items,
                 "window_bad": window_bad,
@@ -563,6 +579,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     f"state dict from another configuration: {key} is {there} there and {here} here"
                 )
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        # torch's load_state_dict replaces both objects: share the new ones again, or LR
+        # schedulers on this wrapper would stop reaching the wrapped optimizer.
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
         self._accums = {}
         for p, acc in zip(self._params, saved["accums"], strict=True):
             if acc is not None:
@@ -573,6 +593,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     self._masters[p].copy_(master)
         self._reset_window()
         self._micro_step = saved["micro_step"]
+        self._touched = {id(self._params[i]) for i in saved["touched"]}
         self._weights = list(saved["weights"])
         self._uses_num_items = saved["uses_num_items"]
         device = self._params[0].device

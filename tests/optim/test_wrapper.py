@@ -408,3 +408,28 @@ def test_added_param_group_is_accumulated():
         opt.step()
     # d/dx sum(x^2) = 2x on both micro-batches; mean over the window is 2x; lr 0.5
     assert_close_rel(extra, before - 0.5 * 2 * before, 1e-6)
+
+
+def test_parameter_without_gradient_in_a_window_is_not_stepped():
+    """As torch.optim skips a parameter whose .grad is None, so does a window in which a
+    parameter received no gradient, even though it has an accumulator from before."""
+    model = make_model()
+    extra = torch.nn.Parameter(torch.randn(4))
+    opt = fo.wrap(torch.optim.AdamW([*model.parameters(), extra], lr=0.1), 2)
+    (x, y), (x2, y2), (x3, y3), (x4, y4) = token_batches(4, seed=13)
+    for xb, yb in ((x, y), (x2, y2)):  # window 1 uses extra
+        (mean_loss(model, xb, yb) + extra.sum()).backward()
+        opt.step()
+    after_first = extra.detach().clone()
+    for xb, yb in ((x3, y3), (x4, y4)):  # window 2 does not
+        mean_loss(model, xb, yb).backward()
+        opt.step()
+    assert torch.equal(extra, after_first)  # AdamW momentum would have moved it
+
+
+def test_load_state_dict_keeps_sharing_param_groups_with_the_wrapped_optimizer():
+    model = make_model()
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2)
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups is opt.optimizer.param_groups
+    assert opt.state is opt.optimizer.state

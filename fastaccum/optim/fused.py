@@ -1,0 +1,337 @@
+"""Drop-in ``SGD``, ``Adam`` and ``AdamW`` whose window boundary is one fused pass.
+
+``fastaccum.optim.AdamW(params, lr=..., accum_steps=K)`` takes ``torch.optim.AdamW``'s
+arguments and behaves as ``fastaccum.wrap(torch.optim.AdamW(params, ...), K)``: each
+``step()`` folds one micro-batch's gradients into fp32 accumulators with ``accumulate_``,
+and the K-th steps the optimizer. There, instead of ``finalize_`` into ``.grad`` followed by
+``torch.optim``'s ``step()`` (which reads the accumulator, writes ``.grad``, and reads it
+back with the state and the parameter), one ``sgd_window_step_`` / ``adam_window_step_``
+call per (param group, device) normalizes, clips and unscales the accumulator, updates
+parameter and state with ``torch.optim``'s math, and zeroes the accumulator: accumulator,
+state and parameter are each read once and written once.
+
+What is not fused: clipping and the non-finite check need the window's global gradient
+norm before the first parameter changes. It comes from the last micro-batch's
+``accumulate_`` pass, which reads that micro-batch's gradient and writes the accumulator;
+the fused step then reads the accumulator once more.
+
+Parameter groups, state (``'step'``, ``'exp_avg'``, ``'exp_avg_sq'``,
+``'momentum_buffer'``, in ``torch.optim``'s own format) and learning-rate schedulers are
+those of a real ``torch.optim`` optimizer held in ``.optimizer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from fastaccum.ops.optim_step import adam_window_step_, sgd_window_step_
+from fastaccum.optim.wrapper import AccumulatingOptimizer
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+def _reject(name: str, value: object, why: str) -> None:
+    if value:
+        raise ValueError(
+            f"{name}={value!r} is not supported by fastaccum's fused optimizers: {why}"
+        )
+
+
+class _FusedWindowOptimizer(AccumulatingOptimizer):
+    """An :class:`AccumulatingOptimizer` whose boundary runs a fused update kernel.
+
+    Subclasses build the ``torch.optim`` optimizer and implement :meth:`_step_group`.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        accum_steps: int,
+        max_grad_norm: float | None,
+        scaler: torch.amp.GradScaler | None,
+        model: torch.nn.Module | None,
+    ) -> None:
+        for group in optimizer.param_groups:
+            self._check_params(group["params"])
+        super().__init__(
+            optimizer, accum_steps, model=model, max_grad_norm=max_grad_norm, scaler=scaler
+        )
+
+    def _check_params(self, params: list[torch.Tensor]) -> None:
+        """Raise TypeError (not float32) or ValueError (not contiguous) for any parameter."""
+        for p in params:
+            if p.dtype != torch.float32:
+                raise TypeError(
+                    f"{type(self).__name__} needs float32 parameters, got one of dtype "
+                    f"{p.dtype} (shape {tuple(p.shape)}); for bf16/fp16 parameters use "
+                    f"fastaccum.wrap(torch.optim.{type(self).__name__}(...), K, "
+                    "master_weights=True)"
+                )
+            if not p.is_contiguous():
+                raise ValueError(
+                    f"{type(self).__name__} needs contiguous parameters, got one of shape "
+                    f"{tuple(p.shape)} and stride {tuple(p.stride())}; convert the model "
+                    "with model.to(memory_format=torch.contiguous_format)"
+                )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`AccumulatingOptimizer.add_param_group`; raises as the constructor does
+        for parameters that are not float32 or not contiguous, before adding anything."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group["params"] = params
+        self._check_params(params)
+        super().add_param_group(param_group)
+
+    def _apply_and_step(self, factor: float) -> None:
+        """One fused update per (param group, device): every parameter that received a
+        gradient in the window steps with ``factor x accumulator``; the accumulators are
+        zeroed."""
+        window = self.window_accums()
+        for group in self.optimizer.param_groups:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p in window:
+                    by_device.setdefault(p.device, []).append(p)
+            for params in by_device.values():
+                self._step_group(group, params, [window[p] for p in params], factor)
+
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        accums: list[torch.Tensor],
+        factor: float,
+    ) -> None:
+        raise NotImplementedError
+
+
+class SGD(_FusedWindowOptimizer):
+    """``torch.optim.SGD`` with gradient accumulation over ``accum_steps`` micro-batches and a
+    fused window boundary (see :mod:`fastaccum.optim.fused`).
+
+    Args:
+        params, lr, momentum, dampening, weight_decay, nesterov, maximize: as
+            ``torch.optim.SGD``.
+        foreach, fused: accepted for drop-in compatibility and ignored: the update always
+            runs in fastaccum's fused kernel.
+        accum_steps: micro-batches per optimizer step (K >= 1).
+        max_grad_norm: clip the window gradient to this global L2 norm (None: no clip).
+        scaler: a ``torch.amp.GradScaler``, unscaled and checked once per window.
+        model: the module owning ``params``, to check them and name them in messages.
+
+    ``step(num_items=n)`` returns True when the parameters were updated; see
+    :class:`fastaccum.AccumulatingOptimizer`.
+
+    Raises:
+        TypeError: a parameter is not float32.
+        ValueError: torch's own argument checks, ``differentiable=True``, non-contiguous
+            parameters, or an invalid ``accum_steps`` / ``max_grad_norm``.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        accum_steps: int = 1,
+        max_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        _reject("differentiable", differentiable, "the fused update is not differentiable")
+        inner = torch.optim.SGD(
+            params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize
+        )
+        super().__init__(inner, accum_steps, max_grad_norm, scaler, model)
+
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        accums: list[torch.Tensor],
+        factor: float,
+    ) -> None:
+        options = {
+            "lr": float(group["lr"]),
+            "momentum": float(group["momentum"]),
+            "dampening": float(group["dampening"]),
+            "weight_decay": float(group["weight_decay"]),
+            "nesterov": bool(group["nesterov"]),
+            "maximize": bool(group["maximize"]),
+        }
+        if options["momentum"] == 0:
+            sgd_window_step_(params, accums, None, factor, **options)
+            return
+        # torch starts a parameter's buffer as a copy of its first gradient: the parameters
+        # with a buffer and those without take one call each.
+        for first_step in (False, True):
+            members = [
+                i
+                for i, p in enumerate(params)
+                if (self.optimizer.state[p].get("momentum_buffer") is None) == first_step
+            ]
+            if not members:
+                continue
+            chosen = [params[i] for i in members]
+            buffers = [
+                torch.empty_like(p) if first_step else self.optimizer.state[p]["momentum_buffer"]
+                for p in chosen
+            ]
+            sgd_window_step_(
+                chosen,
+                [accums[i] for i in members],
+                buffers,
+                factor,
+                first_step=first_step,
+                **options,
+            )
+            for p, buf in zip(chosen, buffers, strict=True):
+                self.optimizer.state[p]["momentum_buffer"] = buf
+
+
+def _adam_step_dtype() -> torch.dtype:
+    """dtype of Adam's ``state['step']``, as torch.optim creates it (float64 only when that is
+    the default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class Adam(_FusedWindowOptimizer):
+    """``torch.optim.Adam`` with gradient accumulation over ``accum_steps`` micro-batches and a
+    fused window boundary (see :mod:`fastaccum.optim.fused`).
+
+    Args:
+        params, lr, betas, eps, weight_decay, maximize, decoupled_weight_decay: as
+            ``torch.optim.Adam``.
+        amsgrad, capturable, differentiable: must be False (not supported; ValueError).
+        foreach, fused: accepted for drop-in compatibility and ignored: the update always
+            runs in fastaccum's fused kernel.
+        accum_steps, max_grad_norm, scaler, model: as :class:`SGD`.
+
+    Raises:
+        TypeError: a parameter is not float32.
+        ValueError: torch's own argument checks, an unsupported option, non-contiguous
+            parameters, or an invalid ``accum_steps`` / ``max_grad_norm``.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        accum_steps: int = 1,
+        max_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        self._check_options(amsgrad, capturable, differentiable)
+        inner = torch.optim.Adam(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        _FusedWindowOptimizer.__init__(self, inner, accum_steps, max_grad_norm, scaler, model)
+
+    @staticmethod
+    def _check_options(amsgrad: bool, capturable: bool, differentiable: bool) -> None:
+        _reject("amsgrad", amsgrad, "use torch.optim.Adam(amsgrad=True) with fastaccum.wrap")
+        _reject("capturable", capturable, "the step count is kept on the host")
+        _reject("differentiable", differentiable, "the fused update is not differentiable")
+
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        accums: list[torch.Tensor],
+        factor: float,
+    ) -> None:
+        self._check_options(group["amsgrad"], group["capturable"], group["differentiable"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        options = {
+            "lr": float(group["lr"]),
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "decoupled_weight_decay": bool(group["decoupled_weight_decay"]),
+            "maximize": bool(group["maximize"]),
+        }
+        # Parameters normally share a step count; those that joined later (no gradient in
+        # the first windows) have their own, and each count is one call.
+        by_step: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            state = self.optimizer.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_adam_step_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            by_step.setdefault(int(state["step"].item()) + 1, []).append(i)
+        for step, members in by_step.items():
+            chosen = [params[i] for i in members]
+            adam_window_step_(
+                chosen,
+                [accums[i] for i in members],
+                [self.optimizer.state[p]["exp_avg"] for p in chosen],
+                [self.optimizer.state[p]["exp_avg_sq"] for p in chosen],
+                factor,
+                step=step,
+                **options,
+            )
+            for p in chosen:
+                self.optimizer.state[p]["step"] += 1
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW`` (Adam with decoupled weight decay, default 1e-2) with gradient
+    accumulation over ``accum_steps`` micro-batches and a fused window boundary.
+
+    Arguments and errors as :class:`Adam`, without ``decoupled_weight_decay`` (always on).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        accum_steps: int = 1,
+        max_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        self._check_options(amsgrad, capturable, differentiable)
+        inner = torch.optim.AdamW(params, lr, betas, eps, weight_decay, maximize=maximize)
+        _FusedWindowOptimizer.__init__(self, inner, accum_steps, max_grad_norm, scaler, model)
