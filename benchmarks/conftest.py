@@ -21,10 +21,10 @@ def pytest_terminal_summary(
     for bench in session.benchmarks:
         if bench:
             groups.setdefault(bench.group or "", []).append(bench)
-    copy_rate = None
+    ceilings = {}  # provider -> bytes/s of the bandwidth references ("copy", "rmw")
     for bench in session.benchmarks:
-        if bench and bench.extra_info.get("provider") == "copy":
-            copy_rate = bench.extra_info["bytes"] / bench.stats.median
+        if bench and bench.extra_info.get("provider") in ("copy", "rmw"):
+            ceilings[bench.extra_info["provider"]] = bench.extra_info["bytes"] / bench.stats.median
     write = terminalreporter.write_line
     terminalreporter.section("fastaccum vs native PyTorch (median, same run)")
     for name, benches in sorted(groups.items()):
@@ -48,8 +48,9 @@ def pytest_terminal_summary(
             if "bytes" in b.extra_info:
                 rate = b.extra_info["bytes"] / b.stats.median
                 line += f"   {rate / 1e9:7.1f} GB/s"
-                if copy_rate:
-                    line += f" ({rate / copy_rate:.0%} of copy)"
+                line += "".join(f" ({rate / c:.0%} of {n})" for n, c in ceilings.items())
             write(line)
-    if copy_rate:
-        write(f"copy: {copy_rate / 1e9:.1f} GB/s (float32 copy_, bytes read + written)")
+    for n, c in ceilings.items():
+        write(
+            f"{n}: {c / 1e9:.1f} GB/s (float32 {'copy_' if n == 'copy' else 'add_'}, bytes read + written)"
+        )

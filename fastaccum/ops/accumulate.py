@@ -289,6 +289,20 @@ def accumulate_(
         RuntimeError: when a forced ``backend`` cannot run on the tensors' device.
     """
     accums, grads, scale = check_accumulate_args(accums, grads, scale)
+    return accumulate_unchecked(accums, grads, scale, zero_grads=zero_grads, backend=backend)
+
+
+def accumulate_unchecked(
+    accums: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    scale: float,
+    *,
+    zero_grads: bool = False,
+    backend: str | None = None,
+) -> AccumulateResult:
+    """:func:`accumulate_` without the Python-side argument checks, for callers that build
+    the lists themselves (the optimizer wrapper, once per micro-step). The native and
+    Triton ops still validate before they modify anything; the reference does not."""
     if not accums:
         return accumulate_ref(accums, grads, scale, zero_grads)
     choice = _backend.select(accums[0].device, backend)

@@ -20,9 +20,12 @@ from typing import Any
 
 import torch
 
-from fastaccum.ops import accumulate_, finalize_
+from fastaccum.ops import finalize_
+from fastaccum.ops.accumulate import accumulate_unchecked
 
 _CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+BUCKET_BYTES = 25 * 2**20
+"""Gradient bytes ``opt.backward`` holds before folding them into the accumulators."""
 
 
 def _check_num_items(num_items: object) -> float | None:
@@ -113,6 +116,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._accums: dict[torch.Tensor, torch.Tensor] = {}
         self._hooks: list[Any] = []
         self._hooks_active = False
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_bytes = 0
         self._accum_steps = accum_steps
         self._reset_window()
         self._skipped_windows = 0
@@ -231,14 +236,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """accumulate_ the (param, grad) pairs, one fused call per device."""
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for p, g in pairs:
-            if g.is_sparse:
+            if g.layout != torch.strided:
                 raise TypeError(
-                    f"{self._names[id(p)]} has a sparse gradient; fastaccum needs dense gradients"
+                    f"{self._names[id(p)]} has a {g.layout} gradient; fastaccum needs dense "
+                    "gradients"
                 )
             by_device.setdefault(g.device, []).append((p, g))
         for group in by_device.values():
             accums = [self._accum_for(p) for p, _ in group]
-            res = accumulate_(accums, [g.contiguous() for _, g in group], weight)
+            # The lists are built here from parameters and their own gradients, so the
+            # Python-side checks are skipped; the op still validates before it writes.
+            res = accumulate_unchecked(accums, [g.contiguous() for _, g in group], weight)
             self._covers.append(({id(p) for p, _ in group}, res.accum_sumsq))
             self._touched.update(id(p) for p, _ in group)
             self._step_sumsq.append(res.grad_sumsq)
@@ -342,15 +350,32 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._hooks_active = True
         try:
             loss.backward(**kwargs)
+            self._fold_pending()
         except BaseException:
+            self._pending = []
+            self._pending_bytes = 0
             self._hook_weight = None
             raise
         finally:
             self._hooks_active = False
 
     def _fold_hook(self, p: torch.Tensor) -> None:
-        if self._hooks_active and p.grad is not None:
-            self._fold([(p, p.grad)], self._hook_weight)
+        # Gradients are taken off the parameter as autograd finishes them and folded in
+        # buckets of about BUCKET_BYTES, so at most one bucket of gradients is alive next
+        # to the accumulators, at a few fused calls per backward rather than one per tensor.
+        if not self._hooks_active or p.grad is None:
+            return
+        grad = p.grad
+        p.grad = None
+        self._pending.append((p, grad))
+        self._pending_bytes += grad.numel() * grad.element_size()
+        if self._pending_bytes >= BUCKET_BYTES:
+            self._fold_pending()
+
+    def _fold_pending(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if pending:
+            self._fold(pending, self._hook_weight)
 
     # ------------------------------------------------------------------ boundary
 
