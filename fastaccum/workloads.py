@@ -13,14 +13,16 @@ from collections.abc import Callable
 import torch
 
 
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """Parameter shapes of GPT-2 small: 124,439,808 parameters in 148 tensors.
+def gpt_shapes(
+    vocab: int, ctx: int, dim: int, layers: int, ff: int | None = None
+) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-2-style model with a tied LM head.
 
-    Token and position embeddings (50257x768, 1024x768), 12 blocks (two LayerNorms,
-    attention in/out projections, MLP up/down projections, with biases) and the final
-    LayerNorm. The LM head is tied to the token embedding, so it adds no tensor.
+    Token and position embeddings, ``layers`` blocks (two LayerNorms, attention in/out
+    projections, MLP up/down projections, all with biases), then the final LayerNorm.
     """
-    d, ff = 768, 3072
+    ff = 4 * dim if ff is None else ff
+    d = dim
     block = [
         (d,),
         (d,),
@@ -35,27 +37,17 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
         (ff, d),
         (d,),
     ]
-    return [(50257, d), (1024, d), *(block * 12), (d,), (d,)]
+    return [(vocab, d), (ctx, d), *(block * layers), (d,), (d,)]
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """GPT-2 small: 124,439,808 parameters in 148 tensors."""
+    return gpt_shapes(vocab=50257, ctx=1024, dim=768, layers=12)
 
 
 def tiny_shapes() -> list[tuple[int, ...]]:
-    """A small GPT-like set (about 0.9M parameters in 40 tensors) for quick runs and CI."""
-    d, ff = 128, 512
-    block = [
-        (d,),
-        (d,),
-        (d, 3 * d),
-        (3 * d,),
-        (d, d),
-        (d,),
-        (d,),
-        (d,),
-        (d, ff),
-        (ff,),
-        (ff, d),
-        (d,),
-    ]
-    return [(2048, d), (256, d), *(block * 3), (d,), (d,)]
+    """A small GPT-like set (889,984 parameters in 40 tensors) for quick runs and CI."""
+    return gpt_shapes(vocab=2048, ctx=256, dim=128, layers=3)
 
 
 PARAM_SETS = {"gpt2-small": gpt2_small_shapes, "tiny": tiny_shapes}

@@ -1,4 +1,5 @@
-"""Shared test helpers: comparisons against float64 references."""
+"""Shared test helpers: comparisons against float64 references, and a tiny token model
+with variable-length micro-batches for the optimizer tests."""
 
 import torch
 
@@ -12,3 +13,41 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float) 
     ref = torch.linalg.vector_norm(e).item()
     rel = err / ref if ref > 0 else err
     assert rel <= rtol, f"relative error {rel:.3e} > {rtol:.1e}"
+
+
+VOCAB, DIM = 23, 16
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A small token model (embedding, MLP with LayerNorm, vocabulary head)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(VOCAB, DIM),
+        torch.nn.Linear(DIM, 32),
+        torch.nn.GELU(),
+        torch.nn.LayerNorm(32),
+        torch.nn.Linear(32, VOCAB),
+    )
+    return model.to(dtype)
+
+
+def token_batches(n_micro: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches of 3 to 39 tokens each, as (tokens, targets); the loss of one is the
+    mean over its own tokens, so micro-batches carry different numbers of items."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_micro):
+        n = int(torch.randint(3, 40, (1,), generator=gen))
+        x = torch.randint(0, VOCAB, (n,), generator=gen)
+        batches.append((x, torch.randint(0, VOCAB, (n,), generator=gen)))
+    return batches
+
+
+def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the micro-batch's tokens, computed in fp32."""
+    return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+
+def split_windows(batches: list, k: int) -> list[list]:
+    """Consecutive windows of k micro-batches (the last may be shorter)."""
+    return [batches[i : i + k] for i in range(0, len(batches), k)]

@@ -14,46 +14,14 @@ import torch
 
 import fastaccum
 import fastaccum.optim as fo
-from tests.helpers import assert_close_rel
-
-VOCAB, DIM = 23, 16
+from tests.helpers import assert_close_rel, make_model, mean_loss, token_batches
+from tests.helpers import split_windows as windows_of
 
 KINDS = {
     "SGD": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True},
     "Adam": {"lr": 1e-2, "weight_decay": 0.1},
     "AdamW": {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)},
 }
-
-
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Embedding(VOCAB, DIM),
-        torch.nn.Linear(DIM, 32),
-        torch.nn.GELU(),
-        torch.nn.LayerNorm(32),
-        torch.nn.Linear(32, VOCAB),
-    )
-
-
-def token_batches(n_micro, seed=1):
-    """Micro-batches of token sequences of different lengths: (tokens, targets) each; the
-    loss of one is the mean over its own tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_micro):
-        n = int(torch.randint(3, 40, (1,), generator=gen))
-        x = torch.randint(0, VOCAB, (n,), generator=gen)
-        batches.append((x, torch.randint(0, VOCAB, (n,), generator=gen)))
-    return batches
-
-
-def mean_loss(model, x, y):
-    return torch.nn.functional.cross_entropy(model(x), y)
-
-
-def windows_of(batches, k):
-    return [batches[i : i + k] for i in range(0, len(batches), k)]
 
 
 def torch_run(kind, windows, max_grad_norm=None, make_sched=None):

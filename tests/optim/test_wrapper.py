@@ -12,41 +12,7 @@ import pytest
 import torch
 
 import fastaccum.optim as fo
-from tests.helpers import assert_close_rel
-
-VOCAB, DIM = 23, 16
-
-
-def make_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Embedding(VOCAB, DIM),
-        torch.nn.Linear(DIM, 32),
-        torch.nn.GELU(),
-        torch.nn.LayerNorm(32),
-        torch.nn.Linear(32, VOCAB),
-    )
-    return model.to(dtype)
-
-
-def token_batches(n_micro, seed=1):
-    """Micro-batches of token sequences of different lengths: (tokens, targets) each,
-    flattened; the loss of one is the mean over its own tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_micro):
-        n = int(torch.randint(3, 40, (1,), generator=gen))
-        batches.append(
-            (
-                torch.randint(0, VOCAB, (n,), generator=gen),
-                torch.randint(0, VOCAB, (n,), generator=gen),
-            )
-        )
-    return batches
-
-
-def mean_loss(model, x, y):
-    return torch.nn.functional.cross_entropy(model(x).float(), y)
+from tests.helpers import assert_close_rel, make_model, mean_loss, split_windows, token_batches
 
 
 def make_opt(kind, params):
@@ -68,10 +34,6 @@ def reference_run(kind, windows, max_grad_norm=None):
         opt.step()
         opt.zero_grad()
     return model
-
-
-def split_windows(batches, k):
-    return [batches[i : i + k] for i in range(0, len(batches), k)]
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
