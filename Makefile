@@ -33,6 +33,7 @@ bench-cpu: install
 
 bench-gpu: install
 	$(PYTHON) benchmarks/gpu_accumulate.py
+	$(PYTHON) benchmarks/gpu_wrapper.py
 
 clean:
 	rm -rf build *.egg-info fastaccum/*.so .pytest_cache .benchmarks

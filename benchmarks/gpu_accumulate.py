@@ -34,35 +34,19 @@ Usage: python benchmarks/gpu_accumulate.py [--check] [--dtypes bf16 fp32] [--out
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import itertools
 import math
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from results_csv import append_csv, commit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CSV = ROOT / "benchmarks" / "results" / "accumulate_gpu.csv"
-CSV_COLUMNS = [
-    "op",
-    "provider",
-    "metric",
-    "unit",
-    "size",
-    "dtype",
-    "p50",
-    "p20",
-    "p80",
-    "device",
-    "torch",
-    "commit",
-    "date",
-]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPT2_SMALL_TENSORS = 148
 GPT2_SMALL_PARAMS = 124_439_808
@@ -224,28 +208,13 @@ def finalize_bytes(accums: Sequence[torch.Tensor], outs: Sequence[torch.Tensor])
 # -------------------------------------------------------------------------------- output
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
 def csv_rows(timings: Sequence[Timing], copy: dict[int, Timing], size: str) -> list[dict]:
     """Three rows per timing: time (ms), bandwidth (GB/s), fraction of the copy bandwidth."""
     common = {
         "size": size,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": commit(),
         "date": datetime.date.today().isoformat(),
     }
     rows = []
@@ -272,17 +241,6 @@ def csv_rows(timings: Sequence[Timing], copy: dict[int, Timing], size: str) -> l
                 }
             )
     return rows
-
-
-def append_csv(path: Path, rows: Sequence[dict]) -> None:
-    """Append ``rows`` to ``path``, writing the header first when the file is new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def format_table(timings: Sequence[Timing], copy: dict[int, Timing]) -> str:

@@ -1,0 +1,219 @@
+"""GPU script: one optimizer window of K micro-batches on a GPT-2-small-sized model.
+
+Providers, on the same initial weights, data and AdamW settings (max_grad_norm 1.0):
+
+- ``native``:               ``(loss / K).backward()`` per micro-batch, then
+                            ``clip_grad_norm_``, ``step``, ``zero_grad``;
+- ``wrap.step``:            ``fastaccum.wrap(torch.optim.AdamW(...), K)`` + ``opt.step()``;
+- ``wrap.backward``:        the same with ``opt.backward(loss)``;
+- ``fused.AdamW.backward``: ``fastaccum.optim.AdamW(..., accum_steps=K)`` + ``opt.backward``.
+
+Per provider: the time per window (CUDA events; median and 20/80 % quantiles over
+``--rounds`` windows after a warm-up window), the peak of ``torch.cuda.max_memory_allocated``
+during those windows, and the largest relative parameter deviation from ``native`` after the
+same number of windows (over all parameters as one vector). Rows go to benchmarks/results/wrapper_gpu.csv.
+
+``--device cpu --smoke`` runs a tiny configuration on the CPU to check the script itself;
+it writes no CSV (absolute times are recorded for GPUs only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+from results_csv import ROOT, append_csv, commit
+
+import fastaccum
+import fastaccum.optim
+from fastaccum.workloads import TinyGPT
+
+DEFAULT_CSV = ROOT / "benchmarks" / "results" / "wrapper_gpu.csv"
+PROVIDERS = ("native", "wrap.step", "wrap.backward", "fused.AdamW.backward")
+MODELS = {  # name -> TinyGPT(vocab, dim, heads, layers, ctx)
+    "gpt2": (50257, 768, 12, 12, 1024),
+    "tiny": (256, 64, 4, 2, 32),
+}
+
+
+def build(provider: str, spec: tuple, device: torch.device, k: int):
+    """The model (seed 0) and a ``window(batches)`` callable for ``provider``."""
+    torch.manual_seed(0)
+    model = TinyGPT(*spec).to(device)
+    params = list(model.parameters())
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        logits = model(batch[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+    if provider == "native":
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def window(batches: Sequence[torch.Tensor]) -> None:
+            for batch in batches:
+                (loss_of(batch) / k).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+
+        return model, window
+    if provider.startswith("fused.AdamW"):
+        wrapped = fastaccum.optim.AdamW(params, lr=1e-4, accum_steps=k, max_grad_norm=1.0)
+    else:
+        wrapped = fastaccum.wrap(torch.optim.AdamW(params, lr=1e-4), k, max_grad_norm=1.0)
+    use_backward = provider.endswith("backward")
+
+    def window(batches: Sequence[torch.Tensor]) -> None:
+        for batch in batches:
+            if use_backward:
+                wrapped.backward(loss_of(batch))
+            else:
+                loss_of(batch).backward()
+            wrapped.step()
+            wrapped.zero_grad()
+
+    return model, window
+
+
+def time_windows(
+    window: Callable, data: list[list[torch.Tensor]], device: torch.device
+) -> tuple[list[float], int]:
+    """Seconds per window over ``data`` (after one warm-up window) and the peak bytes."""
+    window(data[0])
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for batches in data[1:]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            window(batches)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            window(batches)
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return times, peak
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation."""
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 3 windows, no CSV")
+    parser.add_argument("--model", choices=sorted(MODELS), default="gpt2")
+    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
+    parser.add_argument("--accum-steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10, help="timed windows per provider")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--out", type=str, default=str(DEFAULT_CSV))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.rounds, args.micro_batch = "tiny", 3, 2
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(
+            "error: gpu_wrapper.py needs a CUDA GPU (or --device cpu --smoke to check the script)",
+            file=sys.stderr,
+        )
+        return 2
+    if device.type == "cpu" and not args.smoke:
+        print("error: on the CPU only --smoke runs; use `make bench-cpu`", file=sys.stderr)
+        return 2
+    spec = MODELS[args.model]
+    k, seq = args.accum_steps, spec[4]
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        [
+            torch.randint(0, spec[0], (args.micro_batch, seq + 1), generator=gen).to(device)
+            for _ in range(k)
+        ]
+        for _ in range(args.rounds + 1)
+    ]
+    results, finals = {}, {}
+    for provider in args.providers:
+        model, window = build(provider, spec, device, k)
+        times, peak = time_windows(window, data, device)
+        results[provider] = (times, peak)
+        finals[provider] = [p.detach().float() for p in model.parameters()]
+        del model, window
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"window of K={k} x {args.micro_batch}x{seq} tokens, {args.model}, AdamW, on {name}")
+    print(f"{'provider':<24} {'ms/window':>10} {'vs native':>10} {'peak GiB':>9} {'rel dev':>12}")
+    base = statistics.median(results["native"][0]) if "native" in results else None
+    rows = []
+    for provider, (times, peak) in results.items():
+        p50 = statistics.median(times)
+        dev = float("nan")
+        if "native" in finals:
+            # over all parameters as one vector: zero-initialized tensors (biases) move by
+            # ~lr per step, so per-tensor relative figures there only show Adam's rounding
+            diff = sum(
+                (a - b).square().sum()
+                for a, b in zip(finals[provider], finals["native"], strict=True)
+            )
+            ref = sum(b.square().sum() for b in finals["native"])
+            dev = (diff / ref).sqrt().item()
+        speed = f"{base / p50:9.2f}x" if base else "-"
+        print(f"{provider:<24} {p50 * 1e3:>10.2f} {speed:>10} {peak / 2**30:>9.2f} {dev:>12.2e}")
+        common = {
+            "op": f"window_k{k}_{args.model}_b{args.micro_batch}",
+            "provider": provider,
+            "size": f"{sum(p.numel() for p in finals[provider])} params",
+            "dtype": "fp32",
+            "device": name,
+            "torch": torch.__version__,
+            "commit": commit(),
+            "date": datetime.date.today().isoformat(),
+        }
+        rows.append(
+            {
+                **common,
+                "metric": "time",
+                "unit": "ms",
+                "p50": f"{p50 * 1e3:.6g}",
+                "p20": f"{quantile(times, 0.2) * 1e3:.6g}",
+                "p80": f"{quantile(times, 0.8) * 1e3:.6g}",
+            }
+        )
+        rows.append(
+            {
+                **common,
+                "metric": "peak_memory",
+                "unit": "bytes",
+                "p50": str(peak),
+                "p20": "",
+                "p80": "",
+            }
+        )
+    if device.type == "cuda" and not args.smoke:
+        from pathlib import Path
+
+        append_csv(Path(args.out), rows)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
