@@ -22,8 +22,8 @@ benchmarks); a forced backend that cannot run raises instead of silently falling
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 
@@ -35,9 +35,7 @@ TRITON = "triton"
 BACKENDS = (REFERENCE, NATIVE, TRITON)
 
 
-@functools.cache
-def extension() -> ModuleType | None:
-    """The compiled extension ``fastaccum._C``, or None when it was not built."""
+def _load_extension() -> ModuleType | None:
     if os.environ.get("FASTACCUM_NO_EXT", "").strip().lower() in {"1", "true", "yes", "on"}:
         return None
     try:
@@ -46,25 +44,42 @@ def extension() -> ModuleType | None:
         return None
 
 
+def _native_kernels() -> frozenset[tuple[str, str]]:
+    """(op name, "cpu"/"cuda") pairs that fastaccum._C registered a kernel for."""
+    if _EXTENSION is None:
+        return frozenset()
+    found = set()
+    for key, device in (("CPU", "cpu"), ("CUDA", "cuda")):
+        for name in torch._C._dispatch_get_registrations_for_dispatch_key(key):
+            if name.startswith("fastaccum::"):
+                found.add((name.removeprefix("fastaccum::").split(".")[0], device))
+    return frozenset(found)
+
+
+# Decided once, at import, so that select() is plain Python that torch.compile can trace.
+_EXTENSION = _load_extension()
+_NATIVE_KERNELS = _native_kernels()
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def extension() -> ModuleType | None:
+    """The compiled extension ``fastaccum._C``, or None when it was not built."""
+    return _EXTENSION
+
+
 def has_extension() -> bool:
     """True when the C++ extension is importable (its ops are then in ``torch.ops.fastaccum``)."""
-    return extension() is not None
+    return _EXTENSION is not None
 
 
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    ext = extension()
-    return ext is not None and bool(ext.cuda_built())
+    return _EXTENSION is not None and bool(_EXTENSION.cuda_built())
 
 
-@functools.cache
 def triton_available() -> bool:
-    """True when Triton is importable; says nothing about whether it can launch."""
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+    """True when Triton is installed; says nothing about whether it can launch."""
+    return _TRITON_INSTALLED
 
 
 def triton_interpreted() -> bool:
@@ -81,8 +96,11 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
-def native_can_run(device: torch.device) -> bool:
-    """True when ``fastaccum._C`` has a kernel for ``device``."""
+def native_can_run(device: torch.device, op: str | None = None) -> bool:
+    """True when ``fastaccum._C`` has kernels for ``device`` (for ``op``, when named: a
+    build may predate an op's kernel for that device)."""
+    if op is not None:
+        return (op, device.type) in _NATIVE_KERNELS
     if device.type == "cpu":
         return has_extension()
     if device.type == "cuda":
@@ -99,9 +117,8 @@ def _forced() -> str | None:
     return value
 
 
-@torch.compiler.assume_constant_result  # torch.compile bakes the choice into the graph
-def select(device: torch.device | str, backend: str | None = None) -> str:
-    """Pick the backend for an op on tensors of ``device``.
+def select(device: torch.device | str, backend: str | None = None, op: str | None = None) -> str:
+    """Pick the backend for ``op`` (a ``torch.ops.fastaccum`` name) on tensors of ``device``.
 
     ``backend`` (or ``FASTACCUM_BACKEND``) forces a choice. Raises RuntimeError when a
     forced backend cannot run on ``device``, and ValueError for an unknown name.
@@ -111,14 +128,14 @@ def select(device: torch.device | str, backend: str | None = None) -> str:
     if wanted is not None:
         if wanted not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {wanted!r}")
-        if wanted == NATIVE and not native_can_run(device):
+        if wanted == NATIVE and not native_can_run(device, op):
+            if not has_extension():
+                why = "fastaccum._C is not built (reinstall without FASTACCUM_NO_EXT=1)"
+            else:
+                why = f"fastaccum._C has no {device.type} kernel" + (f" for {op}" if op else "s")
             raise RuntimeError(
-                f"backend 'native' cannot run on {device.type}: "
-                + (
-                    "fastaccum._C is not built (reinstall without FASTACCUM_NO_EXT=1)"
-                    if not has_extension()
-                    else f"fastaccum._C has no {device.type} kernels"
-                )
+                f"backend 'native' cannot run on {device.type}: {why}; use backend='triton' "
+                "or 'reference'"
             )
         if wanted == TRITON and not triton_can_run(device):
             raise RuntimeError(
@@ -126,7 +143,7 @@ def select(device: torch.device | str, backend: str | None = None) -> str:
                 "(or TRITON_INTERPRET=1 set before triton is imported)"
             )
         return wanted
-    if native_can_run(device):
+    if native_can_run(device, op):
         return NATIVE
     if device.type == "cuda" and triton_can_run(device):
         return TRITON

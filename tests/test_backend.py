@@ -41,3 +41,24 @@ def test_describe_reports_each_device():
     info = _backend.describe()
     assert info["torch"] == torch.__version__
     assert info["cpu"] in _backend.BACKENDS
+
+
+def test_import_is_light():
+    """`import fastaccum` loads neither Triton nor torch._dynamo: Triton must not be imported
+    before TRITON_INTERPRET can be set, and importing should stay cheap."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastaccum; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_native_kernels_are_listed_per_op_and_device():
+    if not _backend.has_extension():
+        pytest.skip("FASTACCUM_NO_EXT=1: pure-Python install")
+    for op in ("accumulate_", "finalize_", "sgd_window_step_", "adam_window_step_"):
+        assert _backend.native_can_run(torch.device("cpu"), op)
+    assert not _backend.native_can_run(torch.device("cpu"), "no_such_op_")

@@ -9,19 +9,11 @@
 // finalize_: r = accum * factor * factor_tensor; out = r; accum = 0 or r. One read of accum,
 //   one write of out, one write of accum.
 //
-// Structure (multi-tensor apply):
-// - Each tensor is cut into chunks of kChunk elements; a work item is one (tensor, chunk).
-// - Up to kMaxTensorsPerLaunch tensors travel in the kernel arguments (a TensorTable of
-//   ~16 KB; CUDA 12.1+ allows 32764 bytes of parameters), so there is no host-to-device
-//   table copy. Longer lists take several launches.
-// - Blocks walk work items with a grid-stride loop and find their tensor by binary search
-//   in the table's chunk prefix sums.
-// - Inside a chunk: 16-byte packed loads and stores where both tensors of the pair can be
-//   16-byte aligned at the same element, scalar code for the rest (a tensor may start at
-//   any element offset of its storage).
-// - Reductions are deterministic: every work item writes its block-reduced partial to its
-//   own workspace slot; then one block per tensor sums the tensor's slots in a fixed order,
-//   and one block sums the tensors. No floating-point atomics.
+// Structure: multi-tensor apply (multi_tensor.cuh): blocks walk (tensor, chunk) work items
+// of a tensor table passed in the kernel arguments, with 16-byte packed loads and stores.
+// Reductions are deterministic: every work item writes its block-reduced partial to its own
+// workspace slot; then one block per tensor sums the tensor's slots in a fixed order, and
+// one block sums the tensors. No floating-point atomics.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -29,36 +21,18 @@
 #include <type_traits>
 
 #include "accumulate.cuh"
+#include "multi_tensor.cuh"
 
 namespace {
 
-constexpr int kThreads = 256;  // threads per block, every kernel here
-constexpr int kWarps = kThreads / 32;
-// 16 Ki elements per work item: large enough that the per-item overhead (tensor lookup,
-// block reduction) is noise, small enough that 124M-element models give thousands of items
-// and the tail of the last wave stays short. A multiple of every pack width, so chunk
-// starts keep a tensor's alignment.
-constexpr int64_t kChunk = 16384;
-constexpr int kUnroll = 4;  // packs each thread has in flight before it computes
-constexpr int kMaxTensorsPerLaunch = 512;
-// The grid-stride loop makes any grid correct; this cap only bounds the launch size.
-constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+using namespace fa_multi_tensor;
 
-// The tensors of one launch. For accumulate x = grads, y = accums; for finalize x = accums,
-// y = outs (nullptr without outputs). Chunks of tensor t are work items
-// [chunk_start[t], chunk_start[t + 1]); their partial sums go to workspace slots
-// partial_base + work item, and the tensor's results to position slot[t] of the call.
-struct TensorTable {
-  void* x[kMaxTensorsPerLaunch];
-  void* y[kMaxTensorsPerLaunch];
-  int64_t numel[kMaxTensorsPerLaunch];
-  int32_t chunk_start[kMaxTensorsPerLaunch + 1];
-  int32_t slot[kMaxTensorsPerLaunch];
-  int32_t count;
-  int32_t partial_base;
-};
-// Kernel parameters are limited to 32764 bytes; keep room for the scalar arguments.
-static_assert(sizeof(TensorTable) + 256 <= 32764, "TensorTable does not fit kernel params");
+constexpr int kWarps = kThreads / 32;
+
+// For accumulate ptr[0] = grads, ptr[1] = accums; for finalize ptr[0] = accums, ptr[1] =
+// outs (nullptr without outputs).
+using PairTable = TensorTable<2>;
+static_assert(kFitsKernelParams<2>, "PairTable does not fit kernel params");
 
 // ------------------------------------------------------------------------- element access
 
@@ -89,98 +63,6 @@ __device__ __forceinline__ T from_float(float v) {
 // keeps the check exact whatever math flags the build uses.
 __device__ __forceinline__ bool is_nonfinite(float v) {
   return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u;
-}
-
-// N elements of T moved as 16-byte words (N * sizeof(T) is a multiple of 16).
-template <typename T, int N>
-struct alignas(16) Pack {
-  static_assert(N * sizeof(T) % 16 == 0, "a pack must be whole 16-byte words");
-  T v[N];
-};
-
-// kStreaming marks data read once (gradients): evict-first, so it does not push the
-// accumulators out of L2.
-template <bool kStreaming, typename T, int N>
-__device__ __forceinline__ void load_pack(const T* src, Pack<T, N>& dst) {
-  const uint4* s = reinterpret_cast<const uint4*>(src);
-  uint4* d = reinterpret_cast<uint4*>(&dst);
-#pragma unroll
-  for (int w = 0; w < int(sizeof(dst) / 16); ++w) d[w] = kStreaming ? __ldcs(s + w) : s[w];
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_pack(T* dst, const Pack<T, N>& src) {
-  const uint4* s = reinterpret_cast<const uint4*>(&src);
-  uint4* d = reinterpret_cast<uint4*>(dst);
-#pragma unroll
-  for (int w = 0; w < int(sizeof(src) / 16); ++w) d[w] = s[w];
-}
-
-// First element index h < N at which both x (elements of xsize bytes) and y are 16-byte
-// aligned, or -1 when there is none (then the pair takes the scalar path). Pass y = x when
-// there is only one tensor.
-template <int N>
-__device__ __forceinline__ int aligned_head(const void* x, int xsize, const void* y,
-                                            int ysize) {
-  const uintptr_t xa = reinterpret_cast<uintptr_t>(x);
-  const uintptr_t ya = reinterpret_cast<uintptr_t>(y);
-#pragma unroll
-  for (int h = 0; h < N; ++h) {
-    if ((xa + uintptr_t(h) * xsize) % 16 == 0 && (ya + uintptr_t(h) * ysize) % 16 == 0) {
-      return h;
-    }
-  }
-  return -1;
-}
-
-// --------------------------------------------------------------------------- chunk walk
-
-// The tensor whose chunks contain work item w: the last t with chunk_start[t] <= w
-// (tensors without elements have an empty range and are never returned).
-__device__ __forceinline__ int find_tensor(const TensorTable& table, int32_t w) {
-  int lo = 0;
-  int hi = table.count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.chunk_start[mid] <= w) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
-
-// Applies `op` to elements [begin, end) of one tensor: Op::scalar(i) on the misaligned
-// head and the tail, Op::load(i) / Op::store(i, loaded) on aligned packs of Op::kPack
-// elements. kUnroll loads are issued before the first store so that each thread keeps
-// several 16-byte requests in flight (stores to the accumulator stop the compiler from
-// reordering loads across them by itself).
-template <typename Op>
-__device__ __forceinline__ void run_chunk(Op& op, int64_t begin, int64_t end, int head) {
-  constexpr int N = Op::kPack;
-  int64_t vbegin = end;
-  int64_t vend = end;
-  if (head >= 0) {
-    vbegin = begin + head < end ? begin + head : end;
-    vend = vbegin + (end - vbegin) / N * N;
-  }
-  for (int64_t i = begin + threadIdx.x; i < vbegin; i += kThreads) op.scalar(i);
-  const int64_t npack = (vend - vbegin) / N;
-  for (int64_t base = threadIdx.x; base < npack; base += int64_t{kThreads} * kUnroll) {
-    typename Op::Loaded loaded[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = base + int64_t{u} * kThreads;
-      if (k < npack) op.load(vbegin + k * N, loaded[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = base + int64_t{u} * kThreads;
-      if (k < npack) op.store(vbegin + k * N, loaded[u]);
-    }
-  }
-  for (int64_t i = vend + threadIdx.x; i < end; i += kThreads) op.scalar(i);
 }
 
 // ----------------------------------------------------------------------------- reductions
@@ -299,16 +181,11 @@ struct AccumulateOp {
 // squares and non-finite flag to its workspace slot.
 template <typename G, typename A>
 __global__ void __launch_bounds__(kThreads)
-    accumulate_kernel(const __grid_constant__ TensorTable table, float scale, bool zero_grads,
+    accumulate_kernel(const __grid_constant__ PairTable table, float scale, bool zero_grads,
                       Workspace ws) {
-  const int32_t items = table.chunk_start[table.count];
-  for (int32_t w = blockIdx.x; w < items; w += gridDim.x) {
-    const int t = find_tensor(table, w);
-    AccumulateOp<G, A> op{static_cast<G*>(table.x[t]), static_cast<A*>(table.y[t]), scale,
-                          zero_grads};
-    const int64_t begin = int64_t{w - table.chunk_start[t]} * kChunk;
-    const int64_t numel = table.numel[t];
-    const int64_t end = numel - begin < kChunk ? numel : begin + kChunk;
+  for_each_work_item(table, [&](int t, int32_t w, int64_t begin, int64_t end) {
+    AccumulateOp<G, A> op{static_cast<G*>(table.ptr[0][t]), static_cast<A*>(table.ptr[1][t]),
+                          scale, zero_grads};
     run_chunk(op, begin, end,
               aligned_head<AccumulateOp<G, A>::kPack>(op.grad, sizeof(G), op.accum, sizeof(A)));
     const bool bad = block_reduce(op.grad_sumsq, op.accum_sumsq, op.nonfinite);
@@ -318,12 +195,12 @@ __global__ void __launch_bounds__(kThreads)
       ws.accum_partial[slot] = op.accum_sumsq;
       ws.flag_partial[slot] = bad ? 1.f : 0.f;
     }
-  }
+  });
 }
 
 // One block per tensor of the table: its chunks' partials, summed in a fixed order.
 __global__ void __launch_bounds__(kThreads)
-    reduce_per_tensor_kernel(const __grid_constant__ TensorTable table,
+    reduce_per_tensor_kernel(const __grid_constant__ PairTable table,
                              float* grad_sumsq_per_tensor, Workspace ws) {
   const int t = blockIdx.x;
   const int64_t first = int64_t{table.partial_base} + table.chunk_start[t];
@@ -400,29 +277,25 @@ struct FinalizeOp {
 
 template <typename A, typename O, bool kHasOut>
 __global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const __grid_constant__ TensorTable table, float factor,
+    finalize_kernel(const __grid_constant__ PairTable table, float factor,
                     const float* factor_tensor, bool zero_accums) {
   const float device_factor = factor_tensor != nullptr ? *factor_tensor : 1.f;
-  const int32_t items = table.chunk_start[table.count];
-  for (int32_t w = blockIdx.x; w < items; w += gridDim.x) {
-    const int t = find_tensor(table, w);
-    FinalizeOp<A, O, kHasOut> op{static_cast<A*>(table.x[t]), static_cast<O*>(table.y[t]),
-                                 factor, device_factor, zero_accums};
-    const int64_t begin = int64_t{w - table.chunk_start[t]} * kChunk;
-    const int64_t numel = table.numel[t];
-    const int64_t end = numel - begin < kChunk ? numel : begin + kChunk;
+  for_each_work_item(table, [&](int t, int32_t, int64_t begin, int64_t end) {
+    FinalizeOp<A, O, kHasOut> op{static_cast<A*>(table.ptr[0][t]),
+                                 static_cast<O*>(table.ptr[1][t]), factor, device_factor,
+                                 zero_accums};
     // Without outputs only the accumulator's alignment matters.
     const void* other = kHasOut ? static_cast<const void*>(op.out) : op.accum;
     run_chunk(op, begin, end,
               aligned_head<FinalizeOp<A, O, kHasOut>::kPack>(
                   op.accum, sizeof(A), other, kHasOut ? int(sizeof(O)) : int(sizeof(A))));
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------- host side
 
-using AccumulateKernel = void (*)(TensorTable, float, bool, Workspace);
-using FinalizeKernel = void (*)(TensorTable, float, const float*, bool);
+using AccumulateKernel = void (*)(PairTable, float, bool, Workspace);
+using FinalizeKernel = void (*)(PairTable, float, const float*, bool);
 
 AccumulateKernel accumulate_kernel_for(FaDtype grad, FaDtype accum) {
   if (accum == FaDtype::kFloat32) {
@@ -461,53 +334,6 @@ FinalizeKernel finalize_kernel_for(FaDtype accum, bool has_out, FaDtype out) {
   return nullptr;
 }
 
-int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
-
-// Fills `table` with members [first, first + table.count) of a group; x/y/slots may be null.
-// Returns false when the chunk indices would overflow int32.
-bool fill_table(TensorTable& table, void* const* x, void* const* y, const int64_t* numels,
-                const int64_t* slots, int64_t first, int32_t partial_base) {
-  int64_t chunks = 0;
-  table.partial_base = partial_base;
-  for (int32_t t = 0; t < table.count; ++t) {
-    const int64_t m = first + t;
-    table.x[t] = x[m];
-    table.y[t] = y != nullptr ? y[m] : nullptr;
-    table.numel[t] = numels[m];
-    table.slot[t] = slots != nullptr ? int32_t(slots[m]) : 0;
-    table.chunk_start[t] = int32_t(chunks);
-    chunks += chunks_of(numels[m]);
-    if (int64_t{partial_base} + chunks > INT32_MAX) return false;
-  }
-  table.chunk_start[table.count] = int32_t(chunks);
-  return true;
-}
-
-// Invokes launch(table) for consecutive batches of at most kMaxTensorsPerLaunch members
-// of a group, numbering work items from *partial_base on (advanced past them).
-template <typename Launch>
-cudaError_t for_each_batch(int64_t count, void* const* x, void* const* y,
-                           const int64_t* numels, const int64_t* slots, int32_t* partial_base,
-                           Launch launch) {
-  TensorTable table;  // ~16 KB; each launch copies it into the kernel's parameters
-  for (int64_t first = 0; first < count; first += kMaxTensorsPerLaunch) {
-    const int64_t left = count - first;
-    table.count = int32_t(left < kMaxTensorsPerLaunch ? left : kMaxTensorsPerLaunch);
-    if (!fill_table(table, x, y, numels, slots, first, *partial_base)) {
-      return cudaErrorInvalidValue;
-    }
-    const int32_t items = table.chunk_start[table.count];
-    const cudaError_t err = launch(table, items);
-    if (err != cudaSuccess) return err;
-    *partial_base += items;
-  }
-  return cudaSuccess;
-}
-
-unsigned grid_for(int32_t items) {
-  return unsigned(items < kMaxBlocks ? items : kMaxBlocks);
-}
-
 }  // namespace
 
 int64_t fa_accumulate_workspace_floats(const FaAccumulateGroup* groups, int num_groups,
@@ -533,9 +359,10 @@ cudaError_t fa_accumulate_launch(const FaAccumulateGroup* groups, int num_groups
     const FaAccumulateGroup& group = groups[gi];
     const AccumulateKernel kernel = accumulate_kernel_for(group.grad_dtype, group.accum_dtype);
     if (kernel == nullptr) return cudaErrorInvalidValue;
+    void* const* const lists[2] = {group.grads, group.accums};
     const cudaError_t err = for_each_batch(
-        group.count, group.grads, group.accums, group.numels, group.slots, &partial_base,
-        [&](const TensorTable& table, int32_t items) {
+        group.count, lists, group.numels, group.slots, &partial_base,
+        [&](const PairTable& table, int32_t items) {
           if (items > 0) {
             kernel<<<grid_for(items), kThreads, 0, stream>>>(table, scale, zero_grads, ws);
             const cudaError_t e = cudaGetLastError();
@@ -563,9 +390,10 @@ cudaError_t fa_finalize_launch(const FaFinalizeGroup* groups, int num_groups, fl
         finalize_kernel_for(group.accum_dtype, group.outs != nullptr, group.out_dtype);
     if (kernel == nullptr) return cudaErrorInvalidValue;
     int32_t partial_base = 0;  // finalize keeps no partials; this only numbers work items
+    void* const* const lists[2] = {group.accums, group.outs};
     const cudaError_t err = for_each_batch(
-        group.count, group.accums, group.outs, group.numels, nullptr, &partial_base,
-        [&](const TensorTable& table, int32_t items) {
+        group.count, lists, group.numels, nullptr, &partial_base,
+        [&](const PairTable& table, int32_t items) {
           if (items == 0) return cudaSuccess;
           kernel<<<grid_for(items), kThreads, 0, stream>>>(table, factor, factor_tensor,
                                                           zero_accums);

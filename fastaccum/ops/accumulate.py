@@ -305,7 +305,7 @@ def accumulate_unchecked(
     Triton ops still validate before they modify anything; the reference does not."""
     if not accums:
         return accumulate_ref(accums, grads, scale, zero_grads)
-    choice = _backend.select(accums[0].device, backend)
+    choice = _backend.select(accums[0].device, backend, op="accumulate_")
     if choice == _backend.NATIVE:
         out = torch.ops.fastaccum.accumulate_(accums, grads, scale, zero_grads)
     elif choice == _backend.TRITON:
@@ -349,7 +349,7 @@ def finalize_(
     accums, outs, factor = check_finalize_args(accums, outs, factor, factor_tensor)
     if not accums:
         return
-    choice = _backend.select(accums[0].device, backend)
+    choice = _backend.select(accums[0].device, backend, op="finalize_")
     if choice == _backend.NATIVE:
         torch.ops.fastaccum.finalize_(accums, outs, factor, factor_tensor, zero_accums)
     elif choice == _backend.TRITON:

@@ -38,7 +38,6 @@ against, and the fallback).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -303,30 +302,6 @@ if _backend.has_extension():
 # --------------------------------------------------------------------------- routing
 
 
-@torch.compiler.assume_constant_result  # fixed for a build; torch.compile bakes it in
-def _native_has_kernel(op: str, device: torch.device) -> bool:
-    """True when ``torch.ops.fastaccum.<op>`` has a kernel for ``device`` (the CUDA build
-    of fastaccum._C may predate an op's CUDA kernel)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"fastaccum::{op}", key
-    )
-
-
-def _choose(op: str, device: torch.device, backend: str | None) -> str:
-    """:func:`fastaccum._backend.select`, then Triton or the reference where the native
-    build has no kernel for ``op`` on ``device``. A forced native backend raises then."""
-    choice = _backend.select(device, backend)
-    if choice != _backend.NATIVE or _native_has_kernel(op, device):
-        return choice
-    if backend is not None or os.environ.get("FASTACCUM_BACKEND", "").strip():
-        raise RuntimeError(
-            f"backend 'native' has no {device.type} kernel for {op}; use backend='triton' or "
-            "'reference'"
-        )
-    return _backend.TRITON if _backend.triton_can_run(device) else _backend.REFERENCE
-
-
 # --------------------------------------------------------------------------- wrappers
 
 
@@ -340,7 +315,7 @@ def _run(
     reference: Callable[..., None],
 ) -> None:
     """Run validated, non-empty arguments on the chosen backend, without autograd."""
-    choice = _choose(op, tensor_lists[0][0].device, backend)
+    choice = _backend.select(tensor_lists[0][0].device, backend, op=op)
     args = (*tensor_lists, factor, factor_tensor, *scalars)
     with torch.no_grad():
         if choice == _backend.NATIVE:
