@@ -6,10 +6,11 @@ Choices, per tensor device:
   pure-PyTorch reference.
 - ``cuda``: the CUDA kernel in ``fastaccum._C`` when the extension was built against CUDA
   torch; else the Triton kernel when Triton can launch on this device; else the reference.
-  Reason for preferring CUDA over Triton for ``accumulate_``/``finalize_``: both are
-  single-launch multi-tensor kernels, but the CUDA one packs the tensor table into the
-  kernel arguments and needs no host-to-device table copy. No GPU comparison has been
-  recorded yet (see benchmarks/results/README.md); revisit when one is.
+  Reason for preferring CUDA over Triton for every op (``accumulate_``, ``finalize_``,
+  ``sgd_window_step_``, ``adam_window_step_``): both are multi-tensor kernels, but the CUDA
+  ones pack the tensor table into the kernel arguments and need no host-to-device table
+  copy. No GPU comparison has been recorded yet (see benchmarks/results/README.md); revisit
+  when one is. A build without an op's CUDA kernel routes that op to Triton.
 - anything else (``meta``, ``mps``, ...): the reference, which is plain PyTorch.
 
 Whether Triton works is decided by the device, never by whether ``import triton``

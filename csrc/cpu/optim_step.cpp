@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../optim_step_checks.h"
 #include "multi_tensor.h"
 
 #define FA_KERNELS_HEADER "optim_step_kernels.h"
@@ -74,10 +75,6 @@ at::Device check_lists(std::initializer_list<NamedList> lists) {
   return device;
 }
 
-void check_finite(double value, const char* name) {
-  TORCH_CHECK(std::isfinite(value), name, " must be finite, got ", value);
-}
-
 // Runs chunk(pointers of tensor t, begin, count) over every work item of the call.
 template <typename Chunk>
 void for_each_item(at::TensorList params, at::TensorList accums, at::TensorList state1,
@@ -136,27 +133,16 @@ void sgd_window_step_cpu(at::TensorList params, at::TensorList accums,
                          double momentum, double dampening, double weight_decay, bool nesterov,
                          bool maximize, bool first_step) {
   const int64_t n = static_cast<int64_t>(params.size());
-  for (const auto& [value, name] :
-       {std::pair{factor, "factor"}, {lr, "lr"}, {momentum, "momentum"},
-        {dampening, "dampening"}, {weight_decay, "weight_decay"}}) {
-    check_finite(value, name);
-  }
+  check_sgd_options(factor, lr, momentum, dampening, weight_decay, nesterov,
+                    momentum_buffers.size());
   const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(has_momentum || momentum_buffers.empty(),
-              "momentum_buffers must be empty when momentum is 0, got ",
-              momentum_buffers.size(), " tensors");
-  TORCH_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0),
-              "nesterov needs momentum > 0 and dampening == 0, got momentum=", momentum,
-              " and dampening=", dampening);
   const at::Device device =
       has_momentum ? check_lists({{params, "params"},
                                   {accums, "accums"},
                                   {momentum_buffers, "momentum_buffers"}})
                    : check_lists({{params, "params"}, {accums, "accums"}});
   const float f = cpu::times_factor_tensor(factor, factor_tensor, n, device);
-  const SgdScalars s{maximize ? -f : f, static_cast<float>(weight_decay),
-                     static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-                     static_cast<float>(-lr)};
+  const SgdScalars s = sgd_scalars(f, maximize, lr, momentum, dampening, weight_decay);
   const SgdChunkFn fn = pick_sgd(weight_decay != 0.0, has_momentum, first_step, nesterov);
   for_each_item(params, accums, momentum_buffers, {},
                 [&](float* p, float* a, float* b, float*, int64_t count) { fn(p, a, b, count, s); });
@@ -192,37 +178,17 @@ void adam_window_step_cpu(at::TensorList params, at::TensorList accums, at::Tens
                           double beta1, double beta2, double eps, double weight_decay,
                           bool decoupled_weight_decay, bool maximize, int64_t step) {
   const int64_t n = static_cast<int64_t>(params.size());
-  for (const auto& [value, name] :
-       {std::pair{factor, "factor"}, {lr, "lr"}, {beta1, "beta1"}, {beta2, "beta2"},
-        {eps, "eps"}, {weight_decay, "weight_decay"}}) {
-    check_finite(value, name);
-  }
-  TORCH_CHECK(step >= 1, "step must be >= 1 (the step count after its increment), got ", step);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
-              "beta1 and beta2 must be in [0, 1), got ", beta1, " and ", beta2);
+  check_adam_options(factor, lr, beta1, beta2, eps, weight_decay, step);
   const at::Device device = check_lists({{params, "params"},
                                          {accums, "accums"},
                                          {exp_avgs, "exp_avgs"},
                                          {exp_avg_sqs, "exp_avg_sqs"}});
   const float f = cpu::times_factor_tensor(factor, factor_tensor, n, device);
 
-  // Python's float arithmetic in torch.optim.adam, then one rounding to fp32 per scalar.
-  const double t = static_cast<double>(step);
-  const double bias_correction1 = 1.0 - std::pow(beta1, t);
-  const double bias_correction2 = 1.0 - std::pow(beta2, t);
-  const double lerp_weight = 1.0 - beta1;
+  const AdamScalars s = adam_scalars(f, maximize, lr, beta1, beta2, eps, weight_decay, step);
   const bool l2 = weight_decay != 0.0 && !decoupled_weight_decay;
   const bool decoupled = weight_decay != 0.0 && decoupled_weight_decay;
-  const AdamScalars s{maximize ? -f : f,
-                      static_cast<float>(weight_decay),
-                      static_cast<float>(1.0 - lr * weight_decay),
-                      static_cast<float>(lerp_weight),
-                      static_cast<float>(beta2),
-                      static_cast<float>(1.0 - beta2),
-                      static_cast<float>(std::pow(bias_correction2, 0.5)),
-                      static_cast<float>(eps),
-                      static_cast<float>(-(lr / bias_correction1))};
-  const AdamChunkFn fn = pick_adam(l2, decoupled, std::abs(static_cast<float>(lerp_weight)) < 0.5f);
+  const AdamChunkFn fn = pick_adam(l2, decoupled, adam_lerp_weight_is_small(s));
   for_each_item(params, accums, exp_avgs, exp_avg_sqs,
                 [&](float* p, float* a, float* m, float* v, int64_t count) {
                   fn(p, a, m, v, count, s);

@@ -11,35 +11,12 @@
 // vectorized kernels do for `add(..., alpha=)`: results agree with torch.optim to about
 // an ulp per operation, not bit for bit.
 //
-// This header has no include guard on purpose (see accumulate_kernels.h); only the
-// scalar structs, shared by both expansions, are guarded. The including file provides
+// This header has no include guard on purpose (see accumulate_kernels.h); the scalar
+// structs come from csrc/optim_step_scalars.h, which has one. The including file provides
 // <cmath>, <cstdint> and FA_KERNEL_NS.
 
-#ifndef FA_OPTIM_STEP_SCALARS
-#define FA_OPTIM_STEP_SCALARS
-// Scalars of one SGD call, each rounded once from the double torch.optim computes in
-// Python to the fp32 that torch's kernels then use.
-struct SgdScalars {
-  float factor;               // normalization x clip x unscale; negated for maximize
-  float weight_decay;         // g += weight_decay * param
-  float momentum;             // buf = momentum * buf + (1 - dampening) * g
-  float one_minus_dampening;  // float(1 - dampening)
-  float neg_lr;               // param += -lr * g
-};
-
-// Scalars of one Adam/AdamW call at step t (t counted after its increment).
-struct AdamScalars {
-  float factor;           // as SgdScalars::factor
-  float weight_decay;     // Adam (L2): g += weight_decay * param
-  float decay;            // AdamW: param *= float(1 - lr * weight_decay)
-  float lerp_weight;      // exp_avg = lerp(exp_avg, g, float(1 - beta1))
-  float beta2;            // exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
-  float one_minus_beta2;  // float(1 - beta2)
-  float bias_correction2_sqrt;  // sqrt(1 - beta2**t)
-  float eps;                    // denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-  float neg_step_size;          // param += -lr / (1 - beta1**t) * exp_avg / denom
-};
-#endif  // FA_OPTIM_STEP_SCALARS
+// The scalar structs, shared by both expansions and by the CUDA kernels.
+#include "../optim_step_scalars.h"
 
 namespace FA_KERNEL_NS {
 

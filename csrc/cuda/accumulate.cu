@@ -183,10 +183,16 @@ template <typename G, typename A>
 __global__ void __launch_bounds__(kThreads)
     accumulate_kernel(const __grid_constant__ PairTable table, float scale, bool zero_grads,
                       Workspace ws) {
-  for_each_work_item(table, [&](int t, int32_t w, int64_t begin, int64_t end) {
+  // for_each_work_item's loop, written out: with the body in a lambda nvcc 13 schedules and
+  // allocates registers differently here, and written out the kernel keeps the exact SASS it
+  // had before multi_tensor.cuh was shared (not measured to be better or worse).
+  const int32_t items = table.chunk_start[table.count];
+  for (int32_t w = blockIdx.x; w < items; w += gridDim.x) {
+    const int t = find_tensor(table, w);
     AccumulateOp<G, A> op{static_cast<G*>(table.ptr[0][t]), static_cast<A*>(table.ptr[1][t]),
                           scale, zero_grads};
-    run_chunk(op, begin, end,
+    const ChunkBounds chunk = chunk_bounds(table, t, w);
+    run_chunk(op, chunk.begin, chunk.end,
               aligned_head<AccumulateOp<G, A>::kPack>(op.grad, sizeof(G), op.accum, sizeof(A)));
     const bool bad = block_reduce(op.grad_sumsq, op.accum_sumsq, op.nonfinite);
     if (threadIdx.x == 0) {
@@ -195,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
       ws.accum_partial[slot] = op.accum_sumsq;
       ws.flag_partial[slot] = bad ? 1.f : 0.f;
     }
-  });
+  }
 }
 
 // One block per tensor of the table: its chunks' partials, summed in a fixed order.
@@ -280,13 +286,14 @@ __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const __grid_constant__ PairTable table, float factor,
                     const float* factor_tensor, bool zero_accums) {
   const float device_factor = factor_tensor != nullptr ? *factor_tensor : 1.f;
-  for_each_work_item(table, [&](int t, int32_t, int64_t begin, int64_t end) {
+  for_each_work_item(table, [&](int t, int32_t w) {
     FinalizeOp<A, O, kHasOut> op{static_cast<A*>(table.ptr[0][t]),
                                  static_cast<O*>(table.ptr[1][t]), factor, device_factor,
                                  zero_accums};
+    const ChunkBounds chunk = chunk_bounds(table, t, w);
     // Without outputs only the accumulator's alignment matters.
     const void* other = kHasOut ? static_cast<const void*>(op.out) : op.accum;
-    run_chunk(op, begin, end,
+    run_chunk(op, chunk.begin, chunk.end,
               aligned_head<FinalizeOp<A, O, kHasOut>::kPack>(
                   op.accum, sizeof(A), other, kHasOut ? int(sizeof(O)) : int(sizeof(A))));
   });

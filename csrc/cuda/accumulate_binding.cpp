@@ -19,20 +19,12 @@
 #include <vector>
 
 #include "accumulate.cuh"
+#include "binding_checks.h"
 
 namespace fastaccum {
 namespace {
 
-// The dtype as Python spells it, for error messages.
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kHalf: return "torch.float16";
-    case at::kDouble: return "torch.float64";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
+using namespace binding;
 
 bool is_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -44,48 +36,6 @@ FaDtype fa_dtype(at::ScalarType t) {
     case at::kHalf: return FaDtype::kFloat16;
     default: return FaDtype::kFloat32;  // callers have checked is_kernel_dtype
   }
-}
-
-// A list of tensors with the name it has in the op's schema, for messages.
-struct NamedList {
-  const char* name;
-  at::TensorList tensors;
-};
-
-// Every tensor of the call on one CUDA device.
-void check_one_cuda_device(std::initializer_list<NamedList> lists) {
-  std::optional<at::Device> device;
-  std::string first;
-  for (const NamedList& list : lists) {
-    for (size_t i = 0; i < list.tensors.size(); ++i) {
-      const at::Tensor& t = list.tensors[i];
-      if (!device.has_value()) {
-        device = t.device();
-        first = std::string(list.name) + "[" + std::to_string(i) + "]";
-      } else {
-        TORCH_CHECK(t.device() == *device,
-                    "all tensors of one call must be on one device: ", first, " is on ",
-                    *device, " but ", list.name, "[", i, "] is on ", t.device(),
-                    "; group tensors by device and call once per device");
-      }
-    }
-  }
-  TORCH_CHECK(!device.has_value() || device->is_cuda(),
-              "fastaccum's CUDA kernels need CUDA tensors, got tensors on ", *device);
-}
-
-void check_contiguous(const NamedList& list) {
-  for (size_t i = 0; i < list.tensors.size(); ++i) {
-    const at::Tensor& t = list.tensors[i];
-    TORCH_CHECK(t.is_contiguous(), list.name, "[", i, "] is not contiguous (shape ",
-                t.sizes(), ", stride ", t.strides(),
-                "); the kernels update memory in place and need contiguous tensors");
-  }
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastaccum::", op, " CUDA kernel launch failed: ",
-              cudaGetErrorString(err), " (", static_cast<int>(err), ")");
 }
 
 // Host-side arrays of one dtype group, kept alive until the launcher has read them.
@@ -200,12 +150,7 @@ void check_finalize_args(at::TensorList accums, at::TensorList outs, double fact
     TORCH_CHECK(!o.is_same(accums[i]), "outs[", i, "] and accums[", i,
                 "] are the same tensor");
   }
-  if (factor_tensor.has_value()) {
-    const at::Tensor& ft = *factor_tensor;
-    TORCH_CHECK(ft.numel() == 1 && ft.is_floating_point(),
-                "factor_tensor must be a floating-point tensor with one element, got shape ",
-                ft.sizes(), " and dtype ", dtype_name(ft.scalar_type()));
-  }
+  check_factor_tensor(factor_tensor);
   // factor_tensor joins the device check only when there are accumulators, as in Python.
   const bool check_ft = factor_tensor.has_value() && !accums.empty();
   check_one_cuda_device({{"accums", accums},

@@ -115,18 +115,23 @@ __device__ __forceinline__ int find_tensor(const Table& table, int32_t w) {
   return lo;
 }
 
-// Calls f(t, w, begin, end) for the work items w of this block (grid-stride): tensor t's
-// elements [begin, end).
+// Elements [begin, end) of tensor t that work item w covers.
+struct ChunkBounds {
+  int64_t begin;
+  int64_t end;
+};
+template <typename Table>
+__device__ __forceinline__ ChunkBounds chunk_bounds(const Table& table, int t, int32_t w) {
+  const int64_t begin = int64_t{w - table.chunk_start[t]} * kChunk;
+  const int64_t numel = table.numel[t];
+  return {begin, numel - begin < kChunk ? numel : begin + kChunk};
+}
+
+// Calls f(t, w) for the work items w of this block (grid-stride), t being w's tensor.
 template <typename Table, typename F>
 __device__ __forceinline__ void for_each_work_item(const Table& table, F&& f) {
   const int32_t items = table.chunk_start[table.count];
-  for (int32_t w = blockIdx.x; w < items; w += gridDim.x) {
-    const int t = find_tensor(table, w);
-    const int64_t begin = int64_t{w - table.chunk_start[t]} * kChunk;
-    const int64_t numel = table.numel[t];
-    const int64_t end = numel - begin < kChunk ? numel : begin + kChunk;
-    f(t, w, begin, end);
-  }
+  for (int32_t w = blockIdx.x; w < items; w += gridDim.x) f(find_tensor(table, w), w);
 }
 
 // Applies `op` to elements [begin, end) of one tensor: Op::scalar(i) on the misaligned
