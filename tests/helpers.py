@@ -51,3 +51,25 @@ def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
 def split_windows(batches: list, k: int) -> list[list]:
     """Consecutive windows of k micro-batches (the last may be shorter)."""
     return [batches[i : i + k] for i in range(0, len(batches), k)]
+
+
+def large_batch_run(make_opt, windows: list[list], max_grad_norm=None, make_sched=None):
+    """The reference: plain torch, one backward per window on the mean loss over every
+    token of the window, then clip (optional), step, and the scheduler (optional).
+
+    ``make_opt(params)`` builds the torch optimizer. Returns (model, optimizer).
+    """
+    model = make_model()
+    opt = make_opt(model.parameters())
+    sched = make_sched(opt) if make_sched else None
+    for window in windows:
+        x = torch.cat([b[0] for b in window])
+        y = torch.cat([b[1] for b in window])
+        mean_loss(model, x, y).backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        if sched:
+            sched.step()
+    return model, opt

@@ -14,7 +14,13 @@ import torch
 
 import fastaccum
 import fastaccum.optim as fo
-from tests.helpers import assert_close_rel, make_model, mean_loss, token_batches
+from tests.helpers import (
+    assert_close_rel,
+    large_batch_run,
+    make_model,
+    mean_loss,
+    token_batches,
+)
 from tests.helpers import split_windows as windows_of
 
 KINDS = {
@@ -26,20 +32,12 @@ KINDS = {
 
 def torch_run(kind, windows, max_grad_norm=None, make_sched=None):
     """torch.optim's own class, one big batch per window. Returns (model, optimizer)."""
-    model = make_model()
-    opt = getattr(torch.optim, kind)(model.parameters(), **KINDS[kind])
-    sched = make_sched(opt) if make_sched else None
-    for window in windows:
-        x = torch.cat([b[0] for b in window])
-        y = torch.cat([b[1] for b in window])
-        mean_loss(model, x, y).backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        opt.step()
-        opt.zero_grad()
-        if sched:
-            sched.step()
-    return model, opt
+    return large_batch_run(
+        lambda params: getattr(torch.optim, kind)(params, **KINDS[kind]),
+        windows,
+        max_grad_norm,
+        make_sched,
+    )
 
 
 def fused_run(kind, batches, k, max_grad_norm=None, model=None):

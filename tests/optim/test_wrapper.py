@@ -12,28 +12,20 @@ import pytest
 import torch
 
 import fastaccum.optim as fo
-from tests.helpers import assert_close_rel, make_model, mean_loss, split_windows, token_batches
+from tests.helpers import (
+    assert_close_rel,
+    large_batch_run,
+    make_model,
+    mean_loss,
+    split_windows,
+    token_batches,
+)
 
 
 def make_opt(kind, params):
     if kind == "sgd":
         return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-
-
-def reference_run(kind, windows, max_grad_norm=None):
-    """One big batch per window: loss = mean over every token of the window."""
-    model = make_model()
-    opt = make_opt(kind, model.parameters())
-    for window in windows:
-        x = torch.cat([b[0] for b in window])
-        y = torch.cat([b[1] for b in window])
-        mean_loss(model, x, y).backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        opt.step()
-        opt.zero_grad()
-    return model
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
@@ -43,7 +35,7 @@ def test_matches_large_batch_training(kind, mode, max_grad_norm):
     k = 8
     batches = token_batches(5 * k - 3)  # 4 full windows, then a partial one for flush()
     windows = split_windows(batches, k)
-    want = reference_run(kind, windows, max_grad_norm)
+    want, _ = large_batch_run(lambda params: make_opt(kind, params), windows, max_grad_norm)
 
     model = make_model()
     opt = fo.wrap(make_opt(kind, model.parameters()), k, model=model, max_grad_norm=max_grad_norm)
