@@ -6,6 +6,7 @@ when a Triton kernel is about to run.
 """
 
 from fastaccum import _backend  # noqa: F401  (fastaccum._backend, for introspection)
+from fastaccum.nn import fuse_wgrad
 from fastaccum.ops import AccumulateResult, accumulate_, finalize_
 from fastaccum.optim import AccumulatingOptimizer, wrap
 
@@ -17,5 +18,6 @@ __all__ = [
     "__version__",
     "accumulate_",
     "finalize_",
+    "fuse_wgrad",
     "wrap",
 ]

@@ -109,6 +109,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
         # The model's parameters, in param-group order; gradients are read from these.
         self._params: list[torch.Tensor] = params
+        self._param_ids = {id(p) for p in params}
         # model parameter -> fp32 master the wrapped optimizer updates (master_weights)
         self._masters: dict[torch.Tensor, torch.Tensor] = {}
         if self.master_weights:
@@ -120,6 +121,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._pending_bytes = 0
         self._accum_steps = accum_steps
         self._reset_window()
+        self._attach_wgrad_sinks(model)
         self._skipped_windows = 0
         self._windows = 0
         self._items_seen = 0.0
@@ -148,6 +150,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(self.param_groups[-1]["params"]):
             if id(p) not in known:
                 self._params.append(p)
+                self._param_ids.add(id(p))
                 self._names.setdefault(
                     id(p), f"param {len(self._params) - 1} (shape {tuple(p.shape)})"
                 )
@@ -205,6 +208,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # without re-reading the accumulators.
         self._covers: list[tuple[set[int], torch.Tensor]] = []
         self._step_sumsq: list[torch.Tensor] = []
+        self._fused_this_step = False
         self._hook_weight: float | None = None
 
     def window_accums(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -288,6 +292,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             leftovers = [(p, p.grad) for p in self._params if p.grad is not None]
             if leftovers:
                 self._fold(leftovers, weight)
+            if not self._step_sumsq and not self._fused_this_step:
+                self._hook_weight = None
+                raise RuntimeError(
+                    "opt.backward(loss) produced no gradient for any wrapped parameter; check "
+                    "that loss depends on the parameters the optimizer updates"
+                )
         else:
             weight, uses = self._weight(num_items), num_items is not None
             pairs = [(p, p.grad) for p in self._params if p.grad is not None]
@@ -298,9 +308,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 )
             self._fold(pairs, weight)
         self._uses_num_items = uses
-        self._micro_sumsq.append(
-            torch.stack([s.to(self._step_sumsq[0].device) for s in self._step_sumsq]).sum()
-        )
+        if self._step_sumsq:
+            device = self._step_sumsq[0].device
+            self._micro_sumsq.append(torch.stack([s.to(device) for s in self._step_sumsq]).sum())
+        else:  # every gradient of this micro-batch went through fused wgrad layers
+            self._micro_sumsq.append(torch.zeros((), dtype=torch.float64))
         self._weights.append(weight)
         self._micro_step += 1
         if self._micro_step >= self._accum_steps:
@@ -377,6 +389,50 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if pending:
             self._fold(pending, self._hook_weight)
 
+    # ------------------------------------------------------------------ fused wgrad
+
+    def _attach_wgrad_sinks(self, model: torch.nn.Module | None) -> None:
+        """Make this wrapper the weight-gradient sink of the model's fastaccum.nn.Linear
+        layers whose parameters it updates."""
+        if model is None:
+            return
+        from fastaccum.nn.linear import Linear
+
+        for module in model.modules():
+            if isinstance(module, Linear) and id(module.weight) in self._param_ids:
+                module._wgrad_sink = self
+
+    def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """True while ``opt.backward`` runs (the micro-batch weight is then known) for a
+        weight (and trainable bias) this wrapper accumulates in fp32. ``loss.backward()``
+        keeps the unfused path: its weight is known only at ``step(num_items=...)``."""
+        ids = self._param_ids
+        return (
+            self._hooks_active
+            and self.accum_dtype == torch.float32
+            and id(weight) in ids
+            and (bias is None or not bias.requires_grad or id(bias) in ids)
+        )
+
+    def accumulate_wgrad(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        grad_out: torch.Tensor,
+        input: torch.Tensor,
+    ) -> None:
+        """Add ``weight x grad_out^T @ input`` into the weight's accumulator with one GEMM
+        (and ``grad_out.sum(0)`` into the bias's), no dW tensor in between."""
+        from fastaccum.ops.wgrad import wgrad_accumulate_
+
+        bias_acc = None
+        if bias is not None and bias.requires_grad:
+            bias_acc = self._accum_for(bias)
+            self._touched.add(id(bias))
+        wgrad_accumulate_(self._accum_for(weight), grad_out, input, self._hook_weight, bias_acc)
+        self._touched.add(id(weight))
+        self._fused_this_step = True
+
     # ------------------------------------------------------------------ boundary
 
     def flush(self) -> bool:
@@ -413,7 +469,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             inv_scale = 1.0 / self.scaler.get_scale()
         norm_sq = self._window_norm_sq()
         device = norm_sq.device
-        bad = torch.stack([b.to(device) for b in self._window_bad]).any()
+        if self._window_bad:
+            bad = torch.stack([b.to(device) for b in self._window_bad]).any()
+        else:  # only fused-wgrad layers: the norm's finiteness is the check
+            bad = torch.zeros((), dtype=torch.bool, device=device)
         micro = torch.stack([m.to(device=device, dtype=torch.float64) for m in self._micro_sumsq])
         # One host sync per window: the skip decision and the statistics.
         host = torch.cat([norm_sq.reshape(1), bad.double().reshape(1), micro]).tolist()

@@ -1,0 +1,117 @@
+"""``fastaccum.nn.Linear``: an ``nn.Linear`` whose weight gradient can go straight into an
+accumulator, and :func:`fuse_wgrad`, which switches a model's Linear layers to it.
+
+Without a sink attached, the layer computes exactly what ``nn.Linear`` computes (forward,
+input gradient, weight and bias gradients). With one attached (``fastaccum.wrap(...,
+model=model)`` attaches itself), backward hands the layer's output gradient and input to the
+sink, which adds ``grad_out^T @ input`` into its fp32 accumulator with one GEMM
+(beta = 1). No dW tensor is made and ``.grad`` stays None for the weight and the bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class WgradSink(Protocol):
+    """What a fused Linear layer hands its weight gradient to."""
+
+    def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """True when the sink takes this layer's gradients on this backward pass."""
+
+    def accumulate_wgrad(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        grad_out: torch.Tensor,
+        input: torch.Tensor,
+    ) -> None:
+        """Add ``grad_out^T @ input`` (and ``grad_out.sum(0)``) into the accumulators."""
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class _FusedWgradLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias, layer: Linear):
+        # Under autocast, cast here as autocast would for F.linear, and keep the cast copies
+        # for backward, so that gradients match nn.Linear under autocast.
+        dtype = _autocast_dtype(x.device.type)
+        xc, wc = x, weight
+        bc = bias
+        if dtype is not None and weight.is_floating_point():
+            xc, wc = x.to(dtype), weight.to(dtype)
+            bc = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(xc, wc, bc)
+        ctx.save_for_backward(xc, wc)
+        ctx.layer = layer
+        ctx.x_dtype = x.dtype
+        ctx.weight_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        ctx.weight = weight
+        ctx.bias = bias
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad_out = grad_out.to(w.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ w).to(ctx.x_dtype)
+        go2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        sink = ctx.layer._wgrad_sink
+        if (
+            sink is not None
+            and ctx.needs_input_grad[1]
+            and sink.accepts_wgrad(ctx.weight, ctx.bias)
+        ):
+            sink.accumulate_wgrad(ctx.weight, ctx.bias, go2, x2)
+            return grad_x, None, None, None
+        if ctx.needs_input_grad[1]:
+            grad_w = (go2.t() @ x2).to(ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = go2.sum(0).to(ctx.bias.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+class Linear(torch.nn.Linear):
+    """``torch.nn.Linear`` with fused weight-gradient accumulation.
+
+    Same constructor, parameters, ``state_dict`` keys and results as ``nn.Linear``. While a
+    sink is attached (see :class:`WgradSink`; ``fastaccum.wrap(opt, K, model=model)``
+    attaches the optimizer wrapper), backward adds the weight and bias gradients straight
+    into the sink's fp32 accumulators instead of producing ``.grad``.
+    """
+
+    _wgrad_sink: WgradSink | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _FusedWgradLinear.apply(input, self.weight, self.bias, self)
+
+
+def fuse_wgrad(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch every ``nn.Linear`` of ``model`` (exact class, at any depth) to
+    :class:`fastaccum.nn.Linear`, in place, and return ``model``.
+
+    Parameters, buffers, hooks and ``state_dict`` keys are kept (the modules are the same
+    objects). Subclasses of ``nn.Linear`` are left alone, since they may override forward.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = Linear
+    return model
