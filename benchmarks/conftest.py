@@ -43,6 +43,8 @@ def pytest_terminal_summary(
             if floor and base > floor[0]:
                 overhead = (b.stats.median - floor[0]) / (base - floor[0])
                 line += f"   overhead vs native's {overhead:6.2f}"
+            if "allocated_bytes" in b.extra_info:
+                line += f"   allocated {b.extra_info['allocated_bytes'] / 2**20:7.1f} MiB"
             if "peak_bytes" in b.extra_info:
                 line += f"   peak {b.extra_info['peak_bytes'] / 2**20:8.1f} MiB"
             if "bytes" in b.extra_info:

@@ -173,3 +173,70 @@ def peak_rss_bytes(fn: Callable[[], object]) -> int:
     before = read("VmRSS")
     fn()
     return read("VmHWM") - before
+
+
+class GPT2Blocks(torch.nn.Module):
+    """A stack of GPT-2-style transformer blocks with plain ``nn.Linear`` projections.
+
+    Defaults are GPT-2 small's block shape (width 768, 12 heads, MLP 3072): per block
+    c_attn 768x2304, c_proj 768x768, fc 768x3072, proj 3072x768 (7.1M parameters with
+    LayerNorms and biases). ``forward(h)`` maps (batch, seq, width) hidden states to the
+    same shape, with causal self-attention.
+    """
+
+    def __init__(self, blocks: int = 2, dim: int = 768, heads: int = 12, ff: int = 3072) -> None:
+        super().__init__()
+        self.heads = heads
+        self.layers = torch.nn.ModuleList()
+        for _ in range(blocks):
+            self.layers.append(
+                torch.nn.ModuleDict(
+                    {
+                        "ln_1": torch.nn.LayerNorm(dim),
+                        "c_attn": torch.nn.Linear(dim, 3 * dim),
+                        "c_proj": torch.nn.Linear(dim, dim),
+                        "ln_2": torch.nn.LayerNorm(dim),
+                        "fc": torch.nn.Linear(dim, ff),
+                        "proj": torch.nn.Linear(ff, dim),
+                    }
+                )
+            )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, d = h.shape
+        for layer in self.layers:
+            q, k, v = layer["c_attn"](layer["ln_1"](h)).split(d, dim=-1)
+            q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + layer["c_proj"](a.transpose(1, 2).reshape(b, t, d))
+            h = h + layer["proj"](torch.nn.functional.gelu(layer["fc"](layer["ln_2"](h))))
+        return h
+
+
+def allocated_shapes(fn: Callable[[], object]) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, bytes) of every tensor that an op returns in new memory while ``fn()`` runs:
+    not a view and not an in-place result of one of the op's inputs.
+
+    Counts what the dispatcher allocates on the calling thread (CPU autograd runs there).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    seen: list[tuple[tuple[int, ...], int]] = []
+
+    class _Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            known = {
+                t.untyped_storage().data_ptr()
+                for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in known:
+                    seen.append((tuple(t.shape), t.numel() * t.element_size()))
+            return out
+
+    with _Log():
+        fn()
+    return seen

@@ -177,17 +177,18 @@ def check_wgrad_triton_args(
     accum: torch.Tensor,
     grad_out: torch.Tensor,
     input: torch.Tensor,
-    alpha: float,
     bias_accum: torch.Tensor | None,
 ) -> None:
-    """Raise TypeError (dtypes, types) or ValueError (shapes, layout, devices); change nothing."""
+    """Raise TypeError (dtypes, types) or ValueError (shapes, layout, devices); change nothing.
+
+    ``alpha`` is not checked here: the op's schema (``float alpha``) already rejects what is
+    not a number, and :func:`wgrad_accumulate_triton` rejects bools before the call.
+    """
     for name, t in (("accum", accum), ("grad_out", grad_out), ("input", input)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias_accum is not None and not isinstance(bias_accum, torch.Tensor):
         raise TypeError(f"bias_accum must be a torch.Tensor or None, got {type(bias_accum)}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a Python float, got {type(alpha).__name__}")
     if grad_out.dim() != 2 or input.dim() != 2:
         raise ValueError(
             f"grad_out and input must be 2-D [tokens, features], got shapes "
@@ -224,8 +225,7 @@ def check_wgrad_triton_args(
             raise TypeError(f"bias_accum must be float32, got {bias_accum.dtype}")
         if tuple(bias_accum.shape) != (n,):
             raise ValueError(
-                f"bias_accum must have shape ({n},) (out_features), got "
-                f"{tuple(bias_accum.shape)}"
+                f"bias_accum must have shape ({n},) (out_features), got {tuple(bias_accum.shape)}"
             )
         if not bias_accum.is_contiguous():
             raise ValueError(
@@ -307,7 +307,7 @@ def _wgrad_accumulate_op(
     bias_accum: torch.Tensor | None = None,
 ) -> None:
     """Validate, then launch (nothing to do as the fake kernel)."""
-    check_wgrad_triton_args(accum, grad_out, input, alpha, bias_accum)
+    check_wgrad_triton_args(accum, grad_out, input, bias_accum)
     if _is_fake(accum):
         return
     _check_launchable(accum)
@@ -344,4 +344,7 @@ def wgrad_accumulate_triton(
         TypeError, ValueError: wrong dtypes, shapes, layout or devices; nothing is written.
         RuntimeError: Triton cannot run on the tensors' device.
     """
+    # The dispatcher would turn True into 1.0 without a word.
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a Python float, got {type(alpha).__name__}")
     torch.ops.fastaccum.wgrad_accumulate_triton_(accum, grad_out, input, alpha, bias_accum)

@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastaccum
 from fastaccum.nn import Linear, fuse_wgrad
 from fastaccum.ops.wgrad import wgrad_accumulate_
+from fastaccum.workloads import allocated_shapes
 from tests.helpers import assert_close_rel, split_windows
 
 
@@ -118,24 +118,6 @@ def test_loss_backward_path_stays_correct_unfused():
         assert_close_rel(p, q, 1e-6)
 
 
-class _AllocationLog(TorchDispatchMode):
-    """Records the shape of every tensor an op returns in new memory (not a view or an
-    in-place result of one of its inputs) while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
-        known = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in known:
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_no_weight_gradient_tensor_is_made(fused):
     """The fused path allocates no (out, in)-shaped tensor during backward; the unfused one
@@ -149,9 +131,8 @@ def test_no_weight_gradient_tensor_is_made(fused):
     opt.backward(model(x).square().mean())  # first call creates the accumulators
     opt.step()
     loss = model(x).square().mean()
-    with _AllocationLog() as log:
-        opt.backward(loss)
-    weight_shaped = [s for s in log.shapes if s in {(80, 48), (48, 80)}]
+    shapes = [shape for shape, _ in allocated_shapes(lambda: opt.backward(loss))]
+    weight_shaped = [s for s in shapes if s in {(80, 48), (48, 80)}]
     if fused:
         assert weight_shaped == []
     else:

@@ -1,0 +1,62 @@
+"""CPU suite: one micro-step (forward + backward + accumulation) on GPT-2-small-shaped
+blocks (2 blocks, 14.2M parameters; micro-batch 2 x 64 tokens), three ways:
+
+- ``native``:        ``loss.backward()``; autograd makes each dW and adds it into ``.grad``.
+- ``wrap.unfused``:  ``fastaccum.wrap`` + ``opt.backward``: dW made, then folded into the
+                     fp32 accumulator by ``accumulate_``.
+- ``wrap.fused``:    the same after ``fastaccum.fuse_wgrad(model)``: the weight-gradient
+                     GEMM adds into the accumulator (beta = 1); no dW is made.
+
+Besides time, each benchmark records the bytes that ops allocate during one micro-step
+(``fastaccum.workloads.allocated_shapes``) and the peak resident memory.
+"""
+
+import pytest
+import torch
+
+import fastaccum
+from fastaccum.workloads import GPT2Blocks, allocated_shapes, peak_rss_bytes
+
+K_NEVER = 10**6  # no window boundary inside the timed micro-steps
+
+
+def _setup(provider):
+    torch.manual_seed(0)
+    model = GPT2Blocks(blocks=2)
+    x = torch.randn(2, 64, 768)
+    if provider == "native":
+        model.zero_grad()
+
+        def micro_step():
+            model(x).square().mean().backward()
+
+        return model, micro_step
+    if provider == "wrap.fused":
+        fastaccum.fuse_wgrad(model)
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), K_NEVER, model=model)
+
+    def micro_step():
+        opt.backward(model(x).square().mean())
+        opt.step()
+
+    return model, micro_step
+
+
+@pytest.mark.parametrize("provider", ["native", "wrap.unfused", "wrap.fused"])
+def test_micro_step(benchmark, provider):
+    model, micro_step = _setup(provider)
+    micro_step()  # warm-up: .grad / accumulators exist from here on
+    allocated = sum(nbytes for _, nbytes in allocated_shapes(micro_step))
+    weight_bytes = sum(
+        m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    benchmark.group = "micro-step GPT-2 blocks x2 (fwd+bwd+accumulate)"
+    benchmark.extra_info.update(
+        provider=provider,
+        allocated_bytes=allocated,
+        linear_weight_bytes=weight_bytes,
+        peak_bytes=peak_rss_bytes(micro_step),
+    )
+    benchmark.pedantic(micro_step, rounds=9, warmup_rounds=1)
+    if provider == "wrap.fused":
+        assert all(m.weight.grad is None for m in model.modules() if isinstance(m, torch.nn.Linear))
