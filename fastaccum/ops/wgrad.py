@@ -22,6 +22,7 @@ import torch
 from fastaccum import _backend
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+INPUT_DTYPES = (torch.float32, *LOW_PRECISION)
 
 
 def check_wgrad_args(
@@ -30,36 +31,65 @@ def check_wgrad_args(
     input: torch.Tensor,
     bias_accum: torch.Tensor | None,
 ) -> None:
-    """Raise ValueError/TypeError for mismatched shapes, dtypes or devices; change nothing."""
+    """Raise TypeError (dtypes, types) or ValueError (shapes, layout, devices); change nothing.
+
+    ``alpha`` is not checked here: the op's schema (``float alpha``) already rejects what is
+    not a number, and :func:`wgrad_accumulate_triton` rejects bools before the call.
+    """
+    for name, t in (("accum", accum), ("grad_out", grad_out), ("input", input)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias_accum is not None and not isinstance(bias_accum, torch.Tensor):
+        raise TypeError(f"bias_accum must be a torch.Tensor or None, got {type(bias_accum)}")
     if grad_out.dim() != 2 or input.dim() != 2:
         raise ValueError(
-            f"grad_out and input must be 2-D (tokens, features), got shapes "
-            f"{tuple(grad_out.shape)} and {tuple(input.shape)}"
+            f"grad_out and input must be 2-D [tokens, features], got shapes "
+            f"{tuple(grad_out.shape)} and {tuple(input.shape)}; flatten leading dims first "
+            "(x.reshape(-1, x.shape[-1]))"
         )
     m, n = grad_out.shape
-    if input.shape[0] != m or accum.shape != (n, input.shape[1]):
+    k = input.shape[1]
+    if input.shape[0] != m:
         raise ValueError(
-            f"shapes do not chain: accum {tuple(accum.shape)} += grad_out "
-            f"{tuple(grad_out.shape)}^T @ input {tuple(input.shape)}"
+            f"grad_out {tuple(grad_out.shape)} and input {tuple(input.shape)} must have the "
+            "same number of rows (tokens)"
         )
-    if accum.dtype != torch.float32 or not accum.is_contiguous():
-        raise TypeError(
-            f"accum must be a contiguous float32 tensor, got {accum.dtype} "
-            f"(contiguous={accum.is_contiguous()})"
-        )
-    if grad_out.dtype != input.dtype or grad_out.dtype not in (torch.float32, *LOW_PRECISION):
-        raise TypeError(
-            f"grad_out and input must share a dtype among float32/bfloat16/float16, got "
-            f"{grad_out.dtype} and {input.dtype}"
-        )
-    if bias_accum is not None and (bias_accum.shape != (n,) or bias_accum.dtype != torch.float32):
+    if tuple(accum.shape) != (n, k):
         raise ValueError(
-            f"bias_accum must be float32 of shape ({n},), got {bias_accum.dtype} "
-            f"{tuple(bias_accum.shape)}"
+            f"accum must have shape [out_features, in_features] = ({n}, {k}) for grad_out "
+            f"{tuple(grad_out.shape)} and input {tuple(input.shape)}, got {tuple(accum.shape)}"
         )
-    devices = {t.device for t in (accum, grad_out, input, bias_accum) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if grad_out.dtype not in INPUT_DTYPES or input.dtype != grad_out.dtype:
+        raise TypeError(
+            f"grad_out and input must have the same dtype, one of float32, bfloat16, float16; "
+            f"got {grad_out.dtype} and {input.dtype}"
+        )
+    if accum.dtype != torch.float32:
+        raise TypeError(f"accum must be float32, got {accum.dtype}")
+    if not accum.is_contiguous():
+        raise ValueError(
+            f"accum must be contiguous (stride ({k}, 1)), got stride {tuple(accum.stride())}; "
+            "the kernel writes it in place"
+        )
+    devices = [("accum", accum), ("grad_out", grad_out), ("input", input)]
+    if bias_accum is not None:
+        if bias_accum.dtype != torch.float32:
+            raise TypeError(f"bias_accum must be float32, got {bias_accum.dtype}")
+        if tuple(bias_accum.shape) != (n,):
+            raise ValueError(
+                f"bias_accum must have shape ({n},) (out_features), got {tuple(bias_accum.shape)}"
+            )
+        if not bias_accum.is_contiguous():
+            raise ValueError(
+                f"bias_accum must be contiguous, got stride {tuple(bias_accum.stride())}"
+            )
+        devices.append(("bias_accum", bias_accum))
+    for name, t in devices[1:]:
+        if t.device != accum.device:
+            raise ValueError(
+                f"all tensors must be on one device: accum is on {accum.device} but {name} "
+                f"is on {t.device}"
+            )
 
 
 def wgrad_accumulate_ref(

@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from fastaccum import _backend
+from fastaccum.ops.wgrad import check_wgrad_args
 from fastaccum.triton.accumulate import _check_launchable, _is_fake, _on_device
 
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """dtypes ``grad_out`` and ``input`` may have (both the same)."""
 
 INTERPRETER_BLOCKS = {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 32, "GROUP_N": 8}
@@ -41,9 +41,10 @@ per-program numpy work short, and autotuning there would run every config for no
 def _gpu_configs() -> list[triton.Config]:
     """Autotuning candidates for H100/H200-class GPUs (Hopper; they also compile for sm_80).
 
-    Large tiles for large layers, small ones so that small layers still fill the SMs.
-    Configs whose shared memory does not fit (fp32 inputs with the largest tiles) fail to
-    compile, and the autotuner skips them.
+    Large tiles for large layers, small ones so that small layers still fill the SMs. A
+    config that needs more shared memory than the GPU has raises OutOfResources at launch,
+    which the autotuner counts as infinitely slow (the largest, with fp32 inputs, needs
+    196 KiB: it fits an H100's 227 KiB but not an A100's 163 KiB).
     """
     shapes = [  # BLOCK_N, BLOCK_K, BLOCK_M, num_warps, num_stages
         (128, 256, 64, 8, 3),
@@ -111,9 +112,8 @@ def _wgrad_accumulate_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     k_mask = offs_k < K
-    # Element offsets in int64: M * stride, N * stride and N * K may each pass 2**31 (a
-    # 16k-token micro-batch of an 8k-wide layer is 2**27 elements, a 256k-row vocabulary
-    # head's accumulator 2**31).
+    # Element offsets in int64: M * stride and N * K may pass 2**31 (256k tokens, or a
+    # 256k-row vocabulary head, times 8k features).
     # grad_out is read transposed, as the [BLOCK_N, BLOCK_M] left operand of the dot.
     go_ptrs = (
         grad_out_ptr
@@ -139,7 +139,9 @@ def _wgrad_accumulate_kernel(
         else:
             # bf16/fp16 products are exact in fp32, and the tensor cores accumulate in fp32.
             acc = tl.dot(go, x, acc)
-        if bias_ptr is not None:
+        # Two ifs, not one `and`: the outer is decided at compile time (a None pointer is a
+        # constexpr), so the kernel without a bias has no trace of it; the inner at run time.
+        if bias_ptr is not None:  # noqa: SIM102
             if pid_k == 0:
                 bias_acc += tl.sum(go.to(tl.float32), axis=1)
         go_ptrs += go_step
@@ -151,7 +153,7 @@ def _wgrad_accumulate_kernel(
     # One rounding for old + alpha * acc (explicit fma: Triton's own contraction default
     # differs between versions).
     tl.store(accum_ptrs, tl.fma(acc, alpha, old), mask=tile_mask)
-    if bias_ptr is not None:
+    if bias_ptr is not None:  # noqa: SIM102 (compile-time, then run-time, as in the loop)
         if pid_k == 0:
             old_bias = tl.load(bias_ptr + offs_n, mask=n_mask)
             tl.store(bias_ptr + offs_n, tl.fma(bias_acc, alpha, old_bias), mask=n_mask)
@@ -171,73 +173,6 @@ else:
 
 
 # --------------------------------------------------------------------------- launcher
-
-
-def check_wgrad_triton_args(
-    accum: torch.Tensor,
-    grad_out: torch.Tensor,
-    input: torch.Tensor,
-    bias_accum: torch.Tensor | None,
-) -> None:
-    """Raise TypeError (dtypes, types) or ValueError (shapes, layout, devices); change nothing.
-
-    ``alpha`` is not checked here: the op's schema (``float alpha``) already rejects what is
-    not a number, and :func:`wgrad_accumulate_triton` rejects bools before the call.
-    """
-    for name, t in (("accum", accum), ("grad_out", grad_out), ("input", input)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if bias_accum is not None and not isinstance(bias_accum, torch.Tensor):
-        raise TypeError(f"bias_accum must be a torch.Tensor or None, got {type(bias_accum)}")
-    if grad_out.dim() != 2 or input.dim() != 2:
-        raise ValueError(
-            f"grad_out and input must be 2-D [tokens, features], got shapes "
-            f"{tuple(grad_out.shape)} and {tuple(input.shape)}; flatten leading dims first "
-            "(x.reshape(-1, x.shape[-1]))"
-        )
-    m, n = grad_out.shape
-    k = input.shape[1]
-    if input.shape[0] != m:
-        raise ValueError(
-            f"grad_out {tuple(grad_out.shape)} and input {tuple(input.shape)} must have the "
-            "same number of rows (tokens)"
-        )
-    if tuple(accum.shape) != (n, k):
-        raise ValueError(
-            f"accum must have shape [out_features, in_features] = ({n}, {k}) for grad_out "
-            f"{tuple(grad_out.shape)} and input {tuple(input.shape)}, got {tuple(accum.shape)}"
-        )
-    if grad_out.dtype not in INPUT_DTYPES or input.dtype != grad_out.dtype:
-        raise TypeError(
-            f"grad_out and input must have the same dtype, one of float32, bfloat16, float16; "
-            f"got {grad_out.dtype} and {input.dtype}"
-        )
-    if accum.dtype != torch.float32:
-        raise TypeError(f"accum must be float32, got {accum.dtype}")
-    if not accum.is_contiguous():
-        raise ValueError(
-            f"accum must be contiguous (stride ({k}, 1)), got stride {tuple(accum.stride())}; "
-            "the kernel writes it in place"
-        )
-    devices = [("accum", accum), ("grad_out", grad_out), ("input", input)]
-    if bias_accum is not None:
-        if bias_accum.dtype != torch.float32:
-            raise TypeError(f"bias_accum must be float32, got {bias_accum.dtype}")
-        if tuple(bias_accum.shape) != (n,):
-            raise ValueError(
-                f"bias_accum must have shape ({n},) (out_features), got {tuple(bias_accum.shape)}"
-            )
-        if not bias_accum.is_contiguous():
-            raise ValueError(
-                f"bias_accum must be contiguous, got stride {tuple(bias_accum.stride())}"
-            )
-        devices.append(("bias_accum", bias_accum))
-    for name, t in devices[1:]:
-        if t.device != accum.device:
-            raise ValueError(
-                f"all tensors must be on one device: accum is on {accum.device} but {name} "
-                f"is on {t.device}"
-            )
 
 
 def launch_wgrad_accumulate(
@@ -307,7 +242,7 @@ def _wgrad_accumulate_op(
     bias_accum: torch.Tensor | None = None,
 ) -> None:
     """Validate, then launch (nothing to do as the fake kernel)."""
-    check_wgrad_triton_args(accum, grad_out, input, bias_accum)
+    check_wgrad_args(accum, grad_out, input, bias_accum)
     if _is_fake(accum):
         return
     _check_launchable(accum)

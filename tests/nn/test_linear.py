@@ -199,9 +199,10 @@ def test_wgrad_accumulate_bad_input_changes_nothing():
     accum = torch.randn(3, 4)
     before = accum.clone()
     cases = [
-        ((accum, torch.randn(5, 3), torch.randn(6, 4)), ValueError, "do not chain"),
-        ((accum, torch.randn(5, 3), torch.randn(5, 4).double()), TypeError, "share a dtype"),
-        ((accum.t(), torch.randn(5, 4), torch.randn(5, 3)), TypeError, "contiguous float32"),
+        ((accum, torch.randn(5, 3), torch.randn(6, 4)), ValueError, "same number of rows"),
+        ((accum, torch.randn(5, 2), torch.randn(5, 4)), ValueError, "accum must have shape"),
+        ((accum, torch.randn(5, 3), torch.randn(5, 4).double()), TypeError, "same dtype"),
+        ((accum.t(), torch.randn(5, 4), torch.randn(5, 3)), ValueError, "contiguous"),
         ((accum, torch.randn(5, 3, 1), torch.randn(5, 4)), ValueError, "2-D"),
     ]
     for args, exc, match in cases:
