@@ -1,0 +1,169 @@
+"""GPU script: one micro-step (forward + backward + accumulation) on GPT-2-small-shaped
+blocks, with fused weight gradients against the unfused wrapper and native PyTorch.
+
+Providers (bf16 autocast, fp32 parameters, fp32 accumulation):
+
+- ``native``:        ``loss.backward()``; autograd makes each dW and adds it into ``.grad``;
+- ``wrap.unfused``:  ``fastaccum.wrap`` + ``opt.backward``: dW made, folded by accumulate_;
+- ``wrap.fused``:    the same after ``fastaccum.fuse_wgrad``: the weight-gradient GEMM adds
+                     into the fp32 accumulator, no dW.
+
+Per provider: time per micro-step (CUDA events; median, 20/80 % quantiles over ``--rounds``
+micro-steps after warm-up) and the peak ``torch.cuda.max_memory_allocated`` during them,
+with the Linear weight-gradient bytes for scale. Rows go to
+benchmarks/results/wgrad_gpu.csv. ``--device cpu --smoke`` checks the script on the CPU
+without writing a CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from results_csv import ROOT, append_csv, commit
+
+import fastaccum
+from fastaccum.workloads import GPT2Blocks
+
+DEFAULT_CSV = ROOT / "benchmarks" / "results" / "wgrad_gpu.csv"
+PROVIDERS = ("native", "wrap.unfused", "wrap.fused")
+
+
+def build(provider: str, blocks: int, device: torch.device, x: torch.Tensor):
+    """The model and a ``micro_step()`` callable for ``provider``."""
+    torch.manual_seed(0)
+    model = GPT2Blocks(blocks=blocks).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def loss() -> torch.Tensor:
+        with autocast:
+            return model(x).float().square().mean()
+
+    if provider == "native":
+        return model, lambda: loss().backward()
+    if provider == "wrap.fused":
+        fastaccum.fuse_wgrad(model)
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), 10**6, model=model)
+
+    def micro_step() -> None:
+        opt.backward(loss())
+        opt.step()
+
+    return model, micro_step
+
+
+def measure(micro_step, device: torch.device, rounds: int) -> tuple[list[float], int]:
+    """Seconds per micro-step over ``rounds`` calls after two warm-up calls, and the peak
+    bytes allocated during them."""
+    micro_step()
+    micro_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            micro_step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            micro_step()
+            times.append(time.perf_counter() - t0)
+    return times, torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny run, no CSV")
+    parser.add_argument("--blocks", type=int, default=12, help="GPT-2-small blocks (12)")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--out", type=str, default=str(DEFAULT_CSV))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.blocks, args.micro_batch, args.seq, args.rounds = 1, 1, 16, 3
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: gpu_wgrad.py needs a CUDA GPU (or --device cpu --smoke)", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and not args.smoke:
+        print("error: on the CPU only --smoke runs; use `make bench-cpu`", file=sys.stderr)
+        return 2
+    x = torch.randn(args.micro_batch, args.seq, 768, device=device)
+    results = {}
+    for provider in PROVIDERS:
+        model, micro_step = build(provider, args.blocks, device, x)
+        wgrad_bytes = sum(
+            m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear)
+        )
+        results[provider] = measure(micro_step, device, args.rounds)
+        del model, micro_step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(
+        f"micro-step: {args.blocks} GPT-2 blocks, {args.micro_batch}x{args.seq} tokens, bf16 "
+        f"autocast, on {name}; Linear weight gradients = {wgrad_bytes / 2**30:.2f} GiB"
+    )
+    print(f"{'provider':<14} {'ms':>9} {'vs native':>10} {'peak GiB':>9} {'peak - native':>14}")
+    base_t = statistics.median(results["native"][0])
+    base_m = results["native"][1]
+    rows = []
+    common = {
+        "op": f"wgrad_microstep_gpt2x{args.blocks}_b{args.micro_batch}_s{args.seq}",
+        "size": f"{wgrad_bytes} wgrad bytes",
+        "dtype": "bf16-autocast",
+        "device": name,
+        "torch": torch.__version__,
+        "commit": commit(),
+        "date": datetime.date.today().isoformat(),
+    }
+    for provider, (times, peak) in results.items():
+        p50 = statistics.median(times)
+        q = statistics.quantiles(times, n=5, method="inclusive")
+        print(
+            f"{provider:<14} {p50 * 1e3:>9.2f} {p50 / base_t:>9.2f}x {peak / 2**30:>9.2f} "
+            f"{(peak - base_m) / 2**30:>+13.2f}G"
+        )
+        rows.append(
+            {
+                **common,
+                "provider": provider,
+                "metric": "time",
+                "unit": "ms",
+                "p50": f"{p50 * 1e3:.6g}",
+                "p20": f"{q[0] * 1e3:.6g}",
+                "p80": f"{q[3] * 1e3:.6g}",
+            }
+        )
+        rows.append(
+            {
+                **common,
+                "provider": provider,
+                "metric": "peak_memory",
+                "unit": "bytes",
+                "p50": str(peak),
+                "p20": "",
+                "p80": "",
+            }
+        )
+    if device.type == "cuda" and not args.smoke:
+        append_csv(Path(args.out), rows)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
