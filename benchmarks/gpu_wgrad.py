@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"micro-step: {args.blocks} GPT-2 blocks, {args.micro_batch}x{args.seq} tokens, bf16 "
         f"autocast, on {name}; Linear weight gradients = {wgrad_bytes / 2**30:.2f} GiB"
     )
-    print(f"{'provider':<14} {'ms':>9} {'vs native':>10} {'peak GiB':>9} {'peak - native':>14}")
+    print(f"{'provider':<14} {'ms':>9} {'time/native':>11} {'peak GiB':>9} {'peak - native':>14}")
     base_t = statistics.median(results["native"][0])
     base_m = results["native"][1]
     rows = []
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p50 = statistics.median(times)
         q = statistics.quantiles(times, n=5, method="inclusive")
         print(
-            f"{provider:<14} {p50 * 1e3:>9.2f} {p50 / base_t:>9.2f}x {peak / 2**30:>9.2f} "
+            f"{provider:<14} {p50 * 1e3:>9.2f} {p50 / base_t:>10.2f}x {peak / 2**30:>9.2f} "
             f"{(peak - base_m) / 2**30:>+13.2f}G"
         )
         rows.append(
