@@ -209,3 +209,23 @@ def test_wgrad_accumulate_bad_input_changes_nothing():
         with pytest.raises(exc, match=match):
             wgrad_accumulate_(*args)
         assert torch.equal(accum, before)
+
+
+def test_grad_scaler_with_fused_layers_matches_unfused():
+    data = batches(4, seed=5)
+    results = []
+    for fused in (True, False):
+        model = mlp()
+        if fused:
+            fuse_wgrad(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        opt = fastaccum.wrap(
+            torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model, scaler=scaler
+        )
+        for x, y in data:
+            opt.backward(scaler.scale(mse(model, x, y)), num_items=x.shape[1])
+            opt.step()
+        assert opt.stats()["windows"] == 2 and opt.stats()["skipped_windows"] == 0
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert_close_rel(a, b, 1e-6)
