@@ -18,15 +18,13 @@ without writing a CSV.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from results_csv import ROOT, append_csv, commit
+from results_csv import ROOT, append_csv, environment, time_and_peak_rows, time_calls
 
 import fastaccum
 from fastaccum.workloads import GPT2Blocks
@@ -63,23 +61,7 @@ def measure(micro_step, device: torch.device, rounds: int) -> tuple[list[float],
     bytes allocated during them."""
     micro_step()
     micro_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            micro_step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            micro_step()
-            times.append(time.perf_counter() - t0)
-    return times, torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return time_calls([micro_step] * rounds, device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,40 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "op": f"wgrad_microstep_gpt2x{args.blocks}_b{args.micro_batch}_s{args.seq}",
         "size": f"{wgrad_bytes} wgrad bytes",
         "dtype": "bf16-autocast",
-        "device": name,
-        "torch": torch.__version__,
-        "commit": commit(),
-        "date": datetime.date.today().isoformat(),
+        **environment(device),
     }
     for provider, (times, peak) in results.items():
         p50 = statistics.median(times)
-        q = statistics.quantiles(times, n=5, method="inclusive")
         print(
             f"{provider:<14} {p50 * 1e3:>9.2f} {p50 / base_t:>10.2f}x {peak / 2**30:>9.2f} "
             f"{(peak - base_m) / 2**30:>+13.2f}G"
         )
-        rows.append(
-            {
-                **common,
-                "provider": provider,
-                "metric": "time",
-                "unit": "ms",
-                "p50": f"{p50 * 1e3:.6g}",
-                "p20": f"{q[0] * 1e3:.6g}",
-                "p80": f"{q[3] * 1e3:.6g}",
-            }
-        )
-        rows.append(
-            {
-                **common,
-                "provider": provider,
-                "metric": "peak_memory",
-                "unit": "bytes",
-                "p50": str(peak),
-                "p20": "",
-                "p80": "",
-            }
-        )
+        rows += time_and_peak_rows({**common, "provider": provider}, times, peak)
     if device.type == "cuda" and not args.smoke:
         append_csv(Path(args.out), rows)
         print(f"wrote {len(rows)} rows to {args.out}")

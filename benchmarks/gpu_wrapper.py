@@ -20,13 +20,14 @@ it writes no CSV (absolute times are recorded for GPUs only).
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-from results_csv import ROOT, append_csv, commit
+from results_csv import ROOT, append_csv, environment, time_and_peak_rows, time_calls
 
 import fastaccum
 import fastaccum.optim
@@ -79,38 +80,6 @@ def build(provider: str, spec: tuple, device: torch.device, k: int):
     return model, window
 
 
-def time_windows(
-    window: Callable, data: list[list[torch.Tensor]], device: torch.device
-) -> tuple[list[float], int]:
-    """Seconds per window over ``data`` (after one warm-up window) and the peak bytes."""
-    window(data[0])
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for batches in data[1:]:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            window(batches)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            window(batches)
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return times, peak
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """The q-quantile (0..1) by linear interpolation."""
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -152,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, finals = {}, {}
     for provider in args.providers:
         model, window = build(provider, spec, device, k)
-        times, peak = time_windows(window, data, device)
+        window(data[0])  # warm-up: optimizer state, accumulators
+        calls = [functools.partial(window, batches) for batches in data[1:]]
+        times, peak = time_calls(calls, device)
         results[provider] = (times, peak)
         finals[provider] = [p.detach().float() for p in model.parameters()]
         del model, window
@@ -182,34 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "provider": provider,
             "size": f"{sum(p.numel() for p in finals[provider])} params",
             "dtype": "fp32",
-            "device": name,
-            "torch": torch.__version__,
-            "commit": commit(),
-            "date": datetime.date.today().isoformat(),
+            **environment(device),
         }
-        rows.append(
-            {
-                **common,
-                "metric": "time",
-                "unit": "ms",
-                "p50": f"{p50 * 1e3:.6g}",
-                "p20": f"{quantile(times, 0.2) * 1e3:.6g}",
-                "p80": f"{quantile(times, 0.8) * 1e3:.6g}",
-            }
-        )
-        rows.append(
-            {
-                **common,
-                "metric": "peak_memory",
-                "unit": "bytes",
-                "p50": str(peak),
-                "p20": "",
-                "p80": "",
-            }
-        )
+        rows += time_and_peak_rows(common, times, peak)
     if device.type == "cuda" and not args.smoke:
-        from pathlib import Path
-
         append_csv(Path(args.out), rows)
         print(f"wrote {len(rows)} rows to {args.out}")
     return 0

@@ -51,3 +51,70 @@ def append_csv(path: Path, rows: Sequence[dict]) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def time_calls(calls: Sequence, device) -> tuple[list[float], int]:
+    """Run each zero-argument callable of ``calls`` once, timing each (CUDA events on a GPU,
+    the host clock on the CPU). Returns the seconds per call and the peak bytes allocated on
+    the GPU during them (0 on the CPU). Warm up before calling this."""
+    import time
+
+    import torch
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for call in calls:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+    return times, torch.cuda.max_memory_allocated() if cuda else 0
+
+
+def time_and_peak_rows(common: dict, times: Sequence[float], peak: int) -> list[dict]:
+    """Two CSV rows: time in ms (median, 20 % and 80 % quantiles) and the peak in bytes."""
+    import statistics
+
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return [
+        {
+            **common,
+            "metric": "time",
+            "unit": "ms",
+            "p50": f"{statistics.median(times) * 1e3:.6g}",
+            "p20": f"{q[0] * 1e3:.6g}",
+            "p80": f"{q[3] * 1e3:.6g}",
+        },
+        {
+            **common,
+            "metric": "peak_memory",
+            "unit": "bytes",
+            "p50": str(peak),
+            "p20": "",
+            "p80": "",
+        },
+    ]
+
+
+def environment(device) -> dict:
+    """The device, torch, commit and date columns of a row."""
+    import datetime
+
+    import torch
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": commit(),
+        "date": datetime.date.today().isoformat(),
+    }
