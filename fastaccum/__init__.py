@@ -6,7 +6,7 @@ when a Triton kernel is about to run.
 """
 
 from fastaccum import _backend  # noqa: F401  (fastaccum._backend, for introspection)
-from fastaccum.nn import fuse_wgrad
+from fastaccum.nn import convert_batchnorm, fuse_wgrad
 from fastaccum.ops import AccumulateResult, accumulate_, finalize_
 from fastaccum.optim import AccumulatingOptimizer, wrap
 
@@ -17,6 +17,7 @@ __all__ = [
     "AccumulatingOptimizer",
     "__version__",
     "accumulate_",
+    "convert_batchnorm",
     "finalize_",
     "fuse_wgrad",
     "wrap",

@@ -1,5 +1,22 @@
-"""Modules: :class:`Linear` with fused weight-gradient accumulation, :func:`fuse_wgrad`."""
+"""Modules: fused weight-gradient :class:`Linear` (:func:`fuse_wgrad`) and
+accumulation-aware BatchNorm (:func:`convert_batchnorm`, :func:`end_window`)."""
 
+from fastaccum.nn.batchnorm import (
+    AccumBatchNorm1d,
+    AccumBatchNorm2d,
+    AccumBatchNorm3d,
+    convert_batchnorm,
+    end_window,
+)
 from fastaccum.nn.linear import Linear, WgradSink, fuse_wgrad
 
-__all__ = ["Linear", "WgradSink", "fuse_wgrad"]
+__all__ = [
+    "AccumBatchNorm1d",
+    "AccumBatchNorm2d",
+    "AccumBatchNorm3d",
+    "Linear",
+    "WgradSink",
+    "convert_batchnorm",
+    "end_window",
+    "fuse_wgrad",
+]

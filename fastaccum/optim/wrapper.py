@@ -492,6 +492,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._items_seen += total
             stepped = True
         self._update_scaler(found_bad)
+        if self.model is not None:
+            from fastaccum.nn.batchnorm import end_window
+
+            end_window(self.model, discard=found_bad)
         self._reset_window()
         return stepped
 
