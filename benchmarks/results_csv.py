@@ -57,27 +57,15 @@ def time_calls(calls: Sequence, device) -> tuple[list[float], int]:
     """Run each zero-argument callable of ``calls`` once, timing each (CUDA events on a GPU,
     the host clock on the CPU). Returns the seconds per call and the peak bytes allocated on
     the GPU during them (0 on the CPU). Warm up before calling this."""
-    import time
-
     import torch
+
+    from fastaccum.cli import time_once
 
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for call in calls:
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
+    times = [time_once(call, device) for call in calls]
     return times, torch.cuda.max_memory_allocated() if cuda else 0
 
 
