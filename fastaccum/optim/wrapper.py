@@ -514,8 +514,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        for acc in self._accums.values():
-            acc.zero_()
+        if self._accums:
+            torch._foreach_zero_(list(self._accums.values()))
 
     def _apply_and_step(self, factor: float) -> None:
         """Write factor x accumulator into each updated tensor's .grad, step, reset.
@@ -550,13 +550,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 for (target, _), out in zip(group, outs, strict=True):
                     target.grad = out
         self.optimizer.step()
-        with torch.no_grad():
-            for p, master in self._masters.items():
-                p.copy_(master)
-        for target, acc in aliased:
-            target.grad = None
-            acc.zero_()
-        for target, _ in written:
+        if self._masters:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self._masters), list(self._masters.values()))
+        if aliased:  # one multi-tensor launch rather than one per parameter
+            torch._foreach_zero_([acc for _, acc in aliased])
+        for target, _ in (*aliased, *written):
             target.grad = None
 
     def _update_scaler(self, found_inf: bool) -> None:

@@ -387,3 +387,34 @@ def test_load_state_dict_keeps_sharing_param_groups_with_the_wrapped_optimizer()
     opt.load_state_dict(opt.state_dict())
     assert opt.param_groups is opt.optimizer.param_groups
     assert opt.state is opt.optimizer.state
+
+
+def test_bf16_accumulators_without_masters_step_through_written_grads():
+    """accum_dtype = the parameters' bf16: every accumulator is handed over as .grad in place
+    (no separate written .grad), and the boundary still resets them."""
+    model = make_model(dtype=torch.bfloat16)
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, accum_dtype=torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in token_batches(2, seed=14):
+        mean_loss(model, x, y).backward()
+        opt.step()
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    accums = opt.state_dict()["fastaccum"]["accums"]
+    assert all(torch.count_nonzero(a) == 0 for a in accums if a is not None)
+
+
+def test_bf16_params_with_fp32_accumulators_get_a_cast_grad():
+    """bf16 parameters, fp32 accumulators, no masters: the window gradient is cast into a
+    fresh bf16 .grad for the step (no accumulator is aliased)."""
+    model = make_model(dtype=torch.bfloat16)
+    ref = make_model(dtype=torch.bfloat16)
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2)
+    grads = []
+    for x, y in token_batches(2, seed=15):
+        mean_loss(model, x, y).backward()
+        grads.append([p.grad.double() for p in model.parameters()])
+        opt.step()
+    for p, q, g0, g1 in zip(model.parameters(), ref.parameters(), *grads, strict=True):
+        assert_close_rel(p, (q.double() - 0.1 * (g0 + g1) / 2).bfloat16(), 1e-2)
+    assert all(p.grad is None for p in model.parameters())
