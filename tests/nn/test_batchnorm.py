@@ -6,6 +6,7 @@ import torch
 
 import fastaccum
 from fastaccum.nn import AccumBatchNorm1d, AccumBatchNorm2d, convert_batchnorm, end_window
+from fastaccum.nn.batchnorm import RenormSchedule
 from tests.helpers import assert_close_rel
 
 SIZES = [2, 5, 1, 7, 3]
@@ -151,3 +152,263 @@ def test_bad_mode_is_refused():
         AccumBatchNorm2d(4, mode="average")
     with pytest.raises(ValueError, match="mode must be one of"):
         convert_batchnorm(cnn(), mode="average")
+
+
+# ---------------------------------------------------------------------------- renorm mode
+
+EPS = 1e-5
+
+
+def renorm_windows(seed=7, channels=4):
+    """Two windows of micro-batches of uneven size, each with its own offset and scale, so
+    that r and d differ per micro-batch and clipping engages."""
+    gen = torch.Generator().manual_seed(seed)
+    windows = []
+    for sizes in ([2, 5, 1, 7, 3], [3, 1, 4]):
+        window = []
+        for n in sizes:
+            scale = torch.rand(1, channels, 1, 1, generator=gen) * 3 + 0.2
+            shift = torch.randn(1, channels, 1, 1, generator=gen) * 2
+            window.append(torch.randn(n, channels, 3, 2, generator=gen) * scale + shift)
+        windows.append(window)
+    return windows
+
+
+def batch_moments(x):
+    """float64 per-channel mean and biased variance."""
+    x = x.double()
+    dims = [0, *range(2, x.dim())]
+    return x.mean(dims), x.var(dims, correction=0)
+
+
+def expected_factors(x, reference, rmax, dmax):
+    """float64 r, d of micro-batch x against all samples in ``reference``."""
+    mean_b, var_b = batch_moments(x)
+    mean_ref, var_ref = batch_moments(torch.cat(reference))
+    sigma_ref = (var_ref + EPS).sqrt()
+    r = ((var_b + EPS).sqrt() / sigma_ref).clamp(1 / rmax, rmax)
+    d = ((mean_b - mean_ref) / sigma_ref).clamp(-dmax, dmax)
+    return r, d
+
+
+def expected_output(x, weight, bias, r, d):
+    """float64 y = weight * (xhat * r + d) + bias with micro-batch statistics."""
+    mean_b, var_b = batch_moments(x)
+    view = (1, -1, 1, 1)
+    xhat = (x.double() - mean_b.view(view)) / (var_b.view(view) + EPS).sqrt()
+    return weight.double().view(view) * (xhat * r.view(view) + d.view(view)) + bias.double().view(
+        view
+    )
+
+
+def renorm_bn(channels=4, seed=0, **options):
+    options = {"plain_windows": 0, "warmup_windows": 0, **options}
+    bn = AccumBatchNorm2d(channels, mode="renorm", **options)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(channels, generator=gen))
+        bn.bias.copy_(torch.randn(channels, generator=gen))
+    return bn
+
+
+@pytest.mark.parametrize("rmax,dmax", [(1.5, 0.4), (100.0, 100.0)])
+def test_renorm_factors_match_float64_reference_statistics(rmax, dmax):
+    """Reference = previous window + this window so far (incl. the current micro-batch);
+    before the first window ends, only the window so far."""
+    bn = renorm_bn(rmax=rmax, dmax=dmax)
+    previous = []
+    clipped = 0
+    for window in renorm_windows():
+        for i, x in enumerate(window):
+            y = bn(x)
+            want_r, want_d = expected_factors(x, previous + window[: i + 1], rmax, dmax)
+            r, d = bn.renorm_factors
+            assert_close_rel(r, want_r, 1e-6)
+            assert_close_rel(d, want_d, 1e-6)
+            assert_close_rel(y, expected_output(x, bn.weight, bn.bias, want_r, want_d), 1e-5)
+            clipped += int(((want_r - rmax).abs() < 1e-12).sum() + (want_d.abs() == dmax).sum())
+        end_window(bn)
+        previous = window
+    if rmax < 2:
+        assert clipped > 0  # the data does exercise the clip
+
+
+def test_renorm_first_micro_batch_is_plain_batchnorm():
+    x = renorm_windows()[0][0]
+    bn = renorm_bn()
+    bn(x)
+    r, d = bn.renorm_factors
+    assert torch.allclose(r, torch.ones_like(r), rtol=0, atol=1e-12)
+    assert torch.equal(d, torch.zeros_like(d))
+
+
+def test_renorm_without_correction_equals_batchnorm_outputs_and_grads():
+    """rmax=1, dmax=0 (r=1, d=0) is plain BatchNorm, for outputs and all gradients."""
+    bn = renorm_bn(rmax=1.0, dmax=0.0)
+    ref = torch.nn.BatchNorm2d(4)
+    ref.load_state_dict(bn.state_dict())
+    for window in renorm_windows():
+        for x in window:
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = bn(xa), ref(xb)
+            assert torch.equal(ya, yb)
+            g = torch.randn_like(ya)
+            ya.backward(g)
+            yb.backward(g)
+            assert torch.equal(xa.grad, xb.grad)
+        end_window(bn)
+    assert torch.equal(bn.weight.grad, ref.weight.grad)
+    assert torch.equal(bn.bias.grad, ref.bias.grad)
+
+
+def test_renorm_gradients_treat_r_and_d_as_constants():
+    """Autograd gradients equal a float64 computation with r and d detached: gradients flow
+    through the micro-batch statistics only."""
+    bn = renorm_bn(rmax=2.0, dmax=1.0)
+    windows = renorm_windows(seed=8)
+    for x in windows[0]:
+        bn(x)
+    end_window(bn)
+    for i, x in enumerate(windows[1]):
+        want_r, want_d = expected_factors(x, windows[0] + windows[1][: i + 1], 2.0, 1.0)
+        assert ((want_r - 1).abs() > 1e-3).all()  # a real correction, not r = 1
+        xa = x.clone().requires_grad_()
+        bn.weight.grad = bn.bias.grad = None
+        y = bn(xa)
+        g = torch.randn_like(y)
+        y.backward(g)
+        x64 = x.double().requires_grad_()
+        w64 = bn.weight.detach().double().requires_grad_()
+        b64 = bn.bias.detach().double().requires_grad_()
+        expected_output(x64, w64, b64, want_r, want_d).backward(g.double())
+        assert_close_rel(xa.grad, x64.grad, 1e-5)
+        assert_close_rel(bn.weight.grad, w64.grad, 1e-5)
+        assert_close_rel(bn.bias.grad, b64.grad, 1e-5)
+
+
+def test_renorm_checkpoint_recomputation_repeats_the_original_forward():
+    """Two micro-batches go forward before either goes backward, so a naive recomputation
+    would see a window that already holds both and compute other r and d."""
+    from torch.utils.checkpoint import checkpoint
+
+    def build():
+        model = convert_batchnorm(cnn(seed=3), "renorm", plain_windows=0, warmup_windows=0)
+        model[1].weight.data.normal_(generator=torch.Generator().manual_seed(9))
+        return model
+
+    gen = torch.Generator().manual_seed(10)
+    warm = [torch.randn(n, 3, 6, 6, generator=gen) for n in (3, 2)]
+    xs = [torch.randn(n, 3, 6, 6, generator=gen) * (1 + i) for i, n in enumerate((2, 2, 5))]
+    results = []
+    for ckpt in (False, True):
+        model = build()
+        for x in warm:  # a completed previous window
+            model(x)
+        end_window(model)
+        outs = [checkpoint(model, x, use_reentrant=False) if ckpt else model(x) for x in xs]
+        for out in outs:
+            out.square().sum().backward()
+        bn = model[1]
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((outs, grads, bn.window_count, bn.window_mean.clone()))
+    (outs0, grads0, n0, mean0), (outs1, grads1, n1, mean1) = results
+    assert n0 == n1 == sum(x.shape[0] for x in xs) * 4 * 4
+    assert torch.equal(mean0, mean1)
+    for a, b in zip(outs0, outs1, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(grads0, grads1, strict=True):
+        assert_close_rel(b, a, 1e-6)
+
+
+def test_renorm_schedule_opens_limits_linearly_in_windows():
+    schedule = RenormSchedule(rmax=3.0, dmax=5.0, plain_windows=2, warmup_windows=4)
+    got = [schedule.limits(w) for w in range(8)]
+    want = [(1, 0), (1, 0), (1, 0), (1.5, 1.25), (2, 2.5), (2.5, 3.75), (3, 5), (3, 5)]
+    assert got == pytest.approx(want)
+    assert RenormSchedule(plain_windows=1, warmup_windows=0).limits(1) == (3.0, 5.0)
+
+
+def test_renorm_module_follows_the_schedule_and_resumes_it_from_a_checkpoint():
+    # d would be far beyond 0.5 with the limits fully open; the schedule caps it.
+    bn = renorm_bn(rmax=3.0, dmax=4.0, plain_windows=1, warmup_windows=8)
+    window = [torch.randn(4, 4, 3, 2) + 10 * i for i in range(3)]
+    for x in window:
+        bn(x)
+        assert torch.equal(bn.renorm_factors[1], torch.zeros(4, dtype=torch.float64))
+    end_window(bn)
+    end_window(bn)  # an empty window does not count
+    bn(window[0])
+    assert bn.renorm_factors[1].abs().max().item() == pytest.approx(0.0)  # t = 0 at w = 1
+    end_window(bn)
+    bn(window[0] - 50)
+    assert bn.renorm_factors[1].abs().max().item() == pytest.approx(0.5)  # t = 1/8 at w = 2
+    resumed = renorm_bn(rmax=3.0, dmax=4.0, plain_windows=1, warmup_windows=8)
+    resumed(window[0])  # reads the (zero) window count before the checkpoint loads
+    resumed.load_state_dict(bn.state_dict())
+    resumed.discard_window()
+    for x in window:
+        resumed(x)
+    end_window(resumed)  # the third window: t = 2/8
+    resumed(window[0] - 50)
+    assert resumed.renorm_factors[1].abs().max().item() == pytest.approx(1.0)
+
+
+def test_renorm_discarded_window_keeps_the_previous_window():
+    bn = renorm_bn()
+    windows = renorm_windows(seed=11)
+    for x in windows[0]:
+        bn(x)
+    end_window(bn)
+    bn(windows[1][0] * 5)
+    end_window(bn, discard=True)
+    x = windows[1][1]
+    bn(x)
+    want_r, want_d = expected_factors(x, windows[0] + [x], 3.0, 5.0)
+    assert_close_rel(bn.renorm_factors[0], want_r, 1e-6)
+    assert_close_rel(bn.renorm_factors[1], want_d, 1e-6)
+
+
+def test_renorm_conversion_keeps_state_dict_and_eval_outputs():
+    model = cnn()
+    for _ in range(3):
+        model(torch.randn(4, 3, 6, 6))
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    before, keys = model(x), list(model.state_dict())
+    convert_batchnorm(model, mode="renorm", rmax=2.0, dmax=1.0)
+    assert model[1].renorm == RenormSchedule(rmax=2.0, dmax=1.0)
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(x), before)
+    model.train()
+    model(torch.randn(3, 3, 6, 6))
+    end_window(model)
+    plain = cnn(seed=1)
+    plain.load_state_dict(model.state_dict())
+    model.eval()
+    plain.eval()
+    assert torch.equal(plain(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({"rmax": 0.5}, ValueError, "rmax must be >= 1"),
+        ({"dmax": -1.0}, ValueError, "dmax must be >= 0"),
+        ({"rmax": float("inf")}, ValueError, "rmax must be a finite number"),
+        ({"plain_windows": -1}, ValueError, "plain_windows must be >= 0"),
+        ({"warmup_windows": 2.5}, TypeError, "warmup_windows must be an int"),
+        ({"rmin": 2.0}, TypeError, "unknown BatchNorm option"),
+    ],
+)
+def test_bad_renorm_options_are_refused(options, error, match):
+    with pytest.raises(error, match=match):
+        AccumBatchNorm2d(4, mode="renorm", **options)
+    model = cnn()
+    with pytest.raises(error, match=match):
+        convert_batchnorm(model, mode="renorm", **options)
+    assert type(model[1]) is torch.nn.BatchNorm2d  # nothing converted
+
+
+def test_renorm_options_with_merged_mode_are_refused():
+    with pytest.raises(ValueError, match="only apply to mode='renorm'"):
+        AccumBatchNorm2d(4, mode="merged", rmax=2.0)
