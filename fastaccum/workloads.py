@@ -240,3 +240,40 @@ def allocated_shapes(fn: Callable[[], object]) -> list[tuple[tuple[int, ...], in
     with _Log():
         fn()
     return seen
+
+
+class ByteGPT(torch.nn.Module):
+    """A GPT-2-style language model over bytes: token and position embeddings,
+    :class:`GPT2Blocks` (plain ``nn.Linear`` projections, so :func:`fastaccum.fuse_wgrad`
+    reaches every one of them), a final LayerNorm and a head tied to the token embedding.
+
+    ``forward(tokens)`` maps (batch, seq) int64 ids, ``seq <= ctx``, to (batch, seq, vocab)
+    logits. Embeddings start at N(0, 0.02²) as in GPT-2, so the first loss is near ln(vocab).
+    """
+
+    def __init__(
+        self, vocab: int = 256, dim: int = 128, heads: int = 4, layers: int = 2, ctx: int = 64
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.tok = torch.nn.Embedding(vocab, dim)
+        self.pos = torch.nn.Embedding(ctx, dim)
+        torch.nn.init.normal_(self.tok.weight, std=0.02)
+        torch.nn.init.normal_(self.pos.weight, std=0.02)
+        self.blocks = GPT2Blocks(blocks=layers, dim=dim, heads=heads, ff=4 * dim)
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]
+        if seq > self.ctx:
+            raise ValueError(f"sequence length {seq} exceeds the model's context {self.ctx}")
+        h = self.tok(tokens) + self.pos(torch.arange(seq, device=tokens.device))
+        return self.norm(self.blocks(h)) @ self.tok.weight.t()
+
+
+BYTE_GPT_SIZES: dict[str, dict[str, int]] = {
+    # name -> ByteGPT(dim, heads, layers, ctx); vocabulary 256 (bytes)
+    "tiny": {"dim": 128, "heads": 4, "layers": 2, "ctx": 64},  # 0.44M parameters
+    "small": {"dim": 256, "heads": 8, "layers": 4, "ctx": 128},  # 3.3M
+    "gpt2": {"dim": 768, "heads": 12, "layers": 12, "ctx": 1024},  # GPT-2 small's body, 86M
+}

@@ -1,15 +1,206 @@
-"""`fastaccum bench`: runs end to end on a small parameter set and prints its table."""
+"""The command line: ``fastaccum bench`` (training workload) and ``fastaccum bench-ops``
+(op micro-benchmark), run end to end on small settings."""
 
+import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from fastaccum.bench.runs import FP32_TOLERANCE
 from fastaccum.cli import main
 
+RUNS = ["native-large-batch", "native-accum", "fastaccum-wrap", "fastaccum-fused"]
+SMALL = ["--steps", "3", "--micro-batch", "2", "--accum-steps", "3", "--no-progress"]
+# One thread: on a busy 2-core machine, two threads per op contend with other processes.
+ONE_THREAD = ["--threads", "1"]
 
-def test_bench_prints_native_and_fused_rows(capsys):
-    assert main(["bench", "--params", "tiny", "--repeats", "2", "--dtype", "bf16", "fp32"]) == 0
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after (see ONE_THREAD)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """The rows of the printed bench table, by run name."""
+    return {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in ([r] for r in RUNS)
+    }
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    """One small default-workload bench (stdlib text), shared by the assertions below."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastaccum", "bench", *SMALL, *ONE_THREAD, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def test_bench_prints_every_run(bench_out):
+    out_dir, stdout = bench_out
+    rows = table_rows(stdout)
+    assert list(rows) == RUNS
+    for name, row in rows.items():
+        ms, tokens_per_s, speedup, peak, loss, dev = row[1:7]
+        assert float(ms) > 0 and float(tokens_per_s.replace(",", "")) > 0, name
+        assert speedup.endswith("x") and float(speedup[:-1]) > 0
+        assert math.isfinite(float(loss))
+        assert float(dev) >= 0 and (peak == "-" or float(peak) >= 0)
+    assert "3 x 2 sequences" in stdout and "standard library" in stdout
+    assert "fp32 check" in stdout and "PASS" in stdout
+    assert str(out_dir / "bench.json") in stdout
+
+
+def test_bench_json_matches_reference(bench_out):
+    out_dir, _ = bench_out
+    report = json.loads((out_dir / "bench.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert list(runs) == RUNS
+    assert report["reference"] == "native-large-batch"
+    assert report["tokens_per_step"] == 3 * 2 * 64  # K x b x context of the tiny model
+    assert report["config"]["dtype"] == "fp32" and report["fp32_check"] is True
+    first = runs["native-large-batch"]["losses"][0]
+    assert first == pytest.approx(math.log(256), abs=0.5)  # untrained: near uniform over bytes
+    for name, r in runs.items():
+        assert r["status"] == "ok" and len(r["losses"]) == 3 and len(r["step_ms"]) == 3
+        # same initial weights and batches: the first window's loss agrees everywhere
+        assert r["losses"][0] == pytest.approx(first, rel=1e-5), name
+        assert r["losses"][-1] < r["losses"][0], name  # it trains
+        assert r["max_abs_param_deviation"] <= FP32_TOLERANCE, name
+        assert r["tokens_per_s"] == pytest.approx(
+            report["tokens_per_step"] / r["ms_per_step"] * 1e3
+        )
+    assert runs["native-accum"]["speedup_vs_native_accum"] == pytest.approx(1.0)
+
+
+def test_bench_writes_plot(bench_out):
+    pytest.importorskip("matplotlib")
+    png = (bench_out[0] / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_deviation_catches_a_different_update(one_thread):
+    """The deviation column is a real check: a run whose update differs (lr x 1.5) from
+    the reference's is reported far above the fp32 tolerance."""
+    from fastaccum.bench.data import ByteBatches, load_bytes
+    from fastaccum.bench.runs import BenchConfig, TrainRun, bench_runs, run_all
+    from fastaccum.workloads import ByteGPT
+
+    config = BenchConfig(micro_batch=2, accum_steps=2, steps=2)
+    reference = bench_runs()[0]
+    faster = TrainRun(
+        "lr-x1.5",
+        "the reference with a larger learning rate",
+        lambda model, cfg: reference.prepare(model, BenchConfig(lr=cfg.lr * 1.5)),
+    )
+    torch.manual_seed(0)
+    model = ByteGPT(dim=32, heads=2, layers=1, ctx=16)
+    batches = ByteBatches(load_bytes(), 2, 2, 16, seed=0)
+    results = list(run_all(config, model, batches, [reference, faster]))
+    assert results[0].max_abs_deviation == 0.0
+    assert results[1].max_abs_deviation > 10 * FP32_TOLERANCE
+
+
+def test_bench_trains_on_a_given_file(tmp_path, capsys):
+    """--data FILE trains on that file; --memory-cap on the CPU runs uncapped and says so."""
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 40)
+    args = ["bench", *ONE_THREAD, "--steps", "3", "--micro-batch", "1", "--accum-steps", "2"]
+    args += ["--no-progress", "--device", "cpu", "--memory-cap", "1"]
+    assert main([*args, "--data", str(text), "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert str(text) in captured.out and list(table_rows(captured.out)) == RUNS
+    assert "--memory-cap is GPU-only for now" in captured.err
+    assert json.loads((tmp_path / "o" / "bench.json").read_text())["fp32_check"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "steps must be >= 1, got 0"),
+        (["--micro-batch", "-1"], "micro-batch must be >= 1, got -1"),
+        (["--memory-cap", "0"], "memory-cap must be > 0 GiB, got 0.0"),
+        (["--device", "tpu"], "device must be cpu or cuda, got 'tpu'"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--data", "/nonexistent/file.txt"], "no such file"),
+    ],
+)
+def test_bench_rejects_bad_settings(tmp_path, capsys, args, message):
+    assert main(["bench", *args, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_rejects_text_shorter_than_a_sequence(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x" * 10)
+    assert main(["bench", "--data", str(short), "--out", str(tmp_path)]) == 2
+    assert "holds 10 bytes but one sequence needs 65" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_without_gpu_rejects_cuda(tmp_path, capsys):
+    assert main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA GPU is available" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_gpu_matches_reference(tmp_path):
+    assert main(["bench", *SMALL, "--device", "cuda", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["fp32_check"] is True
+    assert all(r["peak_memory_bytes"] > 0 for r in report["runs"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_memory_cap_on_gpu_is_restored(tmp_path):
+    # A cap far below the large batch's need: the large batch must fail with OOM, the
+    # reference then falls to native accumulation, and the cap is lifted afterwards.
+    args = ["--model", "small", "--micro-batch", "1", "--accum-steps", "128", "--steps", "2"]
+    assert (
+        main(
+            [
+                "bench",
+                *args,
+                "--device",
+                "cuda",
+                "--memory-cap",
+                "0.25",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "bench.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["native-large-batch"]["status"] == "oom"
+    assert report["reference"] == "native-accum"
+    assert runs["fastaccum-fused"]["status"] == "ok"
+    big = torch.empty(int(0.5 * 2**30), dtype=torch.uint8, device="cuda")  # over the cap
+    del big
+
+
+def test_bench_ops_prints_native_and_fused_rows(capsys):
+    argv = ["bench-ops", "--params", "tiny", "--repeats", "2", "--dtype", "bf16", "fp32"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(("bf16", "fp32"))]
     assert [(r[0], r[1]) for r in rows] == [
@@ -24,22 +215,30 @@ def test_bench_prints_native_and_fused_rows(capsys):
     assert "889,984 parameters in 40 tensors" in out
 
 
-def test_bench_rejects_bad_repeats(capsys):
-    assert main(["bench", "--repeats", "0"]) == 2
+def test_bench_ops_rejects_bad_repeats(capsys):
+    assert main(["bench-ops", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_bench_rejects_unknown_param_set():
+def test_bench_ops_rejects_unknown_param_set():
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "--params", "huge"])
+        main(["bench-ops", "--params", "huge"])
     assert exc.value.code == 2
 
 
-def test_python_dash_m_entry_point():
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastaccum", "bench", "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0 and "--params" in proc.stdout
+def test_bench_rejects_unknown_model():
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", "huge"])
+    assert exc.value.code == 2
+
+
+def test_bench_help_lists_the_flags(capsys):
+    # `python -m fastaccum` itself is exercised by the bench_out fixture.
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--device", "--micro-batch", "--accum-steps", "--steps", "--dtype", "--seed"):
+        assert flag in out
+    for flag in ("--model", "--data", "--out", "--memory-cap"):
+        assert flag in out

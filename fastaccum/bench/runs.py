@@ -1,0 +1,352 @@
+"""The training runs that ``fastaccum bench`` compares, and the loop that measures them.
+
+Every run starts from the same initial weights and trains on the same windows of K
+micro-batches (:class:`~fastaccum.bench.data.ByteBatches`) with AdamW and global-norm
+clipping; only the way the window's gradient is formed and applied differs:
+
+- ``native-large-batch``: one forward/backward over the whole window (b x K sequences),
+  ``clip_grad_norm_``, ``step``, ``zero_grad``: the reference, where it fits in memory;
+- ``native-accum``: the native accumulation loop, ``(loss / K).backward()`` per
+  micro-batch, then ``clip_grad_norm_``, ``step``, ``zero_grad`` per window;
+- ``fastaccum-wrap``: ``fastaccum.wrap(torch.optim.AdamW(...), K)``, ``loss.backward()``
+  and ``opt.step()`` per micro-batch;
+- ``fastaccum-fused``: ``fastaccum.fuse_wgrad(model)``, ``opt.backward(loss)`` and the
+  fused ``fastaccum.optim.AdamW(..., accum_steps=K)``.
+
+A new way of training is one more :class:`TrainRun` in :func:`bench_runs` (see
+:func:`activation_policy_run`, the slot for ``fastaccum.save_activations``).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import fastaccum
+from fastaccum.bench.data import ByteBatches
+from fastaccum.bench.timing import sync
+
+Window = list[tuple[torch.Tensor, torch.Tensor]]
+StepFn = Callable[[Window], torch.Tensor]
+"""Trains on one window (one optimizer step); returns the window's mean loss (0-d tensor)."""
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+"""``--dtype`` -> autocast dtype of the forward pass (parameters and optimizer stay fp32)."""
+
+FP32_TOLERANCE = 1e-5
+"""Largest parameter deviation from the large-batch reference accepted for fastaccum (fp32)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of one ``fastaccum bench`` invocation (lr is AdamW's, per optimizer step)."""
+
+    model: str = "tiny"
+    micro_batch: int = 4
+    accum_steps: int = 4
+    steps: int = 12
+    dtype: str = "fp32"
+    seed: int = 0
+    device: str = "cpu"
+    data: str | None = None
+    lr: float = 3e-4
+    max_grad_norm: float = 1.0
+    memory_cap_gb: float | None = None
+
+
+@dataclass
+class TrainRun:
+    """One way of training: ``prepare(model, config)`` builds its optimizer around
+    ``model`` (a fresh copy of the initial model, already on the device) and returns the
+    function that trains on one window."""
+
+    name: str
+    description: str
+    prepare: Callable[[torch.nn.Module, BenchConfig], StepFn]
+
+
+@dataclass
+class RunResult:
+    """What one run measured. Times in seconds, memory in bytes."""
+
+    name: str
+    description: str
+    status: str = "ok"  # "ok", "oom" or "skipped: <why>"
+    step_seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    max_abs_deviation: float | None = None
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Median time per optimizer step, leaving out the first (warm-up) step."""
+        if not self.step_seconds:
+            return None
+        timed = self.step_seconds[1:] or self.step_seconds
+        return statistics.median(timed)
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Next-byte cross-entropy, the mean over every position of the batch, in fp32."""
+    logits = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def _autocast(config: BenchConfig) -> AbstractContextManager[object]:
+    dtype = DTYPES[config.dtype]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(config.device).type, dtype=dtype)
+
+
+def _large_batch(model: torch.nn.Module, config: BenchConfig) -> StepFn:
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+
+    def step(window: Window) -> torch.Tensor:
+        x = torch.cat([mb[0] for mb in window])
+        y = torch.cat([mb[1] for mb in window])
+        with _autocast(config):
+            loss = lm_loss(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    return step
+
+
+def _native_accum(model: torch.nn.Module, config: BenchConfig) -> StepFn:
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    k = config.accum_steps
+
+    def step(window: Window) -> torch.Tensor:
+        total = torch.zeros((), device=config.device)
+        for x, y in window:
+            with _autocast(config):
+                loss = lm_loss(model, x, y)
+            (loss / k).backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        return total / k
+
+    return step
+
+
+def _check_stepped(stepped: bool, name: str) -> None:
+    # Every window holds exactly K micro-batches, so the K-th step() must be the boundary;
+    # anything else means the comparison would be between different updates.
+    if not stepped:
+        raise RuntimeError(f"{name}: the optimizer did not step at the end of a window of K")
+
+
+def _fastaccum_wrap(model: torch.nn.Module, config: BenchConfig) -> StepFn:
+    opt = fastaccum.wrap(
+        torch.optim.AdamW(model.parameters(), lr=config.lr),
+        config.accum_steps,
+        model=model,
+        max_grad_norm=config.max_grad_norm,
+    )
+
+    def step(window: Window) -> torch.Tensor:
+        total = torch.zeros((), device=config.device)
+        stepped = False
+        for x, y in window:
+            with _autocast(config):
+                loss = lm_loss(model, x, y)
+            loss.backward()
+            stepped = opt.step()
+            opt.zero_grad()
+            total += loss.detach()
+        _check_stepped(stepped, "fastaccum-wrap")
+        return total / len(window)
+
+    return step
+
+
+def _fastaccum_fused(model: torch.nn.Module, config: BenchConfig) -> StepFn:
+    fastaccum.fuse_wgrad(model)
+    opt = fastaccum.optim.AdamW(
+        model.parameters(),
+        lr=config.lr,
+        accum_steps=config.accum_steps,
+        max_grad_norm=config.max_grad_norm,
+        model=model,
+    )
+
+    def step(window: Window) -> torch.Tensor:
+        total = torch.zeros((), device=config.device)
+        stepped = False
+        for x, y in window:
+            with _autocast(config):
+                loss = lm_loss(model, x, y)
+            opt.backward(loss)
+            stepped = opt.step()
+            opt.zero_grad()
+            total += loss.detach()
+        _check_stepped(stepped, "fastaccum-fused")
+        return total / len(window)
+
+    return step
+
+
+def activation_policy_run() -> TrainRun | None:
+    """The run with fastaccum's saved-activation policy, once the package provides it.
+
+    ``fastaccum.save_activations(policy)`` / ``fastaccum.ActivationPolicy`` are not part of
+    this version, so there is no such run yet (None). When they land, this returns a run
+    like ``fastaccum-fused`` whose forward and backward run inside
+    ``with fastaccum.save_activations(policy):``.
+    """
+    return None
+
+
+def bench_runs() -> list[TrainRun]:
+    """The runs, in the order they execute; the first is the reference."""
+    runs = [
+        TrainRun(
+            "native-large-batch",
+            "torch: one backward over all b*K sequences, clip_grad_norm_, AdamW.step",
+            _large_batch,
+        ),
+        TrainRun(
+            "native-accum",
+            "torch: (loss/K).backward() per micro-batch, clip_grad_norm_, AdamW.step",
+            _native_accum,
+        ),
+        TrainRun(
+            "fastaccum-wrap",
+            "fastaccum.wrap(torch.optim.AdamW, K): loss.backward(), opt.step()",
+            _fastaccum_wrap,
+        ),
+        TrainRun(
+            "fastaccum-fused",
+            "fuse_wgrad + opt.backward(loss) + fastaccum.optim.AdamW(accum_steps=K)",
+            _fastaccum_fused,
+        ),
+    ]
+    extra = activation_policy_run()
+    if extra is not None:
+        runs.append(extra)
+    return runs
+
+
+def _measure_peak(device: torch.device, fn: Callable[[], None]) -> int | None:
+    """Peak memory of ``fn()`` above what was in use before it, in bytes: the CUDA
+    allocator's high-water mark on a GPU, the resident-set high-water mark on the CPU
+    (Linux; None elsewhere)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        from fastaccum.workloads import peak_rss_bytes
+
+        return peak_rss_bytes(fn)
+    except OSError:  # no /proc/self/clear_refs (not Linux): time, but report no memory
+        fn()
+        return None
+
+
+def max_abs_deviation(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
+    """Largest |parameter - reference parameter| over every element of every parameter."""
+    worst = 0.0
+    for name, p in model.named_parameters():
+        diff = (p.detach().float().cpu() - reference[name]).abs().max().item()
+        worst = max(worst, diff) if not math.isnan(diff) else math.inf
+    return worst
+
+
+def train(
+    run: TrainRun,
+    initial: torch.nn.Module,
+    batches: ByteBatches,
+    config: BenchConfig,
+    on_step: Callable[[], None] = lambda: None,
+    steps: int | None = None,
+) -> tuple[RunResult, torch.nn.Module | None]:
+    """Train a copy of ``initial`` with ``run`` for ``steps`` windows (default
+    ``config.steps``), timing each optimizer step. Returns the result and the trained model
+    (None when it ran out of memory, which is recorded as status ``"oom"``)."""
+    device = torch.device(config.device)
+    result = RunResult(run.name, run.description)
+    trained: list[torch.nn.Module] = []
+
+    def body() -> None:
+        model = copy.deepcopy(initial).to(device)
+        trained.append(model)
+        step = run.prepare(model, config)
+        for i in range(config.steps if steps is None else steps):
+            window = batches.window(i, device)
+            sync(device)
+            t0 = time.perf_counter()
+            loss = step(window)
+            sync(device)
+            result.step_seconds.append(time.perf_counter() - t0)
+            result.losses.append(loss.item())
+            on_step()
+
+    try:
+        result.peak_bytes = _measure_peak(device, body)
+    except torch.OutOfMemoryError:
+        result.status = "oom"
+    if result.status == "oom":
+        # Outside the except block, so that the traceback (and the activations its frames
+        # hold) is gone before the cache is emptied for the next run.
+        trained.clear()
+        _release(device)
+        return result, None
+    return result, trained[0]
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_all(
+    config: BenchConfig,
+    initial: torch.nn.Module,
+    batches: ByteBatches,
+    runs: list[TrainRun],
+    on_step: Callable[[], None] = lambda: None,
+    on_run: Callable[[str], None] = lambda name: None,
+) -> Iterator[RunResult]:
+    """Train each run in turn and yield its result with ``max_abs_deviation`` filled in
+    against the reference: the first run that completed (the large batch, or the native
+    accumulation where the large batch ran out of memory).
+
+    Each run first trains a throwaway copy for one window, untimed: the first use of an
+    op pays one-time costs (library initialization, allocator and thread-pool growth) that
+    would otherwise be charged to whichever run comes first.
+    """
+    reference: dict[str, torch.Tensor] | None = None
+    for run in runs:
+        on_run(run.name)
+        train(run, initial, batches, config, steps=1)
+        _release(torch.device(config.device))
+        result, model = train(run, initial, batches, config, on_step)
+        if model is not None:
+            if reference is None:
+                reference = {
+                    n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+                }
+            result.max_abs_deviation = max_abs_deviation(model, reference)
+        del model
+        _release(torch.device(config.device))
+        yield result

@@ -1,0 +1,154 @@
+"""``fastaccum bench``: train the same byte-level GPT on the same batches with native
+PyTorch and with fastaccum, and report time, throughput, memory, loss and deviation."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastaccum.bench.data import VOCAB, ByteBatches, load_bytes, stdlib_sources
+from fastaccum.bench.report import build_report, write_json, write_plot
+from fastaccum.bench.runs import DTYPES, BenchConfig, RunResult, bench_runs, run_all
+from fastaccum.bench.timing import device_name
+from fastaccum.workloads import BYTE_GPT_SIZES, ByteGPT
+
+CPU_MEMORY_CAP_NOTE = (
+    "note: --memory-cap is GPU-only for now. On the CPU it needs a planner's memory budget "
+    "(fastaccum.plan_batch), which this version does not have; running without a cap."
+)
+
+
+def check_config(config: BenchConfig) -> None:
+    """Raise ValueError (with the accepted values) for a setting the bench cannot run."""
+    if config.model not in BYTE_GPT_SIZES:
+        raise ValueError(f"model must be one of {sorted(BYTE_GPT_SIZES)}, got {config.model!r}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    for name in ("micro_batch", "accum_steps", "steps"):
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+    if config.memory_cap_gb is not None and not config.memory_cap_gb > 0:
+        raise ValueError(f"memory-cap must be > 0 GiB, got {config.memory_cap_gb}")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {config.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available; use cpu")
+
+
+@contextmanager
+def memory_cap(config: BenchConfig) -> Iterator[str | None]:
+    """Cap this process's GPU memory at ``config.memory_cap_gb`` GiB for the duration
+    (restored after). Yields a note to print when the cap cannot apply (CPU), else None.
+
+    Raises:
+        ValueError: the cap exceeds the GPU's memory.
+    """
+    device = torch.device(config.device)
+    if config.memory_cap_gb is None:
+        yield None
+        return
+    if device.type != "cuda":
+        yield CPU_MEMORY_CAP_NOTE
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = config.memory_cap_gb * 2**30 / total
+    if fraction > 1:
+        raise ValueError(
+            f"memory-cap {config.memory_cap_gb} GiB exceeds the GPU's {total / 2**30:.1f} GiB"
+        )
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    try:
+        yield None
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def describe_data(path: str | None, text: torch.Tensor) -> str:
+    """A short name for the training text, with its size."""
+    size = f"{text.numel() / 1e6:.1f} MB"
+    if path is None:
+        return f"the Python standard library's sources ({len(stdlib_sources())} files, {size})"
+    return f"{path} ({size})"
+
+
+def run_training_bench(
+    config: BenchConfig, out_dir: Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run every training run of :func:`~fastaccum.bench.runs.bench_runs` on ``config``,
+    write ``bench.json`` and ``bench.png`` into ``out_dir`` (when given) and return the
+    report (see :func:`~fastaccum.bench.report.build_report`; ``files`` lists what was
+    written, ``notes`` what the caller should print).
+
+    Raises:
+        ValueError: a bad setting (see :func:`check_config`) or text too short for the model.
+        FileNotFoundError: ``config.data`` names no file.
+    """
+    from tqdm import tqdm
+
+    check_config(config)
+    device = torch.device(config.device)
+    size = BYTE_GPT_SIZES[config.model]
+    text = load_bytes(config.data)
+    batches = ByteBatches(text, config.micro_batch, config.accum_steps, size["ctx"], config.seed)
+    torch.manual_seed(config.seed)
+    initial = ByteGPT(vocab=VOCAB, **size)
+    runs = bench_runs()
+    notes: list[str] = []
+    results: list[RunResult] = []
+    with (
+        memory_cap(config) as note,
+        tqdm(
+            total=len(runs) * config.steps,
+            desc="bench",
+            unit="step",
+            file=sys.stderr,
+            disable=not progress,
+        ) as bar,
+    ):
+        if note:
+            notes.append(note)
+        for result in run_all(
+            config,
+            initial,
+            batches,
+            runs,
+            on_step=lambda: bar.update(1),
+            on_run=lambda name: bar.set_description(name),
+        ):
+            bar.update(config.steps - len(result.step_seconds))  # steps an OOM run skipped
+            results.append(result)
+    report = build_report(
+        config,
+        results,
+        tokens_per_step=batches.tokens_per_window,
+        parameters=sum(p.numel() for p in initial.parameters()),
+        device_name=device_name(device),
+        memory_kind=(
+            "torch.cuda.max_memory_allocated above the start"
+            if device.type == "cuda"
+            else "resident-set high-water mark above the start"
+        ),
+        data_name=describe_data(config.data, text),
+        extra={"memory_cap_gib": config.memory_cap_gb if device.type == "cuda" else None},
+    )
+    report["notes"] = notes
+    report["files"] = []
+    if out_dir is not None:
+        report["files"].append(str(write_json(report, out_dir)))
+        plot = write_plot(report, out_dir)
+        if plot is None:
+            notes.append("note: no plot: matplotlib is missing (pip install 'fastaccum[bench]').")
+        else:
+            report["files"].append(str(plot))
+    return report
