@@ -3,7 +3,8 @@
 With K micro-batches of b samples per optimizer step, ``nn.BatchNorm`` feeds its running
 statistics K noisy per-micro-batch estimates per window, and normalizes each micro-batch
 with statistics from only b samples. :class:`AccumBatchNorm2d` (and the 1d/3d variants)
-fixes the first problem in every mode and, in ``mode="renorm"``, the second one too.
+fixes the first problem in every mode; ``mode="renorm"`` and ``mode="window"`` also correct
+the training-time normalization toward large-batch statistics.
 
 Window statistics (every mode). Each micro-batch's per-channel (count, mean, M2) is merged
 into the window's with Chan et al.'s pairwise update
@@ -48,9 +49,30 @@ so the first ``plain_windows`` windows train as plain BatchNorm (r = 1, d = 0) w
 weights move fast and the previous window is a stale reference, and the limits then open
 linearly over ``warmup_windows`` windows. See :class:`RenormSchedule` for the defaults.
 
-Activation checkpointing. A forward recomputed during backward (torch.utils.checkpoint) is
-not merged into the window again, and in ``renorm`` mode it reuses the r and d of the
-original forward, so the recomputed output equals the first one.
+``mode="window"``. Normalization against the same reference in both directions, in the
+spirit of moving-average BatchNorm (MABN, Yan et al., 2020), with the previous window and
+the window so far as the averaging horizon. The forward is
+``y = weight * (x - mu_ref) / sqrt(var_ref + eps) + bias``. The backward is BatchNorm's,
+
+    dL/dx = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var_ref + eps),   g = dL/dxhat,
+
+with the two means taken over the samples of the previous window's backward passes and of
+this window's so far (this one included), rather than over the b samples of the micro-batch.
+This is BatchNorm's gradient for one batch made of the reference's samples, except that the
+other micro-batches' gradients and statistics are up to one window old. Where a channel has
+only two values per micro-batch (BatchNorm1d at micro-batch 2), BatchNorm's own backward is
+degenerate: xhat is +-1 and the gradient to x nearly vanishes; ``renorm``'s is the same
+scaled by r, while ``window`` does not use the micro-batch's statistics at all. Its gradient
+means mix micro-batches on the assumption that every sample's gradient has the same scale:
+true for equal micro-batch sizes or summed losses; approximate when per-micro-batch mean
+losses come from micro-batches of different sizes, and for one window after a GradScaler
+scale change. The first micro-batch of training (no reference yet) gets plain
+BatchNorm.
+
+Activation checkpointing. A forward recomputed during backward (torch.utils.checkpoint,
+reentrant or not) is not merged into the window again, and in ``renorm`` and ``window`` modes
+it reuses the r and d (the statistics) of the original forward, so the recomputed output
+equals the first one.
 """
 
 from __future__ import annotations
@@ -61,7 +83,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-MODES = ("merged", "renorm")
+MODES = ("merged", "renorm", "window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +185,8 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         dtype: torch.dtype | None = None,
         **options: float | int,
     ) -> None:
-        """``options`` (``mode="renorm"`` only): ``rmax``, ``dmax``, ``plain_windows``,
+        """``mode``: ``"merged"``, ``"renorm"`` or ``"window"`` (see module docs).
+        ``options`` (``mode="renorm"`` only): ``rmax``, ``dmax``, ``plain_windows``,
         ``warmup_windows`` of :class:`RenormSchedule`. Raises ValueError/TypeError for an
         unknown mode, an unknown or out-of-range option."""
         schedule = _renorm_schedule(mode, options)
@@ -188,9 +211,19 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 torch.zeros(self.num_features, dtype=torch.float64, device=device),
                 persistent=False,
             )
-        # (count, mean, r, d) of this window's training forwards under autograd, so that a
-        # checkpoint recomputation reuses its original forward's r and d.
-        self._renorm_log: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # mode="window": per-channel sums of g = dL/dxhat and of g * xhat over the window's
+        # backward passes so far and over the previous window's, with their sample counts.
+        self.window_grad_count = 0
+        self.prev_grad_count = 0
+        for name in ("window_grad", "prev_grad"):
+            self.register_buffer(
+                name,
+                torch.zeros(2, self.num_features, dtype=torch.float64, device=device),
+                persistent=False,
+            )
+        # (count, mean, what the forward used) of this window's training forwards, so that a
+        # checkpoint recomputation reuses its original forward's r and d (or statistics).
+        self._forward_log: list[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]] = []
         self._windows_done: int | None = None  # host copy of the schedule's window count
         # (r, d) of the last renorm training forward, per channel, for inspection.
         self.renorm_factors: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -223,10 +256,8 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             self._windows_done = int(tracked.item()) if tracked is not None else 0
         return self._windows_done
 
-    def _renorm_factors(
-        self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clipped r and d of a micro-batch against merge(previous window, window so far)."""
+    def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and biased variance of merge(previous window, window so far)."""
         n, mean_ref, m2_ref = chan_merge(
             self.prev_count,
             self.prev_mean,
@@ -235,26 +266,46 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             self.window_mean,
             self.window_m2,
         )
-        sigma_ref = (m2_ref / n + self.eps).sqrt()
+        return mean_ref, m2_ref / n
+
+    def _window_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mode="window": the reference mean and 1/sqrt(var + eps) the forward normalizes with."""
+        mean_ref, var_ref = self._reference()
+        return mean_ref, (var_ref + self.eps).rsqrt()
+
+    def _gradient_means(self, n_b: int, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mode="window": add a backward pass's per-channel sums of (g, g * xhat) to the
+        window and return their means over the previous window and the window so far."""
+        self.window_grad.add_(sums)
+        self.window_grad_count += n_b
+        total = (self.prev_grad + self.window_grad) / (
+            self.prev_grad_count + self.window_grad_count
+        )
+        return total[0], total[1]
+
+    def _renorm_factors(
+        self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clipped r and d of a micro-batch against merge(previous window, window so far)."""
+        mean_ref, var_ref = self._reference()
+        sigma_ref = (var_ref + self.eps).sqrt()
         sigma_b = (m2_b / n_b + self.eps).sqrt()
         rmax, dmax = self.renorm.limits(self._windows_completed())
         r = (sigma_b / sigma_ref).clamp(1.0 / rmax, rmax)
         d = ((mean_b - mean_ref) / sigma_ref).clamp(-dmax, dmax)
         return r, d
 
-    def _recorded_factors(
-        self, n_b: int, mean_b: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """r and d of the original forward a recomputation repeats: the logged forward with
-        the same count and the nearest mean (equal, unless the recomputation is not bitwise
-        deterministic). None when no forward of this size was logged."""
-        candidates = [entry for entry in self._renorm_log if entry[0] == n_b]
+    def _recorded(self, n_b: int, mean_b: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """What the original forward that a recomputation repeats used: the logged forward
+        with the same count and the nearest mean (equal, unless the recomputation is not
+        bitwise deterministic). None when no forward of this size was logged."""
+        candidates = [entry for entry in self._forward_log if entry[0] == n_b]
         if not candidates:
             return None
         if len(candidates) > 1:
             gaps = torch.stack([(entry[1] - mean_b).abs().max() for entry in candidates])
             candidates = [candidates[int(gaps.argmin())]]
-        return candidates[0][2], candidates[0][3]
+        return candidates[0][2]
 
     def end_window(self) -> None:
         """Fold the window's merged statistics into the running statistics (once per window),
@@ -278,6 +329,8 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             self.prev_mean.copy_(self.window_mean)
             self.prev_m2.copy_(self.window_m2)
             self.prev_count = n
+            self.prev_grad.copy_(self.window_grad)
+            self.prev_grad_count = self.window_grad_count
         self._windows_done = done + 1
         self.discard_window()
 
@@ -288,7 +341,9 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         self.window_count = 0
         self.window_mean.zero_()
         self.window_m2.zero_()
-        self._renorm_log.clear()
+        self.window_grad_count = 0
+        self.window_grad.zero_()
+        self._forward_log.clear()
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -297,28 +352,32 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         weight, bias = self.weight, self.bias
-        renorm = self.training and self.renorm is not None
+        corrected = self.training and self.mode != "merged"
         # -1: not inside a backward pass, so this is not a checkpoint recomputation.
         recomputing = torch._C._current_graph_task_id() != -1
-        backward_follows = torch.is_grad_enabled() and not recomputing
-        if renorm or (self.training and self.track_running_stats and not recomputing):
+        if corrected or (self.training and self.track_running_stats and not recomputing):
             with torch.no_grad():
                 n_b, mean_b, m2_b = self._micro_stats(input)
-                factors = self._recorded_factors(n_b, mean_b) if recomputing and renorm else None
+                used = self._recorded(n_b, mean_b) if recomputing and corrected else None
                 if not recomputing:
                     self._merge(n_b, mean_b, m2_b)
-                if renorm and factors is None:
-                    factors = self._renorm_factors(n_b, mean_b, m2_b)
-                    if backward_follows:
-                        self._renorm_log.append((n_b, mean_b, *factors))
-            if renorm:
-                self.renorm_factors = factors
+                if corrected and used is None:
+                    if self.mode == "renorm":
+                        used = self._renorm_factors(n_b, mean_b, m2_b)
+                    else:
+                        used = self._window_statistics()
+                    if not recomputing:
+                        self._forward_log.append((n_b, mean_b, used))
+            if corrected and self.mode == "window":
+                return _WindowNorm.apply(input, weight, bias, *used, self)
+            if corrected:
+                self.renorm_factors = used
                 dtype = (
                     weight.dtype
                     if weight is not None
                     else torch.promote_types(input.dtype, torch.float32)
                 )
-                r, d = (f.to(dtype) for f in factors)
+                r, d = (f.to(dtype) for f in used)
                 # weight * (xhat * r + d) + bias as one batch_norm with a per-channel affine;
                 # r and d come from no_grad, so autograd treats them as constants.
                 weight, bias = (r, d) if weight is None else (weight * r, bias + weight * d)
@@ -339,6 +398,64 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if self.renorm is not None:
             extra += "".join(f", {k}={getattr(self.renorm, k)}" for k in RENORM_OPTIONS)
         return super().extra_repr() + extra
+
+
+class _WindowNorm(torch.autograd.Function):
+    """mode="window": y = weight * xhat + bias with xhat = (x - mean) * invstd from the
+    reference statistics, and BatchNorm's backward
+
+        dL/dx = invstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dL/dxhat
+
+    whose two means are taken over the previous window's and this window's backward passes
+    so far (this one included) instead of over the micro-batch alone."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+        module: _AccumBatchNorm,
+    ) -> torch.Tensor:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        compute = torch.promote_types(x.dtype, torch.float32)
+        mean_c, invstd_c = mean.to(compute), invstd.to(compute)
+        xhat = (x.to(compute) - mean_c.view(shape)) * invstd_c.view(shape)
+        y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
+        ctx.save_for_backward(x, weight, mean_c, invstd_c)
+        ctx.module = module
+        return y.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
+        x, weight, mean, invstd = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims = [0, *range(2, x.dim())]
+        xhat = (x.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
+        gy = grad_y.to(mean.dtype)
+        grad_bias = gy.sum(dims)
+        grad_weight = (gy * xhat).sum(dims)
+        w = torch.ones_like(mean) if weight is None else weight.to(mean.dtype)
+        sums = torch.stack([grad_bias * w, grad_weight * w]).double()  # of g and g * xhat
+        with torch.no_grad():
+            g_mean, gx_mean = ctx.module._gradient_means(x.numel() // x.shape[1], sums)
+        g_mean, gx_mean = g_mean.to(mean.dtype), gx_mean.to(mean.dtype)
+        grad_x = (gy * w.view(shape) - g_mean.view(shape) - xhat * gx_mean.view(shape)) * (
+            invstd.view(shape)
+        )
+        if weight is None:
+            return grad_x.to(x.dtype), None, None, None, None, None
+        return (
+            grad_x.to(x.dtype),
+            grad_weight.to(weight.dtype),
+            grad_bias.to(weight.dtype),
+            None,
+            None,
+            None,
+        )
 
 
 class AccumBatchNorm1d(_AccumBatchNorm, torch.nn.BatchNorm1d):

@@ -286,40 +286,6 @@ def test_renorm_gradients_treat_r_and_d_as_constants():
         assert_close_rel(bn.bias.grad, b64.grad, 1e-5)
 
 
-def test_renorm_checkpoint_recomputation_repeats_the_original_forward():
-    """Two micro-batches go forward before either goes backward, so a naive recomputation
-    would see a window that already holds both and compute other r and d."""
-    from torch.utils.checkpoint import checkpoint
-
-    def build():
-        model = convert_batchnorm(cnn(seed=3), "renorm", plain_windows=0, warmup_windows=0)
-        model[1].weight.data.normal_(generator=torch.Generator().manual_seed(9))
-        return model
-
-    gen = torch.Generator().manual_seed(10)
-    warm = [torch.randn(n, 3, 6, 6, generator=gen) for n in (3, 2)]
-    xs = [torch.randn(n, 3, 6, 6, generator=gen) * (1 + i) for i, n in enumerate((2, 2, 5))]
-    results = []
-    for ckpt in (False, True):
-        model = build()
-        for x in warm:  # a completed previous window
-            model(x)
-        end_window(model)
-        outs = [checkpoint(model, x, use_reentrant=False) if ckpt else model(x) for x in xs]
-        for out in outs:
-            out.square().sum().backward()
-        bn = model[1]
-        grads = [p.grad.clone() for p in model.parameters()]
-        results.append((outs, grads, bn.window_count, bn.window_mean.clone()))
-    (outs0, grads0, n0, mean0), (outs1, grads1, n1, mean1) = results
-    assert n0 == n1 == sum(x.shape[0] for x in xs) * 4 * 4
-    assert torch.equal(mean0, mean1)
-    for a, b in zip(outs0, outs1, strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(grads0, grads1, strict=True):
-        assert_close_rel(b, a, 1e-6)
-
-
 def test_renorm_schedule_opens_limits_linearly_in_windows():
     schedule = RenormSchedule(rmax=3.0, dmax=5.0, plain_windows=2, warmup_windows=4)
     got = [schedule.limits(w) for w in range(8)]
@@ -412,3 +378,116 @@ def test_bad_renorm_options_are_refused(options, error, match):
 def test_renorm_options_with_merged_mode_are_refused():
     with pytest.raises(ValueError, match="only apply to mode='renorm'"):
         AccumBatchNorm2d(4, mode="merged", rmax=2.0)
+
+
+# ---------------------------------------------------------------------------- window mode
+
+
+def window_bn(channels=4, seed=0, **kwargs):
+    bn = AccumBatchNorm2d(channels, mode="window", **kwargs)
+    if bn.affine:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            bn.weight.copy_(torch.randn(channels, generator=gen))
+            bn.bias.copy_(torch.randn(channels, generator=gen))
+    return bn
+
+
+def test_window_first_micro_batch_is_plain_batchnorm():
+    """With no earlier samples, the reference is the micro-batch: BatchNorm exactly."""
+    bn, ref = window_bn(), torch.nn.BatchNorm2d(4)
+    ref.load_state_dict(bn.state_dict())
+    x = renorm_windows()[0][1]
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = bn(xa), ref(xb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert_close_rel(ya, yb, 1e-6)
+    assert_close_rel(xa.grad, xb.grad, 1e-5)
+    assert_close_rel(bn.weight.grad, ref.weight.grad, 1e-6)
+    assert_close_rel(bn.bias.grad, ref.bias.grad, 1e-6)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_window_forward_and_backward_match_float64_reference(affine):
+    """Forward: normalized with merge(previous window, window so far). Backward: BatchNorm's
+    backward with mean(g) and mean(g * xhat) over the previous window's and this window's
+    backward passes so far."""
+    bn = window_bn(affine=affine)
+    w = bn.weight.detach().double() if affine else torch.ones(4, dtype=torch.float64)
+    b = bn.bias.detach().double() if affine else torch.zeros(4, dtype=torch.float64)
+    view = (1, -1, 1, 1)
+    gen = torch.Generator().manual_seed(12)
+    previous, prev_sums = [], []
+    for window in renorm_windows(seed=13):
+        sums = []
+        for i, x in enumerate(window):
+            mean, var = batch_moments(torch.cat(previous + window[: i + 1]))
+            invstd = (var + EPS).rsqrt()
+            xhat = (x.double() - mean.view(view)) * invstd.view(view)
+            xa = x.clone().requires_grad_()
+            if affine:
+                bn.weight.grad = bn.bias.grad = None
+            y = bn(xa)
+            assert_close_rel(y, w.view(view) * xhat + b.view(view), 1e-6)
+            gy = torch.randn(y.shape, generator=gen)
+            y.backward(gy)
+            g = gy.double() * w.view(view)
+            sums.append(torch.stack([g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))]))
+            count = sum(t.numel() // 4 for t in previous + window[: i + 1])
+            g_mean, gx_mean = sum(prev_sums + sums) / count
+            want = (g - g_mean.view(view) - xhat * gx_mean.view(view)) * invstd.view(view)
+            assert_close_rel(xa.grad, want, 1e-5)
+            if affine:
+                assert_close_rel(bn.weight.grad, (gy.double() * xhat).sum((0, 2, 3)), 1e-5)
+                assert_close_rel(bn.bias.grad, gy.double().sum((0, 2, 3)), 1e-5)
+        end_window(bn)
+        previous, prev_sums = window, sums
+
+
+@pytest.mark.parametrize("mode", ["renorm", "window"])
+def test_checkpoint_recomputation_repeats_the_original_forward(mode):
+    """Three micro-batches go forward before any goes backward, so a recomputation that
+    read the window's current state would use other statistics; with and without
+    reentrant checkpointing, outputs, gradients and counts equal the plain run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    options = {"plain_windows": 0, "warmup_windows": 0} if mode == "renorm" else {}
+    gen = torch.Generator().manual_seed(14)
+    warm = [torch.randn(n, 3, 6, 6, generator=gen) for n in (3, 2)]
+    xs = [torch.randn(n, 3, 6, 6, generator=gen) * (1 + i) for i, n in enumerate((2, 2, 5))]
+    results = []
+    for reentrant in (None, False, True):
+        model = convert_batchnorm(cnn(seed=4), mode, **options)
+        model[1].weight.data.normal_(generator=torch.Generator().manual_seed(9))
+        for x in warm:  # a completed previous window
+            model(x).sum().backward()
+        end_window(model)
+        model.zero_grad()
+        if reentrant is None:
+            outs = [model(x) for x in xs]
+        else:
+            outs = [checkpoint(model, x.requires_grad_(), use_reentrant=reentrant) for x in xs]
+        for out in outs:
+            out.square().sum().backward()
+        bn = model[1]
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((outs, grads, bn.window_count, bn.window_grad_count))
+    outs0, grads0, n0, ng0 = results[0]
+    assert n0 == sum(x.shape[0] for x in xs) * 4 * 4
+    assert ng0 == (n0 if mode == "window" else 0)
+    for outs, grads, n, ng in results[1:]:
+        assert (n, ng) == (n0, ng0)
+        for a, b in zip(outs0, outs, strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(grads0, grads, strict=True):
+            assert_close_rel(b, a, 1e-6)
+
+
+def test_window_bfloat16_input_keeps_its_dtype():
+    bn = window_bn()
+    x = renorm_windows()[0][3]
+    y = bn(x.bfloat16().requires_grad_())
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y.float(), window_bn()(x), 1e-2)
