@@ -42,6 +42,18 @@ TORCH_LIBRARY(fastaccum, m) {
       "Tensor(d!)[] exp_avg_sqs, float factor, Tensor? factor_tensor, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
       "bool maximize, int step) -> ()");
+  // Per-group min/max quantization of x (float32/bf16/fp16, contiguous, read flat) to
+  // `bits`-bit codes (2, 4 or 8), group_size (a power of two, 32..4096) elements per group,
+  // with seeded stochastic rounding (stochastic) or round-to-nearest. Returns
+  // (packed: uint8[G * group_size * bits / 8], scale: f32[G], minimum: f32[G]),
+  // G = ceil(numel / group_size). Format: fastaccum/ops/quantize.py.
+  m.def(
+      "quantize_groups(Tensor x, int bits, int group_size, int seed, bool stochastic) -> "
+      "(Tensor packed, Tensor scale, Tensor minimum)");
+  // minimum + code * scale per element: a flat tensor of numel values of dtype.
+  m.def(
+      "dequantize_groups(Tensor packed, Tensor scale, Tensor minimum, int bits, "
+      "int group_size, int numel, ScalarType dtype) -> Tensor");
 }
 
 namespace fastaccum {
