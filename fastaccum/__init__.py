@@ -12,13 +12,36 @@ from fastaccum.optim import AccumulatingOptimizer, wrap
 
 __version__ = "0.1.0"
 
+# Loaded on first use, so that `import fastaccum` does not pay for the activation pipeline.
+_LAZY = {
+    "ActivationPolicy": "fastaccum.memory",
+    "checkpoint": "fastaccum.memory",
+    "save_activations": "fastaccum.memory",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name == "memory":
+        import importlib
+
+        return importlib.import_module("fastaccum.memory")
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastaccum' has no attribute {name!r}")
+
+
 __all__ = [
     "AccumulateResult",
     "AccumulatingOptimizer",
+    "ActivationPolicy",
     "__version__",
     "accumulate_",
+    "checkpoint",
     "convert_batchnorm",
     "finalize_",
     "fuse_wgrad",
+    "save_activations",
     "wrap",
 ]

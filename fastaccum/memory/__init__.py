@@ -1,0 +1,23 @@
+"""Memory for the activations saved for backward: compress, offload, recompute, measure.
+
+- :class:`ActivationPolicy` / :func:`save_activations`: one saved-tensor pipeline that
+  keeps, quantizes, stores as 1-bit masks or offloads each saved tensor;
+- :func:`checkpoint`: non-reentrant recomputation inside the same pipeline;
+- :func:`saved_bytes`: the bytes a forward pass keeps for backward, with or without a policy.
+"""
+
+from fastaccum.memory.checkpoint import checkpoint
+from fastaccum.memory.measure import SavedBytes, saved_bytes
+from fastaccum.memory.offload import PinnedPool
+from fastaccum.memory.policy import ActivationPolicy, Session, SessionStats, save_activations
+
+__all__ = [
+    "ActivationPolicy",
+    "PinnedPool",
+    "SavedBytes",
+    "Session",
+    "SessionStats",
+    "checkpoint",
+    "save_activations",
+    "saved_bytes",
+]
