@@ -1,0 +1,495 @@
+"""Batch planning: the largest micro-batch that fits, and the accumulation that follows.
+
+``plan_batch`` answers "which micro-batch b and how many accumulation steps K give my
+target batch on this device" by measuring real training steps of the user's own model:
+
+- **Prediction.** The peak of a training step is, to a very good approximation,
+  ``fixed + per_sample x b``: the fixed part is the parameters, the accumulators or
+  gradients and the optimizer state; the per-sample part is the activations saved for
+  backward and the transient buffers that scale with the batch. Two probes (b = 1 and a
+  slightly larger b) give both numbers; the budget then gives the largest b.
+- **Verification.** The chosen b runs once more for real; if its measured peak exceeds the
+  usable budget, b shrinks by the measured slope and is checked again.
+- **Search on CUDA without a budget.** Real steps probe the device: b doubles until a step
+  runs out of memory (``torch.OutOfMemoryError`` is caught and the memory released) or
+  exceeds the usable memory, then a bisection finds the exact largest b in between: a
+  fine search, not halving.
+
+A probe is one accumulation window of two micro-batches through fastaccum's wrapper:
+forward, backward and fold into the fp32 accumulators, then the boundary step of the
+optimizer. Memory is tensor memory: on CUDA the allocator's peak
+(``max_memory_allocated``), on the CPU the same figure counted op by op
+(:class:`fastaccum.memory.peak.LiveTensorBytes`).
+
+Nothing the user had changes: the model's parameters, gradients, buffers and plain
+attributes, the optimizer's state and hyperparameters (and a fastaccum wrapper's
+accumulation state and GradScaler), and the torch, CUDA, ``random`` and NumPy random
+states are saved before the first probe and restored afterwards, also when a probe fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import math
+import random
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastaccum.memory.peak import peak_bytes, tensor_bytes
+
+__all__ = ["BatchPlan", "PlanningError", "plan_batch"]
+
+MiB = float(2**20)
+
+
+class PlanningError(RuntimeError):
+    """No micro-batch fits: the message says how much memory is missing."""
+
+
+@dataclass
+class BatchPlan:
+    """What ``plan_batch`` chose, and why. Sizes are in samples, memory in bytes."""
+
+    target_batch_size: int
+    micro_batch_size: int
+    accum_steps: int
+    last_micro_batch_size: int
+    device: str
+    budget_bytes: int
+    usable_bytes: int
+    fixed_bytes: int
+    per_sample_bytes: float
+    predicted_peak_bytes: int
+    measured_peak_bytes: int
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Samples per optimizer step: ``micro_batch_size * (accum_steps - 1) +
+        last_micro_batch_size``, which is always the target."""
+        return self.micro_batch_size * (self.accum_steps - 1) + self.last_micro_batch_size
+
+    def micro_batch_sizes(self) -> list[int]:
+        """The size of each micro-batch of one window."""
+        return [self.micro_batch_size] * (self.accum_steps - 1) + [self.last_micro_batch_size]
+
+    def __str__(self) -> str:
+        lines = [
+            f"batch plan on {self.device}: target {self.target_batch_size} = "
+            + (
+                f"{self.accum_steps} x {self.micro_batch_size}"
+                if self.last_micro_batch_size == self.micro_batch_size
+                else f"{self.accum_steps - 1} x {self.micro_batch_size} + "
+                f"{self.last_micro_batch_size}"
+            ),
+            f"  micro_batch_size {self.micro_batch_size}, accum_steps {self.accum_steps}",
+            f"  memory: budget {self.budget_bytes / MiB:.1f} MiB, usable "
+            f"{self.usable_bytes / MiB:.1f} MiB; fixed {self.fixed_bytes / MiB:.1f} MiB + "
+            f"{self.per_sample_bytes / MiB:.3f} MiB per sample",
+            f"  peak: predicted {self.predicted_peak_bytes / MiB:.1f} MiB, measured "
+            f"{self.measured_peak_bytes / MiB:.1f} MiB",
+        ]
+        lines += [f"  - {r}" for r in self.reasons]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def _to_cpu(tree: Any) -> Any:
+    """A deep copy of ``tree`` with every tensor copied to the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return copy.deepcopy(tree)
+
+
+class _Saved:
+    """Everything a probe may change, saved to the CPU and put back in place."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        from fastaccum.optim import AccumulatingOptimizer
+
+        self.model = model
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.grads: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.attrs: list[tuple[torch.nn.Module, dict[str, Any]]] = []
+        for module in model.modules():
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                self.tensors.append((t, t.detach().to("cpu", copy=True)))
+            for p in module.parameters(recurse=False):
+                self.grads.append(
+                    (p, None if p.grad is None else p.grad.detach().to("cpu", copy=True))
+                )
+            plain = {}
+            for name, value in vars(module).items():
+                if isinstance(value, torch.Tensor):
+                    plain[name] = (value, value.detach().to("cpu", copy=True))
+                elif isinstance(value, (bool, int, float, str, type(None))):
+                    plain[name] = value
+            self.attrs.append((module, plain))
+        self.optimizer = optimizer
+        self.wrapper_state = None
+        self.scaler_state = None
+        self.optim_state = None
+        if isinstance(optimizer, AccumulatingOptimizer):
+            self.wrapper_state = _to_cpu(optimizer.state_dict())
+            if optimizer.scaler is not None:
+                self.scaler_state = copy.deepcopy(optimizer.scaler.state_dict())
+        elif optimizer is not None:
+            # Saved and restored in place (not with load_state_dict, which replaces the
+            # param_groups list that wrappers and schedulers may share).
+            self.optim_state = {
+                p: (_to_cpu(s), {k: v.device for k, v in s.items() if torch.is_tensor(v)})
+                for p, s in optimizer.state.items()
+            }
+            self.groups = [
+                {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                for g in optimizer.param_groups
+            ]
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.py_rng = random.getstate()
+        np = sys.modules.get("numpy")
+        self.np_rng = np.random.get_state() if np is not None else None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, saved in self.tensors:
+                t.copy_(saved)
+            for p, grad in self.grads:
+                p.grad = None if grad is None else grad.to(p.device)
+            for module, plain in self.attrs:
+                for name, value in plain.items():
+                    if isinstance(value, tuple):
+                        tensor, saved = value
+                        tensor.copy_(saved)
+                        setattr(module, name, tensor)
+                    else:
+                        setattr(module, name, value)
+        opt = self.optimizer
+        if self.wrapper_state is not None:
+            opt.load_state_dict(self.wrapper_state)
+            if self.scaler_state is not None:
+                opt.scaler.load_state_dict(self.scaler_state)
+        elif self.optim_state is not None:
+            opt.state.clear()
+            for p, (state, devices) in self.optim_state.items():
+                opt.state[p] = {
+                    k: v.to(devices[k]) if k in devices else v for k, v in state.items()
+                }
+            for group, saved in zip(opt.param_groups, self.groups, strict=True):
+                group.update(saved)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        random.setstate(self.py_rng)
+        if self.np_rng is not None:
+            sys.modules["numpy"].random.set_state(self.np_rng)
+
+
+# ------------------------------------------------------------------------------ probes
+
+
+def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    out = model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    if isinstance(out, dict):
+        out = out.get("loss", next(iter(out.values())))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"the model returned {type(out).__name__}; pass loss_fn(model, batch) -> Tensor"
+        )
+    return out if out.dim() == 0 else out.float().mean()
+
+
+class _Prober:
+    def __init__(self, model, make_batch, optimizer, loss_fn, policy, device) -> None:
+        from fastaccum.optim import AccumulatingOptimizer, wrap
+
+        self.model, self.make_batch, self.loss_fn = model, make_batch, loss_fn
+        self.policy, self.device = policy, device
+        if isinstance(optimizer, AccumulatingOptimizer):
+            self.opt = optimizer
+        elif optimizer is not None:
+            self.opt = wrap(optimizer, 2)
+        else:
+            self.opt = None
+
+    def _resident(self) -> int:
+        """Bytes of the tensors a probe finds already allocated (CPU accounting)."""
+        model, opt = self.model, self.opt
+        tensors = [*model.parameters(), *model.buffers()]
+        tensors += [p.grad for p in model.parameters() if p.grad is not None]
+        if opt is not None:
+            state = opt.optimizer.state.values()
+            tensors += [v for s in state for v in s.values() if torch.is_tensor(v)]
+            tensors += [*opt._accums.values(), *opt._masters.values()]
+        return tensor_bytes(tensors)
+
+    def _window(self, b: int) -> None:
+        """Two micro-batches of b samples and the boundary step."""
+        opt = self.opt
+        for _ in range(2):
+            batch = self.make_batch(b)
+            session = contextlib.nullcontext()
+            if self.policy is not None:
+                from fastaccum.memory import save_activations
+
+                session = save_activations(self.policy)
+            with session:
+                loss = self.loss_fn(self.model, batch)
+            loss.backward()
+            del loss, batch
+            if opt is None:
+                continue
+            if opt.step():
+                break
+            opt.zero_grad()
+        if opt is not None and opt.micro_step > 0:
+            opt.flush()
+        self.model.zero_grad(set_to_none=True)
+
+    def peak(self, b: int) -> int | None:
+        """Measured peak bytes of one probe window at micro-batch b, or None on OOM."""
+        if self.device.type == "cuda":
+            before = torch.cuda.memory_allocated(self.device)
+        else:
+            before = self._resident()
+        try:
+            measured, _ = peak_bytes(lambda: self._window(b), self.device)
+        except torch.OutOfMemoryError:
+            self.model.zero_grad(set_to_none=True)
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+        return before + measured
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def _split(target: int, largest: int) -> tuple[int, int, int]:
+    """(micro, accum_steps, last): the fewest micro-batches of at most ``largest`` samples,
+    as even as possible, summing to ``target``."""
+    k = math.ceil(target / largest)
+    micro = math.ceil(target / k)
+    return micro, k, target - micro * (k - 1)
+
+
+def _default_budget(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        # Memory the caching allocator holds but has not handed out is reusable too.
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device), "free CUDA memory plus this process's"
+    if device.type == "cpu":
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024, "MemAvailable of /proc/meminfo"
+    raise ValueError(f"plan_batch plans for CPU or CUDA devices, got {device}")
+
+
+@contextlib.contextmanager
+def _train_mode(model: torch.nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def plan_batch(
+    model: torch.nn.Module,
+    make_batch: Callable[[int], Any],
+    target_batch_size: int,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+    memory_budget: int | float | None = None,
+    headroom: float = 0.1,
+    policy: Any = None,
+    verbose: bool = True,
+) -> BatchPlan:
+    """Choose the micro-batch size and accumulation steps for ``target_batch_size``.
+
+    Args:
+        model: the model, on the device to plan for (its first parameter's device).
+        make_batch: ``make_batch(n)`` returns a batch of n samples, as the training loop
+            feeds the model.
+        target_batch_size: samples per optimizer step (the effective batch).
+        optimizer: the optimizer to be used (a ``torch.optim`` optimizer or a fastaccum
+            wrapper); its state counts in the fixed memory. None plans forward and backward
+            with plain ``.grad`` only.
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar loss; default: the model's
+            output if scalar, else its mean (enough to exercise backward, but pass the real
+            loss for the exact footprint).
+        memory_budget: bytes of tensor memory to plan for; None takes what the device has
+            (CUDA: free plus already allocated; CPU: MemAvailable).
+        headroom: fraction of the budget kept free (allocator fragmentation, stray
+            buffers), in [0, 1).
+        policy: a ``fastaccum.ActivationPolicy`` to probe under, or None.
+        verbose: print each probe to stderr.
+
+    Returns:
+        A :class:`BatchPlan`. ``micro_batch_size * (accum_steps - 1) +
+        last_micro_batch_size == target_batch_size`` always; when the last micro-batch is
+        smaller the reasons say so (pass ``num_items`` to ``opt.step`` so it weighs right).
+
+    Raises:
+        ValueError: target < 1, headroom outside [0, 1), budget <= 0, no parameters.
+        PlanningError: even micro-batch 1 does not fit; the message says how much memory
+            is missing.
+    """
+    if isinstance(target_batch_size, bool) or not isinstance(target_batch_size, int):
+        raise TypeError(f"target_batch_size must be an int, got {type(target_batch_size).__name__}")
+    if target_batch_size < 1:
+        raise ValueError(f"target_batch_size must be >= 1, got {target_batch_size}")
+    if not (0.0 <= headroom < 1.0):
+        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    if memory_budget is not None and not memory_budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("model has no parameters to plan for")
+    device = params[0].device
+    if memory_budget is None:
+        budget, budget_source = _default_budget(device)
+    else:
+        budget, budget_source = int(memory_budget), "memory_budget"
+    usable = int(budget * (1.0 - headroom))
+    reasons = [f"budget {budget / MiB:.1f} MiB from {budget_source}; {headroom:.0%} kept free"]
+
+    def say(msg: str) -> None:
+        if verbose:
+            print(f"fastaccum plan: {msg}", file=sys.stderr, flush=True)
+
+    saved = _Saved(model, optimizer)
+    try:
+        with _train_mode(model):
+            prober = _Prober(model, make_batch, optimizer, loss_fn or _default_loss, policy, device)
+            measured: dict[int, int | None] = {}
+
+            def probe(b: int) -> int | None:
+                if b not in measured:
+                    measured[b] = prober.peak(b)
+                    peak = measured[b]
+                    state = "out of memory" if peak is None else f"peak {peak / MiB:.1f} MiB"
+                    fits = peak is not None and peak <= usable
+                    say(f"micro-batch {b}: {state} ({'fits' if fits else 'does not fit'})")
+                return measured[b]
+
+            def fits(b: int) -> bool:
+                peak = probe(b)
+                return peak is not None and peak <= usable
+
+            small = probe(1)
+            if small is None or small > usable:
+                detail = "out of memory" if small is None else f"{small / MiB:.1f} MiB"
+                missing = "" if small is None else f", {(small - usable) / MiB:.1f} MiB missing"
+                raise PlanningError(
+                    f"micro-batch 1 does not fit: it needs {detail} against {usable / MiB:.1f} "
+                    f"MiB usable ({budget / MiB:.1f} MiB budget, headroom {headroom:.0%})"
+                    f"{missing}; lower the model's memory (an activation policy, a smaller "
+                    "model or dtype) or raise the budget"
+                )
+            b2 = min(target_batch_size, 4)
+            per_sample = 0.0
+            if b2 > 1:
+                big = probe(b2)
+                if big is not None:
+                    per_sample = max((big - small) / (b2 - 1), 0.0)
+            fixed = int(small - per_sample)
+            if per_sample > 0:
+                predicted_max = int((usable - fixed) // per_sample)
+            else:
+                predicted_max = target_batch_size
+            best = max(1, min(target_batch_size, predicted_max))
+            reasons.append(
+                f"measured: fixed {fixed / MiB:.1f} MiB + {per_sample / MiB:.3f} MiB per sample"
+                f" -> at most {predicted_max} samples per micro-batch predicted"
+            )
+            if device.type == "cuda" and memory_budget is None:
+                best = _search(fits, best, target_batch_size)
+                reasons.append(f"largest micro-batch found by real steps: {best}")
+            else:
+                # Verify the prediction with a real step; shrink by the slope if it is off.
+                while best > 1 and not fits(best):
+                    peak = measured[best]
+                    over = (peak - usable) if peak is not None else per_sample * best / 2
+                    step = max(1, math.ceil(over / per_sample)) if per_sample > 0 else 1
+                    best = max(1, best - step)
+            micro, k, last = _split(target_batch_size, best)
+            if micro not in measured:
+                probe(micro)
+            if measured[micro] is None or measured[micro] > usable:
+                raise PlanningError(
+                    f"micro-batch {micro} did not fit when verified; plan again with a "
+                    "larger headroom"
+                )
+            if last == micro:
+                reasons.append(f"{target_batch_size} = {k} x {micro}: an exact split")
+            else:
+                reasons.append(
+                    f"{target_batch_size} = {k - 1} x {micro} + {last}: no exact split with "
+                    f"micro-batches of at most {best}; the last is smaller, so give "
+                    "opt.step(num_items=...) the sample counts to weigh it right"
+                )
+            if micro < best:
+                reasons.append(
+                    f"micro-batch {micro} rather than {best}: the same {k} steps, evenly split"
+                )
+            plan = BatchPlan(
+                target_batch_size=target_batch_size,
+                micro_batch_size=micro,
+                accum_steps=k,
+                last_micro_batch_size=last,
+                device=str(device),
+                budget_bytes=budget,
+                usable_bytes=usable,
+                fixed_bytes=fixed,
+                per_sample_bytes=per_sample,
+                predicted_peak_bytes=int(fixed + per_sample * micro),
+                measured_peak_bytes=int(measured[micro]),
+                reasons=reasons,
+            )
+    finally:
+        saved.restore()
+    say(str(plan).splitlines()[0])
+    return plan
+
+
+def _search(fits: Callable[[int], bool], guess: int, target: int) -> int:
+    """The largest b in [1, target] with fits(b), given fits(1): double from the guess
+    until a failure, then bisect between the last fit and the first failure."""
+    lo = 1
+    hi = None
+    b = max(1, guess)
+    while b <= target:
+        if fits(b):
+            lo = b
+            if b == target:
+                return b
+            b = min(target, b * 2)
+        else:
+            hi = b
+            break
+    if hi is None:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
