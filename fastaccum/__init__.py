@@ -17,6 +17,11 @@ _LAZY = {
     "ActivationPolicy": "fastaccum.memory",
     "checkpoint": "fastaccum.memory",
     "save_activations": "fastaccum.memory",
+    "BatchPlan": "fastaccum.memory.planner",
+    "PlanningError": "fastaccum.memory.planner",
+    "plan_batch": "fastaccum.memory.planner",
+    "scale_lr": "fastaccum.optim.lr",
+    "warmup": "fastaccum.optim.lr",
 }
 
 
@@ -36,12 +41,17 @@ __all__ = [
     "AccumulateResult",
     "AccumulatingOptimizer",
     "ActivationPolicy",
+    "BatchPlan",
+    "PlanningError",
     "__version__",
     "accumulate_",
     "checkpoint",
     "convert_batchnorm",
     "finalize_",
     "fuse_wgrad",
+    "plan_batch",
     "save_activations",
+    "scale_lr",
+    "warmup",
     "wrap",
 ]
