@@ -320,6 +320,24 @@ class SessionStats:
     host_bytes: int = 0
 
 
+# The next autograd sequence number of this thread (private torch API; without it the
+# ReLU rule is off, which only costs memory).
+_NEXT_SEQUENCE_NR: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)
+
+
+def _is_relu_own_save(t: torch.Tensor) -> bool:
+    """True when ReLU itself is saving its output ``t`` (its backward needs only t > 0).
+
+    ReLU saves its output right after its node is created, before any other node exists:
+    the node's sequence number is then the last one handed out in this thread. Any later
+    save of the same tensor (by the op that consumes it) comes after that op's node.
+    """
+    node = t.grad_fn
+    if node is None or _NEXT_SEQUENCE_NR is None or type(node).__name__ not in _RELU_NODES:
+        return False
+    return node._sequence_nr() == _NEXT_SEQUENCE_NR() - 1
+
+
 def _is_parameter_like(t: torch.Tensor) -> bool:
     """True for parameters and other leaves that require grad (their memory is held
     anyway), views of them, and view/cast chains that end at an ``nn.Parameter`` (a cast is
@@ -373,15 +391,13 @@ class Encoder:
             return True
         return t.numel() * t.element_size() < p.min_bytes
 
-    def _kind(self, t: torch.Tensor, entry: dict[str, Any]) -> tuple[str, float]:
+    def _kind(self, t: torch.Tensor) -> tuple[str, float]:
         """The decision for ``t``, and for masks the value the set bits stand for."""
         p = self.policy
         if p.masks:
             if t.dtype == torch.bool:
                 return "mask", 1.0
-            # Autograd saves a ReLU's output before anything else can see it, so the first
-            # save of a tensor whose node is ReLU is ReLU's own, and needs only the sign.
-            if not entry and t.grad_fn is not None and type(t.grad_fn).__name__ in _RELU_NODES:
+            if _is_relu_own_save(t):
                 return "relu", 1.0
             if not t.requires_grad:
                 # Two-valued {0, c} tensors that need no gradient: dropout's scaled keep
@@ -414,7 +430,7 @@ class Encoder:
         if ref is None or ref() is not t:
             entry = {}
             self._seen[key] = (weakref.ref(t, self._forget(key)), entry)
-        kind, mask_value = self._kind(t, entry)
+        kind, mask_value = self._kind(t)
         if kind == "raw" and not (self.policy.offload and t.is_cuda):
             # Neither compressed nor offloaded: autograd holds the tensor itself.
             self.stats.kept += 1

@@ -159,3 +159,27 @@ def test_no_grad_and_bad_arguments():
     with pytest.raises(TypeError, match="policy must be an ActivationPolicy"):
         checkpoint(torch.exp, torch.zeros(3), policy=8)
     assert fastaccum.checkpoint is checkpoint
+
+
+def test_region_ending_in_relu_feeds_the_next_layer_exactly():
+    """The region's ReLU output is saved outside the region (region input of the next one,
+    and by the head) with its full values, not as ReLU's mask."""
+    torch.manual_seed(0)
+    stage = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(inplace=True))
+    head = torch.nn.Linear(64, 8)
+
+    def forward(x, ckpt):
+        h = checkpoint(stage, x) if ckpt else stage(x)
+        h = checkpoint(stage, h) if ckpt else stage(h)
+        return head(h).square().mean()
+
+    x = X.detach().requires_grad_()
+    forward(x, False).backward()
+    exact = [p.grad.clone() for p in [*stage.parameters(), *head.parameters(), x]]
+    for p in [*stage.parameters(), *head.parameters(), x]:
+        p.grad = None
+    with save_activations(ActivationPolicy(bits=None, min_bytes=0)):
+        loss = forward(x, True)
+    loss.backward()
+    for p, e in zip([*stage.parameters(), *head.parameters(), x], exact, strict=True):
+        assert torch.equal(p.grad, e)

@@ -308,3 +308,18 @@ def test_bad_use_raises():
         ActivationPolicy().__exit__(None, None, None)
     with pytest.raises(TypeError, match=r"must be a torch\.nn\.Module"):
         ActivationPolicy().attach(lambda x: x)
+
+
+def test_relu_output_made_before_the_session_is_stored_in_full():
+    """Only ReLU's own save may become a mask: a ReLU output computed outside the session
+    and saved inside it by a Linear keeps its values (a mask would corrupt dW)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+    x = torch.randn(128, 64, requires_grad=True)
+    h = torch.relu(x * 1.0)
+    with save_activations(ActivationPolicy(bits=None, min_bytes=0)) as s:
+        out = lin(h)
+    out.square().sum().backward()
+    assert s.stats.masks == 0
+    want = 2 * lin(h).detach().t() @ h.detach()
+    assert_close_rel(lin.weight.grad, want, 1e-5)
