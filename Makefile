@@ -1,5 +1,7 @@
 # The two commands of the README:
-#   make demo   installs fastaccum and runs `fastaccum bench` on its default workload
+#   make demo   installs fastaccum and runs `fastaccum bench` on its default workload (a
+#               byte-level GPT trained on the Python standard library's sources, native
+#               PyTorch against fastaccum; table, bench.json and bench.png in fastaccum-bench/)
 #   make test   installs fastaccum with its test tools and runs lint + the whole test suite
 #
 # Install rules: keep the torch that is already installed; with none, take torch==2.13.0
@@ -15,14 +17,14 @@ TORCH_VERSION ?= 2.13.0
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	$(PIP) install setuptools wheel ninja pybind11
-	$(PIP) install --no-build-isolation -e ".[test,triton]"
+	$(PIP) install --no-build-isolation -e ".[test,triton,bench,examples]"
 
 demo: install
 	fastaccum bench
 
 lint:
-	ruff check fastaccum tests benchmarks setup.py
-	ruff format --check fastaccum tests benchmarks setup.py
+	ruff check fastaccum tests benchmarks examples setup.py
+	ruff format --check fastaccum tests benchmarks examples setup.py
 
 test: install lint
 	$(PYTHON) -m pytest tests

@@ -53,6 +53,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    elif torch.device(config.device).type == "cpu":
+        # One thread by default on the CPU: the default model's ops are small, and on a busy
+        # machine several threads per op wait on each other (measured 10x slower on a loaded
+        # 2-core box); both sides of every comparison get the same thread count.
+        torch.set_num_threads(1)
     try:
         report = run_training_bench(config, Path(args.out), progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:
@@ -142,7 +147,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="GPU: cap this process's GPU memory, so that the native large batch runs out "
         "of memory while micro-batches with accumulation train (GPU-only for now)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: 1 on the CPU, for stable timings)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)
 

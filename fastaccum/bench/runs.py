@@ -53,7 +53,7 @@ class BenchConfig:
     model: str = "tiny"
     micro_batch: int = 4
     accum_steps: int = 4
-    steps: int = 12
+    steps: int = 20
     dtype: str = "fp32"
     seed: int = 0
     device: str = "cpu"

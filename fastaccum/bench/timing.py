@@ -39,4 +39,5 @@ def device_name(device: torch.device) -> str:
     """A readable device name (the GPU model on CUDA, the thread count on the CPU)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
