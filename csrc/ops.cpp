@@ -42,6 +42,27 @@ TORCH_LIBRARY(fastaccum, m) {
       "Tensor(d!)[] exp_avg_sqs, float factor, Tensor? factor_tensor, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
       "bool maximize, int step) -> ()");
+  // Fused batch normalization over dim 1 (the channels) of x: (N, C) or (N, C, *spatial),
+  // fp32/bf16/fp16, contiguous or channels-last (outputs keep x's layout). Per-channel
+  // tensors have shape (C,) and are read as fp32; every statistic is fp32.
+  // bn_stats: per-channel mean and M2 (sum of squared deviations from the mean).
+  m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor m2)");
+  // y = act((x - mean) * invstd * weight + bias), act = ReLU when relu; weight/bias None
+  // mean 1/0.
+  m.def(
+      "bn_apply(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
+      "bool relu) -> Tensor");
+  // sum_dy = sum(g), sum_dy_xhat = sum(g * (x - mean) * invstd) per channel, where g is
+  // grad_y masked by the ReLU of bn_apply(x, ...) when relu.
+  m.def(
+      "bn_backward_reduce(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor? bias, bool relu) -> (Tensor sum_dy, Tensor sum_dy_xhat)");
+  // The input gradient of training-mode batch norm (through the batch statistics):
+  // weight * invstd * (g - sum_dy / count - xhat * sum_dy_xhat / count).
+  m.def(
+      "bn_backward_apply(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor? bias, Tensor sum_dy, Tensor sum_dy_xhat, int count, "
+      "bool relu) -> Tensor");
   // Per-group min/max quantization of x (float32/bf16/fp16, contiguous, read flat) to
   // `bits`-bit codes (2, 4 or 8), group_size (a power of two, 32..4096) elements per group,
   // with seeded stochastic rounding (stochastic) or round-to-nearest. Returns

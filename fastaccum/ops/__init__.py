@@ -7,6 +7,15 @@ from fastaccum.ops.accumulate import (
     finalize_,
     finalize_ref,
 )
+from fastaccum.ops.batchnorm import (
+    BatchNormGradSums,
+    BatchNormStats,
+    batch_norm_apply,
+    batch_norm_backward_apply,
+    batch_norm_backward_reduce,
+    batch_norm_stats,
+    batch_norm_train,
+)
 from fastaccum.ops.optim_step import (
     adam_window_step_,
     adam_window_step_ref,
@@ -16,10 +25,17 @@ from fastaccum.ops.optim_step import (
 
 __all__ = [
     "AccumulateResult",
+    "BatchNormGradSums",
+    "BatchNormStats",
     "accumulate_",
     "accumulate_ref",
     "adam_window_step_",
     "adam_window_step_ref",
+    "batch_norm_apply",
+    "batch_norm_backward_apply",
+    "batch_norm_backward_reduce",
+    "batch_norm_stats",
+    "batch_norm_train",
     "finalize_",
     "finalize_ref",
     "sgd_window_step_",
