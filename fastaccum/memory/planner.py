@@ -3,17 +3,17 @@
 ``plan_batch`` answers "which micro-batch b and how many accumulation steps K give my
 target batch on this device" by measuring real training steps of the user's own model:
 
-- **Prediction.** The peak of a training step is, to a very good approximation,
+- **Prediction.** The peak of a training step is, to a good approximation,
   ``fixed + per_sample x b``: the fixed part is the parameters, the accumulators or
   gradients and the optimizer state; the per-sample part is the activations saved for
-  backward and the transient buffers that scale with the batch. Two probes (b = 1 and a
-  slightly larger b) give both numbers; the budget then gives the largest b.
-- **Verification.** The chosen b runs once more for real; if its measured peak exceeds the
-  usable budget, b shrinks by the measured slope and is checked again.
-- **Search on CUDA without a budget.** Real steps probe the device: b doubles until a step
-  runs out of memory (``torch.OutOfMemoryError`` is caught and the memory released) or
-  exceeds the usable memory, then a bisection finds the exact largest b in between: a
-  fine search, not halving.
+  backward and the transient buffers that scale with the batch. Two probes (b = 1 and
+  b = 4) give both numbers, and the usable memory (the budget less ``headroom``) gives a
+  first guess for the largest b.
+- **Search by real steps.** The guess is then checked with a real window and refined:
+  secant steps through the two largest probes that fit (the peak is not quite linear in
+  b), then a bisection to the exact largest b that fits: a fine search, not halving.
+  On CUDA a probe that runs out of memory (``torch.OutOfMemoryError``) counts as not
+  fitting; its memory is released and the search goes on.
 
 A probe is one accumulation window of two micro-batches through fastaccum's wrapper:
 forward, backward and fold into the fp32 accumulators, then the boundary step of the
@@ -54,7 +54,12 @@ class PlanningError(RuntimeError):
 
 @dataclass
 class BatchPlan:
-    """What ``plan_batch`` chose, and why. Sizes are in samples, memory in bytes."""
+    """What ``plan_batch`` chose, and why. Sizes are in samples, memory in bytes.
+
+    ``max_micro_batch_size`` is the largest micro-batch found to fit (capped at the
+    target); ``micro_batch_size`` may be smaller, to split the target evenly into the same
+    number of steps.
+    """
 
     target_batch_size: int
     micro_batch_size: int
@@ -67,6 +72,7 @@ class BatchPlan:
     per_sample_bytes: float
     predicted_peak_bytes: int
     measured_peak_bytes: int
+    max_micro_batch_size: int
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -419,16 +425,11 @@ def plan_batch(
                 f"measured: fixed {fixed / MiB:.1f} MiB + {per_sample / MiB:.3f} MiB per sample"
                 f" -> at most {predicted_max} samples per micro-batch predicted"
             )
-            if device.type == "cuda" and memory_budget is None:
-                best = _search(fits, best, target_batch_size)
-                reasons.append(f"largest micro-batch found by real steps: {best}")
-            else:
-                # Verify the prediction with a real step; shrink by the slope if it is off.
-                while best > 1 and not fits(best):
-                    peak = measured[best]
-                    over = (peak - usable) if peak is not None else per_sample * best / 2
-                    step = max(1, math.ceil(over / per_sample)) if per_sample > 0 else 1
-                    best = max(1, best - step)
+            best = _largest_fitting(fits, measured, usable, best, target_batch_size)
+            reasons.append(
+                f"largest micro-batch that fits, found by real steps: {best} "
+                f"({len(measured)} probes)"
+            )
             micro, k, last = _split(target_batch_size, best)
             if micro not in measured:
                 probe(micro)
@@ -461,6 +462,7 @@ def plan_batch(
                 per_sample_bytes=per_sample,
                 predicted_peak_bytes=int(fixed + per_sample * micro),
                 measured_peak_bytes=int(measured[micro]),
+                max_micro_batch_size=best,
                 reasons=reasons,
             )
     finally:
@@ -469,23 +471,45 @@ def plan_batch(
     return plan
 
 
-def _search(fits: Callable[[int], bool], guess: int, target: int) -> int:
-    """The largest b in [1, target] with fits(b), given fits(1): double from the guess
-    until a failure, then bisect between the last fit and the first failure."""
-    lo = 1
-    hi = None
-    b = max(1, guess)
-    while b <= target:
+def _largest_fitting(
+    fits: Callable[[int], bool],
+    measured: dict[int, int | None],
+    usable: int,
+    guess: int,
+    target: int,
+) -> int:
+    """The largest b in [1, target] with ``fits(b)``, given that 1 fits.
+
+    Secant steps first: each guess is where the line through the two largest fitting
+    probes reaches the usable memory (peaks grow about linearly with b). Once a guess
+    fails, or the guesses stop moving, the answer is bracketed (by doubling the step if
+    need be) and bisected to the exact integer.
+    """
+    lo, hi = 1, target + 1  # fits(lo) holds; hi is the smallest known failure (or beyond)
+    b = max(1, min(guess, target))
+    for _ in range(6):
+        if not lo < b < hi:
+            break
         if fits(b):
             lo = b
-            if b == target:
-                return b
-            b = min(target, b * 2)
         else:
             hi = b
             break
-    if hi is None:
-        return lo
+        points = sorted((x, p) for x, p in measured.items() if p is not None and p <= usable)
+        if len(points) < 2:
+            break
+        (b1, p1), (b2, p2) = points[-2], points[-1]
+        slope = (p2 - p1) / (b2 - b1)
+        b = target if slope <= 0 else b2 + int((usable - p2) // slope)
+        b = min(b, target)
+    step = 1
+    while hi == target + 1 and lo < target:  # never failed yet: bracket from above
+        b = min(target, lo + step)
+        if fits(b):
+            lo = b
+            step *= 2
+        else:
+            hi = b
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastaccum
-from fastaccum.memory.peak import LiveTensorBytes, peak_bytes
+from fastaccum.memory.peak import LiveTensorBytes, peak_bytes, tensor_bytes
 from fastaccum.memory.planner import PlanningError, _split, plan_batch
 
 SEQ = 32
@@ -195,3 +195,33 @@ def test_bad_arguments(kwargs, error, match):
 def test_no_parameters_is_an_error():
     with pytest.raises(ValueError, match="no parameters"):
         plan_batch(torch.nn.ReLU(), _make_batch, 8, verbose=False)
+
+
+def test_search_finds_the_exact_largest_micro_batch():
+    # Reference: every micro-batch from 1 up, each a real window through the wrapper,
+    # with the memory already allocated (parameters, optimizer state) counted.
+    budget, headroom = 1.6e6, 0.1
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    plan = _plan(model, opt, budget, target=200)
+    usable = int(budget * (1 - headroom))
+    fresh = _model()
+    inner = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    largest = 0
+    for b in range(1, 200):
+        wrapped = fastaccum.wrap(inner, 2)
+
+        def window(wrapped=wrapped, b=b):
+            for _ in range(2):
+                _loss(fresh, _make_batch(b)).backward()
+                wrapped.step()
+                wrapped.zero_grad()
+
+        state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+        resident = tensor_bytes([*fresh.parameters(), *state])
+        peak, _ = peak_bytes(window, "cpu")
+        if resident + peak > usable:
+            break
+        largest = b
+    assert 1 < largest < 200
+    assert plan.max_micro_batch_size == largest
