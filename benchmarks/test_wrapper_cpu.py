@@ -2,6 +2,9 @@
 
 Providers, on the same model, data and AdamW settings:
 
+- ``fwd_bwd.fresh``:  K forward/backward passes that each make fresh gradients (``.grad``
+                      is reset before every backward), with no accumulation, clip or
+                      step: the work every provider must do. The floor for "overhead".
 - ``fwd_bwd``:        the native loop's K forward/backward passes alone, autograd
                       accumulating into ``.grad``, with no clip and no step.
 - ``native``:         ``(loss / K).backward()`` per micro-batch, then
@@ -10,9 +13,12 @@ Providers, on the same model, data and AdamW settings:
 - ``wrap.backward``:  the same with ``opt.backward(loss)``.
 - ``fused.AdamW.*``:  ``fastaccum.optim.AdamW(..., accum_steps=K, max_grad_norm=1)``, with
                       ``opt.step()`` or ``opt.backward(loss)``: the fused boundary update.
+- ``fused.AdamW.backward.wgrad``: the same with ``opt.backward`` after
+                      ``fastaccum.fuse_wgrad(model)``: Linear weight gradients are
+                      accumulated by the backward GEMM itself (beta=1).
 
 The summary prints each provider's time per window as a ratio to native, its per-window
-overhead beyond ``fwd_bwd`` as a ratio to native's overhead, and its peak resident memory
+overhead beyond ``fwd_bwd.fresh`` as a ratio to native's overhead, and its peak resident memory
 (``fastaccum.workloads.peak_rss_bytes``; the CPU allocator keeps no statistics).
 """
 
@@ -41,7 +47,15 @@ def _setup(provider):
     model = TinyGPT(dim=256, layers=4, ctx=SEQ)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = _data()
-    if provider == "fwd_bwd":
+    if provider == "fwd_bwd.fresh":
+
+        def window():
+            for batch in data:
+                model.zero_grad(set_to_none=True)  # autograd hands over fresh gradients
+                (_loss(model, batch) / K).backward()
+            model.zero_grad(set_to_none=True)
+
+    elif provider == "fwd_bwd":
 
         def window():
             for batch in data:
@@ -58,13 +72,15 @@ def _setup(provider):
             adamw.zero_grad()
 
     else:
+        if provider.endswith(".wgrad"):
+            fastaccum.fuse_wgrad(model)
         if provider.startswith("fused.AdamW"):
             opt = fastaccum.optim.AdamW(
                 model.parameters(), lr=1e-3, accum_steps=K, model=model, max_grad_norm=1.0
             )
         else:
             opt = fastaccum.wrap(adamw, K, model=model, max_grad_norm=1.0)
-        use_backward = provider.endswith("backward")
+        use_backward = ".backward" in provider
 
         def window():
             for batch in data:
@@ -78,16 +94,25 @@ def _setup(provider):
     return window
 
 
-@pytest.mark.parametrize(
-    "provider",
-    ["fwd_bwd", "native", "wrap.step", "wrap.backward", "fused.AdamW.step", "fused.AdamW.backward"],
-)
+WINDOW_PROVIDERS = [
+    "fwd_bwd.fresh",
+    "fwd_bwd",
+    "native",
+    "wrap.step",
+    "wrap.backward",
+    "fused.AdamW.step",
+    "fused.AdamW.backward",
+    "fused.AdamW.backward.wgrad",
+]
+
+
+@pytest.mark.parametrize("provider", WINDOW_PROVIDERS)
 def test_optimizer_window(benchmark, provider):
     torch.set_num_threads(torch.get_num_threads())
     window = _setup(provider)
     window()  # warm-up; creates optimizer state and accumulators
     benchmark.group = "window K=8 GPT 3.3M AdamW"
-    benchmark.extra_info.update(provider=provider, baseline="fwd_bwd")
+    benchmark.extra_info.update(provider=provider, baseline="fwd_bwd.fresh")
     benchmark.extra_info["peak_bytes"] = peak_rss_bytes(window)
     benchmark.pedantic(window, rounds=15, warmup_rounds=1)
 
