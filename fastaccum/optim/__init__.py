@@ -17,6 +17,7 @@ def wrap(
     accum_dtype: torch.dtype = torch.float32,
     master_weights: bool = False,
     scaler: torch.amp.GradScaler | None = None,
+    reduce_scatter_every_micro_step: bool = False,
 ) -> AccumulatingOptimizer:
     """Wrap ``optimizer`` so that it steps once per window of ``accum_steps`` micro-batches.
 
@@ -30,13 +31,19 @@ def wrap(
         master_weights: keep fp32 master copies of bf16/fp16 parameters for the update.
         scaler: a ``torch.amp.GradScaler``; its scale is held for a window, unscaling and
             the inf check happen once at the boundary, and its update runs per window.
+        reduce_scatter_every_micro_step: FSDP2 models only: reduce-scatter every
+            micro-batch and accumulate fp32 shards (less memory, K reduce-scatters per
+            window) instead of keeping unsharded gradients for one reduce-scatter per
+            window (see :mod:`fastaccum.distributed`).
 
     Returns:
         The :class:`AccumulatingOptimizer`, usable wherever an optimizer is expected.
 
     Raises:
         TypeError, ValueError: a non-optimizer, ``accum_steps < 1``, a parameter missing
-            from ``model``, a bad ``max_grad_norm`` or ``accum_dtype``.
+            from ``model``, a bad ``max_grad_norm`` or ``accum_dtype``, or an unsupported
+            distributed configuration.
+        RuntimeError: a DDP model that already has a communication hook.
     """
     return AccumulatingOptimizer(
         optimizer,
@@ -46,6 +53,7 @@ def wrap(
         accum_dtype=accum_dtype,
         master_weights=master_weights,
         scaler=scaler,
+        reduce_scatter_every_micro_step=reduce_scatter_every_micro_step,
     )
 
 

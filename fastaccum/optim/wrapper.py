@@ -9,13 +9,19 @@ Normalization. A micro-batch's loss is the mean over its ``num_items`` items, so
 gradient ``g_i`` is the mean of per-item gradients. The window gradient is the mean over
 all items: ``G = sum_i n_i g_i / sum_i n_i``. Without ``num_items`` every ``n_i`` is 1 and
 micro-batches weigh equally.
+
+Distributed models. With ``model=`` a ``DistributedDataParallel`` or an FSDP2
+(``fully_shard``) model, the wrapper also drives gradient synchronization: sync off inside
+a window, one reduction per window, item counts summed over ranks. See
+:mod:`fastaccum.distributed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -61,6 +67,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         accum_dtype: torch.dtype = torch.float32,
         master_weights: bool = False,
         scaler: torch.amp.GradScaler | None = None,
+        reduce_scatter_every_micro_step: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -120,6 +127,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_bytes = 0
         self._accum_steps = accum_steps
+        self._dist = None
         self._reset_window()
         self._attach_wgrad_sinks(model)
         self._skipped_windows = 0
@@ -128,6 +136,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._last_norm: float | None = None
         self._last_micro_sumsq: list[float] = []
         self._windows_since_inf = 0
+        self._warned_divided = False
+        from fastaccum.distributed import attach
+
+        self._dist = attach(self, model, reduce_scatter_every_micro_step)
+        self._sync_next()
 
     # ------------------------------------------------------------------ properties
 
@@ -193,6 +206,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
     def _reset_window(self) -> None:
         self._micro_step = 0
+        self._close_after = False
         self._weights: list[float] = []
         self._uses_num_items: bool | None = None
         self._window_bad: list[torch.Tensor] = []
@@ -200,6 +214,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # ids of the parameters that received a gradient in this window: only these step,
         # as torch.optim skips parameters whose .grad is None.
         self._touched: set[int] = set()
+        if self._dist is not None:
+            self._dist.start_window()
         self._start_micro_step()
 
     def _start_micro_step(self) -> None:
@@ -221,7 +237,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         acc = self._accums.get(p)
         if acc is None:
             dtype = self.accum_dtype if self.accum_dtype == torch.float32 else p.dtype
-            acc = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            shape = p.shape if self._dist is None else self._dist.local(p).shape
+            acc = torch.zeros(shape, dtype=dtype, device=p.device)
             self._accums[p] = acc
         return acc
 
@@ -246,11 +263,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     "gradients"
                 )
             by_device.setdefault(g.device, []).append((p, g))
+        local = (lambda t: t) if self._dist is None else self._dist.local
         for group in by_device.values():
             accums = [self._accum_for(p) for p, _ in group]
             # The lists are built here from parameters and their own gradients, so the
             # Python-side checks are skipped; the op still validates before it writes.
-            res = accumulate_unchecked(accums, [g.contiguous() for _, g in group], weight)
+            grads = [local(g).contiguous() for _, g in group]
+            res = accumulate_unchecked(accums, grads, weight)
             self._covers.append(({id(p) for p, _ in group}, res.accum_sumsq))
             self._touched.update(id(p) for p, _ in group)
             self._step_sumsq.append(res.grad_sumsq)
@@ -283,6 +302,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure()
+        # FSDP2 off the boundary holds gradients itself: step() then finds none.
+        expected = self._dist is None or self._dist.grads_expected(self._at_boundary())
         if self._hook_weight is not None:  # opt.backward() already folded this micro-batch
             weight, uses = self._hook_weight, self._hook_uses
             if num_items is not None and _check_num_items(num_items) != weight:
@@ -291,8 +312,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 )
             leftovers = [(p, p.grad) for p in self._params if p.grad is not None]
             if leftovers:
-                self._fold(leftovers, weight)
-            if not self._step_sumsq and not self._fused_this_step:
+                self._fold(leftovers, self._fold_weight(weight))
+            if expected and not self._step_sumsq and not self._fused_this_step:
                 self._hook_weight = None
                 raise RuntimeError(
                     "opt.backward(loss) produced no gradient for any wrapped parameter; check "
@@ -300,13 +321,18 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 )
         else:
             weight, uses = self._weight(num_items), num_items is not None
+            if self._dist is not None:
+                self._dist.check_step(uses)
             pairs = [(p, p.grad) for p in self._params if p.grad is not None]
-            if not pairs:
+            if expected and not pairs:
                 raise RuntimeError(
                     "step() found no gradients: call loss.backward() or opt.backward(loss) on "
                     "this micro-batch before opt.step()"
                 )
-            self._fold(pairs, weight)
+            if pairs:
+                self._fold(pairs, self._fold_weight(weight))
+        if self._dist is not None:
+            self._dist.after_micro_step()
         self._uses_num_items = uses
         if self._step_sumsq:
             device = self._step_sumsq[0].device
@@ -315,10 +341,42 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._micro_sumsq.append(torch.zeros((), dtype=torch.float64))
         self._weights.append(weight)
         self._micro_step += 1
-        if self._micro_step >= self._accum_steps:
+        if self._micro_step >= self._accum_steps or self._close_after:
             return self._finish_window()
         self._start_micro_step()
+        self._sync_next()
         return False
+
+    def _fold_weight(self, weight: float) -> float:
+        # Under FSDP2 opt.backward already put the weight into the gradient (see backward).
+        return 1.0 if self._dist is not None and self._dist.weights_in_loss else weight
+
+    def _at_boundary(self) -> bool:
+        """Whether the micro-batch in progress (the next one folded) closes the window."""
+        return self._micro_step + 1 >= self._accum_steps or self._close_after
+
+    def _sync_next(self) -> None:
+        """Set a distributed model's gradient sync for the next forward and backward: on
+        only when that micro-batch closes the window."""
+        if self._dist is not None:
+            self._dist.set_sync(self._at_boundary())
+
+    @contextlib.contextmanager
+    def accumulate(self, last: bool = False) -> Iterator[AccumulatingOptimizer]:
+        """Context for one micro-batch's forward and backward, for explicit loops.
+
+        On entry it sets the model's gradient sync (DDP's ``require_backward_grad_sync``,
+        FSDP2's ``set_requires_gradient_sync``) for this micro-batch: on only when it closes
+        the window. The wrapper already does this after every ``step()``, so the context is
+        optional; ``last=True`` makes this micro-batch close the window early (the next
+        ``step()`` steps on the partial window, with its reduction overlapped with backward
+        as a full window's is), e.g. at the end of an epoch. Without a distributed model it
+        only marks ``last``.
+        """
+        if last:
+            self._close_after = True
+        self._sync_next()
+        yield self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the model parameters' ``.grad`` (the accumulators are kept: they hold the
@@ -346,6 +404,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if self._hook_weight is not None:
             raise RuntimeError("opt.backward() was called twice without opt.step() in between")
         weight = self._weight(num_items)
+        self._warn_if_divided(loss)
         stale = [self._names[id(p)] for p in self._params if p.grad is not None]
         if stale:
             raise RuntimeError(
@@ -359,10 +418,18 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 if p.requires_grad
             ]
         self._hook_weight, self._hook_uses = weight, num_items is not None
+        if self._dist is not None and self._dist.weights_in_loss and weight != 1.0:
+            # FSDP2 reduces during backward: the micro-batch weight has to be in the
+            # gradient already, so backward starts from d(weight * loss) instead.
+            seed = kwargs.pop("gradient", None)
+            seed = torch.ones_like(loss) if seed is None else seed
+            kwargs["gradient"] = seed * weight
         self._hooks_active = True
         try:
             loss.backward(**kwargs)
             self._fold_pending()
+            if self._dist is not None:
+                self._dist.after_backward()
         except BaseException:
             self._pending = []
             self._pending_bytes = 0
@@ -370,6 +437,22 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._hooks_active = False
+
+    def _warn_if_divided(self, loss: torch.Tensor) -> None:
+        if self._warned_divided or self._accum_steps == 1:
+            return
+        from fastaccum.distributed import loss_divided_by
+
+        if loss_divided_by(loss, self._accum_steps):
+            self._warned_divided = True
+            warnings.warn(
+                f"fastaccum: the loss passed to opt.backward() looks divided by accum_steps="
+                f"{self._accum_steps}; the wrapper already averages over the window (over "
+                "num_items, or over micro-batches without it), so the gradient ends up "
+                f"{self._accum_steps}x too small. Pass the micro-batch's mean loss",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _fold_hook(self, p: torch.Tensor) -> None:
         # Gradients are taken off the parameter as autograd finishes them and folded in
@@ -387,7 +470,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     def _fold_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         if pending:
-            self._fold(pending, self._hook_weight)
+            self._fold(pending, self._fold_weight(self._hook_weight))
 
     # ------------------------------------------------------------------ fused wgrad
 
@@ -443,6 +526,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """
         if self._micro_step == 0:
             return False
+        if self._dist is not None:
+            self._dist.check_flush()
         return self._finish_window()
 
     def _window_norm_sq(self) -> torch.Tensor:
@@ -463,22 +548,42 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         return torch.stack([t.to(device=device, dtype=torch.float64) for t in parts]).sum()
 
     def _finish_window(self) -> bool:
-        total = math.fsum(self._weights)
         inv_scale = 1.0
         if self.scaler is not None and self.scaler.is_enabled():
             inv_scale = 1.0 / self.scaler.get_scale()
-        norm_sq = self._window_norm_sq()
-        device = norm_sq.device
+        # Under DDP the accumulators are about to be replaced by their reduced sum, whose
+        # norm the reduction measures; the local one is needed only when they stay local.
+        local_norm = self._touched and (self._dist is None or self._dist.sharded)
+        norm_sq = self._window_norm_sq() if local_norm else None
+        device = self._params[0].device if norm_sq is None else norm_sq.device
         if self._window_bad:
             bad = torch.stack([b.to(device) for b in self._window_bad]).any()
         else:  # only fused-wgrad layers: the norm's finiteness is the check
             bad = torch.zeros((), dtype=torch.bool, device=device)
         micro = torch.stack([m.to(device=device, dtype=torch.float64) for m in self._micro_sumsq])
-        # One host sync per window: the skip decision and the statistics.
-        host = torch.cat([norm_sq.reshape(1), bad.double().reshape(1), micro]).tolist()
-        norm = math.sqrt(host[0]) * inv_scale / total if math.isfinite(host[0]) else math.inf
-        found_bad = host[1] != 0.0 or not math.isfinite(norm)
-        self._last_micro_sumsq = [s * inv_scale * inv_scale for s in host[2:]]
+        if self._dist is None:
+            # One host sync per window: the skip decision and the statistics.
+            host = torch.cat([norm_sq.reshape(1), bad.double().reshape(1), micro]).tolist()
+            total, norm_sq_host, bad_host, micro_host = (
+                math.fsum(self._weights),
+                host[0],
+                host[1] != 0.0,
+                host[2:],
+            )
+        else:
+            # Reduction, then one exchange of counts and the same single host sync.
+            if norm_sq is None:
+                norm_sq = torch.zeros((), dtype=torch.float64, device=device)
+            total, norm_sq_host, bad_host, micro_host = self._dist.finish_window(
+                norm_sq, bad, micro
+            )
+        self._last_micro_sumsq = [s * inv_scale * inv_scale for s in micro_host]
+        if self._dist is not None:
+            inv_scale *= self._dist.grad_factor  # FSDP2's average over ranks, undone
+        norm = (
+            math.sqrt(norm_sq_host) * inv_scale / total if math.isfinite(norm_sq_host) else math.inf
+        )
+        found_bad = bad_host or not math.isfinite(norm)
         stepped = False
         if found_bad:
             self._skip_window()
@@ -497,6 +602,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
             end_window(self.model, discard=found_bad)
         self._reset_window()
+        self._sync_next()
         return stepped
 
     def _skip_window(self) -> None:
@@ -536,6 +642,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             by_device.setdefault((acc.device, True), []).append((target, acc))
         for target, acc in written:
             by_device.setdefault((acc.device, False), []).append((target, acc))
+        # Sharded (FSDP2) parameters take their local shard wrapped back into a DTensor.
+        local = (lambda t: t) if self._dist is None else self._dist.local
+        as_grad = (lambda target, t: t) if self._dist is None else self._dist.as_grad
         for (_, alias), group in by_device.items():
             accums = [acc for _, acc in group]
             if alias:
@@ -543,12 +652,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 # no second full-size gradient buffer at step time.
                 finalize_(accums, None, factor, zero_accums=False)
                 for target, acc in group:
-                    target.grad = acc
+                    target.grad = as_grad(target, acc)
             else:
-                outs = [torch.empty_like(target) for target, _ in group]
+                outs = [torch.empty_like(local(target)) for target, _ in group]
                 finalize_(accums, outs, factor, zero_accums=True)
                 for (target, _), out in zip(group, outs, strict=True):
-                    target.grad = out
+                    target.grad = as_grad(target, out)
         self.optimizer.step()
         if self._masters:
             with torch.no_grad():
@@ -581,8 +690,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         Returns a dict with ``grad_norm`` (global L2 norm of the last applied window's
         gradient, unscaled, before clipping; None before the first step),
         ``micro_batch_sumsq`` (squared L2 norms of each micro-batch's gradient in the last
-        finished window, unscaled), ``skipped_windows``, ``windows`` (applied),
-        ``items_seen`` (sum of num_items, or of micro-batches, over applied windows),
+        finished window, unscaled; under DDP this rank's micro-batches, under FSDP2 empty:
+        FSDP2 hands over only reduced shards), ``skipped_windows``, ``windows`` (applied),
+        ``items_seen`` (sum of num_items, or of micro-batches, over applied windows, over
+        all ranks under a distributed model),
         ``micro_step`` and ``accum_steps``.
         """
         return {
@@ -693,3 +804,4 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._last_norm = saved["last_norm"]
         self._last_micro_sumsq = list(saved["last_micro_sumsq"])
         self._windows_since_inf = saved["windows_since_inf"]
+        self._sync_next()

@@ -1,0 +1,637 @@
+"""torch.distributed integration: DDP and FSDP2 under fastaccum's window accumulation.
+
+``fastaccum.wrap(opt, K, model=ddp_or_fsdp_model)`` makes the wrapper drive the model's
+gradient synchronization: one reduction per window, normalization over every item of
+every rank, and the same clipping, skip and GradScaler decisions on all ranks. Nothing
+here is a communication engine of its own: DDP's buckets and FSDP2's reduce-scatter do
+the moving, and one small all-gather per window carries the counts.
+
+DDP
+---
+Sync flag. DDP decides in its *forward* whether the coming backward reduces (the
+``require_backward_grad_sync`` flag that ``no_sync()`` toggles). The wrapper knows the
+micro-step, so it sets that flag at wrap time and after every ``step()`` for the next
+micro-batch: off inside a window, on for the window's last micro-batch. The user writes
+nothing extra; ``with opt.accumulate():`` does the same explicitly, and
+``opt.accumulate(last=True)`` closes a window early (a partial last window).
+
+Boundary reduction. The window lives in fastaccum's fp32 accumulators, not in ``.grad``:
+``opt.backward``'s post-accumulate-grad hooks run inside autograd's AccumulateGrad, before
+DDP's reducer hook on the same parameter, so DDP sees no ``.grad`` there (its bucket slot
+is zeroed), and fused-wgrad layers never write ``.grad`` at all. So the wrapper registers a
+DDP communication hook. On the boundary micro-batch under ``opt.backward`` (its weight
+``num_items`` is known before backward starts) the hook all-reduces, per DDP bucket, the
+bucket's parameters' *accumulators* (which by then hold the last micro-batch too),
+flattened into one fp32 buffer, and writes the sum back into the accumulators in one
+``accumulate_`` pass that also yields the window norm and the non-finite flag. DDP's
+buckets thus carry exactly one all-reduce per bucket per window, overlapped with the
+boundary backward; parameters unused on that micro-batch are in their buckets too, so
+they are reduced as well. DDP's own write of the (zero) bucket into ``.grad`` is dropped.
+
+``loss.backward(); opt.step(num_items=n)`` is exact too, without the overlap: the weight
+of the last micro-batch is only known at ``step()``, after backward, so the hook passes
+the bucket through untouched, ``step()`` folds the gradient with its weight, and the
+boundary reduces the accumulators itself with the same per-bucket all-reduce (buckets of
+DDP's ``bucket_bytes_cap``, in reverse parameter order as DDP does). ``flush()`` of a
+partial window, whose last micro-batch ran without sync, takes the same path. The
+alternative design, DDP sync always off and every reduction done at the boundary, would
+have been as exact and a little simpler, but it gives up DDP's overlap of the reduction
+with the last backward and its bucket order; the hook keeps both for ``opt.backward``.
+
+FSDP2 (``fully_shard``)
+-----------------------
+Gradients leave FSDP2 already reduced (sharded ``DTensor`` ``.grad``), so a micro-batch's
+weight must be in its gradient before the reduction: ``opt.backward(loss, num_items=n)``
+seeds backward with ``n`` (the loss scaled by its item count) and folds FSDP's result with
+weight 1. ``loss.backward(); opt.step(num_items=n)`` cannot be made exact there and raises
+a ValueError naming ``opt.backward``; ``num_items`` left out (equal weights) works on both
+paths. FSDP2 averages over the data-parallel ranks; the wrapper multiplies that factor
+back, so it normalizes by the global item count itself. Two modes:
+
+* default (``reduce_scatter_every_micro_step=False``): ``set_requires_gradient_sync(False)``
+  off the boundary. FSDP2 keeps the window's *unsharded* gradient on every rank between
+  micro-batches (in the parameter dtype, or in ``MixedPrecisionPolicy.reduce_dtype`` when
+  that differs: set it to float32 for fp32 accumulation of low-precision parameters) and
+  reduce-scatters once per window; fastaccum's fp32 accumulator holds the local shard.
+  Memory: one full unsharded gradient per rank. Communication: one reduce-scatter per
+  window. A partial window must end inside ``with opt.accumulate(last=True):``.
+* ``reduce_scatter_every_micro_step=True``: FSDP2 reduce-scatters each micro-batch and
+  fastaccum adds each shard into its fp32 shard accumulator. Memory: the fp32 shard only
+  (1/world of the parameters). Communication: K reduce-scatters per window.
+
+Fused-wgrad layers are not fused under FSDP2 (their weight is FSDP's unsharded copy) and
+the fused optimizer classes do not take DTensor parameters: use ``fastaccum.wrap``.
+
+Counts and decisions
+--------------------
+Once per window, one all-gather of a small float64 vector carries each rank's item total,
+which parameters received a gradient, the AccumBatchNorm window statistics and, under
+FSDP2, the shard's squared norm and non-finite flag; every rank sums it in rank order, so
+all ranks divide by the same global item count and make the same clip, skip and GradScaler
+decisions (from the reduced gradient). The host reads it together with the window norm in
+the wrapper's single host sync. The applied gradient is the mean over all items of all
+ranks' window.
+
+Warnings
+--------
+* DDP ``find_unused_parameters=True`` with parameter usage that varies between
+  micro-batches: detected from which parameters receive gradients. fastaccum reduces every
+  accumulator, so the step is right where native ``no_sync`` accumulation would sync only
+  what the last micro-batch used; the warning says so once.
+* DDP ``find_unused_parameters=False`` with a parameter that gets no gradient on the
+  boundary micro-batch: DDP will fail on its next synced backward; warned with the fix.
+* DDP ``static_graph=True``: DDP records the used parameters in its first backward; the
+  wrapper keeps sync on for the very first micro-batch (the hook passes it through) so that
+  backward is a synced one, and warns if the graph was already run.
+* A loss already divided by K (``loss / K`` or ``loss * (1/K)``, possibly under
+  ``scaler.scale`` or a dtype cast) on top of the item-count normalization: detected from
+  the loss's autograd node in ``opt.backward(loss)`` only. ``loss.backward()`` hands the
+  wrapper no loss, and a division folded into the model or into a reduction
+  (``sum() / (n * K)``) leaves no trace that can be told apart honestly; those are not
+  detected.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from fastaccum.ops.accumulate import accumulate_unchecked
+
+if TYPE_CHECKING:
+    from fastaccum.optim.wrapper import AccumulatingOptimizer
+
+__all__ = ["merge_batchnorm_windows"]
+
+
+# --------------------------------------------------------------------------- BatchNorm
+
+
+def _accum_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from fastaccum.nn.batchnorm import AccumBatchNorm1d, AccumBatchNorm2d, AccumBatchNorm3d
+
+    kinds = (AccumBatchNorm1d, AccumBatchNorm2d, AccumBatchNorm3d)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def _pack_batchnorm(modules: list[torch.nn.Module], device: torch.device) -> torch.Tensor:
+    """[count of each module, window means of all channels, window M2 of all channels]."""
+    if not modules:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    counts = torch.tensor([float(m.window_count) for m in modules], dtype=torch.float64)
+    means = [m.window_mean.to(device=device, dtype=torch.float64) for m in modules]
+    m2s = [m.window_m2.to(device=device, dtype=torch.float64) for m in modules]
+    return torch.cat([counts.to(device), *means, *m2s])
+
+
+def _merge_batchnorm(
+    modules: list[torch.nn.Module], gathered: torch.Tensor, counts: list[list[float]]
+) -> None:
+    """Merge every rank's window statistics into each module, identically on all ranks.
+
+    ``gathered`` is (world, len(pack)); ``counts[r][i]`` is rank r's count of module i, read
+    on the host. With N = sum n_r and mean = sum n_r mean_r / N, the merged
+    M2 = sum M2_r + sum n_r (mean_r - mean)^2: Chan's pairwise merge applied to all ranks at
+    once, with deviations taken from the final mean (no cancellation), in float64.
+    """
+    if not modules:
+        return
+    sizes = [m.num_features for m in modules]
+    total = sum(sizes)
+    n_mod = len(modules)
+    n_rank = torch.tensor(counts, dtype=torch.float64, device=gathered.device)  # (world, M)
+    n = n_rank.repeat_interleave(torch.tensor(sizes, device=gathered.device), dim=1)
+    means = gathered[:, n_mod : n_mod + total]
+    m2s = gathered[:, n_mod + total : n_mod + 2 * total]
+    n_all = n.sum(0)
+    safe = n_all.clamp_min(1.0)
+    mean = (n * means).sum(0) / safe
+    m2 = m2s.sum(0) + (n * (means - mean).square()).sum(0)
+    offset = 0
+    for i, (module, size) in enumerate(zip(modules, sizes, strict=True)):
+        window = slice(offset, offset + size)
+        offset += size
+        count = int(sum(row[i] for row in counts))
+        if count == 0:
+            continue
+        module.window_mean.copy_(mean[window])
+        module.window_m2.copy_(m2[window])
+        module.window_count = count
+
+
+def _gather(vector: torch.Tensor, group: Any) -> torch.Tensor:
+    parts = [torch.empty_like(vector) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, vector, group=group)
+    return torch.stack(parts)
+
+
+def merge_batchnorm_windows(model: torch.nn.Module, group: Any = None) -> None:
+    """Merge each AccumBatchNorm window of ``model`` across the ranks of ``group``.
+
+    Every rank ends with the (count, mean, M2) of all ranks' window samples together
+    (``window_count``, ``window_mean``, ``window_m2``), so the next ``end_window`` updates
+    identical running statistics everywhere. One all-gather for all modules. The wrapper
+    does this itself at each boundary (inside its once-per-window exchange); call it when
+    closing windows by hand with ``fastaccum.nn.batchnorm.end_window``.
+
+    Raises:
+        RuntimeError: torch.distributed is not initialized.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "merge_batchnorm_windows needs an initialized process group; call "
+            "torch.distributed.init_process_group first"
+        )
+    modules = _accum_batchnorms(model)
+    if not modules:
+        return
+    device = modules[0].window_mean.device
+    gathered = _gather(_pack_batchnorm(modules, device), group)
+    counts = gathered[:, : len(modules)].tolist()
+    _merge_batchnorm(modules, gathered, counts)
+
+
+# --------------------------------------------------------------------------- loss checks
+
+
+def loss_divided_by(loss: torch.Tensor, divisor: int, depth: int = 4) -> bool:
+    """True when ``loss`` was made by dividing by ``divisor`` (or multiplying by its
+    inverse) in one of its last ``depth`` autograd steps, looking through scalar
+    multiplications (``scaler.scale``) and dtype casts."""
+    node = loss.grad_fn
+    for _ in range(depth):
+        if node is None:
+            return False
+        name = type(node).__name__
+        other = getattr(node, "_saved_other", None)
+        scalar = isinstance(other, torch.Tensor) and other.numel() == 1
+        if scalar and getattr(node, "_saved_self", None) is None:
+            value = float(other)
+            if name.startswith("Div") and value == divisor:
+                return True
+            if name.startswith("Mul") and math.isclose(value * divisor, 1.0, rel_tol=1e-6):
+                return True
+        elif not name.startswith("ToCopy"):
+            return False
+        node = node.next_functions[0][0] if node.next_functions else None
+    return False
+
+
+# --------------------------------------------------------------------------- the window
+
+
+class _DistributedWindow:
+    """What the wrapper asks of a distributed model; see the module docs."""
+
+    weights_in_loss = False  # True: opt.backward seeds backward with num_items
+    sharded = False  # True: accumulators hold disjoint shards (norms add over ranks)
+    grad_factor = 1.0  # the reduction's own divisor, multiplied back at the boundary
+
+    def __init__(self, opt: AccumulatingOptimizer, model: torch.nn.Module, group: Any) -> None:
+        self.opt = opt
+        self.model = model
+        self.group = group
+        self.batchnorms = _accum_batchnorms(model)
+
+    # Hooks the wrapper calls; the defaults suit both kinds.
+    def set_sync(self, on: bool) -> None:
+        raise NotImplementedError
+
+    def start_window(self) -> None:
+        """Called when a window starts (after a step, a skip, or a restore)."""
+
+    def grads_expected(self, boundary: bool) -> bool:
+        """Whether ``step()`` must find gradients on this micro-batch."""
+        return True
+
+    def check_step(self, uses_num_items: bool) -> None:
+        """Raise before anything is folded when ``step(num_items=...)`` cannot be exact."""
+
+    def after_backward(self) -> None:
+        """Called after ``opt.backward``'s ``loss.backward()`` returned."""
+
+    def after_micro_step(self) -> None:
+        """Called after a micro-batch was folded, before a boundary is finished."""
+
+    def check_flush(self) -> None:
+        """Raise when a partial window cannot be finished."""
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def as_grad(self, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def reduce_accumulators(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Make the accumulators hold the reduced window; (norm_sq, non-finite) of the
+        reduced, replicated accumulators, or (None, None) when they are local shards."""
+        return None, None
+
+    # ------------------------------------------------------------------ exchange
+
+    def finish_window(
+        self, norm_sq: torch.Tensor | None, bad: torch.Tensor | None, micro: torch.Tensor
+    ) -> tuple[float, float, bool, list[float]]:
+        """Reduce the window and exchange counts: (global item total, window norm_sq,
+        non-finite, this rank's micro-batch sums of squares), identical on all ranks but
+        the last. ``norm_sq``/``bad`` are the local accumulators' (used when sharded)."""
+        opt = self.opt
+        replicated_sq, replicated_bad = self.reduce_accumulators()
+        device = micro.device
+        params = opt._params
+        touched = torch.tensor(
+            [1.0 if id(p) in opt._touched else 0.0 for p in params], dtype=torch.float64
+        )
+        if self.sharded:
+            local_sq = norm_sq.to(device=device, dtype=torch.float64).reshape(1)
+            local_bad = bad.to(device=device, dtype=torch.float64).reshape(1)
+        else:
+            local_sq = local_bad = torch.zeros(1, dtype=torch.float64, device=device)
+        head = torch.cat(
+            [
+                torch.tensor([math.fsum(opt._weights)], dtype=torch.float64, device=device),
+                local_sq,
+                local_bad,
+                touched.to(device),
+            ]
+        )
+        vector = torch.cat([head, _pack_batchnorm(self.batchnorms, device)])
+        gathered = _gather(vector, self.group)
+        summed = gathered[:, : head.numel()].sum(0)
+        if replicated_sq is None:
+            replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
+            replicated_bad = torch.zeros((), dtype=torch.bool, device=device)
+        n_bn = len(self.batchnorms)
+        bn_counts = gathered[:, head.numel() : head.numel() + n_bn].reshape(-1)
+        # The one host sync of the window: totals, norms, flags and BatchNorm counts.
+        host = torch.cat(
+            [
+                summed,
+                replicated_sq.to(device=device, dtype=torch.float64).reshape(1),
+                replicated_bad.to(device=device, dtype=torch.float64).reshape(1),
+                bn_counts,
+                micro.to(device=device, dtype=torch.float64),
+            ]
+        ).tolist()
+        total, shard_sq, shard_bad = host[0], host[1], host[2]
+        flags = host[3 : 3 + len(params)]
+        at = 3 + len(params)
+        rep_sq, rep_bad = host[at], host[at + 1]
+        world = gathered.shape[0]
+        counts = [host[at + 2 + r * n_bn : at + 2 + (r + 1) * n_bn] for r in range(world)]
+        micro_host = host[at + 2 + world * n_bn :]
+        opt._touched = {id(p) for p, flag in zip(params, flags, strict=True) if flag > 0}
+        _merge_batchnorm(self.batchnorms, gathered[:, head.numel() :], counts)
+        if self.sharded:
+            # Shards of reduced, item-weighted gradients say nothing about one micro-batch.
+            return total, shard_sq, shard_bad != 0.0, []
+        return total, rep_sq, rep_bad != 0.0, micro_host
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _window_comm_hook(state, bucket):  # no annotations: DDP compares them by identity
+    return state.comm_hook(bucket)
+
+
+class DDPWindow(_DistributedWindow):
+    """DDP: sync flag before the forward, one all-reduce per bucket per window."""
+
+    def __init__(self, opt: AccumulatingOptimizer, model: torch.nn.Module) -> None:
+        super().__init__(opt, model, model.process_group)
+        self.bucket_bytes = int(getattr(model, "bucket_bytes_cap", 25 * 2**20))
+        self.find_unused = bool(model.find_unused_parameters)
+        self.static_graph = bool(getattr(model, "static_graph", False))
+        # Until DDP has run one synced backward, keep sync on (see the module docs).
+        self.first_backward_synced = not self.static_graph
+        if self.static_graph and getattr(model, "_static_graph_delay_allreduce_enqueued", False):
+            warnings.warn(
+                "fastaccum: DDP static_graph=True and the model already ran a backward "
+                "before fastaccum.wrap(); DDP recorded its static graph then, and if that "
+                "backward ran under no_sync() the reducer may fail or skip parameters. "
+                "Wrap the optimizer before the first forward",
+                UserWarning,
+                stacklevel=4,
+            )
+        try:
+            model.register_comm_hook(self, _window_comm_hook)
+        except RuntimeError as err:
+            raise RuntimeError(
+                "fastaccum could not register its DDP communication hook (DDP takes one "
+                f"hook, and only before training starts): {err}. Wrap the optimizer right "
+                "after creating DistributedDataParallel and do not register another hook"
+            ) from err
+        self._prev_used: set[int] | None = None
+        self._warned_unused = False
+        self.start_window()
+
+    def set_sync(self, on: bool) -> None:
+        self.model.require_backward_grad_sync = bool(on or not self.first_backward_synced)
+
+    def start_window(self) -> None:
+        self._reduced: set[int] = set()
+        self._sumsq: list[torch.Tensor] = []
+        self._bad: list[torch.Tensor] = []
+        self._boundary_backward = False  # the boundary ran under opt.backward with sync on
+        self._prev_used = None
+
+    def _reducible(self) -> list[torch.Tensor]:
+        return [p for p in self.opt._params if p.requires_grad]
+
+    def _launch(self, params: list[torch.Tensor], result: Callable[[], Any]) -> Any:
+        """All-reduce the accumulators of ``params`` as one flat fp32 buffer; a future that
+        writes the sum back (with its norm and non-finite flag) and yields ``result()``."""
+        opt = self.opt
+        accums = [opt._accum_for(p) for p in params]
+        flat = torch.cat([a.reshape(-1) for a in accums])
+        torch._foreach_zero_(accums)
+        self._reduced.update(id(p) for p in params)
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+
+        def write_back(fut: Any) -> Any:
+            fut.value()  # re-raises a failed all-reduce into DDP / the waiter
+            parts = flat.split([a.numel() for a in accums])
+            views = [v.view(a.shape) for v, a in zip(parts, accums, strict=True)]
+            res = accumulate_unchecked(accums, views, 1.0)
+            self._sumsq.append(res.accum_sumsq)
+            self._bad.append(res.found_nonfinite)
+            return result()
+
+        return work.get_future().then(write_back)
+
+    def comm_hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """DDP's bucket hook: on the boundary micro-batch under ``opt.backward``, reduce the
+        bucket's accumulators; otherwise pass the bucket through without communication."""
+        self.first_backward_synced = True
+        opt = self.opt
+        if opt._hook_weight is None or not opt._at_boundary():
+            fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+        opt._fold_pending()  # the hooks may still hold this bucket's last gradients
+        buffer = bucket.buffer()
+        return self._launch(list(bucket.parameters()), lambda: buffer)
+
+    def after_backward(self) -> None:
+        # The real gradients went into the accumulators; what DDP wrote into .grad is its
+        # (zeroed or passed-through) bucket copy, so drop it.
+        self._boundary_backward = self.opt._at_boundary() and self.model.require_backward_grad_sync
+        for p in self.opt._params:
+            p.grad = None
+
+    def after_micro_step(self) -> None:
+        if not self.find_unused or self._warned_unused:
+            return
+        used = set().union(*(ids for ids, _ in self.opt._covers))
+        if self._prev_used is not None and used != self._prev_used:
+            changed = next(iter(used ^ self._prev_used))
+            self._warned_unused = True
+            warnings.warn(
+                "fastaccum: DDP find_unused_parameters=True and the parameters used vary "
+                f"between micro-batches of a window ({self.opt._names[changed]} has a "
+                "gradient on one micro-batch and not on another). Native no_sync "
+                "accumulation would reduce only the gradients of parameters used on the "
+                "window's last micro-batch; fastaccum reduces every parameter's whole-window "
+                "accumulator, so this step is correct. Keep find_unused_parameters=True: "
+                "without it DDP fails when the last micro-batch leaves a parameter unused",
+                UserWarning,
+                stacklevel=4,
+            )
+        self._prev_used = used
+
+    def reduce_accumulators(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        missing = [p for p in self._reducible() if id(p) not in self._reduced]
+        if missing and self._boundary_backward and not self.find_unused:
+            names = ", ".join(self.opt._names[id(p)] for p in missing[:3])
+            warnings.warn(
+                f"fastaccum: {len(missing)} parameter(s) ({names}) got no gradient on the "
+                "window's last micro-batch while DDP has find_unused_parameters=False; "
+                "fastaccum reduced them itself, but DDP will raise on its next synced "
+                "backward. Create DistributedDataParallel(..., find_unused_parameters=True) "
+                "when parameter usage varies",
+                UserWarning,
+                stacklevel=5,
+            )
+        futures = [self._launch(bucket, lambda: None) for bucket in self._buckets(missing)]
+        for fut in futures:
+            fut.wait()
+        if not self._sumsq:
+            return None, None
+        device = self._sumsq[0].device
+        norm_sq = torch.stack([s.to(device=device, dtype=torch.float64) for s in self._sumsq])
+        bad = torch.stack([b.to(device) for b in self._bad]).any()
+        return norm_sq.sum(), bad
+
+    def _buckets(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """DDP's bucketing rule: reverse parameter order (about the order backward produces
+        gradients), a bucket closing once it holds ``bucket_bytes_cap`` bytes or more."""
+        buckets: list[list[torch.Tensor]] = [[]]
+        size = 0
+        for p in reversed(params):
+            buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+            if size >= self.bucket_bytes:
+                buckets.append([])
+                size = 0
+        return [b for b in buckets if b]
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+class FSDPWindow(_DistributedWindow):
+    """FSDP2: ``set_requires_gradient_sync`` off the boundary (or reduce-scatter every
+    micro-batch), fp32 shard accumulators, weights applied to the loss."""
+
+    weights_in_loss = True
+    sharded = True
+
+    def __init__(
+        self, opt: AccumulatingOptimizer, model: torch.nn.Module, every_micro_step: bool
+    ) -> None:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        self.dtensor = DTensor
+        params = opt._params
+        plain = [opt._names[id(p)] for p in params if not isinstance(p, DTensor)]
+        if plain:
+            raise ValueError(
+                f"parameter {plain[0]} is not sharded by fully_shard; with an FSDP2 model "
+                "every optimized parameter must be an FSDP2 (DTensor) parameter"
+            )
+        mesh = params[0].device_mesh
+        if mesh.ndim != 1 or any(p.device_mesh != mesh for p in params):
+            raise ValueError(
+                "fastaccum supports FSDP2 over one 1-D device mesh (plain fully_shard); got a "
+                f"{mesh.ndim}-D mesh or several meshes (HSDP is not supported)"
+            )
+        if opt.master_weights:
+            raise ValueError(
+                "master_weights=True is not supported with FSDP2: FSDP2 keeps the sharded "
+                "parameters in their own dtype; use MixedPrecisionPolicy(param_dtype=...) "
+                "for low-precision compute"
+            )
+        super().__init__(opt, model, mesh.get_group())
+        self.every_micro_step = bool(every_micro_step)
+        self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.grad_factor = self._divide_factor(mesh.size())
+        if not self.every_micro_step:
+            self._check_unsharded_dtype()
+
+    def _divide_factor(self, data_parallel: int) -> float:
+        # FSDP2 divides the reduced gradient by its divide factor (the data-parallel size
+        # unless set_gradient_divide_factor changed it); the wrapper multiplies it back.
+        factors = {
+            group.gradient_divide_factor
+            for module in self.modules
+            for group in module._get_fsdp_state()._fsdp_param_groups
+        }
+        factors.discard(None)
+        if len(factors) > 1:
+            raise ValueError(
+                f"FSDP2 modules have different gradient divide factors {sorted(factors)}; "
+                "fastaccum needs one (it normalizes by the global item count itself)"
+            )
+        return float(factors.pop()) if factors else float(data_parallel)
+
+    def _check_unsharded_dtype(self) -> None:
+        low = {torch.bfloat16, torch.float16}
+        for module in self.modules:
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                policy = group.mp_policy
+                for fsdp_param in group.fsdp_params:
+                    compute = policy.param_dtype or fsdp_param.sharded_param.dtype
+                    kept = policy.reduce_dtype or compute
+                    if kept in low:
+                        warnings.warn(
+                            "fastaccum: FSDP2 keeps the window's unsharded gradients in "
+                            f"{kept} between micro-batches (set_requires_gradient_sync(False)); "
+                            "set MixedPrecisionPolicy(reduce_dtype=torch.float32) for fp32 "
+                            "accumulation, or wrap with reduce_scatter_every_micro_step=True",
+                            UserWarning,
+                            stacklevel=5,
+                        )
+                        return
+
+    def set_sync(self, on: bool) -> None:
+        for module in self.modules:
+            module.set_requires_gradient_sync(bool(on or self.every_micro_step), recurse=False)
+
+    def grads_expected(self, boundary: bool) -> bool:
+        return self.every_micro_step or boundary
+
+    def check_step(self, uses_num_items: bool) -> None:
+        if uses_num_items:
+            raise ValueError(
+                "with an FSDP2 model, give num_items to opt.backward(loss, num_items=n), not "
+                "to opt.step(): FSDP2 reduces or sums the gradients during backward, before "
+                "step() could weight them"
+            )
+
+    def check_flush(self) -> None:
+        if not self.every_micro_step:
+            raise RuntimeError(
+                "flush() cannot finish this partial window: FSDP2 holds its unsharded "
+                "gradients and reduce-scatters them only in a backward with gradient sync "
+                "on. Run the last micro-batch inside `with opt.accumulate(last=True):`, or "
+                "wrap with reduce_scatter_every_micro_step=True"
+            )
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, self.dtensor) else t
+
+    def as_grad(self, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.dtensor.from_local(
+            t,
+            target.device_mesh,
+            target.placements,
+            run_check=False,
+            shape=target.shape,
+            stride=target.stride(),
+        )
+
+
+# --------------------------------------------------------------------------- attach
+
+
+def attach(
+    opt: AccumulatingOptimizer,
+    model: torch.nn.Module | None,
+    reduce_scatter_every_micro_step: bool,
+) -> _DistributedWindow | None:
+    """The distributed driver for ``model`` (DDP or FSDP2), or None for a local model.
+
+    Raises:
+        ValueError: ``reduce_scatter_every_micro_step`` without an FSDP2 model, or an
+            FSDP2 configuration fastaccum does not support.
+        RuntimeError: DDP already has a communication hook.
+    """
+    if model is None or not dist.is_available():
+        found = None
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        found = DDPWindow(opt, model)
+    elif _has_fsdp(model):
+        found = FSDPWindow(opt, model, reduce_scatter_every_micro_step)
+    else:
+        found = None
+    if reduce_scatter_every_micro_step and not isinstance(found, FSDPWindow):
+        raise ValueError(
+            "reduce_scatter_every_micro_step=True applies to FSDP2 models only; pass "
+            "model= the fully_shard model"
+        )
+    return found
+
+
+def _has_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())

@@ -1,0 +1,73 @@
+"""Spawning gloo process groups on this machine for the distributed tests.
+
+Process start-up dominates these tests, so each test module spawns its ranks once and runs
+all its scenarios there (:func:`run_scenarios`); the tests then read one outcome each.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+Scenario = Callable[[int, int], None]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (each spawn gets its own)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, scenarios: dict[str, Scenario], out: str) -> None:
+    # One intra-op thread per process: the ranks share the machine's cores.
+    torch.set_num_threads(1)
+    # A failed rank leaves the other one waiting in a collective: time out, do not hang.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    outcome: dict[str, str | None] = {}
+    failed = None
+    try:
+        for name, scenario in scenarios.items():
+            if failed is not None:
+                outcome[name] = f"not run: scenario {failed} failed before it"
+                continue
+            try:
+                scenario(rank, world)
+                outcome[name] = None
+            except Exception:
+                outcome[name] = traceback.format_exc()
+                failed = name
+    finally:
+        Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
+        if failed is None:
+            dist.destroy_process_group()
+
+
+def run_scenarios(scenarios: dict[str, Scenario], out: Path, world: int = WORLD) -> dict:
+    """Run every ``scenario(rank, world)`` in order in ``world`` fresh processes joined in
+    a gloo group. Returns {name: [traceback or None per rank]}; after the first failure
+    the remaining scenarios are reported as not run."""
+    mp.spawn(_entry, args=(world, free_port(), scenarios, str(out)), nprocs=world, join=True)
+    per_rank = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    return {name: [ranks[name] for ranks in per_rank] for name in scenarios}
+
+
+def check(outcomes: dict, name: str) -> None:
+    """Fail with the rank's traceback when scenario ``name`` failed on any rank."""
+    for rank, error in enumerate(outcomes[name]):
+        assert error is None, f"rank {rank}:\n{error}"

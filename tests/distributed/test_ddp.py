@@ -1,0 +1,346 @@
+"""fastaccum.wrap(opt, K, model=DistributedDataParallel(...)) on 2 gloo ranks.
+
+Each rank feeds its own token micro-batches (rank 1's are 2-3x longer: uneven item counts).
+The reference is one process training on the concatenated batches of both ranks (one
+backward per window over every item), as in tests/optim. Collective calls are counted by
+passing torch.distributed.all_reduce / all_gather through a counter; DDP's own bucket
+layout comes from its logging data.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import fastaccum
+import fastaccum.optim as fo
+from tests.distributed.data import (
+    WINDOWS,
+    K,
+    global_windows,
+    rank_batches,
+    same_on_all_ranks,
+    weighted_reference,
+)
+from tests.distributed.launch import check, run_scenarios
+from tests.helpers import VOCAB, assert_close_rel, large_batch_run, make_model, mean_loss
+
+SMALL_BUCKETS_MB = 0.001  # splits the test model into 3 DDP buckets
+
+
+class CollectiveCounter:
+    """Records the numel of every torch.distributed.all_reduce / all_gather call and
+    passes each call on unchanged."""
+
+    def __enter__(self) -> CollectiveCounter:
+        self.all_reduce: list[int] = []
+        self.all_gather: list[int] = []
+        self._saved = (dist.all_reduce, dist.all_gather)
+        real_reduce, real_gather = self._saved
+
+        def all_reduce(tensor, *args, **kwargs):
+            self.all_reduce.append(tensor.numel())
+            return real_reduce(tensor, *args, **kwargs)
+
+        def all_gather(tensors, tensor, *args, **kwargs):
+            self.all_gather.append(tensor.numel())
+            return real_gather(tensors, tensor, *args, **kwargs)
+
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+        return self
+
+    def reset(self) -> None:
+        self.all_reduce.clear()
+        self.all_gather.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce, dist.all_gather = self._saved
+
+
+def ddp_bucket_numels(ddp: DDP) -> list[int]:
+    """DDP's current bucket sizes in fp32 elements (rebuilt after its first synced step)."""
+    data = ddp._get_ddp_logging_data()
+    sizes = data.get("rebuilt_bucket_sizes") or data["bucket_sizes"]
+    return sorted(int(s) // 4 for s in str(sizes).split(","))
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+
+
+def assert_matches(model: torch.nn.Module, want: torch.nn.Module) -> None:
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+        assert same_on_all_ranks(p.detach())
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def opt_backward_one_allreduce_per_bucket(rank: int, world: int) -> None:
+    """opt.backward path, AdamW with clipping: the sync flag is off before every
+    non-boundary forward, the boundary backward all-reduces each DDP bucket once (inside
+    backward, through the comm hook), one all-gather carries the counts, and training equals
+    the large-batch run."""
+    n = K * WINDOWS
+    want, _ = large_batch_run(adamw, global_windows(world, n), max_grad_norm=0.5)
+    model = make_model()
+    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+    opt = fastaccum.wrap(adamw(ddp.parameters()), K, model=ddp, max_grad_norm=0.5)
+    numel = sum(p.numel() for p in model.parameters())
+    norms = []
+    with CollectiveCounter() as calls:
+        for i, (x, y) in enumerate(rank_batches(rank, n)):
+            boundary = (i + 1) % K == 0
+            assert ddp.require_backward_grad_sync == boundary, f"sync flag before forward {i}"
+            calls.reset()
+            opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+            in_backward = sorted(calls.all_reduce)
+            assert opt.step() == boundary
+            if not boundary:
+                assert calls.all_reduce == [] and calls.all_gather == [], f"micro-batch {i}"
+                continue
+            buckets = ddp_bucket_numels(ddp)
+            assert in_backward == buckets, f"window {i // K}: {in_backward} vs DDP {buckets}"
+            assert sorted(calls.all_reduce) == buckets  # none left for step()
+            assert sum(buckets) == numel
+            assert len(calls.all_gather) == 1
+            norms.append(opt.stats()["grad_norm"])
+    assert len(ddp_bucket_numels(ddp)) == 3
+    assert max(norms) > 0.5  # clipping was active, so the norm is the global one
+    assert_matches(model, want)
+    items = sum(len(y) for w in global_windows(world, n) for _, y in w)
+    assert opt.stats()["items_seen"] == items
+
+
+def step_path_and_flush(rank: int, world: int) -> None:
+    """loss.backward(); opt.step(num_items=n): exact too, the reduction runs at step() (one
+    all-reduce per bucket of DDP's size); flush() of a partial last window reduces it."""
+    n = K * WINDOWS + 2
+    want, _ = large_batch_run(sgd, global_windows(world, n))
+    model = make_model()
+    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
+    per_window = []
+    with CollectiveCounter() as calls:
+        for x, y in rank_batches(rank, n):
+            mean_loss(ddp, x, y).backward()
+            in_backward = list(calls.all_reduce)
+            assert in_backward == []  # the hook passes buckets through: weight unknown yet
+            if opt.step(num_items=len(y)):
+                per_window.append(sorted(calls.all_reduce))
+            calls.reset()
+        assert opt.micro_step == 2
+        assert opt.flush() is True
+        per_window.append(sorted(calls.all_reduce))
+    buckets = ddp_bucket_numels(ddp)
+    assert per_window == [buckets] * (WINDOWS + 1), f"{per_window} vs DDP {buckets}"
+    assert_matches(model, want)
+
+
+def fused_wgrad_and_fused_adamw(rank: int, world: int) -> None:
+    """fuse_wgrad layers (no .grad at all) with the fused AdamW class under DDP."""
+    n = K * WINDOWS
+    want, _ = large_batch_run(
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), global_windows(world, n)
+    )
+    model = fastaccum.fuse_wgrad(make_model())
+    ddp = DDP(model)
+    opt = fo.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1, accum_steps=K, model=ddp)
+    for x, y in rank_batches(rank, n):
+        opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+        opt.step()
+    assert_matches(model, want)
+
+
+def static_graph(rank: int, world: int) -> None:
+    """DDP(static_graph=True): its first backward is kept synced (the hook passes it
+    through), so its static-graph bookkeeping sees every parameter; training is exact."""
+    n = K * WINDOWS
+    want, _ = large_batch_run(sgd, global_windows(world, n))
+    model = make_model()
+    ddp = DDP(model, static_graph=True)
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
+    assert ddp.require_backward_grad_sync  # first micro-batch: synced for static_graph
+    for x, y in rank_batches(rank, n):
+        opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+        opt.step()
+    assert_matches(model, want)
+
+
+class Branchy(torch.nn.Module):
+    """The token model with an extra residual layer that only some micro-batches use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = make_model()
+        torch.manual_seed(7)
+        self.aux = torch.nn.Linear(VOCAB, VOCAB)
+
+    def forward(self, x: torch.Tensor, use_aux: bool) -> torch.Tensor:
+        h = self.body(x)
+        return h + self.aux(h) if use_aux else h
+
+
+def uses_aux(rank: int, index: int) -> bool:
+    # Varies within each window and differs between ranks; the window's last micro-batch
+    # never uses it, which is where native no_sync accumulation loses its gradient.
+    return index % K == (1 if rank == 0 else 2)
+
+
+def branchy_loss(model, entry):
+    (x, y), rank, index = entry
+    return torch.nn.functional.cross_entropy(model(x, uses_aux(rank, index)), y), len(y)
+
+
+def find_unused_with_varying_usage(rank: int, world: int) -> None:
+    """find_unused_parameters=True with usage varying inside windows: warned once, and every
+    parameter's whole-window gradient is reduced (aux is unused on every boundary)."""
+    n = K * WINDOWS
+    ref = Branchy()
+    ref_opt = sgd(ref.parameters())
+    streams = [rank_batches(r, n) for r in range(world)]
+    windows = [
+        [(streams[r][i], r, i) for r in range(world) for i in range(w * K, (w + 1) * K)]
+        for w in range(WINDOWS)
+    ]
+    weighted_reference(ref, ref_opt, windows, branchy_loss)
+    model = Branchy()
+    ddp = DDP(model, find_unused_parameters=True)
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, batch in enumerate(streams[rank]):
+            loss, items = branchy_loss(ddp, (batch, rank, i))
+            opt.backward(loss, num_items=items)
+            opt.step()
+    messages = [str(w.message) for w in caught if "find_unused_parameters=True" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert_matches(model, ref)
+
+
+def unused_at_boundary_without_find_unused(rank: int, world: int) -> None:
+    """find_unused_parameters=False and a parameter unused on the boundary micro-batch:
+    the window is still reduced exactly, and a warning names the fix before DDP fails."""
+    streams = [rank_batches(r, K) for r in range(world)]
+    windows = [[(streams[r][i], r, i) for r in range(world) for i in range(K)]]
+    ref = Branchy()
+    ref_opt = sgd(ref.parameters())
+    weighted_reference(ref, ref_opt, windows, branchy_loss)
+    model = Branchy()
+    ddp = DDP(model)
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
+    with pytest.warns(UserWarning, match="find_unused_parameters=True"):
+        for i, batch in enumerate(streams[rank]):
+            loss, items = branchy_loss(ddp, (batch, rank, i))
+            opt.backward(loss, num_items=items)
+            opt.step()
+    assert_matches(model, ref)
+
+
+def nonfinite_skips_on_every_rank(rank: int, world: int) -> None:
+    """A NaN on one rank's micro-batch: every rank skips that window (the decision comes
+    from the reduced gradient), then the next window trains normally."""
+    model = make_model()
+    ddp = DDP(model)
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp, max_grad_norm=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    stepped = []
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        for i, (x, y) in enumerate(rank_batches(rank, 2 * K)):
+            loss = mean_loss(ddp, x, y)
+            if rank == 1 and i == 1:
+                loss = loss * float("nan")
+            opt.backward(loss, num_items=len(y))
+            stepped.append(opt.step())
+    assert stepped == [False] * (2 * K - 1) + [True]
+    assert opt.stats()["skipped_windows"] == 1 and opt.stats()["windows"] == 1
+    changed = [not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)]
+    assert all(changed)
+    for p in model.parameters():
+        assert same_on_all_ranks(p.detach())
+
+
+def batchnorm_merged_across_ranks(rank: int, world: int) -> None:
+    """AccumBatchNorm (merged): running statistics after each window equal nn.BatchNorm1d's
+    on the concatenation of every rank's micro-batches of that window."""
+    torch.manual_seed(3)
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
+    model = fastaccum.convert_batchnorm(copy.deepcopy(ref))
+    ddp = DDP(model)
+    opt = fastaccum.wrap(torch.optim.SGD(ddp.parameters(), lr=0.0), K, model=ddp)
+
+    def micro(r: int, i: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1000 * r + i)
+        size = 2 + r * 5 + i % 3  # rank 1's micro-batches are larger
+        return 40.0 + 3.0 * torch.randn(size, 5, generator=gen)  # a large mean
+
+    bn = model[1]
+    for w in range(WINDOWS):
+        for i in range(w * K, (w + 1) * K):
+            opt.backward(ddp(micro(rank, i)).square().mean())
+            opt.step()
+        ref(torch.cat([micro(r, i) for r in range(world) for i in range(w * K, (w + 1) * K)]))
+        assert_close_rel(bn.running_mean, ref[1].running_mean, 1e-6)
+        assert_close_rel(bn.running_var, ref[1].running_var, 1e-5)
+        assert bn.window_count == 0  # merged, folded and reset
+    assert int(bn.num_batches_tracked) == WINDOWS
+
+
+def accumulate_context_and_partial_window(rank: int, world: int) -> None:
+    """``with opt.accumulate(last=True):`` closes a partial window with the same overlapped
+    per-bucket reduction as a full one; the context sets the sync flag on entry."""
+    n = K + 2
+    want, _ = large_batch_run(adamw, global_windows(world, n))
+    model = make_model()
+    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+    opt = fastaccum.wrap(adamw(ddp.parameters()), K, model=ddp)
+    stepped = []
+    with CollectiveCounter() as calls:
+        for i, (x, y) in enumerate(rank_batches(rank, n)):
+            last = i == n - 1
+            ddp.require_backward_grad_sync = not ddp.require_backward_grad_sync  # scramble
+            with opt.accumulate(last=last):
+                assert ddp.require_backward_grad_sync == ((i + 1) % K == 0 or last)
+                opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+            if last:
+                assert sorted(calls.all_reduce) == ddp_bucket_numels(ddp)
+            stepped.append(opt.step())
+            calls.reset()
+    assert stepped == [False, False, False, True, False, True]
+    assert_matches(model, want)
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (
+        opt_backward_one_allreduce_per_bucket,
+        step_path_and_flush,
+        fused_wgrad_and_fused_adamw,
+        static_graph,
+        find_unused_with_varying_usage,
+        unused_at_boundary_without_find_unused,
+        nonfinite_skips_on_every_rank,
+        batchnorm_merged_across_ranks,
+        accumulate_context_and_partial_window,
+    )
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_scenarios(SCENARIOS, tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_ddp(outcomes: dict, name: str) -> None:
+    check(outcomes, name)
