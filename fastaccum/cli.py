@@ -33,7 +33,7 @@ def _default_device() -> str:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fastaccum.bench.report import format_table
     from fastaccum.bench.runs import BenchConfig
-    from fastaccum.bench.training import run_training_bench
+    from fastaccum.bench.training import check_config, run_training_bench
 
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
@@ -50,6 +50,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         lr=args.lr,
         memory_cap_gb=args.memory_cap,
     )
+    try:
+        check_config(config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -58,9 +63,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         # machine several threads per op wait on each other (measured 10x slower on a loaded
         # 2-core box); both sides of every comparison get the same thread count.
         torch.set_num_threads(1)
+    from fastaccum.memory.planner import PlanningError
+
     try:
         report = run_training_bench(config, Path(args.out), progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, PlanningError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:  # main() may be called in-process (tests, notebooks): leave threads as found
@@ -144,8 +151,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         metavar="GiB",
-        help="GPU: cap this process's GPU memory, so that the native large batch runs out "
-        "of memory while micro-batches with accumulation train (GPU-only for now)",
+        help="memory cap: fastaccum.plan_batch picks the micro-batch that fits it for the "
+        "target batch (micro-batch x accum-steps); on a GPU the process is held to the cap, "
+        "so the native large batch runs out of memory; on the CPU runs over the cap are marked",
     )
     p.add_argument(
         "--threads",

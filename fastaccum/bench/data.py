@@ -78,15 +78,24 @@ class ByteBatches:
         """Tokens (predicted positions) per optimizer step: K x b x seq."""
         return self.accum_steps * self.micro_batch * self.seq
 
-    def window(
-        self, step: int, device: torch.device | str = "cpu"
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The K micro-batches of optimizer step ``step``: (b, seq) int64 inputs and targets."""
+    def sample(
+        self, n: int, step: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` sequences for step ``step``: (n, seq) int64 inputs and targets (the inputs
+        shifted by one byte). The same (n, step) gives the same sequences."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        n = self.accum_steps * self.micro_batch
         starts = torch.randint(0, self.text.numel() - self.seq, (n,), generator=gen)
         rows = torch.stack([self.text[s : s + self.seq + 1] for s in starts.tolist()]).long()
         rows = rows.to(device)
-        x, y = rows[:, :-1], rows[:, 1:]
-        b = self.micro_batch
-        return [(x[i : i + b].contiguous(), y[i : i + b].contiguous()) for i in range(0, n, b)]
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def window(
+        self, step: int, device: torch.device | str = "cpu"
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The K micro-batches of optimizer step ``step``, (b, seq) inputs and targets each.
+
+        They are the K x b sequences of :meth:`sample` cut in order, so any split of the
+        same K x b (another micro-batch size) trains on the same sequences.
+        """
+        x, y = self.sample(self.accum_steps * self.micro_batch, step, device)
+        return list(zip(x.split(self.micro_batch), y.split(self.micro_batch), strict=True))

@@ -21,6 +21,7 @@ def run_record(result: RunResult, tokens_per_step: int, baseline_s: float | None
         "name": result.name,
         "description": result.description,
         "status": result.status,
+        "exact": result.exact,
         "ms_per_step": None if s is None else s * 1e3,
         "tokens_per_s": None if s is None else tokens_per_step / s,
         "speedup_vs_native_accum": None if s is None or baseline_s is None else baseline_s / s,
@@ -46,8 +47,9 @@ def build_report(
     """Everything ``bench.json`` holds: settings, environment, and one record per run.
 
     ``reference`` names the run deviations are measured against (the first that completed);
-    ``fp32_check`` says whether every fastaccum run came within :data:`FP32_TOLERANCE` of it
-    (None when the check does not apply: not fp32, or no reference).
+    ``fp32_check`` says whether every exact fastaccum run (all but the lossy activation
+    compression) came within :data:`FP32_TOLERANCE` of it (None when the check does not
+    apply: not fp32, or no reference).
     """
     import datetime
 
@@ -61,7 +63,7 @@ def build_report(
     fastaccum_devs = [
         r.max_abs_deviation
         for r in results
-        if r.name.startswith("fastaccum") and r.max_abs_deviation is not None
+        if r.name.startswith("fastaccum") and r.exact and r.max_abs_deviation is not None
     ]
     check = None
     if config.dtype == "fp32" and reference is not None and fastaccum_devs:
@@ -97,16 +99,19 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'final loss':>11} {'max |dθ|':>10}"
     )
     lines = [header, "-" * len(header)]
+    cap = report["config"]["memory_cap_gb"]
+    cap_bytes = None if cap is None else cap * 2**30
     for r in report["runs"]:
         if r["status"] != "ok":
             lines.append(f"{r['name']:<20} {r['status'].upper():>9}")
             continue
         peak = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
+        over = cap_bytes is not None and peak is not None and r["peak_memory_bytes"] > cap_bytes
         speedup = _fmt(r["speedup_vs_native_accum"], ".2f")
         lines.append(
             f"{r['name']:<20} {_fmt(r['ms_per_step'], '.1f'):>9} "
             f"{_fmt(r['tokens_per_s'], ',.0f'):>10} {speedup + 'x':>10} "
-            f"{_fmt(peak, '.1f'):>9} {_fmt(r['final_loss'], '.4f'):>11} "
+            f"{_fmt(peak, '.1f') + ('*' if over else ''):>9} {_fmt(r['final_loss'], '.4f'):>11} "
             f"{_fmt(r['max_abs_param_deviation'], '.1e'):>10}"
         )
     c = report["config"]
@@ -122,11 +127,26 @@ def format_table(report: dict[str, Any]) -> str:
         f"native-accum; peak: {report['peak_memory']}; max |dθ|: largest parameter "
         f"difference from {report['reference'] or 'the reference (none completed)'}."
     )
+    plan = report.get("memory_cap")
+    if plan is not None:
+        lines.append(
+            f"memory cap {cap:g} GiB: fastaccum.plan_batch found at most "
+            f"{plan['largest_micro_batch_that_fits']} sequences per micro-batch fit; the "
+            f"micro-batch runs take the target batch of {plan['target_batch']} as "
+            f"{plan['accum_steps']} x {plan['micro_batch']}."
+        )
+        if any(r["status"] == "oom" for r in report["runs"]):
+            lines.append("OOM: ran out of memory under the cap.")
+        if "cpu" in report["device"]:
+            lines.append(
+                "*: peak above the cap (the CPU cannot be capped; on a GPU with --memory-cap "
+                "this run would not fit)."
+            )
     check = report["fp32_check"]
     if check is not None:
         verdict = "PASS" if check else "FAIL"
         lines.append(
-            f"fp32 check: every fastaccum run within {report['fp32_tolerance']:.0e} of "
+            f"fp32 check: every exact fastaccum run within {report['fp32_tolerance']:.0e} of "
             f"{report['reference']}: {verdict}."
         )
     return "\n".join(lines)

@@ -11,10 +11,16 @@ clipping; only the way the window's gradient is formed and applied differs:
 - ``fastaccum-wrap``: ``fastaccum.wrap(torch.optim.AdamW(...), K)``, ``loss.backward()``
   and ``opt.step()`` per micro-batch;
 - ``fastaccum-fused``: ``fastaccum.fuse_wgrad(model)``, ``opt.backward(loss)`` and the
-  fused ``fastaccum.optim.AdamW(..., accum_steps=K)``.
+  fused ``fastaccum.optim.AdamW(..., accum_steps=K)``;
+- ``fastaccum-act8``: ``fastaccum-fused`` with each forward pass inside
+  ``fastaccum.save_activations(ActivationPolicy(bits=8))``: the activations saved for
+  backward are kept as 8-bit groups, so its gradients are not exact (it is left out of
+  the fp32 deviation check, and its deviation says what the compression costs).
 
-A new way of training is one more :class:`TrainRun` in :func:`bench_runs` (see
-:func:`activation_policy_run`, the slot for ``fastaccum.save_activations``).
+Each run first trains two windows on a throwaway copy with its peak tensor memory counted
+(this also pays the one-time costs of first use outside the timing), then trains
+``steps`` windows timed. A new way of training is one more :class:`TrainRun` in
+:func:`bench_runs`.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ class TrainRun:
     name: str
     description: str
     prepare: Callable[[torch.nn.Module, BenchConfig], StepFn]
+    exact: bool = True
+    """Whether its update is the large batch's up to rounding (False: lossy by design)."""
 
 
 @dataclass
@@ -80,7 +88,8 @@ class RunResult:
 
     name: str
     description: str
-    status: str = "ok"  # "ok", "oom" or "skipped: <why>"
+    exact: bool = True
+    status: str = "ok"  # "ok" or "oom"
     step_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
@@ -101,7 +110,8 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def _autocast(config: BenchConfig) -> AbstractContextManager[object]:
+def forward_precision(config: BenchConfig) -> AbstractContextManager[object]:
+    """The context the forward pass runs in: bf16 autocast for ``--dtype bf16``, else none."""
     dtype = DTYPES[config.dtype]
     if dtype is None:
         return nullcontext()
@@ -114,7 +124,7 @@ def _large_batch(model: torch.nn.Module, config: BenchConfig) -> StepFn:
     def step(window: Window) -> torch.Tensor:
         x = torch.cat([mb[0] for mb in window])
         y = torch.cat([mb[1] for mb in window])
-        with _autocast(config):
+        with forward_precision(config):
             loss = lm_loss(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -132,7 +142,7 @@ def _native_accum(model: torch.nn.Module, config: BenchConfig) -> StepFn:
     def step(window: Window) -> torch.Tensor:
         total = torch.zeros((), device=config.device)
         for x, y in window:
-            with _autocast(config):
+            with forward_precision(config):
                 loss = lm_loss(model, x, y)
             (loss / k).backward()
             total += loss.detach()
@@ -163,7 +173,7 @@ def _fastaccum_wrap(model: torch.nn.Module, config: BenchConfig) -> StepFn:
         total = torch.zeros((), device=config.device)
         stepped = False
         for x, y in window:
-            with _autocast(config):
+            with forward_precision(config):
                 loss = lm_loss(model, x, y)
             loss.backward()
             stepped = opt.step()
@@ -175,7 +185,11 @@ def _fastaccum_wrap(model: torch.nn.Module, config: BenchConfig) -> StepFn:
     return step
 
 
-def _fastaccum_fused(model: torch.nn.Module, config: BenchConfig) -> StepFn:
+def _fused_steps(
+    model: torch.nn.Module, config: BenchConfig, name: str, policy: object = None
+) -> StepFn:
+    """fuse_wgrad + opt.backward + fastaccum.optim.AdamW; each forward inside
+    ``fastaccum.save_activations(policy)`` when a policy is given."""
     fastaccum.fuse_wgrad(model)
     opt = fastaccum.optim.AdamW(
         model.parameters(),
@@ -189,32 +203,31 @@ def _fastaccum_fused(model: torch.nn.Module, config: BenchConfig) -> StepFn:
         total = torch.zeros((), device=config.device)
         stepped = False
         for x, y in window:
-            with _autocast(config):
+            saving = nullcontext() if policy is None else fastaccum.save_activations(policy)
+            with saving, forward_precision(config):
                 loss = lm_loss(model, x, y)
             opt.backward(loss)
             stepped = opt.step()
             opt.zero_grad()
             total += loss.detach()
-        _check_stepped(stepped, "fastaccum-fused")
+        _check_stepped(stepped, name)
         return total / len(window)
 
     return step
 
 
-def activation_policy_run() -> TrainRun | None:
-    """The run with fastaccum's saved-activation policy, once the package provides it.
+def _fastaccum_fused(model: torch.nn.Module, config: BenchConfig) -> StepFn:
+    return _fused_steps(model, config, "fastaccum-fused")
 
-    ``fastaccum.save_activations(policy)`` / ``fastaccum.ActivationPolicy`` are not part of
-    this version, so there is no such run yet (None). When they land, this returns a run
-    like ``fastaccum-fused`` whose forward and backward run inside
-    ``with fastaccum.save_activations(policy):``.
-    """
-    return None
+
+def _fastaccum_act8(model: torch.nn.Module, config: BenchConfig) -> StepFn:
+    policy = fastaccum.ActivationPolicy(bits=8, seed=config.seed)
+    return _fused_steps(model, config, "fastaccum-act8", policy)
 
 
 def bench_runs() -> list[TrainRun]:
     """The runs, in the order they execute; the first is the reference."""
-    runs = [
+    return [
         TrainRun(
             "native-large-batch",
             "torch: one backward over all b*K sequences, clip_grad_norm_, AdamW.step",
@@ -235,31 +248,13 @@ def bench_runs() -> list[TrainRun]:
             "fuse_wgrad + opt.backward(loss) + fastaccum.optim.AdamW(accum_steps=K)",
             _fastaccum_fused,
         ),
+        TrainRun(
+            "fastaccum-act8",
+            "fastaccum-fused with save_activations(ActivationPolicy(bits=8)) (lossy)",
+            _fastaccum_act8,
+            exact=False,
+        ),
     ]
-    extra = activation_policy_run()
-    if extra is not None:
-        runs.append(extra)
-    return runs
-
-
-def _measure_peak(device: torch.device, fn: Callable[[], None]) -> int | None:
-    """Peak memory of ``fn()`` above what was in use before it, in bytes: the CUDA
-    allocator's high-water mark on a GPU, the resident-set high-water mark on the CPU
-    (Linux; None elsewhere)."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    try:
-        from fastaccum.workloads import peak_rss_bytes
-
-        return peak_rss_bytes(fn)
-    except OSError:  # no /proc/self/clear_refs (not Linux): time, but report no memory
-        fn()
-        return None
 
 
 def max_abs_deviation(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
@@ -277,13 +272,22 @@ def train(
     batches: ByteBatches,
     config: BenchConfig,
     on_step: Callable[[], None] = lambda: None,
+    *,
     steps: int | None = None,
+    measure_memory: bool = False,
 ) -> tuple[RunResult, torch.nn.Module | None]:
     """Train a copy of ``initial`` with ``run`` for ``steps`` windows (default
-    ``config.steps``), timing each optimizer step. Returns the result and the trained model
-    (None when it ran out of memory, which is recorded as status ``"oom"``)."""
+    ``config.steps``), timing each optimizer step; with ``measure_memory``, also count the
+    peak tensor memory (``fastaccum.memory.peak.peak_bytes``: the CUDA allocator's peak, or
+    every CPU tensor storage alive at once), which slows the steps it counts.
+
+    Returns the result and the trained model (None when it ran out of memory, which is
+    recorded as status ``"oom"``).
+    """
+    from fastaccum.memory.peak import peak_bytes
+
     device = torch.device(config.device)
-    result = RunResult(run.name, run.description)
+    result = RunResult(run.name, run.description, run.exact)
     trained: list[torch.nn.Module] = []
 
     def body() -> None:
@@ -301,7 +305,10 @@ def train(
             on_step()
 
     try:
-        result.peak_bytes = _measure_peak(device, body)
+        if measure_memory:
+            result.peak_bytes, _ = peak_bytes(body, device)
+        else:
+            body()
     except torch.OutOfMemoryError:
         result.status = "oom"
     if result.status == "oom":
@@ -331,16 +338,25 @@ def run_all(
     against the reference: the first run that completed (the large batch, or the native
     accumulation where the large batch ran out of memory).
 
-    Each run first trains a throwaway copy for one window, untimed: the first use of an
-    op pays one-time costs (library initialization, allocator and thread-pool growth) that
-    would otherwise be charged to whichever run comes first.
+    Each run first trains a throwaway copy for two windows with its peak memory counted
+    (two, so that the optimizer state exists while the second window's activations are
+    alive); this pass also pays the one-time costs of first use (library initialization,
+    allocator and thread-pool growth) that would otherwise be charged to the timing of
+    whichever run comes first. A run that runs out of memory there is not timed.
     """
     reference: dict[str, torch.Tensor] | None = None
+    device = torch.device(config.device)
     for run in runs:
         on_run(run.name)
-        train(run, initial, batches, config, steps=1)
-        _release(torch.device(config.device))
+        probe, _ = train(run, initial, batches, config, steps=2, measure_memory=True)
+        _release(device)
+        if probe.status == "oom":
+            probe.step_seconds.clear()
+            probe.losses.clear()
+            yield probe
+            continue
         result, model = train(run, initial, batches, config, on_step)
+        result.peak_bytes = probe.peak_bytes
         if model is not None:
             if reference is None:
                 reference = {
@@ -348,5 +364,5 @@ def run_all(
                 }
             result.max_abs_deviation = max_abs_deviation(model, reference)
         del model
-        _release(torch.device(config.device))
+        _release(device)
         yield result

@@ -1,8 +1,17 @@
 """``fastaccum bench``: train the same byte-level GPT on the same batches with native
-PyTorch and with fastaccum, and report time, throughput, memory, loss and deviation."""
+PyTorch and with fastaccum, and report time, throughput, memory, loss and deviation.
+
+With a memory cap, the target batch is b x K sequences and ``fastaccum.plan_batch`` picks
+the micro-batch that fits the cap; on a GPU the process is also held to the cap, so the
+native large batch really runs out of memory. On the CPU nothing can be capped: the large
+batch still runs (it is the reference) and the table marks every run whose measured peak
+passes the cap.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,14 +22,17 @@ import torch
 
 from fastaccum.bench.data import VOCAB, ByteBatches, load_bytes, stdlib_sources
 from fastaccum.bench.report import build_report, write_json, write_plot
-from fastaccum.bench.runs import DTYPES, BenchConfig, RunResult, bench_runs, run_all
+from fastaccum.bench.runs import (
+    DTYPES,
+    BenchConfig,
+    RunResult,
+    bench_runs,
+    forward_precision,
+    lm_loss,
+    run_all,
+)
 from fastaccum.bench.timing import device_name
 from fastaccum.workloads import BYTE_GPT_SIZES, ByteGPT
-
-CPU_MEMORY_CAP_NOTE = (
-    "note: --memory-cap is GPU-only for now. On the CPU it needs a planner's memory budget "
-    "(fastaccum.plan_batch), which this version does not have; running without a cap."
-)
 
 
 def check_config(config: BenchConfig) -> None:
@@ -46,19 +58,16 @@ def check_config(config: BenchConfig) -> None:
 
 
 @contextmanager
-def memory_cap(config: BenchConfig) -> Iterator[str | None]:
-    """Cap this process's GPU memory at ``config.memory_cap_gb`` GiB for the duration
-    (restored after). Yields a note to print when the cap cannot apply (CPU), else None.
+def gpu_memory_cap(config: BenchConfig) -> Iterator[None]:
+    """On a GPU, hold this process's CUDA allocator to ``config.memory_cap_gb`` GiB for the
+    duration (lifted after). Nothing happens without a cap or on the CPU.
 
     Raises:
         ValueError: the cap exceeds the GPU's memory.
     """
     device = torch.device(config.device)
-    if config.memory_cap_gb is None:
-        yield None
-        return
-    if device.type != "cuda":
-        yield CPU_MEMORY_CAP_NOTE
+    if config.memory_cap_gb is None or device.type != "cuda":
+        yield
         return
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = config.memory_cap_gb * 2**30 / total
@@ -69,9 +78,54 @@ def memory_cap(config: BenchConfig) -> Iterator[str | None]:
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     try:
-        yield None
+        yield
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def plan_micro_batch(
+    config: BenchConfig, initial: torch.nn.Module, batches: ByteBatches
+) -> tuple[BenchConfig, dict[str, Any]]:
+    """The micro-batch for the target batch (``micro_batch x accum_steps`` sequences) under
+    ``config.memory_cap_gb``, from ``fastaccum.plan_batch`` on a copy of the model.
+
+    The micro-batch is the largest divisor of the target that is at most the largest that
+    fits, so every micro-batch of a window holds the same number of sequences and the
+    windows are the same sequences as without the cap. Returns the config with
+    ``micro_batch`` and ``accum_steps`` replaced, and the plan as a JSON-ready dict.
+
+    Raises:
+        fastaccum.PlanningError: not even one sequence per micro-batch fits the cap.
+    """
+    import fastaccum
+
+    device = torch.device(config.device)
+    target = config.micro_batch * config.accum_steps
+    model = copy.deepcopy(initial).to(device)
+
+    def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        with forward_precision(config):
+            return lm_loss(m, *batch)
+
+    plan = fastaccum.plan_batch(
+        model,
+        lambda n: batches.sample(n, 0, device),
+        target,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=config.lr),
+        loss_fn=loss_fn,
+        memory_budget=int(config.memory_cap_gb * 2**30),
+        verbose=False,
+    )
+    largest = min(plan.max_micro_batch_size, target)
+    micro = max(d for d in range(1, largest + 1) if target % d == 0)
+    planned = dataclasses.replace(config, micro_batch=micro, accum_steps=target // micro)
+    return planned, {
+        "target_batch": target,
+        "largest_micro_batch_that_fits": plan.max_micro_batch_size,
+        "micro_batch": micro,
+        "accum_steps": target // micro,
+        "plan": str(plan),
+    }
 
 
 def describe_data(path: str | None, text: torch.Tensor) -> str:
@@ -93,6 +147,7 @@ def run_training_bench(
     Raises:
         ValueError: a bad setting (see :func:`check_config`) or text too short for the model.
         FileNotFoundError: ``config.data`` names no file.
+        fastaccum.PlanningError: with a memory cap that not even one sequence fits.
     """
     from tqdm import tqdm
 
@@ -100,47 +155,48 @@ def run_training_bench(
     device = torch.device(config.device)
     size = BYTE_GPT_SIZES[config.model]
     text = load_bytes(config.data)
-    batches = ByteBatches(text, config.micro_batch, config.accum_steps, size["ctx"], config.seed)
     torch.manual_seed(config.seed)
     initial = ByteGPT(vocab=VOCAB, **size)
     runs = bench_runs()
     notes: list[str] = []
     results: list[RunResult] = []
-    with (
-        memory_cap(config) as note,
-        tqdm(
+    plan = None
+    with gpu_memory_cap(config):
+        batches = ByteBatches(
+            text, config.micro_batch, config.accum_steps, size["ctx"], config.seed
+        )
+        if config.memory_cap_gb is not None:
+            config, plan = plan_micro_batch(config, initial, batches)
+            batches = ByteBatches(
+                text, config.micro_batch, config.accum_steps, size["ctx"], config.seed
+            )
+        with tqdm(
             total=len(runs) * config.steps,
             desc="bench",
             unit="step",
             file=sys.stderr,
             disable=not progress,
-        ) as bar,
-    ):
-        if note:
-            notes.append(note)
-        for result in run_all(
-            config,
-            initial,
-            batches,
-            runs,
-            on_step=lambda: bar.update(1),
-            on_run=lambda name: bar.set_description(name),
-        ):
-            bar.update(config.steps - len(result.step_seconds))  # steps an OOM run skipped
-            results.append(result)
+        ) as bar:
+            for result in run_all(
+                config,
+                initial,
+                batches,
+                runs,
+                on_step=lambda: bar.update(1),
+                on_run=lambda name: bar.set_description(name),
+            ):
+                bar.update(config.steps - len(result.step_seconds))  # steps an OOM run skipped
+                results.append(result)
     report = build_report(
         config,
         results,
         tokens_per_step=batches.tokens_per_window,
         parameters=sum(p.numel() for p in initial.parameters()),
         device_name=device_name(device),
-        memory_kind=(
-            "torch.cuda.max_memory_allocated above the start"
-            if device.type == "cuda"
-            else "resident-set high-water mark above the start"
-        ),
+        memory_kind="peak tensor memory over the first two steps, model and optimizer state "
+        + ("included (CUDA allocator)" if device.type == "cuda" else "included (CPU tensors)"),
         data_name=describe_data(config.data, text),
-        extra={"memory_cap_gib": config.memory_cap_gb if device.type == "cuda" else None},
+        extra={"memory_cap": plan},
     )
     report["notes"] = notes
     report["files"] = []
