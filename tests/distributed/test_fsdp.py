@@ -1,0 +1,177 @@
+"""fastaccum.wrap(opt, K, model=fully_shard(...)) (FSDP2) on 2 gloo ranks.
+
+Same data and references as test_ddp.py: rank 1's micro-batches are 2-3x longer, and the
+reference is one process training on the concatenated batches of both ranks. FSDP2's
+reduce-scatters are counted by passing torch.distributed.reduce_scatter_single (what its
+default reduce-scatter calls) through a counter.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+import fastaccum
+from tests.distributed.data import (
+    WINDOWS,
+    K,
+    global_windows,
+    rank_batches,
+    same_on_all_ranks,
+    weighted_reference,
+)
+from tests.distributed.launch import check, run_scenarios
+from tests.helpers import assert_close_rel, large_batch_run, make_model, mean_loss
+
+
+def sharded_model() -> torch.nn.Module:
+    """The token model with each layer that has parameters, and the whole, fully_shard-ed."""
+    model = make_model()
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+class ReduceScatterCounter:
+    """Counts torch.distributed.reduce_scatter_single calls, passing each one on."""
+
+    def __enter__(self) -> ReduceScatterCounter:
+        self.calls = 0
+        self._real = dist.reduce_scatter_single
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._real(*args, **kwargs)
+
+        dist.reduce_scatter_single = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.reduce_scatter_single = self._real
+
+
+def assert_matches(model: torch.nn.Module, want: torch.nn.Module) -> None:
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        full = p.full_tensor()
+        assert_close_rel(full, q, 1e-5)
+        assert same_on_all_ranks(full.detach())
+
+
+def train(model, opt, batches, counter=None) -> list[int]:
+    """opt.backward path; the reduce-scatter calls of each micro-batch."""
+    calls = []
+    for x, y in batches:
+        before = counter.calls if counter else 0
+        opt.backward(mean_loss(model, x, y), num_items=len(y))
+        calls.append((counter.calls if counter else 0) - before)
+        opt.step()
+    return calls
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def window_mode(rank: int, world: int) -> None:
+    """Default mode: gradient sync off inside a window, FSDP2 reduce-scatters only the
+    boundary backward (one per FSDP module), and training equals the large-batch run."""
+    n = K * WINDOWS
+    want, _ = large_batch_run(adamw, global_windows(world, n), max_grad_norm=0.5)
+    model = sharded_model()
+    opt = fastaccum.wrap(adamw(model.parameters()), K, model=model, max_grad_norm=0.5)
+    with ReduceScatterCounter() as counter:
+        calls = train(model, opt, rank_batches(rank, n), counter)
+    groups = 4  # the embedding, two linears and the layer norm each have an FSDP module
+    assert calls == [0, 0, 0, groups] * WINDOWS, calls
+    assert opt.stats()["grad_norm"] > 0.5  # clipped: the norm is the global one
+    assert_matches(model, want)
+
+
+def every_micro_step_mode(rank: int, world: int) -> None:
+    """reduce_scatter_every_micro_step=True: a reduce-scatter per module per micro-batch,
+    fp32 shard accumulators, and flush() of a partial last window works."""
+    n = K * WINDOWS + 2
+    want, _ = large_batch_run(adamw, global_windows(world, n), max_grad_norm=0.5)
+    model = sharded_model()
+    opt = fastaccum.wrap(
+        adamw(model.parameters()),
+        K,
+        model=model,
+        max_grad_norm=0.5,
+        reduce_scatter_every_micro_step=True,
+    )
+    with ReduceScatterCounter() as counter:
+        calls = train(model, opt, rank_batches(rank, n), counter)
+    assert calls == [4] * n, calls
+    assert opt.flush() is True
+    assert_matches(model, want)
+
+
+def partial_window_needs_last(rank: int, world: int) -> None:
+    """Default mode: flush() of a partial window raises (FSDP2 still holds its unsharded
+    gradients) and changes nothing; closing it with accumulate(last=True) is exact."""
+    n = K + 2
+    want, _ = large_batch_run(adamw, global_windows(world, n))
+    model = sharded_model()
+    opt = fastaccum.wrap(adamw(model.parameters()), K, model=model)
+    batches = rank_batches(rank, n)
+    train(model, opt, batches[: K + 1])
+    with pytest.raises(RuntimeError, match=re.escape("accumulate(last=True)")):
+        opt.flush()
+    assert opt.micro_step == 1
+    x, y = batches[-1]
+    with opt.accumulate(last=True):
+        opt.backward(mean_loss(model, x, y), num_items=len(y))
+    assert opt.step() is True
+    assert_matches(model, want)
+
+
+def step_path(rank: int, world: int) -> None:
+    """loss.backward(); opt.step(num_items=n) cannot weight FSDP2's already reduced
+    gradients: ValueError, nothing folded. Without num_items (micro-batches weigh equally)
+    the step path is exact."""
+    n = K * 2
+    model = sharded_model()
+    opt = fastaccum.wrap(adamw(model.parameters()), K, model=model)
+    batches = rank_batches(rank, n)
+    x, y = batches[0]
+    mean_loss(model, x, y).backward()
+    with pytest.raises(ValueError, match=re.escape("opt.backward(loss, num_items=n)")):
+        opt.step(num_items=len(y))
+    assert opt.micro_step == 0
+    opt.zero_grad()
+    # FSDP2 kept the unsharded gradient of that backward; start from a fresh model.
+    model = sharded_model()
+    opt = fastaccum.wrap(adamw(model.parameters()), K, model=model)
+    for x, y in batches:
+        mean_loss(model, x, y).backward()
+        opt.step()
+    ref = make_model()
+    ref_opt = adamw(ref.parameters())
+    windows = [[(b, 1) for b in window] for window in global_windows(world, n)]
+    weighted_reference(ref, ref_opt, windows, lambda m, e: (mean_loss(m, *e[0]), e[1]))
+    assert_matches(model, ref)
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (window_mode, every_micro_step_mode, partial_window_needs_last, step_path)
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_scenarios(SCENARIOS, tmp_path_factory.mktemp("fsdp"))
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fsdp(outcomes: dict, name: str) -> None:
+    check(outcomes, name)
