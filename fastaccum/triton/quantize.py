@@ -58,7 +58,9 @@ def _rounding_offsets(index, seed_lo, seed_hi):
     return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
-@triton.jit
+# Seeds are never compile-time constants: Triton would otherwise specialize a seed word of 1
+# into a constexpr and compile a kernel per such seed.
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _quantize_kernel(
     x_ptr,
     packed_ptr,
