@@ -5,6 +5,8 @@ sets TRITON_INTERPRET=1 before triton is imported), so shapes are small. Inputs,
 tolerances come from tests/ops/test_batchnorm.py.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -36,6 +38,7 @@ from tests.ops.test_batchnorm import (
     truth_grad_sums,
     truth_stats,
 )
+from tests.triton.test_accumulate import run_without_interpreter
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = _backend.triton_interpreted()
@@ -198,3 +201,57 @@ def test_opcheck():
     ]
     for op, sample in samples:
         torch.library.opcheck(op.default, sample, test_utils=OPCHECK_UTILS)
+
+
+def test_kernels_compile_for_gpus():
+    """Every kernel compiles for sm_80 and sm_90 (no GPU needed), with 32- and 64-bit sizes;
+    the interpreter is more lenient about types than the compiler."""
+    out = run_without_interpreter(
+        """
+        import json
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from fastaccum.triton import batchnorm as tb
+
+        def compile_ptx(fn, args, arch):
+            signature = {k: "constexpr" if not isinstance(v, str) else v for k, v in args.items()}
+            constexprs = {k: v for k, v in args.items() if not isinstance(v, str)}
+            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+
+        compiled = 0
+        for arch in (80, 90):
+            for size in ("i32", "i64"):
+                for block_s, block_c in ((256, 4), (8, 128)):
+                    geo = {k: size for k in ("C", "S", "SP", "SC", "SS")}
+                    blocks = {"BLOCK_S": block_s, "BLOCK_C": block_c}
+                    x = "*bf16"
+                    f32 = "*fp32"
+                    kernels = [
+                        (tb._stats_partial_kernel, {
+                            "x_ptr": x, "shift_ptr": f32, "mean_part": f32, "m2_part": f32,
+                            "count_part": f32, **geo, "pairs": size, "pairs_per_split": size,
+                            **blocks}),
+                        (tb._grad_sums_partial_kernel, {
+                            "dy_ptr": x, "x_ptr": x, "mean_ptr": f32, "mul_ptr": f32,
+                            "add_ptr": f32, "sum_dy_part": f32, "sum_dy_xmu_part": f32, **geo,
+                            "pairs": size, "pairs_per_split": size, "RELU": True, **blocks}),
+                        (tb._apply_kernel, {
+                            "x_ptr": x, "y_ptr": x, "mean_ptr": f32, "mul_ptr": f32,
+                            "add_ptr": f32, **geo, "n_sb": size, "n_cb": size, "RELU": True,
+                            **blocks}),
+                        (tb._grad_input_kernel, {
+                            "dy_ptr": x, "x_ptr": x, "gx_ptr": x, "mean_ptr": f32, "mul_ptr": f32,
+                            "add_ptr": f32, "mean_dy_ptr": f32, "k_ptr": f32, **geo,
+                            "n_sb": size, "n_cb": size, "RELU": True, **blocks}),
+                    ]
+                    for fn, args in kernels:
+                        # Keep the kernels' own argument order.
+                        names = fn.arg_names
+                        compile_ptx(fn, {k: args[k] for k in names}, arch)
+                        compiled += 1
+        print(json.dumps(compiled))
+        """
+    )
+    assert json.loads(out) == 2 * 2 * 2 * 4

@@ -1,0 +1,145 @@
+"""CPU suite: training-mode BatchNorm forward + backward on a ResNet-stage-sized activation
+(8, 64, 56, 56), fastaccum against native PyTorch, in the same run:
+
+- ``native``:    ``F.batch_norm(x, None, None, weight, bias, training=True)`` (then
+                 ``F.relu`` in the ReLU groups), forward and ``backward``.
+- ``fastaccum``: ``batch_norm_stats`` (one read of x), ``invstd``, then
+                 ``batch_norm_train(..., relu=)``: apply (read x, write y) and, in the
+                 backward, the gradient sums (read dy and x) and the input gradient (read
+                 dy and x, write dx). The ReLU is fused; its mask is recomputed from x.
+
+Groups: fp32 NCHW, fp32 channels-last, bf16 NCHW, bf16 channels-last; each without and
+with ReLU. ``extra_info["bytes"]`` is what fastaccum's four passes must move (fp32: 32 B
+per element, bf16: 16 B), for the GB/s column of the summary.
+
+pytest-benchmark times one provider after the other. On a shared machine whose speed
+drifts, run this file as a script instead: it calls the providers round-robin and prints
+each group's median ratio::
+
+    python benchmarks/test_batchnorm_cpu.py [--rounds 30] [--groups fp32-nchw ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastaccum.ops as fops
+
+SHAPE = (8, 64, 56, 56)
+EPS = 1e-5
+GROUPS = {
+    "fp32-nchw": (torch.float32, torch.contiguous_format),
+    "fp32-channels_last": (torch.float32, torch.channels_last),
+    "bf16-nchw": (torch.bfloat16, torch.contiguous_format),
+    "bf16-channels_last": (torch.bfloat16, torch.channels_last),
+}
+PROVIDERS = ("native", "fastaccum")
+
+
+def _setup(provider: str, group: str, relu: bool) -> Callable[[], None]:
+    """One training step of the layer (forward + backward) as a zero-argument callable."""
+    dtype, memory_format = GROUPS[group]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen).to(dtype).contiguous(memory_format=memory_format)
+    grad = torch.randn(SHAPE, generator=gen).to(dtype).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    # Parameters in the activations' dtype, as a model cast with .to(dtype) has them.
+    weight = torch.rand(SHAPE[1], generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(SHAPE[1], generator=gen).to(dtype).requires_grad_()
+    count = x.numel() // SHAPE[1]
+
+    if provider == "native":
+
+        def step() -> None:
+            y = F.batch_norm(x, None, None, weight, bias, training=True, eps=EPS)
+            if relu:
+                y = F.relu(y)
+            y.backward(grad)
+
+    else:
+
+        def step() -> None:
+            mean, m2 = fops.batch_norm_stats(x.detach())
+            invstd = torch.rsqrt(m2 / count + EPS)
+            y = fops.batch_norm_train(x, mean, invstd, weight, bias, relu=relu)
+            y.backward(grad)
+
+    return step
+
+
+def bytes_moved(group: str) -> int:
+    """Bytes fastaccum's four passes read and write: x four times, dy twice, y and dx once."""
+    dtype, _ = GROUPS[group]
+    numel = 1
+    for n in SHAPE:
+        numel *= n
+    return 8 * numel * torch.empty((), dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn+relu"])
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_train_step(benchmark, provider, group, relu):
+    step = _setup(provider, group, relu)
+    benchmark.group = f"{group} {'bn+relu' if relu else 'bn'} fwd+bwd"
+    benchmark.extra_info.update(provider=provider, bytes=bytes_moved(group))
+    benchmark.pedantic(step, rounds=15, warmup_rounds=2)
+
+
+# --------------------------------------------------------------------------- interleaved
+
+
+def interleaved(groups: Sequence[str], rounds: int) -> list[tuple[str, float, float, float]]:
+    """Per (group, relu): providers called round-robin ``rounds`` times (order rotated each
+    round). Returns (name, median native / median fastaccum, same for the minima, the
+    fastaccum time's interquartile range over its median)."""
+    rows = []
+    for group in groups:
+        for relu in (False, True):
+            steps = {p: _setup(p, group, relu) for p in PROVIDERS}
+            for step in steps.values():  # warm-up
+                step()
+            times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+            for r in range(rounds):
+                order = PROVIDERS[r % 2 :] + PROVIDERS[: r % 2]
+                for p in order:
+                    start = time.perf_counter()
+                    steps[p]()
+                    times[p].append(time.perf_counter() - start)
+            native, fused = times["native"], times["fastaccum"]
+            q = statistics.quantiles(fused, n=4)
+            rows.append(
+                (
+                    f"{group} {'bn+relu' if relu else 'bn'}",
+                    statistics.median(native) / statistics.median(fused),
+                    min(native) / min(fused),
+                    (q[2] - q[0]) / statistics.median(fused),
+                )
+            )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30, help="calls per provider and group")
+    parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
+    args = parser.parse_args(argv)
+    if args.rounds < 4:
+        parser.error(f"--rounds must be >= 4, got {args.rounds}")
+    print(f"shape {SHAPE}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'group':<28} {'speed-up (median)':>18} {'(min)':>8} {'fastaccum IQR':>14}")
+    for name, med, best, iqr in interleaved(args.groups, args.rounds):
+        print(f"{name:<28} {med:>17.2f}x {best:>7.2f}x {iqr:>13.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
