@@ -97,7 +97,8 @@ class RunResult:
 
     @property
     def seconds_per_step(self) -> float | None:
-        """Median time per optimizer step, leaving out the first (warm-up) step."""
+        """Median time per optimizer step, leaving out the first (it allocates the optimizer
+        state)."""
         if not self.step_seconds:
             return None
         timed = self.step_seconds[1:] or self.step_seconds
