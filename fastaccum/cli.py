@@ -2,8 +2,8 @@
 
 ``bench`` trains a byte-level GPT on real text (the Python standard library's sources, or
 ``--data FILE``) with native PyTorch (one large batch; the native accumulation loop) and
-with fastaccum (``wrap``; ``opt.backward`` + fused wgrad + the fused AdamW) on the same
-seeds and batches, then prints time per step, tokens/s, peak memory, final loss and each
+with fastaccum (``wrap``; ``opt.backward`` + fused wgrad + the fused AdamW; the same with
+8-bit saved activations) on the same seeds and batches, then prints time per step, tokens/s, peak memory, final loss and each
 run's largest parameter deviation from the large-batch reference, and writes
 ``bench.json`` and ``bench.png`` to ``--out``.
 
