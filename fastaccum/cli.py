@@ -1,4 +1,4 @@
-"""Command line: ``fastaccum bench`` and ``fastaccum bench-ops`` (also ``python -m fastaccum``).
+"""Command line: ``fastaccum bench``, ``bench-ops`` and ``plan`` (also ``python -m fastaccum``).
 
 ``bench`` trains a byte-level GPT on real text (the Python standard library's sources, or
 ``--data FILE``) with native PyTorch (one large batch; the native accumulation loop) and
@@ -9,6 +9,9 @@ run's largest parameter deviation from the large-batch reference, and writes
 
 ``bench-ops`` is the op micro-benchmark: one micro-step of native per-parameter ``add_``
 accumulation against fastaccum's fused ``accumulate_`` on a GPT-2-small parameter set.
+
+``plan`` prints ``fastaccum.plan_batch``'s plan (micro-batch, accumulation steps, measured
+memory) for the bench model and a target batch.
 """
 
 from __future__ import annotations
@@ -94,6 +97,67 @@ def _cmd_bench_ops(args: argparse.Namespace) -> int:
     copy, add = bandwidths(nbytes, device, args.repeats)
     print(format_ops_table(rows, copy / 1e9, add / 1e9, device))
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import fastaccum
+    from fastaccum.bench.data import VOCAB, ByteBatches, load_bytes
+    from fastaccum.bench.runs import lm_loss
+    from fastaccum.workloads import BYTE_GPT_SIZES, ByteGPT
+
+    device = torch.device(args.device or _default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda was given but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        print(f"error: --memory-budget must be > 0 GiB, got {args.memory_budget}", file=sys.stderr)
+        return 2
+    size = BYTE_GPT_SIZES[args.model]
+    torch.manual_seed(args.seed)
+    model = ByteGPT(vocab=VOCAB, **size).to(device)
+    batches = ByteBatches(load_bytes(args.data), 1, 1, size["ctx"], args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
+    try:
+        plan = fastaccum.plan_batch(
+            model,
+            lambda n: batches.sample(n, 0, device),
+            args.target,
+            optimizer=optimizer,
+            loss_fn=lambda m, batch: lm_loss(m, *batch),
+            memory_budget=budget,
+            headroom=args.headroom,
+        )
+    except (ValueError, TypeError, fastaccum.PlanningError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"model: bench {args.model} ({sum(p.numel() for p in model.parameters()):,} params)")
+    print(plan)
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from fastaccum.workloads import BYTE_GPT_SIZES
+
+    p = sub.add_parser(
+        "plan",
+        help="plan micro-batch and accumulation steps for the bench model under a memory budget",
+        description="Measure real training steps of the bench's byte-level GPT (AdamW, "
+        "fastaccum.wrap) and print fastaccum.plan_batch's plan for a target batch.",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--model", choices=list(BYTE_GPT_SIZES), default="tiny")
+    p.add_argument("--target", type=int, default=256, help="target batch, sequences")
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        help="GiB of tensor memory to plan for (default: what the device has free)",
+    )
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction kept free")
+    p.add_argument("--data", default=None, help="text file (default: the stdlib's sources)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_plan)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -207,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_bench_ops(sub)
+    _add_plan(sub)
     return parser
 
 

@@ -285,3 +285,14 @@ def test_bench_help_lists_the_flags(capsys):
         assert flag in out
     for flag in ("--model", "--data", "--out", "--memory-cap"):
         assert flag in out
+
+
+def test_plan_prints_a_plan_for_the_bench_model(capsys):
+    assert main(["plan", "--device", "cpu", "--memory-budget", "0.02", "--target", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "micro_batch_size" in out and "target 16" in out
+
+
+def test_plan_with_too_small_a_budget_says_what_is_missing(capsys):
+    assert main(["plan", "--device", "cpu", "--memory-budget", "0.0001", "--target", "4"]) == 2
+    assert "MiB missing" in capsys.readouterr().err
