@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             "error: gpu_accumulate.py needs a CUDA GPU, but torch.cuda.is_available() is False "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Run it on "
-            "a GPU machine, or use `make bench-cpu` / `fastaccum bench` for the CPU.",
+            "a GPU machine, or use `make bench-cpu` / `fastaccum bench-ops` for the CPU.",
             file=sys.stderr,
         )
         return 2
