@@ -94,6 +94,7 @@ Warnings
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -626,6 +627,15 @@ def attach(
             "reduce_scatter_every_micro_step=True applies to FSDP2 models only; pass "
             "model= the fully_shard model"
         )
+    # DTensor parameters exist only once torch.distributed.tensor was imported.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if found is None and dtensor is not None:
+        sharded = [p for p in opt._params if isinstance(p, dtensor.DTensor)]
+        if sharded:
+            raise ValueError(
+                f"{opt._names[id(sharded[0])]} is a sharded (DTensor) parameter; pass the "
+                "fully_shard model as model= so that fastaccum accumulates local shards"
+            )
     return found
 
 

@@ -22,6 +22,7 @@ those of a real ``torch.optim`` optimizer held in ``.optimizer``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -61,8 +62,16 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         )
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
-        """Raise TypeError (not float32) or ValueError (not contiguous) for any parameter."""
+        """Raise TypeError (not float32, or sharded) or ValueError (not contiguous) for any
+        parameter."""
+        dtensor = sys.modules.get("torch.distributed.tensor")  # imported once DTensors exist
         for p in params:
+            if dtensor is not None and isinstance(p, dtensor.DTensor):
+                raise TypeError(
+                    f"{type(self).__name__} does not take sharded (FSDP2 / DTensor) "
+                    f"parameters; use fastaccum.wrap(torch.optim.{type(self).__name__}(...), "
+                    "K, model=fsdp_model)"
+                )
             if p.dtype != torch.float32:
                 raise TypeError(
                     f"{type(self).__name__} needs float32 parameters, got one of dtype "

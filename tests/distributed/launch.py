@@ -49,7 +49,7 @@ def _entry(rank: int, world: int, port: int, scenarios: dict[str, Scenario], out
             try:
                 scenario(rank, world)
                 outcome[name] = None
-            except Exception:
+            except BaseException:  # pytest.raises/warns fail with a BaseException
                 outcome[name] = traceback.format_exc()
                 failed = name
     finally:

@@ -27,7 +27,7 @@ from tests.distributed.data import (
     same_on_all_ranks,
     weighted_reference,
 )
-from tests.distributed.launch import check, run_scenarios
+from tests.distributed.launch import check
 from tests.helpers import VOCAB, assert_close_rel, large_batch_run, make_model, mean_loss
 
 SMALL_BUCKETS_MB = 0.001  # splits the test model into 3 DDP buckets
@@ -248,26 +248,27 @@ def unused_at_boundary_without_find_unused(rank: int, world: int) -> None:
 
 
 def nonfinite_skips_on_every_rank(rank: int, world: int) -> None:
-    """A NaN on one rank's micro-batch: every rank skips that window (the decision comes
-    from the reduced gradient), then the next window trains normally."""
+    """A NaN on one rank's micro-batch under a GradScaler: every rank skips that window and
+    backs the scale off (decisions come from the reduced gradient); the next window trains,
+    unscaled once, like the large-batch run on that window alone."""
+    windows = global_windows(world, 2 * K)
+    want, _ = large_batch_run(sgd, windows[1:], max_grad_norm=1.0)
     model = make_model()
     ddp = DDP(model)
-    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp, max_grad_norm=1.0)
-    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp, max_grad_norm=1.0, scaler=scaler)
     stepped = []
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        for i, (x, y) in enumerate(rank_batches(rank, 2 * K)):
-            loss = mean_loss(ddp, x, y)
-            if rank == 1 and i == 1:
-                loss = loss * float("nan")
-            opt.backward(loss, num_items=len(y))
-            stepped.append(opt.step())
+    for i, (x, y) in enumerate(rank_batches(rank, 2 * K)):
+        loss = mean_loss(ddp, x, y)
+        if rank == 1 and i == 1:
+            loss = loss * float("nan")
+        opt.backward(scaler.scale(loss), num_items=len(y))
+        stepped.append(opt.step())
+        if i == K - 1:
+            assert scaler.get_scale() == 512.0  # backed off once, on every rank
     assert stepped == [False] * (2 * K - 1) + [True]
     assert opt.stats()["skipped_windows"] == 1 and opt.stats()["windows"] == 1
-    changed = [not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)]
-    assert all(changed)
-    for p in model.parameters():
-        assert same_on_all_ranks(p.detach())
+    assert_matches(model, want)
 
 
 def batchnorm_merged_across_ranks(rank: int, world: int) -> None:
@@ -336,11 +337,6 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_scenarios(SCENARIOS, tmp_path_factory.mktemp("ddp"))
-
-
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_ddp(outcomes: dict, name: str) -> None:
-    check(outcomes, name)
+    check(outcomes, f"test_ddp.{name}")

@@ -24,7 +24,7 @@ from tests.distributed.data import (
     same_on_all_ranks,
     weighted_reference,
 )
-from tests.distributed.launch import check, run_scenarios
+from tests.distributed.launch import check
 from tests.helpers import assert_close_rel, large_batch_run, make_model, mean_loss
 
 
@@ -161,17 +161,27 @@ def step_path(rank: int, world: int) -> None:
     assert_matches(model, ref)
 
 
+def configuration_errors(rank: int, world: int) -> None:
+    """Sharded parameters without model=, and the fused classes, are refused up front."""
+    model = sharded_model()
+    with pytest.raises(ValueError, match="pass the fully_shard model as model="):
+        fastaccum.wrap(adamw(model.parameters()), K)
+    with pytest.raises(TypeError, match="sharded"):
+        fastaccum.optim.AdamW(model.parameters(), accum_steps=K, model=model)
+
+
 SCENARIOS = {
     f.__name__: f
-    for f in (window_mode, every_micro_step_mode, partial_window_needs_last, step_path)
+    for f in (
+        window_mode,
+        every_micro_step_mode,
+        partial_window_needs_last,
+        step_path,
+        configuration_errors,
+    )
 }
-
-
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_scenarios(SCENARIOS, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_fsdp(outcomes: dict, name: str) -> None:
-    check(outcomes, name)
+    check(outcomes, f"test_fsdp.{name}")
