@@ -58,6 +58,16 @@ def _rounding_offsets(index, seed_lo, seed_hi):
     return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
+@triton.jit
+def _program_groups(groups, numel, GROUP: tl.constexpr, ROWS: tl.constexpr):
+    """This program's groups: row ids, which exist, their first flat index (int64), and the
+    ``[ROWS, GROUP]`` flat indices with the mask of those below ``numel``."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    first = rows.to(tl.int64) * GROUP
+    index = first[:, None] + tl.arange(0, GROUP)[None, :]
+    return rows, rows < groups, first, index, index < numel
+
+
 # Seeds are never compile-time constants: Triton would otherwise specialize a seed word of 1
 # into a constexpr and compile a kernel per such seed.
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
@@ -79,11 +89,7 @@ def _quantize_kernel(
     PER_BYTE: tl.constexpr = 8 // BITS
     GROUP_BYTES: tl.constexpr = GROUP // PER_BYTE
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < groups
-    first = rows.to(tl.int64) * GROUP
-    index = first[:, None] + tl.arange(0, GROUP)[None, :]
-    valid = index < numel
+    rows, row_ok, first, index, valid = _program_groups(groups, numel, GROUP, ROWS)
     v = tl.load(x_ptr + index, mask=valid, other=0.0).to(tl.float32)
     mn = tl.min(tl.where(valid, v, float("inf")), axis=1)
     mx = tl.max(tl.where(valid, v, -float("inf")), axis=1)
@@ -135,11 +141,8 @@ def _dequantize_kernel(
     PER_BYTE: tl.constexpr = 8 // BITS
     GROUP_BYTES: tl.constexpr = GROUP // PER_BYTE
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < groups
+    rows, row_ok, _first, index, valid = _program_groups(groups, numel, GROUP, ROWS)
     col = tl.arange(0, GROUP)
-    index = rows.to(tl.int64)[:, None] * GROUP + col[None, :]
-    valid = index < numel
     byte_at = rows.to(tl.int64)[:, None] * GROUP_BYTES + (col // PER_BYTE)[None, :]
     byte = tl.load(packed_ptr + byte_at, mask=row_ok[:, None], other=0).to(tl.int32)
     q = (byte >> ((col % PER_BYTE) * BITS)[None, :]) & LEVELS
