@@ -397,8 +397,6 @@ class Encoder:
         if p.masks:
             if t.dtype == torch.bool:
                 return "mask", 1.0
-            if _is_relu_own_save(t):
-                return "relu", 1.0
             if not t.requires_grad:
                 # Two-valued {0, c} tensors that need no gradient: dropout's scaled keep
                 # mask (0 or 1 / (1 - p)) and 0/1 masks. One extra read, and a sync on GPU.
@@ -430,16 +428,17 @@ class Encoder:
         if ref is None or ref() is not t:
             entry = {}
             self._seen[key] = (weakref.ref(t, self._forget(key)), entry)
-        kind, mask_value = self._kind(t)
+        relu = self.policy.masks and _is_relu_own_save(t)
+        slot = "mask" if relu else "full"
+        if slot in entry:
+            self.stats.reused += 1
+            return entry[slot]
+        kind, mask_value = ("relu", 1.0) if relu else self._kind(t)
         if kind == "raw" and not (self.policy.offload and t.is_cuda):
             # Neither compressed nor offloaded: autograd holds the tensor itself.
             self.stats.kept += 1
             self._note("kept", t)
             return t
-        slot = "mask" if kind == "relu" else "full"
-        if slot in entry:
-            self.stats.reused += 1
-            return entry[slot]
         record = self._make_record(t, kind, mask_value)
         entry[slot] = record
         return record
