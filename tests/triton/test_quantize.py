@@ -2,9 +2,11 @@
 reference.
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (tests/conftest.py
-sets TRITON_INTERPRET=1 before triton is imported), so the shapes stay small.
+sets TRITON_INTERPRET=1 before triton is imported), so the shapes stay small; a subprocess
+without the interpreter compiles them for sm_80/sm_90.
 """
 
+import json
 import math
 
 import pytest
@@ -20,6 +22,7 @@ from fastaccum.ops.quantize import (
     quantize_groups_ref,
 )
 from fastaccum.triton import quantize as tri
+from tests.triton.test_accumulate import run_without_interpreter
 
 # The interpreter runs the kernels in numpy, which warns about the NaN and division-by-zero
 # lanes of constant, padded and non-finite groups; those lanes are masked out by design.
@@ -112,3 +115,41 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     assert not _backend.triton_can_run(torch.device("cpu"))
     with pytest.raises(RuntimeError, match="need a CUDA device"):
         tri.quantize_groups_triton(torch.randn(64), 8, 32, 0, True)
+
+
+def test_kernels_compile_for_gpus():
+    """The kernels compile for sm_80 and sm_90 (no GPU needed), with correctly rounded
+    divisions (div.rn) for the scale and its inverse, as the reference computes them."""
+    out = run_without_interpreter(
+        """
+        import json
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from fastaccum.triton import quantize as tri
+
+        def ptx(fn, args, arch):
+            signature = {k: "constexpr" if not isinstance(v, str) else v for k, v in args.items()}
+            constexprs = {k: v for k, v in args.items() if not isinstance(v, str)}
+            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+
+        found = {}
+        for arch in (80, 90):
+            for bits in (2, 8):
+                q = ptx(tri._quantize_kernel, {
+                    "x_ptr": "*bf16", "packed_ptr": "*u8", "scale_ptr": "*fp32",
+                    "min_ptr": "*fp32", "numel": "i64", "groups": "i32", "seed_lo": "i64",
+                    "seed_hi": "i32", "BITS": bits, "GROUP": 256, "ROWS": 16,
+                    "STOCHASTIC": True}, arch)
+                found[f"q{arch}-{bits}"] = "div.rn.f32" in q
+            d = ptx(tri._dequantize_kernel, {
+                "packed_ptr": "*u8", "scale_ptr": "*fp32", "min_ptr": "*fp32",
+                "out_ptr": "*fp16", "numel": "i64", "groups": "i32", "BITS": 4, "GROUP": 256,
+                "ROWS": 16}, arch)
+            found[f"d{arch}"] = ".entry" in d
+        print(json.dumps(found))
+        """
+    )
+    assert all(json.loads(out).values()), out
