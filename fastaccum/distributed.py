@@ -26,7 +26,9 @@ flattened into one fp32 buffer, and writes the sum back into the accumulators in
 ``accumulate_`` pass that also yields the window norm and the non-finite flag. DDP's
 buckets thus carry exactly one all-reduce per bucket per window, overlapped with the
 boundary backward; parameters unused on that micro-batch are in their buckets too, so
-they are reduced as well. DDP's own write of the (zero) bucket into ``.grad`` is dropped.
+they are reduced as well. DDP's own write of the (zero) bucket into ``.grad`` is dropped;
+with ``gradient_as_bucket_view=False`` (DDP's default) that write allocates a transient
+gradient-sized ``.grad`` at the boundary, with ``True`` it is a view of DDP's bucket.
 
 ``loss.backward(); opt.step(num_items=n)`` is exact too, without the overlap: the weight
 of the last micro-batch is only known at ``step()``, after backward, so the hook passes
@@ -37,6 +39,13 @@ partial window, whose last micro-batch ran without sync, takes the same path. Th
 alternative design, DDP sync always off and every reduction done at the boundary, would
 have been as exact and a little simpler, but it gives up DDP's overlap of the reduction
 with the last backward and its bucket order; the hook keeps both for ``opt.backward``.
+All ranks must take the same path (both ``opt.backward`` or both ``loss.backward``), as
+they must run the same collectives.
+
+BatchNorm buffers. DDP broadcasts rank 0's buffers (``broadcast_buffers=True``) at the
+first forward after a synced one, i.e. at the first micro-batch of a window, when the
+AccumBatchNorm window statistics have just been merged, folded and reset on every rank, so
+the broadcast leaves them intact.
 
 FSDP2 (``fully_shard``)
 -----------------------
@@ -79,10 +88,15 @@ Warnings
   accumulator, so the step is right where native ``no_sync`` accumulation would sync only
   what the last micro-batch used; the warning says so once.
 * DDP ``find_unused_parameters=False`` with a parameter that gets no gradient on the
-  boundary micro-batch: DDP will fail on its next synced backward; warned with the fix.
-* DDP ``static_graph=True``: DDP records the used parameters in its first backward; the
-  wrapper keeps sync on for the very first micro-batch (the hook passes it through) so that
-  backward is a synced one, and warns if the graph was already run.
+  boundary micro-batch: fastaccum still reduces it, but DDP raises on the next forward
+  ("Expected to have finished reduction in the prior iteration"); warned, with the fix.
+* DDP ``static_graph=True``: DDP's first backward must be a synced one (under ``no_sync``
+  its reducer fails with "expect_autograd_hooks_ INTERNAL ASSERT FAILED"), so the wrapper
+  keeps sync on for the very first micro-batch; the hook passes it through, so it costs
+  no communication. If that first forward still ran without sync (a ``no_sync()`` of the
+  user's own), ``opt.backward`` raises a RuntimeError that says so before DDP's reducer
+  would fail. With varying parameter usage, static_graph trains exactly here (every
+  accumulator is reduced).
 * A loss already divided by K (``loss / K`` or ``loss * (1/K)``, possibly under
   ``scaler.scale`` or a dtype cast) on top of the item-count normalization: detected from
   the loss's autograd node in ``opt.backward(loss)`` only. ``loss.backward()`` hands the
@@ -253,6 +267,9 @@ class _DistributedWindow:
     def check_step(self, uses_num_items: bool) -> None:
         """Raise before anything is folded when ``step(num_items=...)`` cannot be exact."""
 
+    def before_backward(self) -> None:
+        """Called by ``opt.backward`` before ``loss.backward()``; may raise."""
+
     def after_backward(self) -> None:
         """Called after ``opt.backward``'s ``loss.backward()`` returned."""
 
@@ -350,16 +367,9 @@ class DDPWindow(_DistributedWindow):
         self.find_unused = bool(model.find_unused_parameters)
         self.static_graph = bool(getattr(model, "static_graph", False))
         # Until DDP has run one synced backward, keep sync on (see the module docs).
-        self.first_backward_synced = not self.static_graph
-        if self.static_graph and getattr(model, "_static_graph_delay_allreduce_enqueued", False):
-            warnings.warn(
-                "fastaccum: DDP static_graph=True and the model already ran a backward "
-                "before fastaccum.wrap(); DDP recorded its static graph then, and if that "
-                "backward ran under no_sync() the reducer may fail or skip parameters. "
-                "Wrap the optimizer before the first forward",
-                UserWarning,
-                stacklevel=4,
-            )
+        self.first_backward_synced = not self.static_graph or bool(
+            getattr(model, "_static_graph_delay_allreduce_enqueued", False)
+        )
         try:
             model.register_comm_hook(self, _window_comm_hook)
         except RuntimeError as err:
@@ -418,6 +428,16 @@ class DDPWindow(_DistributedWindow):
         opt._fold_pending()  # the hooks may still hold this bucket's last gradients
         buffer = bucket.buffer()
         return self._launch(list(bucket.parameters()), lambda: buffer)
+
+    def before_backward(self) -> None:
+        # DDP records in its forward whether that forward was synced.
+        if not self.first_backward_synced and not self.model.require_forward_param_sync:
+            raise RuntimeError(
+                "DDP static_graph=True needs its first backward to be synced, but this "
+                "micro-batch's forward ran without gradient sync (inside ddp.no_sync()?); "
+                "DDP's reducer would fail in backward. fastaccum turns sync off inside "
+                "windows itself: run the forward without no_sync()"
+            )
 
     def after_backward(self) -> None:
         # The real gradients went into the accumulators; what DDP wrote into .grad is its

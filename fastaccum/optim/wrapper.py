@@ -405,6 +405,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             raise RuntimeError("opt.backward() was called twice without opt.step() in between")
         weight = self._weight(num_items)
         self._warn_if_divided(loss)
+        if self._dist is not None:
+            self._dist.before_backward()
         stale = [self._names[id(p)] for p in self._params if p.grad is not None]
         if stale:
             raise RuntimeError(

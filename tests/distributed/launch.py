@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -67,7 +68,20 @@ def run_scenarios(scenarios: dict[str, Scenario], out: Path, world: int = WORLD)
     return {name: [ranks[name] for ranks in per_rank] for name in scenarios}
 
 
-def check(outcomes: dict, name: str) -> None:
-    """Fail with the rank's traceback when scenario ``name`` failed on any rank."""
-    for rank, error in enumerate(outcomes[name]):
-        assert error is None, f"rank {rank}:\n{error}"
+def by_name(*scenarios: Scenario) -> dict[str, Scenario]:
+    """A test module's ``SCENARIOS`` table: each scenario function under its own name."""
+    return {fn.__name__: fn for fn in scenarios}
+
+
+def scenario_test(scenarios: dict[str, Scenario]) -> Callable[..., None]:
+    """The test function of a scenario module: one test per scenario, which fails with the
+    rank's traceback when that scenario failed on any rank (``outcomes`` is the session
+    fixture of tests/distributed/conftest.py)."""
+
+    @pytest.mark.parametrize("name", list(scenarios))
+    def test_scenario(outcomes: dict, name: str, request: pytest.FixtureRequest) -> None:
+        key = f"{request.module.__name__.rsplit('.', 1)[-1]}.{name}"
+        for rank, error in enumerate(outcomes[key]):
+            assert error is None, f"rank {rank}:\n{error}"
+
+    return test_scenario

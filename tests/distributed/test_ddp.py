@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastaccum
 import fastaccum.optim as fo
+from fastaccum.distributed import merge_batchnorm_windows
 from tests.distributed.data import (
     WINDOWS,
     K,
@@ -27,7 +28,7 @@ from tests.distributed.data import (
     same_on_all_ranks,
     weighted_reference,
 )
-from tests.distributed.launch import check
+from tests.distributed.launch import by_name, scenario_test
 from tests.helpers import VOCAB, assert_close_rel, large_batch_run, make_model, mean_loss
 
 SMALL_BUCKETS_MB = 0.001  # splits the test model into 3 DDP buckets
@@ -124,11 +125,12 @@ def opt_backward_one_allreduce_per_bucket(rank: int, world: int) -> None:
 
 def step_path_and_flush(rank: int, world: int) -> None:
     """loss.backward(); opt.step(num_items=n): exact too, the reduction runs at step() (one
-    all-reduce per bucket of DDP's size); flush() of a partial last window reduces it."""
+    all-reduce per bucket of DDP's size); flush() of a partial last window reduces it.
+    With gradient_as_bucket_view=True, .grad is a view of DDP's bucket at the boundary."""
     n = K * WINDOWS + 2
     want, _ = large_batch_run(sgd, global_windows(world, n))
     model = make_model()
-    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB, gradient_as_bucket_view=True)
     opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
     per_window = []
     with CollectiveCounter() as calls:
@@ -164,7 +166,8 @@ def fused_wgrad_and_fused_adamw(rank: int, world: int) -> None:
 
 def static_graph(rank: int, world: int) -> None:
     """DDP(static_graph=True): its first backward is kept synced (the hook passes it
-    through), so its static-graph bookkeeping sees every parameter; training is exact."""
+    through), which DDP requires; training is exact. A first forward run under the user's
+    own no_sync() is refused by opt.backward before DDP's reducer would fail."""
     n = K * WINDOWS
     want, _ = large_batch_run(sgd, global_windows(world, n))
     model = make_model()
@@ -174,6 +177,21 @@ def static_graph(rank: int, world: int) -> None:
     for x, y in rank_batches(rank, n):
         opt.backward(mean_loss(ddp, x, y), num_items=len(y))
         opt.step()
+    assert_matches(model, want)
+
+    model = make_model()
+    ddp = DDP(model, static_graph=True)
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
+    batches = rank_batches(rank, K)
+    with ddp.no_sync():
+        loss = mean_loss(ddp, *batches[0])
+    with pytest.raises(RuntimeError, match="static_graph=True needs its first backward"):
+        opt.backward(loss, num_items=len(batches[0][1]))
+    assert opt.micro_step == 0 and all(p.grad is None for p in model.parameters())
+    for x, y in batches:  # nothing was changed: the window trains as usual
+        opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+        opt.step()
+    want, _ = large_batch_run(sgd, global_windows(world, K))
     assert_matches(model, want)
 
 
@@ -296,6 +314,17 @@ def batchnorm_merged_across_ranks(rank: int, world: int) -> None:
         assert bn.window_count == 0  # merged, folded and reset
     assert int(bn.num_batches_tracked) == WINDOWS
 
+    # By hand, without the wrapper: forwards, then merge_batchnorm_windows.
+    with torch.no_grad():
+        for i in (100, 101):
+            model(micro(rank, i))
+        merge_batchnorm_windows(model)
+        h = model[0](torch.cat([micro(r, i) for r in range(world) for i in (100, 101)]))
+    h = h.double()
+    assert bn.window_count == h.shape[0]
+    assert_close_rel(bn.window_mean, h.mean(0), 1e-6)
+    assert_close_rel(bn.window_m2, (h - h.mean(0)).square().sum(0), 1e-5)
+
 
 def accumulate_context_and_partial_window(rank: int, world: int) -> None:
     """``with opt.accumulate(last=True):`` closes a partial window with the same overlapped
@@ -321,22 +350,17 @@ def accumulate_context_and_partial_window(rank: int, world: int) -> None:
     assert_matches(model, want)
 
 
-SCENARIOS = {
-    f.__name__: f
-    for f in (
-        opt_backward_one_allreduce_per_bucket,
-        step_path_and_flush,
-        fused_wgrad_and_fused_adamw,
-        static_graph,
-        find_unused_with_varying_usage,
-        unused_at_boundary_without_find_unused,
-        nonfinite_skips_on_every_rank,
-        batchnorm_merged_across_ranks,
-        accumulate_context_and_partial_window,
-    )
-}
+SCENARIOS = by_name(
+    opt_backward_one_allreduce_per_bucket,
+    step_path_and_flush,
+    fused_wgrad_and_fused_adamw,
+    static_graph,
+    find_unused_with_varying_usage,
+    unused_at_boundary_without_find_unused,
+    nonfinite_skips_on_every_rank,
+    batchnorm_merged_across_ranks,
+    accumulate_context_and_partial_window,
+)
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_ddp(outcomes: dict, name: str) -> None:
-    check(outcomes, f"test_ddp.{name}")
+test_ddp = scenario_test(SCENARIOS)

@@ -24,7 +24,7 @@ from tests.distributed.data import (
     same_on_all_ranks,
     weighted_reference,
 )
-from tests.distributed.launch import check
+from tests.distributed.launch import by_name, scenario_test
 from tests.helpers import assert_close_rel, large_batch_run, make_model, mean_loss
 
 
@@ -170,18 +170,13 @@ def configuration_errors(rank: int, world: int) -> None:
         fastaccum.optim.AdamW(model.parameters(), accum_steps=K, model=model)
 
 
-SCENARIOS = {
-    f.__name__: f
-    for f in (
-        window_mode,
-        every_micro_step_mode,
-        partial_window_needs_last,
-        step_path,
-        configuration_errors,
-    )
-}
+SCENARIOS = by_name(
+    window_mode,
+    every_micro_step_mode,
+    partial_window_needs_last,
+    step_path,
+    configuration_errors,
+)
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_fsdp(outcomes: dict, name: str) -> None:
-    check(outcomes, f"test_fsdp.{name}")
+test_fsdp = scenario_test(SCENARIOS)
