@@ -9,11 +9,12 @@ default reduce-scatter calls) through a counter.
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import fastaccum
 from tests.distributed.data import (
@@ -161,13 +162,22 @@ def step_path(rank: int, world: int) -> None:
     assert_matches(model, ref)
 
 
-def configuration_errors(rank: int, world: int) -> None:
-    """Sharded parameters without model=, and the fused classes, are refused up front."""
+def configuration_checks(rank: int, world: int) -> None:
+    """Sharded parameters without model=, and the fused classes, are refused up front; bf16
+    unsharded gradients kept between micro-batches are warned about."""
     model = sharded_model()
     with pytest.raises(ValueError, match="pass the fully_shard model as model="):
         fastaccum.wrap(adamw(model.parameters()), K)
     with pytest.raises(TypeError, match="sharded"):
         fastaccum.optim.AdamW(model.parameters(), accum_steps=K, model=model)
+    bf16 = fully_shard(make_model(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    with pytest.warns(UserWarning, match=re.escape("reduce_dtype=torch.float32")):
+        fastaccum.wrap(adamw(bf16.parameters()), K, model=bf16)
+    fp32_grads = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = fully_shard(make_model(), mp_policy=fp32_grads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastaccum.wrap(adamw(model.parameters()), K, model=model)
 
 
 SCENARIOS = by_name(
@@ -175,7 +185,7 @@ SCENARIOS = by_name(
     every_micro_step_mode,
     partial_window_needs_last,
     step_path,
-    configuration_errors,
+    configuration_checks,
 )
 
 
