@@ -485,8 +485,10 @@ def convert_batchnorm(
 
     Weights, buffers and ``state_dict`` keys are kept (the modules are the same objects),
     so existing checkpoints load and eval outputs are unchanged right after conversion.
-    ``options`` go to ``mode="renorm"``: ``rmax``, ``dmax``, ``plain_windows``,
-    ``warmup_windows`` (see :class:`RenormSchedule`).
+    ``mode`` is ``"merged"``, ``"renorm"`` or ``"window"`` (see the module docs; ``window``
+    is the one that matched true large-batch accuracy at micro-batch 2 in
+    ``benchmarks/bn_accuracy.py``). ``options`` go to ``mode="renorm"``: ``rmax``,
+    ``dmax``, ``plain_windows``, ``warmup_windows`` (see :class:`RenormSchedule`).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or an unknown option.
