@@ -36,6 +36,7 @@ def noise_scale_terms(
     micro_sq_norms: Sequence[float],
     window_sq_norm: float,
     micro_sizes: Sequence[float] | None = None,
+    window_size: float | None = None,
 ) -> tuple[float, float]:
     """Unbiased one-window estimates ``(|G|^2, tr(Sigma))``.
 
@@ -46,13 +47,16 @@ def noise_scale_terms(
         micro_sizes: items per micro-batch (samples or tokens); None counts each
             micro-batch as one unit, so tr(Sigma) and the noise scale come out in
             micro-batches.
+        window_size: items behind ``window_sq_norm`` when the window holds more than these
+            micro-batches (data parallel: every rank's); default: the sum of
+            ``micro_sizes``.
 
     Raises:
-        ValueError: fewer than 2 micro-batches, sizes that do not match the norms or are
-            not positive, or non-finite norms.
+        ValueError: fewer than 2 micro-batches (and no larger window), sizes that do not
+            match the norms or are not positive, or non-finite norms.
     """
     k = len(micro_sq_norms)
-    if k < 2:
+    if k < 1 or (k < 2 and window_size is None):
         raise ValueError(f"the noise scale needs at least 2 micro-batches per window, got {k}")
     sizes = [1.0] * k if micro_sizes is None else [float(s) for s in micro_sizes]
     if len(sizes) != k:
@@ -62,11 +66,13 @@ def noise_scale_terms(
     values = [*micro_sq_norms, window_sq_norm]
     if any(not math.isfinite(v) for v in values):
         raise ValueError("squared gradient norms must be finite")
-    big = math.fsum(sizes)
+    big = math.fsum(sizes) if window_size is None else float(window_size)
     small = k / math.fsum(1.0 / s for s in sizes)  # harmonic mean
     mean_small = math.fsum(micro_sq_norms) / k
-    if big - small <= 0.0:  # cannot happen with k >= 2 positive sizes; guards rounding
-        raise ValueError("the window must hold more items than one micro-batch")
+    if not big - small > 0.0:
+        raise ValueError(
+            f"the window ({big:g} items) must hold more items than a micro-batch ({small:g})"
+        )
     grad_sq = (big * window_sq_norm - small * mean_small) / (big - small)
     trace = (mean_small - window_sq_norm) / (1.0 / small - 1.0 / big)
     return grad_sq, trace
@@ -97,13 +103,19 @@ class NoiseScaleTracker:
         micro_sq_norms: Sequence[float],
         window_sq_norm: float,
         micro_sizes: Sequence[float] | None = None,
+        window_size: float | None = None,
+        units: str | None = None,
     ) -> None:
-        """Fold one window in (arguments as in :func:`noise_scale_terms`, which raises)."""
-        grad_sq, trace = noise_scale_terms(micro_sq_norms, window_sq_norm, micro_sizes)
+        """Fold one window in (arguments as in :func:`noise_scale_terms`, which raises).
+        ``units`` names the unit of the sizes (default: "items", or "micro-batches" when
+        ``micro_sizes`` is None)."""
+        grad_sq, trace = noise_scale_terms(micro_sq_norms, window_sq_norm, micro_sizes, window_size)
         self._grad_sq = self.beta * self._grad_sq + (1.0 - self.beta) * grad_sq
         self._trace = self.beta * self._trace + (1.0 - self.beta) * trace
         self.windows += 1
-        self.units = "micro-batches" if micro_sizes is None else "items"
+        if units is None:
+            units = "micro-batches" if micro_sizes is None else "items"
+        self.units = units
 
     def _debiased(self, value: float) -> float:
         return value / (1.0 - self.beta**self.windows)

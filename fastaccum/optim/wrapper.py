@@ -28,6 +28,7 @@ import torch
 
 from fastaccum.ops import finalize_
 from fastaccum.ops.accumulate import accumulate_unchecked
+from fastaccum.stats import NoiseScaleTracker
 
 _CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 BUCKET_BYTES = 25 * 2**20
@@ -136,6 +137,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._last_norm: float | None = None
         self._last_micro_sumsq: list[float] = []
         self._windows_since_inf = 0
+        # Gradient noise scale from the per-micro-batch and window norms (fastaccum.stats);
+        # its ``beta`` (EMA factor per window) may be changed.
+        self.noise_scale_tracker = NoiseScaleTracker()
+        self._last_window_size: float | None = None
         self._warned_divided = False
         from fastaccum.distributed import attach
 
@@ -214,6 +219,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # ids of the parameters that received a gradient in this window: only these step,
         # as torch.optim skips parameters whose .grad is None.
         self._touched: set[int] = set()
+        self._window_fused = False  # a fused-wgrad layer contributed (no per-micro norm)
         if self._dist is not None:
             self._dist.start_window()
         self._start_micro_step()
@@ -517,6 +523,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         wgrad_accumulate_(self._accum_for(weight), grad_out, input, self._hook_weight, bias_acc)
         self._touched.add(id(weight))
         self._fused_this_step = True
+        self._window_fused = True
 
     # ------------------------------------------------------------------ boundary
 
@@ -603,9 +610,25 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             from fastaccum.nn.batchnorm import end_window
 
             end_window(self.model, discard=found_bad)
+        if not found_bad:
+            self._track_noise_scale(norm, total)
         self._reset_window()
         self._sync_next()
         return stepped
+
+    def _track_noise_scale(self, norm: float, total: float) -> None:
+        """Fold the window into the noise-scale estimate, from numbers the window's one host
+        sync already brought back (no extra pass, no extra sync). Windows whose per-micro-
+        batch norms miss parameters (fused wgrad layers write no gradient to measure;
+        FSDP2 hands over only reduced shards), or that cannot separate two batch sizes (one
+        micro-batch on one process), are left out."""
+        micro, sizes = self._last_micro_sumsq, self._weights
+        if self._window_fused or not micro or len(micro) != len(sizes):
+            return
+        units = "items" if self._uses_num_items else "micro-batches"
+        with contextlib.suppress(ValueError):
+            self.noise_scale_tracker.update(micro, norm * norm, sizes, total, units)
+            self._last_window_size = total
 
     def _skip_window(self) -> None:
         self._skipped_windows += 1
@@ -696,9 +719,21 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         FSDP2 hands over only reduced shards), ``skipped_windows``, ``windows`` (applied),
         ``items_seen`` (sum of num_items, or of micro-batches, over applied windows, over
         all ranks under a distributed model),
-        ``micro_step`` and ``accum_steps``.
+        ``micro_step`` and ``accum_steps``, and the gradient noise scale (McCandlish et al.
+        2018, see :mod:`fastaccum.stats`): ``noise_scale`` (B_simple = tr(Sigma) / |G|^2,
+        smoothed over windows; None until it can be estimated), ``noise_scale_units``
+        ("items" with num_items, else "micro-batches") and ``critical_batch_hint`` (the
+        window size against the noise scale, in words). The noise scale is estimated from
+        the same numbers as ``grad_norm`` and ``micro_batch_sumsq``, so it costs nothing;
+        windows with fused-wgrad layers are left out of it (their gradients are never
+        measured per micro-batch).
         """
+        tracker = self.noise_scale_tracker
+        window = self._last_window_size
         return {
+            "noise_scale": tracker.noise_scale,
+            "noise_scale_units": tracker.units,
+            "critical_batch_hint": None if window is None else tracker.hint(window),
             "grad_norm": self._last_norm,
             "micro_batch_sumsq": list(self._last_micro_sumsq),
             "skipped_windows": self._skipped_windows,
@@ -753,6 +788,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "last_norm": self._last_norm,
                 "last_micro_sumsq": list(self._last_micro_sumsq),
                 "windows_since_inf": self._windows_since_inf,
+                "noise_scale": self.noise_scale_tracker.state_dict(),
+                "last_window_size": self._last_window_size,
             },
         }
 
@@ -806,4 +843,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._last_norm = saved["last_norm"]
         self._last_micro_sumsq = list(saved["last_micro_sumsq"])
         self._windows_since_inf = saved["windows_since_inf"]
+        if "noise_scale" in saved:  # absent from state dicts saved before it existed
+            self.noise_scale_tracker.load_state_dict(saved["noise_scale"])
+            self._last_window_size = saved["last_window_size"]
         self._sync_next()
