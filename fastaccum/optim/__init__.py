@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fastaccum.optim.fused import SGD, Adam, AdamW
 from fastaccum.optim.wrapper import AccumulatingOptimizer
+
+if TYPE_CHECKING:
+    from fastaccum.memory.policy import ActivationPolicy
 
 
 def wrap(
@@ -18,6 +23,7 @@ def wrap(
     master_weights: bool = False,
     scaler: torch.amp.GradScaler | None = None,
     reduce_scatter_every_micro_step: bool = False,
+    activations: ActivationPolicy | None = None,
 ) -> AccumulatingOptimizer:
     """Wrap ``optimizer`` so that it steps once per window of ``accum_steps`` micro-batches.
 
@@ -35,6 +41,9 @@ def wrap(
             micro-batch and accumulate fp32 shards (less memory, K reduce-scatters per
             window) instead of keeping unsharded gradients for one reduce-scatter per
             window (see :mod:`fastaccum.distributed`).
+        activations: a :class:`fastaccum.ActivationPolicy` applied to every forward pass
+            of ``model`` (which must then be given): the tensors saved for backward are
+            compressed, stored as masks or offloaded as the policy says.
 
     Returns:
         The :class:`AccumulatingOptimizer`, usable wherever an optimizer is expected.
@@ -54,6 +63,7 @@ def wrap(
         master_weights=master_weights,
         scaler=scaler,
         reduce_scatter_every_micro_step=reduce_scatter_every_micro_step,
+        activations=activations,
     )
 
 

@@ -54,11 +54,17 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         max_grad_norm: float | None,
         scaler: torch.amp.GradScaler | None,
         model: torch.nn.Module | None,
+        activations: Any = None,
     ) -> None:
         for group in optimizer.param_groups:
             self._check_params(group["params"])
         super().__init__(
-            optimizer, accum_steps, model=model, max_grad_norm=max_grad_norm, scaler=scaler
+            optimizer,
+            accum_steps,
+            model=model,
+            max_grad_norm=max_grad_norm,
+            scaler=scaler,
+            activations=activations,
         )
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
@@ -158,12 +164,13 @@ class SGD(_FusedWindowOptimizer):
         max_grad_norm: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
         model: torch.nn.Module | None = None,
+        activations: Any = None,
     ) -> None:
         _reject("differentiable", differentiable, "the fused update is not differentiable")
         inner = torch.optim.SGD(
             params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize
         )
-        super().__init__(inner, accum_steps, max_grad_norm, scaler, model)
+        super().__init__(inner, accum_steps, max_grad_norm, scaler, model, activations)
 
     def _step_group(
         self,
@@ -253,6 +260,7 @@ class Adam(_FusedWindowOptimizer):
         max_grad_norm: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
         model: torch.nn.Module | None = None,
+        activations: Any = None,
     ) -> None:
         self._check_options(amsgrad, capturable, differentiable)
         inner = torch.optim.Adam(
@@ -264,7 +272,9 @@ class Adam(_FusedWindowOptimizer):
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        _FusedWindowOptimizer.__init__(self, inner, accum_steps, max_grad_norm, scaler, model)
+        _FusedWindowOptimizer.__init__(
+            self, inner, accum_steps, max_grad_norm, scaler, model, activations
+        )
 
     @staticmethod
     def _check_options(amsgrad: bool, capturable: bool, differentiable: bool) -> None:
@@ -340,7 +350,10 @@ class AdamW(Adam):
         max_grad_norm: float | None = None,
         scaler: torch.amp.GradScaler | None = None,
         model: torch.nn.Module | None = None,
+        activations: Any = None,
     ) -> None:
         self._check_options(amsgrad, capturable, differentiable)
         inner = torch.optim.AdamW(params, lr, betas, eps, weight_decay, maximize=maximize)
-        _FusedWindowOptimizer.__init__(self, inner, accum_steps, max_grad_norm, scaler, model)
+        _FusedWindowOptimizer.__init__(
+            self, inner, accum_steps, max_grad_norm, scaler, model, activations
+        )

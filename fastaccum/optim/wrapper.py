@@ -69,6 +69,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         master_weights: bool = False,
         scaler: torch.amp.GradScaler | None = None,
         reduce_scatter_every_micro_step: bool = False,
+        activations: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -92,6 +93,18 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             )
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if activations is not None:
+            from fastaccum.memory.policy import ActivationPolicy
+
+            if not isinstance(activations, ActivationPolicy):
+                raise TypeError(
+                    "activations must be a fastaccum.ActivationPolicy, got "
+                    f"{type(activations).__name__}"
+                )
+            if model is None:
+                raise ValueError(
+                    "activations= applies the policy to the model's forward passes: pass model= too"
+                )
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if accum_dtype != torch.float32:
             mismatched = [p for p in params if p.dtype != accum_dtype]
@@ -146,6 +159,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
         self._dist = attach(self, model, reduce_scatter_every_micro_step)
         self._sync_next()
+        # Every forward pass of the model runs inside the activation policy's saved-tensor
+        # pipeline (attached last: nothing above can fail after it).
+        self.activations = activations
+        self._activation_handle = None if activations is None else activations.attach(model)
 
     # ------------------------------------------------------------------ properties
 
