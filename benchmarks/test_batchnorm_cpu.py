@@ -17,6 +17,12 @@ drifts, run this file as a script instead: it calls the providers round-robin an
 each group's median ratio::
 
     python benchmarks/test_batchnorm_cpu.py [--rounds 30] [--groups fp32-nchw ...]
+        [--threads N] [--clock wall|cpu]
+
+``--clock cpu`` times with the process's CPU time (``time.process_time``, user + system of
+all its threads) instead of the wall clock: on a machine shared with other jobs, time the
+process spends descheduled then does not count. With more than one thread it also counts
+the time OpenMP workers spin while they wait, so use it with ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -56,9 +62,15 @@ def _setup(provider: str, group: str, relu: bool) -> Callable[[], None]:
     bias = torch.randn(SHAPE[1], generator=gen).to(dtype).requires_grad_()
     count = x.numel() // SHAPE[1]
 
+    def release_grads() -> None:
+        # As in a network, where x's gradient flows on instead of being added into .grad.
+        for t in (x, weight, bias):
+            t.grad = None
+
     if provider == "native":
 
         def step() -> None:
+            release_grads()
             y = F.batch_norm(x, None, None, weight, bias, training=True, eps=EPS)
             if relu:
                 y = F.relu(y)
@@ -67,6 +79,7 @@ def _setup(provider: str, group: str, relu: bool) -> Callable[[], None]:
     else:
 
         def step() -> None:
+            release_grads()
             mean, m2 = fops.batch_norm_stats(x.detach())
             invstd = torch.rsqrt(m2 / count + EPS)
             y = fops.batch_norm_train(x, mean, invstd, weight, bias, relu=relu)
@@ -97,10 +110,12 @@ def test_train_step(benchmark, provider, group, relu):
 # --------------------------------------------------------------------------- interleaved
 
 
-def interleaved(groups: Sequence[str], rounds: int) -> list[tuple[str, float, float, float]]:
+def interleaved(
+    groups: Sequence[str], rounds: int, clock: Callable[[], float] = time.perf_counter
+) -> list[tuple[str, float, float, float]]:
     """Per (group, relu): providers called round-robin ``rounds`` times (order rotated each
-    round). Returns (name, median native / median fastaccum, same for the minima, the
-    fastaccum time's interquartile range over its median)."""
+    round), timed with ``clock``. Returns (name, median native / median fastaccum, same for
+    the minima, the fastaccum time's interquartile range over its median)."""
     rows = []
     for group in groups:
         for relu in (False, True):
@@ -111,9 +126,9 @@ def interleaved(groups: Sequence[str], rounds: int) -> list[tuple[str, float, fl
             for r in range(rounds):
                 order = PROVIDERS[r % 2 :] + PROVIDERS[: r % 2]
                 for p in order:
-                    start = time.perf_counter()
+                    start = clock()
                     steps[p]()
-                    times[p].append(time.perf_counter() - start)
+                    times[p].append(clock() - start)
             native, fused = times["native"], times["fastaccum"]
             q = statistics.quantiles(fused, n=4)
             rows.append(
@@ -131,12 +146,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30, help="calls per provider and group")
     parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args(argv)
     if args.rounds < 4:
         parser.error(f"--rounds must be >= 4, got {args.rounds}")
-    print(f"shape {SHAPE}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    print(
+        f"shape {SHAPE}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock"
+    )
     print(f"{'group':<28} {'speed-up (median)':>18} {'(min)':>8} {'fastaccum IQR':>14}")
-    for name, med, best, iqr in interleaved(args.groups, args.rounds):
+    for name, med, best, iqr in interleaved(args.groups, args.rounds, clock):
         print(f"{name:<28} {med:>17.2f}x {best:>7.2f}x {iqr:>13.0%}")
     return 0
 

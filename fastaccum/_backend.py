@@ -10,7 +10,10 @@ Choices, per tensor device:
   ``sgd_window_step_``, ``adam_window_step_``): both are multi-tensor kernels, but the CUDA
   ones pack the tensor table into the kernel arguments and need no host-to-device table
   copy. No GPU comparison has been recorded yet (see benchmarks/results/README.md); revisit
-  when one is. A build without an op's CUDA kernel routes that op to Triton.
+  when one is. A build without an op's CUDA kernel routes that op to Triton. The batch-norm
+  ops (``bn_stats``, ``bn_apply``, ``bn_backward_reduce``, ``bn_backward_apply``) have no
+  CUDA kernels: Triton is their GPU path (benchmarks/gpu_batchnorm.py compares it with
+  cuDNN's batch norm).
 - anything else (``meta``, ``mps``, ...): the reference, which is plain PyTorch.
 
 Whether Triton works is decided by the device, never by whether ``import triton``

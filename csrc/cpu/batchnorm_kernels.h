@@ -57,6 +57,11 @@ namespace FA_KERNEL_NS {
 
 // Elements per two-pass block: 16 KiB of fp32, so that the second pass reads from cache.
 constexpr int64_t BN_BLOCK = 4096;
+// The same for a block of rows (64 KiB of fp32, in L2): larger, since each block costs a
+// merge per channel.
+constexpr int64_t BN_ROWS_BLOCK = 16384;
+// Rows per fp32 partial sum in the rows layout (see rows_moments).
+constexpr int64_t BN_ROWS_RUN = 64;
 
 // (count, mean, M2) of one channel; mean relative to the channel's shift.
 struct Moments {
@@ -185,42 +190,63 @@ void planar_moments(const T* x, int64_t C, int64_t S, int64_t c, int64_t n0, int
   }
 }
 
-// Moments of every channel over rows [m0, m1) of a rows-layout tensor, merged into m[C].
-// scratch holds 3 * C floats.
+// Moments of every channel over rows [m0, m1) of a rows-layout tensor, merged into
+// mean[C] and m2[C] (double, relative to shift) with the rows counted in count. scratch
+// holds 3 * C floats and dscratch 3 * C doubles.
+//
+// In this layout each channel's fp32 sum is one sequential chain (the vector lanes run
+// across channels), so fp32 partial sums cover at most BN_ROWS_RUN rows before they are
+// added into double. Every channel has the same count, so the merge weights are computed
+// once per block and the merge is a vector loop over the channels.
 template <typename T>
 void rows_moments(const T* x, int64_t C, int64_t m0, int64_t m1, const float* __restrict shift,
-                  float* __restrict scratch, Moments* m) {
+                  float* __restrict scratch, double* __restrict dscratch,
+                  double* __restrict mean, double* __restrict m2, double& count) {
   float* __restrict center = scratch;
-  float* __restrict se = scratch + C;
-  float* __restrict see = scratch + 2 * C;
-  const int64_t rows_per_block = BN_BLOCK > C ? BN_BLOCK / C : 1;
+  float* __restrict run1 = scratch + C;
+  float* __restrict run2 = scratch + 2 * C;
+  double* __restrict sum_x = dscratch;
+  double* __restrict se = dscratch + C;
+  double* __restrict see = dscratch + 2 * C;
+  const int64_t rows_per_block = BN_ROWS_BLOCK > C ? BN_ROWS_BLOCK / C : 1;
   for (int64_t r0 = m0; r0 < m1; r0 += rows_per_block) {
-    const int64_t rows = (m1 - r0 < rows_per_block) ? m1 - r0 : rows_per_block;
-    const T* block = x + r0 * C;
-    for (int64_t c = 0; c < C; ++c) center[c] = 0.0f;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* __restrict row = block + r * C;
-      for (int64_t c = 0; c < C; ++c) center[c] += to_f32(row[c]) - shift[c];
+    const int64_t r1 = (m1 - r0 < rows_per_block) ? m1 : r0 + rows_per_block;
+    for (int64_t c = 0; c < C; ++c) sum_x[c] = se[c] = see[c] = 0.0;
+    for (int64_t q = r0; q < r1; q += BN_ROWS_RUN) {  // pass 1: the block's mean
+      const int64_t q1 = (r1 - q < BN_ROWS_RUN) ? r1 : q + BN_ROWS_RUN;
+      for (int64_t c = 0; c < C; ++c) run1[c] = 0.0f;
+      for (int64_t r = q; r < q1; ++r) {
+        const T* __restrict row = x + r * C;
+        for (int64_t c = 0; c < C; ++c) run1[c] += to_f32(row[c]) - shift[c];
+      }
+      for (int64_t c = 0; c < C; ++c) sum_x[c] += run1[c];
     }
-    const float inv_rows = 1.0f / static_cast<float>(rows);
-    for (int64_t c = 0; c < C; ++c) {
-      center[c] *= inv_rows;
-      se[c] = 0.0f;
-      see[c] = 0.0f;
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* __restrict row = block + r * C;
+    const double n_b = static_cast<double>(r1 - r0), inv_nb = 1.0 / n_b;
+    for (int64_t c = 0; c < C; ++c) center[c] = static_cast<float>(sum_x[c] * inv_nb);
+    for (int64_t q = r0; q < r1; q += BN_ROWS_RUN) {  // pass 2: deviations from it
+      const int64_t q1 = (r1 - q < BN_ROWS_RUN) ? r1 : q + BN_ROWS_RUN;
+      for (int64_t c = 0; c < C; ++c) run1[c] = run2[c] = 0.0f;
+      for (int64_t r = q; r < q1; ++r) {
+        const T* __restrict row = x + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float e = (to_f32(row[c]) - shift[c]) - center[c];
+          run1[c] += e;
+          run2[c] += e * e;
+        }
+      }
       for (int64_t c = 0; c < C; ++c) {
-        const float e = (to_f32(row[c]) - shift[c]) - center[c];
-        se[c] += e;
-        see[c] += e * e;
+        se[c] += run1[c];
+        see[c] += run2[c];
       }
     }
-    const double count = static_cast<double>(rows);
+    // Moments::merge for every channel at once, with the block's count n_b.
+    const double n = count + n_b, w_b = n_b / n, w_ab = count * n_b / n;
     for (int64_t c = 0; c < C; ++c) {
-      m[c].merge(count, center[c] + se[c] / count,
-                 see[c] - static_cast<double>(se[c]) * se[c] / count);
+      const double delta = (center[c] + se[c] * inv_nb) - mean[c];
+      mean[c] += delta * w_b;
+      m2[c] += (see[c] - se[c] * se[c] * inv_nb) + delta * delta * w_ab;
     }
+    count = n;
   }
 }
 
@@ -317,9 +343,8 @@ void rows_grad_sums(const T* dy, const T* x, int64_t C, int64_t m0, int64_t m1,
                     double* __restrict sum_dy, double* __restrict sum_dy_xmu) {
   float* __restrict a1 = scratch;
   float* __restrict a2 = scratch + C;
-  const int64_t rows_per_block = BN_BLOCK > C ? BN_BLOCK / C : 1;
-  for (int64_t r0 = m0; r0 < m1; r0 += rows_per_block) {
-    const int64_t r1 = (m1 - r0 < rows_per_block) ? m1 : r0 + rows_per_block;
+  for (int64_t r0 = m0; r0 < m1; r0 += BN_ROWS_RUN) {  // fp32 runs, as in rows_moments
+    const int64_t r1 = (m1 - r0 < BN_ROWS_RUN) ? m1 : r0 + BN_ROWS_RUN;
     for (int64_t c = 0; c < C; ++c) a1[c] = a2[c] = 0.0f;
     for (int64_t r = r0; r < r1; ++r) {
       const T* __restrict gr = dy + r * C;
@@ -406,12 +431,14 @@ inline void bn_stats_item(const void* x, const fastaccum::cpu::BnArgs& a,
       out[2] = m.m2;
       return;
     }
-    std::vector<Moments> m(a.C);
-    rows_moments(xt, a.C, it.n0, it.n1, a.shift, scratch, m.data());
+    std::vector<double> mean(a.C, 0.0), m2(a.C, 0.0), dscratch(3 * a.C);
+    double count = 0.0;
+    rows_moments(xt, a.C, it.n0, it.n1, a.shift, scratch, dscratch.data(), mean.data(), m2.data(),
+                 count);
     for (int64_t c = 0; c < a.C; ++c) {
-      out[3 * c] = m[c].count;
-      out[3 * c + 1] = m[c].mean;
-      out[3 * c + 2] = m[c].m2;
+      out[3 * c] = count;
+      out[3 * c + 1] = mean[c];
+      out[3 * c + 2] = m2[c];
     }
   });
 }

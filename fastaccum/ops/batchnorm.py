@@ -345,17 +345,17 @@ if _backend.native_can_run(torch.device("cpu"), "bn_stats"):
 # --------------------------------------------------------------------------- dispatch
 
 
-def _run(op: str, backend: str | None, x: torch.Tensor, *args: object):
-    """Run ``op`` (a ``torch.ops.fastaccum`` name) on validated arguments ``(x, *args)``
-    with the backend :func:`fastaccum._backend.select` picks for x's device."""
-    choice = _backend.select(x.device, backend, op=op)
+def _run(op: str, backend: str | None, *args: torch.Tensor | object):
+    """Run ``op`` (a ``torch.ops.fastaccum`` name) on validated arguments with the backend
+    :func:`fastaccum._backend.select` picks for the device of the first one."""
+    choice = _backend.select(args[0].device, backend, op=op)
     if choice == _backend.NATIVE:
-        return getattr(torch.ops.fastaccum, op)(x, *args)
+        return getattr(torch.ops.fastaccum, op)(*args)
     if choice == _backend.TRITON:
         import fastaccum.triton.batchnorm  # noqa: F401  (registers the fastaccum::bn_*_triton ops)
 
-        return getattr(torch.ops.fastaccum, op + "_triton")(x, *args)
-    return _REFERENCES[op](x, *args)
+        return getattr(torch.ops.fastaccum, op + "_triton")(*args)
+    return _REFERENCES[op](*args)
 
 
 # --------------------------------------------------------------------------- wrappers

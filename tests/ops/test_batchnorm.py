@@ -524,6 +524,18 @@ def test_native_ops_check_their_input():
         ops.bn_backward_reduce(x[:2], x, torch.zeros(3), torch.ones(3), None, None, False)
 
 
+def test_backend_choice():
+    """No CUDA kernels for these ops: CUDA tensors go to Triton (when it can run there)."""
+    if os.environ.get("FASTACCUM_BACKEND"):
+        pytest.skip("FASTACCUM_BACKEND forces the choice")
+    cuda = torch.device("cuda")
+    assert not _backend.native_can_run(cuda, "bn_stats")
+    expected = _backend.TRITON if _backend.triton_can_run(cuda) else _backend.REFERENCE
+    assert _backend.select(cuda, op="bn_stats") == expected
+    if _backend.has_extension():
+        assert _backend.select("cpu", op="bn_backward_apply") == _backend.NATIVE
+
+
 # --------------------------------------------------------------------------- torch.library
 
 
