@@ -107,19 +107,30 @@ inline float lane_sum(const F8& v) {
   return s;
 }
 
+// Independent vector accumulators per sum: 32 elements per iteration, so that the adds'
+// latency (a chain through one accumulator) does not bound the loop.
+constexpr int kAcc = 4;
+
+inline float lane_sum(const F8 (&acc)[kAcc]) { return lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3])); }
+
 // Sum of (x[i] - shift), i < len.
 template <typename T>
 inline float sum_shifted(const T* __restrict x, int64_t len, float shift) {
-  F8 a = {}, b = {};
+  F8 acc[kAcc] = {};
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    F8 u, v;
-    load8(u, x + i);
-    load8(v, x + i + 8);
-    a += u - shift;
-    b += v - shift;
+  for (; i + 8 * kAcc <= len; i += 8 * kAcc) {
+    for (int k = 0; k < kAcc; ++k) {
+      F8 u;
+      load8(u, x + i + 8 * k);
+      acc[k] += u - shift;
+    }
   }
-  float s = lane_sum(a + b);
+  for (; i + 8 <= len; i += 8) {
+    F8 u;
+    load8(u, x + i);
+    acc[0] += u - shift;
+  }
+  float s = lane_sum(acc);
   for (; i < len; ++i) s += to_f32(x[i]) - shift;
   return s;
 }
@@ -133,19 +144,25 @@ struct SumPair {
 // sum(e) and sum(e^2) with e = (x[i] - shift) - center, i < len.
 template <typename T>
 inline SumPair centered_sums(const T* __restrict x, int64_t len, float shift, float center) {
-  F8 a1 = {}, a2 = {}, b1 = {}, b2 = {};
+  F8 s1[kAcc] = {}, s2[kAcc] = {};
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    F8 u, v;
-    load8(u, x + i);
-    load8(v, x + i + 8);
-    const F8 e = (u - shift) - center, f = (v - shift) - center;
-    a1 += e;
-    a2 += e * e;
-    b1 += f;
-    b2 += f * f;
+  for (; i + 8 * kAcc <= len; i += 8 * kAcc) {
+    for (int k = 0; k < kAcc; ++k) {
+      F8 u;
+      load8(u, x + i + 8 * k);
+      const F8 e = (u - shift) - center;
+      s1[k] += e;
+      s2[k] += e * e;
+    }
   }
-  SumPair out{lane_sum(a1 + b1), lane_sum(a2 + b2)};
+  for (; i + 8 <= len; i += 8) {
+    F8 u;
+    load8(u, x + i);
+    const F8 e = (u - shift) - center;
+    s1[0] += e;
+    s2[0] += e * e;
+  }
+  SumPair out{lane_sum(s1), lane_sum(s2)};
   for (; i < len; ++i) {
     const float e = (to_f32(x[i]) - shift) - center;
     out.first += e;
@@ -310,19 +327,21 @@ void planar_grad_sums(const T* dy, const T* x, int64_t C, int64_t S, int64_t c, 
     const T* __restrict xp = x + base;
     for (int64_t s = s0; s < s1; s += BN_BLOCK) {
       const int64_t end = (s1 - s < BN_BLOCK) ? s1 : s + BN_BLOCK;
-      F8 a1 = {}, a2 = {};
+      F8 a1[kAcc] = {}, a2[kAcc] = {};
       int64_t i = s;
-      for (; i + 8 <= end; i += 8) {
-        F8 d, g;
-        load8(d, xp + i);
-        load8(g, gp + i);
-        d -= mean;
-        if (kRelu) g = (F8)((U8)g & (U8)(d * mul + add > 0.0f));  // the mask of masked_grad
-        a1 += g;
-        a2 += g * d;
+      for (; i + 8 * kAcc <= end; i += 8 * kAcc) {
+        for (int k = 0; k < kAcc; ++k) {
+          F8 d, g;
+          load8(d, xp + i + 8 * k);
+          load8(g, gp + i + 8 * k);
+          d -= mean;
+          if (kRelu) g = (F8)((U8)g & (U8)(d * mul + add > 0.0f));  // the mask of masked_grad
+          a1[k] += g;
+          a2[k] += g * d;
+        }
       }
       float t1 = lane_sum(a1), t2 = lane_sum(a2);
-      for (; i < end; ++i) {
+      for (; i < end; ++i) {  // at most 31 elements
         const float d = to_f32(xp[i]) - mean;
         const float g = masked_grad<kRelu>(to_f32(gp[i]), d, mul, add);
         t1 += g;

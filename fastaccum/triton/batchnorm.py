@@ -66,6 +66,12 @@ def _tile(p, s, cb, s_end, C, SP, SC, SS, BLOCK_S: tl.constexpr, BLOCK_C: tl.con
 
 
 @triton.jit
+def _channel_values(ptr, offs_c, mask_c):
+    """A per-channel fp32 vector, shaped to broadcast over a tile's positions."""
+    return tl.load(ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+
+
+@triton.jit
 def _split_bounds(S, pairs, pairs_per_split):
     """This program's (plane, position) pairs ``[first, end)`` and planes to visit."""
     first = tl.program_id(1).to(tl.int64) * pairs_per_split
@@ -99,7 +105,7 @@ def _stats_partial_kernel(
     cb = tl.program_id(0)
     first, end, p_first, p_end = _split_bounds(S, pairs, pairs_per_split)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    shift = tl.load(shift_ptr + offs_c, mask=offs_c < C, other=0.0)
+    shift = _channel_values(shift_ptr, offs_c, offs_c < C)
     count = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -108,7 +114,7 @@ def _stats_partial_kernel(
         s_hi = tl.minimum(end - p * S, S)
         for s in range(s_lo, s_hi, BLOCK_S):
             offs, mask, _, _ = _tile(p, s, cb, s_hi, C, SP, SC, SS, BLOCK_S, BLOCK_C)
-            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift[None, :]
+            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift
             n_b = tl.minimum(s_hi - s, BLOCK_S).to(tl.float32)
             mean_b = tl.sum(tl.where(mask, v, 0.0), axis=0) / n_b
             dev = tl.where(mask, v - mean_b[None, :], 0.0)
@@ -152,9 +158,9 @@ def _grad_sums_partial_kernel(
     first, end, p_first, p_end = _split_bounds(S, pairs, pairs_per_split)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-    mul = tl.load(mul_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-    add = tl.load(add_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+    mean = _channel_values(mean_ptr, offs_c, mask_c)
+    mul = _channel_values(mul_ptr, offs_c, mask_c)
+    add = _channel_values(add_ptr, offs_c, mask_c)
     sum_g = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     sum_gd = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for p in range(p_first, p_end):
@@ -206,9 +212,9 @@ def _apply_kernel(
 ):
     """y = act((x - mean) * mul + add), fp32 math, stored in y's dtype."""
     offs, mask, offs_c, mask_c = _elementwise_tile(C, S, SP, SC, SS, n_sb, n_cb, BLOCK_S, BLOCK_C)
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-    mul = tl.load(mul_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-    add = tl.load(add_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+    mean = _channel_values(mean_ptr, offs_c, mask_c)
+    mul = _channel_values(mul_ptr, offs_c, mask_c)
+    add = _channel_values(add_ptr, offs_c, mask_c)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z = (x - mean) * mul + add
     if RELU:
@@ -239,14 +245,14 @@ def _grad_input_kernel(
 ):
     """grad_x = mul * ((g - mean_dy) - (x - mean) * k), g the masked incoming gradient."""
     offs, mask, offs_c, mask_c = _elementwise_tile(C, S, SP, SC, SS, n_sb, n_cb, BLOCK_S, BLOCK_C)
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-    mul = tl.load(mul_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-    mean_dy = tl.load(mean_dy_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-    k = tl.load(k_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+    mean = _channel_values(mean_ptr, offs_c, mask_c)
+    mul = _channel_values(mul_ptr, offs_c, mask_c)
+    mean_dy = _channel_values(mean_dy_ptr, offs_c, mask_c)
+    k = _channel_values(k_ptr, offs_c, mask_c)
     d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        add = tl.load(add_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+        add = _channel_values(add_ptr, offs_c, mask_c)
         g = tl.where(d * mul + add > 0.0, g, 0.0)
     gx = mul * ((g - mean_dy) - d * k)
     tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)

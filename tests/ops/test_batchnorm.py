@@ -124,6 +124,30 @@ def make_grad(x, mean, invstd, weight, bias, seed=5):
     return g.masked_fill(near, 0.0).to(x.dtype)
 
 
+def over_cases(shapes):
+    """Parametrize a test over ``shapes`` x DTYPES x LAYOUTS x ReLU off/on."""
+    marks = [
+        pytest.mark.parametrize("shape", shapes, ids=str),
+        pytest.mark.parametrize("dtype", DTYPES),
+        pytest.mark.parametrize("layout", LAYOUTS),
+        pytest.mark.parametrize("relu", [False, True]),
+    ]
+
+    def decorate(test):
+        for mark in marks:
+            test = mark(test)
+        return test
+
+    return decorate
+
+
+def case_inputs(shape, dtype, layout):
+    """x (mean 1, std 2), its (mean, invstd, weight, bias) and an incoming gradient."""
+    x = make_x(shape, dtype, layout, mean=1.0, std=2.0)
+    params = make_params(x)
+    return x, *params, make_grad(x, *params)
+
+
 # --------------------------------------------------------------------------- assertions
 
 
@@ -241,13 +265,9 @@ def test_native_results_do_not_depend_on_thread_count(backend, layout):
 SHAPES = [(1, 3), (5, 4, 1, 1), (3, 5, 7, 9), (2, 7, 1023), (2, 3, 2, 5, 3)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("relu", [False, True])
+@over_cases(SHAPES)
 def test_apply_matches_float64(backend, shape, dtype, layout, relu):
-    x = make_x(shape, dtype, layout, mean=1.0, std=2.0)
-    mean, invstd, weight, bias = make_params(x)
+    x, mean, invstd, weight, bias, _ = case_inputs(shape, dtype, layout)
     y = bn.batch_norm_apply(x, mean, invstd, weight, bias, relu, backend=backend)
     assert y.dtype == dtype and y.shape == x.shape
     assert_same_layout(y, x)
@@ -274,27 +294,17 @@ def test_apply_large_mean(backend):
     assert_close_rel(y, truth_apply(x, mean, invstd, weight, bias, False), 1e-5)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("relu", [False, True])
+@over_cases(SHAPES)
 def test_backward_reduce_matches_float64(backend, shape, dtype, layout, relu):
-    x = make_x(shape, dtype, layout, mean=1.0, std=2.0)
-    mean, invstd, weight, bias = make_params(x)
-    grad = make_grad(x, mean, invstd, weight, bias)
+    x, mean, invstd, weight, bias, grad = case_inputs(shape, dtype, layout)
     got = bn.batch_norm_backward_reduce(grad, x, mean, invstd, weight, bias, relu, backend=backend)
     assert isinstance(got, bn.BatchNormGradSums)
     assert_sums_close(got, truth_grad_sums(grad, x, mean, invstd, weight, bias, relu))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("relu", [False, True])
+@over_cases(SHAPES)
 def test_backward_apply_matches_float64(backend, shape, dtype, layout, relu):
-    x = make_x(shape, dtype, layout, mean=1.0, std=2.0)
-    mean, invstd, weight, bias = make_params(x)
-    grad = make_grad(x, mean, invstd, weight, bias)
+    x, mean, invstd, weight, bias, grad = case_inputs(shape, dtype, layout)
     count = x.numel() // x.shape[1]
     sum_dy, sum_dy_xhat = (per_channel(x.shape[1], 9 + i) * count for i in range(2))
     got = bn.batch_norm_backward_apply(

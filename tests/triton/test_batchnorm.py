@@ -25,9 +25,11 @@ from tests.ops.test_batchnorm import (
     assert_same_layout,
     assert_stats_close,
     assert_sums_close,
+    case_inputs,
     make_grad,
     make_params,
     make_x,
+    over_cases,
     per_channel,
     renorm_float64,
     run_train,
@@ -66,13 +68,9 @@ def test_stats_large_mean(dtype, layout, std):
     assert_stats_close([t.cpu() for t in ops.bn_stats_triton(x)], x.cpu())
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("relu", [False, True])
+@over_cases(SHAPES)
 def test_apply_matches_float64(shape, dtype, layout, relu):
-    x = make_x(shape, dtype, layout, mean=1.0, std=2.0)
-    mean, invstd, weight, bias = make_params(x)
+    x, mean, invstd, weight, bias, _ = case_inputs(shape, dtype, layout)
     y = ops.bn_apply_triton(*on_device(x, mean, invstd, weight, bias), relu)
     assert y.dtype == dtype and y.shape == x.shape and y.device.type == DEVICE.type
     assert_same_layout(y, x)
@@ -81,14 +79,9 @@ def test_apply_matches_float64(shape, dtype, layout, relu):
     assert_close_rel(y.cpu(), truth_apply(x, mean, invstd, weight, bias, relu), Y_RTOL[dtype])
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("relu", [False, True])
+@over_cases(SHAPES)
 def test_backward_matches_float64(shape, dtype, layout, relu):
-    x = make_x(shape, dtype, layout, mean=1.0, std=2.0)
-    mean, invstd, weight, bias = make_params(x)
-    grad = make_grad(x, mean, invstd, weight, bias)
+    x, mean, invstd, weight, bias, grad = case_inputs(shape, dtype, layout)
     args = on_device(grad, x, mean, invstd, weight, bias)
     sums = ops.bn_backward_reduce_triton(*args, relu)
     want = truth_grad_sums(grad, x, mean, invstd, weight, bias, relu)
