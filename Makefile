@@ -31,11 +31,16 @@ test: install lint
 	$(PYTHON) -m pytest benchmarks --benchmark-disable -q
 
 bench-cpu: install
-	$(PYTHON) -m pytest benchmarks/test_accumulate_cpu.py
+	$(PYTHON) -m pytest benchmarks/test_accumulate_cpu.py benchmarks/test_wrapper_cpu.py \
+		benchmarks/test_wgrad_cpu.py benchmarks/test_batchnorm_cpu.py
 
 bench-gpu: install
 	$(PYTHON) benchmarks/gpu_accumulate.py
 	$(PYTHON) benchmarks/gpu_wrapper.py
+	$(PYTHON) benchmarks/gpu_wgrad.py
+	$(PYTHON) benchmarks/gpu_batchnorm.py
+	$(PYTHON) benchmarks/gpu_activation_memory.py
+	$(PYTHON) benchmarks/gpu_plan.py
 
 clean:
 	rm -rf build *.egg-info fastaccum/*.so .pytest_cache .benchmarks
