@@ -44,8 +44,7 @@ void run_quantize(const void* x, int64_t n, int64_t group_size, uint64_t seed, u
                   uint8_t* codes) {
 #ifdef FA_HAVE_AVX2_BUILD
   if (use_avx2()) {
-    using AT = std::conditional_t<std::is_same_v<T, baseline::quant::Bf16Bits>,
-                                  avx2::quant::Bf16Bits, T>;
+    using AT = std::conditional_t<std::is_same_v<T, baseline::Bf16Bits>, avx2::Bf16Bits, T>;
     avx2::quant::quantize_group<BITS, AT>(static_cast<const AT*>(x) + first, n, group_size, seed,
                                           first, stochastic, out, scale, minimum, work, codes);
     return;
@@ -59,7 +58,7 @@ template <int BITS>
 QuantizeFn pick_quantize_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return &run_quantize<BITS, float>;
-    case at::kBFloat16: return &run_quantize<BITS, baseline::quant::Bf16Bits>;
+    case at::kBFloat16: return &run_quantize<BITS, baseline::Bf16Bits>;
     case at::kHalf: return &run_quantize<BITS, _Float16>;
     default: return nullptr;
   }
@@ -111,27 +110,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_groups_cpu(const at::Ten
 
 // ---------------------------------------------------------------- dequantize_groups
 
-using DequantizeFn = void (*)(const uint8_t*, int64_t, float, float, void*, int64_t);
+using DequantizeFn = void (*)(const uint8_t*, int64_t, float, float, float*, void*, int64_t);
 
 template <int BITS, typename T>
-void run_dequantize(const uint8_t* in, int64_t n, float scale, float minimum, void* out,
-                    int64_t first) {
+void run_dequantize(const uint8_t* in, int64_t n, float scale, float minimum, float* work,
+                    void* out, int64_t first) {
 #ifdef FA_HAVE_AVX2_BUILD
   if (use_avx2()) {
-    using AT = std::conditional_t<std::is_same_v<T, baseline::quant::Bf16Bits>,
-                                  avx2::quant::Bf16Bits, T>;
-    avx2::quant::dequantize_group<BITS, AT>(in, n, scale, minimum, static_cast<AT*>(out) + first);
+    using AT = std::conditional_t<std::is_same_v<T, baseline::Bf16Bits>, avx2::Bf16Bits, T>;
+    avx2::quant::dequantize_group<BITS, AT>(in, n, scale, minimum, work,
+                                            static_cast<AT*>(out) + first);
     return;
   }
 #endif
-  baseline::quant::dequantize_group<BITS, T>(in, n, scale, minimum, static_cast<T*>(out) + first);
+  baseline::quant::dequantize_group<BITS, T>(in, n, scale, minimum, work,
+                                             static_cast<T*>(out) + first);
 }
 
 template <int BITS>
 DequantizeFn pick_dequantize_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return &run_dequantize<BITS, float>;
-    case at::kBFloat16: return &run_dequantize<BITS, baseline::quant::Bf16Bits>;
+    case at::kBFloat16: return &run_dequantize<BITS, baseline::Bf16Bits>;
     case at::kHalf: return &run_dequantize<BITS, _Float16>;
     default: return nullptr;
   }
@@ -174,9 +174,11 @@ at::Tensor dequantize_groups_cpu(const at::Tensor& packed, const at::Tensor& sca
   const float* m = minimum.data_ptr<float>();
   void* dst = out.data_ptr();
   at::parallel_for(0, groups, grain(group_size), [&](int64_t lo, int64_t hi) {
+    std::vector<float> work(group_size);
     for (int64_t g = lo; g < hi; ++g) {
       const int64_t first = g * group_size;
-      fn(in + g * group_bytes, std::min(group_size, numel - first), s[g], m[g], dst, first);
+      fn(in + g * group_bytes, std::min(group_size, numel - first), s[g], m[g], work.data(), dst,
+         first);
     }
   });
   return out;

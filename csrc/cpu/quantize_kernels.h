@@ -3,57 +3,23 @@
 // bit).
 //
 // quantize.cpp includes this file twice, for the baseline x86-64 target and under
-// `#pragma GCC target("avx2,fma,f16c")`, and picks one at run time. Everything lives in the
-// nested namespace `quant` so that it cannot collide with the other kernel headers that are
-// expanded into the same `baseline`/`avx2` namespaces in other translation units.
+// `#pragma GCC target("avx2,fma,f16c")`, and picks one at run time. The storage types and
+// their fp32 conversions (Bf16Bits, to_f32, from_f32) come from accumulate_kernels.h,
+// expanded into the same namespace; everything defined here lives in the nested namespace
+// `quant`.
 //
-// Bit-exactness with the reference needs each float operation rounded on its own: a fused
-// multiply-add in y = (x - mn) * inv + u would move codes that sit on a rounding boundary,
-// so contraction is switched off for these functions.
+// Bit-exactness with the reference needs each float operation rounded on its own. GCC may
+// fuse a multiply and a following add into one fma (as in (x - mn) * inv + u), so each
+// product goes through a scratch array and the add runs in a separate loop: a value read
+// back from memory is never fused.
 //
 // No include guard on purpose: expanded once per target namespace. The including file
 // provides <cstdint>, <cstring>, <cmath> and FA_KERNEL_NS.
 
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
+#include "accumulate_kernels.h"
 
 namespace FA_KERNEL_NS {
 namespace quant {
-
-constexpr int64_t LANES = 16;
-
-struct Bf16Bits {
-  uint16_t bits;
-};
-
-inline float to_f32(float x) { return x; }
-inline float to_f32(_Float16 x) { return static_cast<float>(x); }
-inline float to_f32(Bf16Bits x) {
-  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-template <typename T>
-inline T from_f32(float x);
-template <>
-inline float from_f32<float>(float x) {
-  return x;
-}
-template <>
-inline _Float16 from_f32<_Float16>(float x) {
-  return static_cast<_Float16>(x);
-}
-template <>
-inline Bf16Bits from_f32<Bf16Bits>(float x) {
-  // Round to nearest even, as torch's cast does; NaN stays a quiet NaN.
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return Bf16Bits{static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded)};
-}
 
 // The reference's 32-bit hash (xor-shift-multiply rounds); uint32 arithmetic wraps.
 inline uint32_t mix32(uint32_t x) {
@@ -133,21 +99,20 @@ void quantize_group(const T* __restrict x, int64_t n, int64_t group_size, uint64
   *minimum = mn;
   float inv = levels / range;
   if (!(inv < INFINITY)) inv = 0.0f;  // a constant group: every code is 0
+  for (int64_t i = 0; i < n; ++i) work[i] = (work[i] - mn) * inv;
   if (stochastic) {
     const uint32_t key = stream_key(seed, first_index);
     const uint32_t lo = static_cast<uint32_t>(first_index);
     for (int64_t i = 0; i < n; ++i) {
       const uint32_t h = mix32((lo + static_cast<uint32_t>(i)) ^ key);
       const float u = static_cast<float>(static_cast<int32_t>(h >> 8)) * 0x1p-24f;
-      const float y = (work[i] - mn) * inv;
-      // y + u >= 0 (x >= mn), so truncation is floor.
-      const int32_t q = static_cast<int32_t>(y + u);
+      // work[i] + u >= 0 (x >= mn), so truncation is floor.
+      const int32_t q = static_cast<int32_t>(work[i] + u);
       codes[i] = static_cast<uint8_t>(q < kLevels ? q : kLevels);
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      const float y = (work[i] - mn) * inv;
-      const int32_t q = static_cast<int32_t>(y + 0.5f);
+      const int32_t q = static_cast<int32_t>(work[i] + 0.5f);
       codes[i] = static_cast<uint8_t>(q < kLevels ? q : kLevels);
     }
   }
@@ -159,29 +124,19 @@ void quantize_group(const T* __restrict x, int64_t n, int64_t group_size, uint64
   }
 }
 
-// out[0..n) = minimum + code * scale for the codes of one group.
+// out[0..n) = minimum + code * scale for the codes of one group; work (n floats) is scratch.
 template <int BITS, typename T>
 void dequantize_group(const uint8_t* __restrict in, int64_t n, float scale, float minimum,
-                      T* __restrict out) {
+                      float* __restrict work, T* __restrict out) {
   constexpr int kPerByte = 8 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  int64_t i = 0;
-  for (; i + kPerByte <= n; i += kPerByte) {
+  for (int64_t i = 0; i < n; ++i) {
     const uint32_t byte = in[i / kPerByte];
-    for (int k = 0; k < kPerByte; ++k) {
-      const float q = static_cast<float>(static_cast<int32_t>((byte >> (k * BITS)) & kMask));
-      out[i + k] = from_f32<T>(minimum + q * scale);
-    }
+    const uint32_t q = (byte >> ((i % kPerByte) * BITS)) & kMask;
+    work[i] = static_cast<float>(static_cast<int32_t>(q)) * scale;
   }
-  for (; i < n; ++i) {
-    const uint32_t byte = in[i / kPerByte];
-    const float q =
-        static_cast<float>(static_cast<int32_t>((byte >> ((i % kPerByte) * BITS)) & kMask));
-    out[i] = from_f32<T>(minimum + q * scale);
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = from_f32<T>(minimum + work[i]);
 }
 
 }  // namespace quant
 }  // namespace FA_KERNEL_NS
-
-#pragma GCC pop_options
