@@ -13,7 +13,7 @@ Choices, per tensor device:
   when one is. A build without an op's CUDA kernel routes that op to Triton. The batch-norm
   ops (``bn_stats``, ``bn_apply``, ``bn_backward_reduce``, ``bn_backward_apply``) have no
   CUDA kernels: Triton is their GPU path (benchmarks/gpu_batchnorm.py compares it with
-  cuDNN's batch norm).
+  cuDNN's batch norm). The same holds for ``quantize_groups`` / ``dequantize_groups``.
 - anything else (``meta``, ``mps``, ...): the reference, which is plain PyTorch.
 
 Whether Triton works is decided by the device, never by whether ``import triton``
