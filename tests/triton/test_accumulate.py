@@ -81,6 +81,26 @@ def run_without_interpreter(script: str) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+# ``ptx(fn, args, arch)``: PTX of a @triton.jit kernel for sm_<arch>. ``args`` maps each
+# parameter to a type string ("*fp32", "i64", ...) or, for constexprs, to its value.
+_PTX_HELPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def ptx(fn, args, arch):
+    signature = {k: "constexpr" if not isinstance(v, str) else v for k, v in args.items()}
+    constexprs = {k: v for k, v in args.items() if not isinstance(v, str)}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+"""
+
+
+def compile_for_gpus(script: str) -> str:
+    """:func:`run_without_interpreter` with ``ptx(fn, args, arch)`` defined for ``script``."""
+    return run_without_interpreter(_PTX_HELPER + textwrap.dedent(script))
+
+
 # --------------------------------------------------------------------------- accumulate
 
 
@@ -442,20 +462,11 @@ def test_compile_traces_into_the_kernels():
 def test_kernels_compile_for_gpus():
     """The table kernels compile for sm_80 and sm_90 (no GPU needed) and, when the group is
     16-byte aligned, load and store through 16-byte vectors."""
-    out = run_without_interpreter(
+    out = compile_for_gpus(
         """
         import json, re
-        import triton
         import triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
         from fastaccum.triton import accumulate as tri
-
-        def ptx(fn, args, arch):
-            signature = {k: "constexpr" if not isinstance(v, str) else v for k, v in args.items()}
-            constexprs = {k: v for k, v in args.items() if not isinstance(v, str)}
-            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
 
         sizes = {"BLOCK": tri.BLOCK, "ITERS": tri.ITERS}
         found = {}

@@ -40,7 +40,7 @@ from tests.ops.test_batchnorm import (
     truth_grad_sums,
     truth_stats,
 )
-from tests.triton.test_accumulate import run_without_interpreter
+from tests.triton.test_accumulate import compile_for_gpus
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = _backend.triton_interpreted()
@@ -199,19 +199,10 @@ def test_opcheck():
 def test_kernels_compile_for_gpus():
     """Every kernel compiles for sm_80 and sm_90 (no GPU needed), with 32- and 64-bit sizes;
     the interpreter is more lenient about types than the compiler."""
-    out = run_without_interpreter(
+    out = compile_for_gpus(
         """
         import json
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
         from fastaccum.triton import batchnorm as tb
-
-        def compile_ptx(fn, args, arch):
-            signature = {k: "constexpr" if not isinstance(v, str) else v for k, v in args.items()}
-            constexprs = {k: v for k, v in args.items() if not isinstance(v, str)}
-            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
 
         compiled = 0
         for arch in (80, 90):
@@ -242,7 +233,7 @@ def test_kernels_compile_for_gpus():
                     for fn, args in kernels:
                         # Keep the kernels' own argument order.
                         names = fn.arg_names
-                        compile_ptx(fn, {k: args[k] for k in names}, arch)
+                        ptx(fn, {k: args[k] for k in names}, arch)
                         compiled += 1
         print(json.dumps(compiled))
         """

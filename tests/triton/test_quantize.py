@@ -22,7 +22,7 @@ from fastaccum.ops.quantize import (
     quantize_groups_ref,
 )
 from fastaccum.triton import quantize as tri
-from tests.triton.test_accumulate import run_without_interpreter
+from tests.triton.test_accumulate import compile_for_gpus
 
 # The interpreter runs the kernels in numpy, which warns about the NaN and division-by-zero
 # lanes of constant, padded and non-finite groups; those lanes are masked out by design.
@@ -120,20 +120,10 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
 def test_kernels_compile_for_gpus():
     """The kernels compile for sm_80 and sm_90 (no GPU needed), with correctly rounded
     divisions (div.rn) for the scale and its inverse, as the reference computes them."""
-    out = run_without_interpreter(
+    out = compile_for_gpus(
         """
         import json
-        import triton
-        import triton.language as tl
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
         from fastaccum.triton import quantize as tri
-
-        def ptx(fn, args, arch):
-            signature = {k: "constexpr" if not isinstance(v, str) else v for k, v in args.items()}
-            constexprs = {k: v for k, v in args.items() if not isinstance(v, str)}
-            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            return triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
 
         found = {}
         for arch in (80, 90):
