@@ -30,10 +30,16 @@ import contextlib
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
-from results_csv import ROOT, append_csv, environment, time_and_peak_rows, time_calls
+from results_csv import (
+    ROOT,
+    device_error,
+    environment,
+    record_rows,
+    time_and_peak_rows,
+    time_calls,
+)
 
 import fastaccum
 from fastaccum.memory import ActivationPolicy, saved_bytes
@@ -142,11 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             3,
         )
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: gpu_activation_memory.py needs a CUDA GPU (or --device cpu --smoke)")
-        return 2
-    if device.type == "cpu" and not args.smoke:
-        print("error: on the CPU only --smoke runs; use benchmarks/activation_memory.py")
+    error = device_error(
+        device, args.smoke, "gpu_activation_memory.py", "benchmarks/activation_memory.py"
+    )
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if "none" not in args.providers:
         args.providers.insert(0, "none")
@@ -207,9 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "p80": "",
             }
         )
-    if device.type == "cuda" and not args.smoke:
-        append_csv(Path(args.out), rows)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    record_rows(device, args.smoke, args.out, rows)
     return 0
 
 

@@ -27,11 +27,17 @@ import argparse
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from results_csv import ROOT, append_csv, environment, time_and_peak_rows, time_calls
+from results_csv import (
+    ROOT,
+    device_error,
+    environment,
+    record_rows,
+    time_and_peak_rows,
+    time_calls,
+)
 
 DEFAULT_CSV = ROOT / "benchmarks" / "results" / "batchnorm_gpu.csv"
 # ResNet-50 at batch 32: after the stem, and the outputs of stages 1-4.
@@ -148,14 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         shapes, args.rounds = [(2, 8, 5, 7)], 5
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: gpu_batchnorm.py needs a CUDA GPU (or --device cpu --smoke)", file=sys.stderr)
-        return 2
-    if device.type == "cpu" and not args.smoke:
-        print(
-            "error: on the CPU only --smoke runs; use benchmarks/test_batchnorm_cpu.py",
-            file=sys.stderr,
-        )
+    error = device_error(device, args.smoke, "gpu_batchnorm.py", "benchmarks/test_batchnorm_cpu.py")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     rows, failures = [], []
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -191,9 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     del inputs, steps, results
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    if device.type == "cuda" and not args.smoke and rows:
-        append_csv(Path(args.out), rows)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    record_rows(device, args.smoke, args.out, rows)
     if failures:
         print(f"error: {len(failures)} configuration(s) gave wrong results", file=sys.stderr)
         return 1

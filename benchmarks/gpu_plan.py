@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from results_csv import ROOT, append_csv, environment
+from results_csv import ROOT, device_error, environment, record_rows
 
 import fastaccum
 from fastaccum.memory.peak import peak_bytes, tensor_bytes
@@ -124,11 +124,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: gpu_plan.py needs a CUDA GPU (or --device cpu --smoke)", file=sys.stderr)
-        return 2
-    if device.type == "cpu" and not args.smoke:
-        print("error: on the CPU only --smoke runs", file=sys.stderr)
+    error = device_error(device, args.smoke, "gpu_plan.py")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     spec = MODELS[args.model]
     budget = int(args.budget_gib * 2**30)
@@ -175,9 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             {**common, "metric": "exhaustive_max", "unit": "samples", "p50": reference},
             {**common, "metric": "planned_run_ok", "unit": "bool", "p50": int(ok)},
         ]
-    if device.type == "cuda":
-        append_csv(args.csv, [{**row, "dtype": "fp32", **env} for row in rows])
-        print(f"wrote {len(rows)} rows to {args.csv}")
+    record_rows(device, args.smoke, args.csv, [{**row, "dtype": "fp32", **env} for row in rows])
     return 0
 
 

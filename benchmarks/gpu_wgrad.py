@@ -21,10 +21,16 @@ import argparse
 import statistics
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from results_csv import ROOT, append_csv, environment, time_and_peak_rows, time_calls
+from results_csv import (
+    ROOT,
+    device_error,
+    environment,
+    record_rows,
+    time_and_peak_rows,
+    time_calls,
+)
 
 import fastaccum
 from fastaccum.workloads import GPT2Blocks
@@ -77,11 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         args.blocks, args.micro_batch, args.seq, args.rounds = 1, 1, 16, 3
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: gpu_wgrad.py needs a CUDA GPU (or --device cpu --smoke)", file=sys.stderr)
-        return 2
-    if device.type == "cpu" and not args.smoke:
-        print("error: on the CPU only --smoke runs; use `make bench-cpu`", file=sys.stderr)
+    error = device_error(device, args.smoke, "gpu_wgrad.py", "`make bench-cpu`")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     x = torch.randn(args.micro_batch, args.seq, 768, device=device)
     results = {}
@@ -116,9 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{(peak - base_m) / 2**30:>+13.2f}G"
         )
         rows += time_and_peak_rows({**common, "provider": provider}, times, peak)
-    if device.type == "cuda" and not args.smoke:
-        append_csv(Path(args.out), rows)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    record_rows(device, args.smoke, args.out, rows)
     return 0
 
 

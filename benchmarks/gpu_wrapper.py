@@ -24,10 +24,16 @@ import functools
 import statistics
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from results_csv import ROOT, append_csv, environment, time_and_peak_rows, time_calls
+from results_csv import (
+    ROOT,
+    device_error,
+    environment,
+    record_rows,
+    time_and_peak_rows,
+    time_calls,
+)
 
 import fastaccum
 import fastaccum.optim
@@ -99,14 +105,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(
-            "error: gpu_wrapper.py needs a CUDA GPU (or --device cpu --smoke to check the script)",
-            file=sys.stderr,
-        )
-        return 2
-    if device.type == "cpu" and not args.smoke:
-        print("error: on the CPU only --smoke runs; use `make bench-cpu`", file=sys.stderr)
+    error = device_error(device, args.smoke, "gpu_wrapper.py", "`make bench-cpu`")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     spec = MODELS[args.model]
     k, seq = args.accum_steps, spec[4]
@@ -156,9 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **environment(device),
         }
         rows += time_and_peak_rows(common, times, peak)
-    if device.type == "cuda" and not args.smoke:
-        append_csv(Path(args.out), rows)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    record_rows(device, args.smoke, args.out, rows)
     return 0
 
 

@@ -53,6 +53,27 @@ def append_csv(path: Path, rows: Sequence[dict]) -> None:
         writer.writerows(rows)
 
 
+def device_error(device, smoke: bool, script: str, cpu_hint: str = "") -> str | None:
+    """Why a GPU script cannot run on ``device`` (None when it can): CUDA needs a GPU, and
+    on the CPU only ``--smoke`` runs (a check of the script itself; CPU figures come from
+    the pytest-benchmark suites, named by ``cpu_hint``)."""
+    import torch
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{script} needs a CUDA GPU (or --device cpu --smoke to check the script)"
+    if device.type == "cpu" and not smoke:
+        return "on the CPU only --smoke runs" + (f"; use {cpu_hint}" if cpu_hint else "")
+    return None
+
+
+def record_rows(device, smoke: bool, path: Path, rows: Sequence[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` for real GPU runs only (absolute times are
+    recorded for GPUs, never for smoke runs or the CPU)."""
+    if device.type == "cuda" and not smoke and rows:
+        append_csv(Path(path), rows)
+        print(f"wrote {len(rows)} rows to {path}")
+
+
 def time_calls(calls: Sequence, device) -> tuple[list[float], int]:
     """Run each zero-argument callable of ``calls`` once, timing each (CUDA events on a GPU,
     the host clock on the CPU). Returns the seconds per call and the peak bytes allocated on
