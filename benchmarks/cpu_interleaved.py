@@ -6,13 +6,18 @@ providers round-robin (one call each per round, the order rotated every round), 
 hits all of them alike, then reports the median and minimum time of each as a ratio to
 native.
 
+Each call is also measured in process CPU time (user + system, which includes the kernel's
+work on page faults) and minor page faults, from ``getrusage``.
+
 Suites:
 - ``wrapper``: one optimizer window (test_wrapper_cpu.py). The report adds each provider's
-  overhead beyond forward and backward as a ratio to native's, (t - t_floor) /
-  (t_native - t_floor), from the medians, for two floors: ``fwd_bwd.fresh`` (forward and
-  backward making fresh gradients: accumulation counts as overhead) and ``fwd_bwd``
-  (native's forward and backward with autograd's ``.grad +=`` inside: native's
-  accumulation counts as free).
+  overhead beyond forward and backward as a ratio to native's, for two floors:
+  ``fwd_bwd.fresh`` (forward and backward making fresh gradients: accumulation counts as
+  overhead) and ``fwd_bwd`` (native's forward and backward with autograd's ``.grad +=``
+  inside: native's accumulation counts as free). The overhead is paired: per round,
+  ``t - t_floor`` of the same round, then the median over rounds, divided by native's,
+  so that a slow round (the machine's speed drifts by more than the overheads) slows
+  both terms of a difference alike. Wall time and CPU time give one ratio each.
 - ``wgrad``: one micro-step with fused vs unfused weight gradients (test_wgrad_cpu.py).
 
 Run: python benchmarks/cpu_interleaved.py wrapper|wgrad [--rounds 30]
@@ -21,6 +26,7 @@ Run: python benchmarks/cpu_interleaved.py wrapper|wgrad [--rounds 30]
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -45,6 +51,14 @@ def _suites() -> dict[str, tuple[list[str], Callable[[str], Callable[[], object]
     }
 
 
+def paired_overhead(times: dict[str, list[float]], provider: str, floor: str) -> float:
+    """Median over rounds of ``provider - floor``, over the same for native (NaN when
+    native's overhead is not positive)."""
+    mine = statistics.median(a - b for a, b in zip(times[provider], times[floor], strict=True))
+    native = statistics.median(a - b for a, b in zip(times["native"], times[floor], strict=True))
+    return mine / native if native > 0 else float("nan")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=["wrapper", "wgrad"])
@@ -57,23 +71,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     calls = {p: setup(p) for p in providers}
     for call in calls.values():
         call()  # warm-up: optimizer state, accumulators, allocator
-    times: dict[str, list[float]] = {p: [] for p in providers}
+    wall: dict[str, list[float]] = {p: [] for p in providers}
+    cpu: dict[str, list[float]] = {p: [] for p in providers}
+    faults: dict[str, int] = dict.fromkeys(providers, 0)
     for r in tqdm(range(args.rounds), desc=args.suite, file=sys.stderr):
         for p in providers[r % len(providers) :] + providers[: r % len(providers)]:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             calls[p]()
-            times[p].append(time.perf_counter() - t0)
-    med = {p: statistics.median(t) for p, t in times.items()}
-    low = {p: min(t) for p, t in times.items()}
+            wall[p].append(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu[p].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+            faults[p] += after.ru_minflt - before.ru_minflt
+    med = {p: statistics.median(t) for p, t in wall.items()}
+    low = {p: min(t) for p, t in wall.items()}
     floors = [f for f in ("fwd_bwd.fresh", "fwd_bwd") if f in med]
-    header = f"{'provider':<28} {'median vs native':>17} {'min vs native':>14}"
-    print(header + "".join(f" {'overhead/native (' + f + ')':>32}" for f in floors))
+    header = (
+        f"{'provider':<28} {'median vs native':>17} {'min vs native':>14} "
+        f"{'CPU ms':>8} {'faults':>8}"
+    )
+    print(header + "".join(f" {'overhead/native wall|cpu (' + f + ')':>38}" for f in floors))
     for p in providers:
-        line = f"{p:<28} {med['native'] / med[p]:>16.2f}x {low['native'] / low[p]:>13.2f}x"
+        line = (
+            f"{p:<28} {med['native'] / med[p]:>16.2f}x {low['native'] / low[p]:>13.2f}x "
+            f"{statistics.median(cpu[p]) * 1e3:>8.1f} {faults[p] / args.rounds:>8.0f}"
+        )
         for f in floors:
-            base = med["native"] - med[f]
-            overhead = (med[p] - med[f]) / base if base > 0 else float("nan")
-            line += f" {overhead:>32.2f}"
+            ratios = [paired_overhead(t, p, f) for t in (wall, cpu)]
+            line += f" {ratios[0]:>30.2f} | {ratios[1]:>5.2f}"
         print(line)
     return 0
 

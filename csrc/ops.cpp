@@ -24,6 +24,10 @@ TORCH_LIBRARY(fastaccum, m) {
   m.def(
       "finalize_(Tensor(a!)[] accums, Tensor(b!)[] outs, float factor, "
       "Tensor? factor_tensor=None, bool zero_accums=True) -> ()");
+  // Sum of squares of every element of every tensor (float32/bf16/fp16, contiguous, one
+  // device), accumulated in double and returned as an f32 scalar like accumulate_'s
+  // accum_sumsq: the window norm of accumulators no accumulate_ call measured.
+  m.def("sumsq(Tensor[] tensors) -> Tensor");
   // The window boundary of the fused optimizers (fastaccum.optim.SGD/Adam/AdamW), in one
   // pass over each accumulator, state tensor and parameter (all float32):
   //   g = accums[i] * factor * factor_tensor (negated when maximize), then torch.optim's

@@ -1,4 +1,4 @@
-// CPU kernels of fastaccum::accumulate_ and fastaccum::finalize_.
+// CPU kernels of fastaccum::accumulate_, fastaccum::finalize_ and fastaccum::sumsq.
 //
 // Work is split into (tensor, chunk) items so that one at::parallel_for covers every
 // tensor of the call, big or small. Each item's partial sums land in its own slot and are
@@ -213,11 +213,60 @@ void finalize_cpu(at::TensorList accums, at::TensorList outs, double factor,
   });
 }
 
+// ---------------------------------------------------------------- sumsq
+
+template <typename T>
+double run_sumsq(const void* x, int64_t begin, int64_t n) {
+#ifdef FA_HAVE_AVX2_BUILD
+  if (use_avx2()) {
+    using AT = std::conditional_t<std::is_same_v<T, baseline::Bf16Bits>, avx2::Bf16Bits, T>;
+    return avx2::sumsq_chunk<AT>(static_cast<const AT*>(x) + begin, n);
+  }
+#endif
+  return baseline::sumsq_chunk<T>(static_cast<const T*>(x) + begin, n);
+}
+
+using SumsqFn = double (*)(const void*, int64_t, int64_t);
+
+at::Tensor sumsq_cpu(at::TensorList tensors) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  std::vector<SumsqFn> fns(n);
+  std::vector<int64_t> numels(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const auto t = tensors[i].scalar_type();
+    switch (t) {
+      case at::kFloat: fns[i] = &run_sumsq<float>; break;
+      case at::kBFloat16: fns[i] = &run_sumsq<baseline::Bf16Bits>; break;
+      case at::kHalf: fns[i] = &run_sumsq<_Float16>; break;
+      default:
+        TORCH_CHECK(false, "tensors[", i, "] has dtype ", dtype_name(t),
+                    "; expected one of float32, bfloat16, float16");
+    }
+    numels[i] = tensors[i].numel();
+  }
+  const at::Device device = n > 0 ? tensors[0].device() : at::Device(at::kCPU);
+  check_same_device(tensors, "tensors", device);
+  const auto items = split_into_chunks(numels);
+  std::vector<double> partial(items.size(), 0.0);
+  std::vector<const void*> ptrs(n);
+  for (int64_t i = 0; i < n; ++i) ptrs[i] = tensors[i].const_data_ptr();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const WorkItem& w = items[k];
+      partial[k] = fns[w.tensor](ptrs[w.tensor], w.begin, w.end - w.begin);
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;  // item order: the same for any thread count
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat).device(device));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastaccum, CPU, m) {
   m.impl("accumulate_", &accumulate_cpu);
   m.impl("finalize_", &finalize_cpu);
+  m.impl("sumsq", &sumsq_cpu);
 }
 
 }  // namespace fastaccum

@@ -107,6 +107,30 @@ ChunkStats accumulate_chunk(A* __restrict accum, G* __restrict grad, int64_t n, 
   return ChunkStats{gsq_total, asq_total, bad != 0};
 }
 
+// Sum of squares of x[0..n) (read as fp32), with the same lane and flush scheme as
+// accumulate_chunk; the non-finite flag comes for free from the sum itself.
+template <typename T>
+double sumsq_chunk(const T* __restrict x, int64_t n) {
+  double total = 0.0;
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t end = (n - i > FLUSH) ? i + FLUSH : n;
+    float sq[LANES] = {};
+    for (; i + LANES <= end; i += LANES) {
+      for (int64_t l = 0; l < LANES; ++l) {
+        const float v = to_f32(x[i + l]);
+        sq[l] += v * v;
+      }
+    }
+    for (; i < end; ++i) {
+      const float v = to_f32(x[i]);
+      sq[0] += v * v;
+    }
+    for (int64_t l = 0; l < LANES; ++l) total += sq[l];
+  }
+  return total;
+}
+
 // r = accum[i] * factor; out[i] = r (when out is given); accum[i] = zero ? 0 : r.
 template <typename A, typename O>
 void finalize_chunk(A* __restrict accum, O* __restrict out, int64_t n, float factor,

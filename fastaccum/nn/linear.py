@@ -46,11 +46,14 @@ class _FusedWgradLinear(torch.autograd.Function):
         dtype = _autocast_dtype(x.device.type)
         xc, wc = x, weight
         bc = bias
-        if dtype is not None and weight.is_floating_point():
-            xc, wc = x.to(dtype), weight.to(dtype)
-            bc = None if bias is None else bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            out = F.linear(xc, wc, bc)
+        if dtype is None:
+            out = F.linear(xc, wc, bc)  # no autocast: no context to enter
+        else:
+            if weight.is_floating_point():
+                xc, wc = x.to(dtype), weight.to(dtype)
+                bc = None if bias is None else bias.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                out = F.linear(xc, wc, bc)
         ctx.save_for_backward(xc, wc)
         ctx.layer = layer
         ctx.x_dtype = x.dtype

@@ -6,6 +6,8 @@ from fastaccum.ops.accumulate import (
     accumulate_ref,
     finalize_,
     finalize_ref,
+    sumsq,
+    sumsq_ref,
 )
 from fastaccum.ops.batchnorm import (
     BatchNormGradSums,
@@ -40,4 +42,6 @@ __all__ = [
     "finalize_ref",
     "sgd_window_step_",
     "sgd_window_step_ref",
+    "sumsq",
+    "sumsq_ref",
 ]

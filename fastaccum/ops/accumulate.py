@@ -1,4 +1,4 @@
-"""Fused multi-tensor gradient accumulation: ``accumulate_`` and ``finalize_``.
+"""Fused multi-tensor gradient accumulation: ``accumulate_``, ``finalize_`` and ``sumsq``.
 
 This module holds, for this op family:
 
@@ -22,6 +22,11 @@ Semantics (per pair ``i``, arithmetic in fp32, reductions in fp32 or wider):
 ``finalize_(accums, outs, factor, factor_tensor, zero_accums)``
     ``r = accums[i] * factor * factor_tensor``; ``outs[i] = r`` cast to ``outs[i].dtype``
     when ``outs`` is given; then ``accums[i] = 0`` if ``zero_accums`` else ``r``.
+
+``sumsq(tensors)``
+    ``sum(tensors[i]**2)`` over every element of every tensor, accumulated in double and
+    returned as an f32 scalar, like ``accumulate_``'s ``accum_sumsq``: the window norm of
+    accumulators that no ``accumulate_`` pass measured (fused weight-gradient layers).
 """
 
 from __future__ import annotations
@@ -254,6 +259,11 @@ def _register_fakes() -> None:
     def _finalize_fake(accums, outs, factor, factor_tensor=None, zero_accums=True):
         return None
 
+    @torch.library.register_fake("fastaccum::sumsq")
+    def _sumsq_fake(tensors):
+        device = tensors[0].device if tensors else torch.device("cpu")
+        return torch.empty((), dtype=torch.float32, device=device)
+
 
 if _backend.has_extension():
     _register_fakes()
@@ -358,3 +368,49 @@ def finalize_(
         finalize_triton(accums, outs, factor, factor_tensor, zero_accums)
     else:
         finalize_ref(accums, outs, factor, factor_tensor, zero_accums)
+
+
+def sumsq_ref(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The spec of :func:`sumsq`: per-tensor float64 norms from one multi-tensor reduction
+    (``torch._foreach_norm``, no float64 copies), squared and summed, as an f32 scalar."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
+    return torch.stack(norms).square().sum().float()
+
+
+def sumsq(tensors: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
+    """Sum of squares of all elements of ``tensors``, in one read of each.
+
+    Args:
+        tensors: float32/bfloat16/float16 tensors, contiguous, all on one device.
+        backend: ``"native"`` (the C++ CPU kernel) or ``"reference"``. Other devices use
+            the reference, whose ``torch._foreach_norm`` is itself one multi-tensor pass.
+
+    Returns:
+        f32 scalar on the tensors' device, accumulated in double (inf when it overflows
+        f32, NaN when an element is NaN).
+
+    Raises:
+        TypeError, ValueError: a tensor of another dtype, on another device, or not
+            contiguous.
+    """
+    tensors = _as_tensor_list("tensors", tensors)
+    for i, t in enumerate(tensors):
+        if t.dtype not in GRAD_DTYPES:
+            raise TypeError(
+                f"tensors[{i}] has dtype {t.dtype}; expected one of float32, bfloat16, float16"
+            )
+    _check_same_device({"tensors": tensors})
+    _check_contiguous("tensors", tensors)
+    if not tensors:
+        return sumsq_ref(tensors)
+    return sumsq_unchecked(tensors, backend=backend)
+
+
+def sumsq_unchecked(tensors: list[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
+    """:func:`sumsq` without the Python-side checks, for the optimizer wrapper."""
+    choice = _backend.select(tensors[0].device, backend, op="sumsq")
+    if choice == _backend.NATIVE:
+        return torch.ops.fastaccum.sumsq(tensors)
+    return sumsq_ref(tensors)

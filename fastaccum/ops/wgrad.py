@@ -144,6 +144,21 @@ def wgrad_accumulate_(
     check_wgrad_args(accum, grad_out, input, bias_accum)
     if backend not in (None, *_backend.BACKENDS):
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    wgrad_accumulate_unchecked(accum, grad_out, input, alpha, bias_accum, backend=backend)
+
+
+def wgrad_accumulate_unchecked(
+    accum: torch.Tensor,
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    alpha: float = 1.0,
+    bias_accum: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> None:
+    """:func:`wgrad_accumulate_` without the argument checks, for callers whose shapes,
+    dtypes and devices hold by construction (the fused Linear's backward, once per layer
+    and micro-batch, where the checks would cost as much as a small layer's GEMM)."""
     with torch.no_grad():
         if backend == _backend.REFERENCE:
             wgrad_accumulate_ref(accum, grad_out, input, alpha, bias_accum)

@@ -302,27 +302,27 @@ class Adam(_FusedWindowOptimizer):
         }
         # Parameters normally share a step count; those that joined later (no gradient in
         # the first windows) have their own, and each count is one call.
-        by_step: dict[int, list[int]] = {}
-        for i, p in enumerate(params):
-            state = self.optimizer.state[p]
+        states = [self.optimizer.state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=_adam_step_dtype())
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            by_step.setdefault(int(state["step"].item()) + 1, []).append(i)
+        counts = [state["step"] for state in states]
+        by_step: dict[int, list[int]] = {}
+        for i, count in enumerate(torch.stack(counts).tolist()):  # one read, not one each
+            by_step.setdefault(int(count) + 1, []).append(i)
         for step, members in by_step.items():
-            chosen = [params[i] for i in members]
             adam_window_step_(
-                chosen,
+                [params[i] for i in members],
                 [accums[i] for i in members],
-                [self.optimizer.state[p]["exp_avg"] for p in chosen],
-                [self.optimizer.state[p]["exp_avg_sq"] for p in chosen],
+                [states[i]["exp_avg"] for i in members],
+                [states[i]["exp_avg_sq"] for i in members],
                 factor,
                 step=step,
                 **options,
             )
-            for p in chosen:
-                self.optimizer.state[p]["step"] += 1
+        torch._foreach_add_(counts, 1.0)  # torch.optim's per-parameter step counts
 
 
 class AdamW(Adam):

@@ -229,3 +229,24 @@ def test_grad_scaler_with_fused_layers_matches_unfused():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         assert_close_rel(a, b, 1e-6)
+
+
+def test_window_norm_of_fused_layers_matches_float64():
+    """Fused layers write no gradient that accumulate_ could measure: the wrapper reads
+    their accumulators once at the boundary (fastaccum.ops.sumsq). Its grad_norm equals
+    the float64 norm of the window gradient."""
+    k = 3
+    data = batches(k, seed=5)
+    ref = mlp().double()
+    total = sum(x.shape[0] * x.shape[1] for x, _ in data)
+    loss = sum((ref(x.double()) - y.double()).square().mean(-1).sum() for x, y in data) / total
+    loss.backward()
+    want = torch.sqrt(sum(p.grad.square().sum() for p in ref.parameters())).item()
+
+    model = fuse_wgrad(mlp())
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), k, model=model)
+    for x, y in data:
+        opt.backward((model(x) - y).square().mean(), num_items=x.shape[0] * x.shape[1])
+        stepped = opt.step()
+    assert stepped
+    assert opt.stats()["grad_norm"] == pytest.approx(want, rel=1e-5)
