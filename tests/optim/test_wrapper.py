@@ -418,3 +418,37 @@ def test_bf16_params_with_fp32_accumulators_get_a_cast_grad():
     for p, q, g0, g1 in zip(model.parameters(), ref.parameters(), *grads, strict=True):
         assert_close_rel(p, (q.double() - 0.1 * (g0 + g1) / 2).bfloat16(), 1e-2)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_opt_backward_holds_at_most_one_bucket_of_gradients():
+    """opt.backward folds gradients as autograd finishes them, in buckets of
+    bucket_bytes(device): the backward's peak holds one bucket, not the full set that
+    loss.backward() + step() holds (which shows the measure can fail)."""
+    from fastaccum.memory.peak import peak_bytes
+    from fastaccum.optim.wrapper import bucket_bytes
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(512, 512, bias=False) for _ in range(12)]  # 1 MiB weights
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(2, 512)
+    grad_set = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit = bucket_bytes(x.device)
+    assert limit < grad_set / 3  # the model has several buckets' worth of gradients
+
+    def peak_of(use_backward: bool) -> int:
+        opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.0), 4, model=model)
+        if use_backward:
+            opt.backward(model(x).square().mean())  # first call creates the accumulators
+        else:
+            model(x).square().mean().backward()
+        opt.step()
+        loss = model(x).square().mean()
+        if use_backward:
+            peak, _ = peak_bytes(lambda: opt.backward(loss), x.device)
+        else:
+            peak, _ = peak_bytes(lambda: (loss.backward(), opt.step()), x.device)
+        return peak
+
+    one_layer = 512 * 512 * 4
+    assert peak_of(True) <= limit + 2 * one_layer
+    assert peak_of(False) >= grad_set
