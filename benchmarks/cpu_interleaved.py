@@ -19,8 +19,9 @@ Suites:
   so that a slow round (the machine's speed drifts by more than the overheads) slows
   both terms of a difference alike. Wall time and CPU time give one ratio each.
 - ``wgrad``: one micro-step with fused vs unfused weight gradients (test_wgrad_cpu.py).
+- ``embedding``: the same for a GPT-2-vocabulary embedding (test_wgrad_cpu.py).
 
-Run: python benchmarks/cpu_interleaved.py wrapper|wgrad [--rounds 30]
+Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|embedding [--rounds 30]
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def _suites() -> dict[str, tuple[list[str], Callable[[str], Callable[[], object]
             ["native", "wrap.unfused", "wrap.fused"],
             lambda provider: test_wgrad_cpu._setup(provider)[1],
         ),
+        "embedding": (
+            test_wgrad_cpu.EMBEDDING_PROVIDERS,
+            lambda provider: test_wgrad_cpu._embedding_setup(provider)[1],
+        ),
     }
 
 
@@ -61,7 +66,7 @@ def paired_overhead(times: dict[str, list[float]], provider: str, floor: str) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["wrapper", "wgrad"])
+    parser.add_argument("suite", choices=["wrapper", "wgrad", "embedding"])
     parser.add_argument("--rounds", type=int, default=30, help="calls per provider")
     args = parser.parse_args(argv)
     if args.rounds < 3:

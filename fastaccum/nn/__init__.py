@@ -1,4 +1,4 @@
-"""Modules: fused weight-gradient :class:`Linear` (:func:`fuse_wgrad`) and
+"""Modules: fused weight-gradient :class:`Linear` and :class:`Embedding` (:func:`fuse_wgrad`) and
 accumulation-aware BatchNorm (:func:`convert_batchnorm`, :func:`end_window`)."""
 
 from fastaccum.nn.batchnorm import (
@@ -8,12 +8,14 @@ from fastaccum.nn.batchnorm import (
     convert_batchnorm,
     end_window,
 )
+from fastaccum.nn.embedding import Embedding
 from fastaccum.nn.linear import Linear, WgradSink, fuse_wgrad
 
 __all__ = [
     "AccumBatchNorm1d",
     "AccumBatchNorm2d",
     "AccumBatchNorm3d",
+    "Embedding",
     "Linear",
     "WgradSink",
     "convert_batchnorm",

@@ -102,19 +102,25 @@ class Linear(torch.nn.Linear):
         return _FusedWgradLinear.apply(input, self.weight, self.bias, self)
 
 
-def fuse_wgrad(model: torch.nn.Module) -> torch.nn.Module:
+def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.Module:
     """Switch every ``nn.Linear`` of ``model`` (exact class, at any depth) to
-    :class:`fastaccum.nn.Linear`, in place, and return ``model``.
+    :class:`fastaccum.nn.Linear`, and with ``embeddings`` every plain ``nn.Embedding`` to
+    :class:`fastaccum.nn.Embedding`, in place, and return ``model``.
 
     Parameters, buffers, hooks and ``state_dict`` keys are kept (the modules are the same
-    objects). Subclasses of ``nn.Linear`` are left alone, since they may override forward.
+    objects). Subclasses are left alone, since they may override forward, and so are
+    embeddings with ``max_norm``, ``scale_grad_by_freq`` or ``sparse=True``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
     """
+    from fastaccum.nn.embedding import Embedding, fusable_embedding
+
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = Linear
+        elif embeddings and fusable_embedding(module):
+            module.__class__ = Embedding
     return model

@@ -514,13 +514,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
     def _attach_wgrad_sinks(self, model: torch.nn.Module | None) -> None:
         """Make this wrapper the weight-gradient sink of the model's fastaccum.nn.Linear
-        layers whose parameters it updates."""
+        and fastaccum.nn.Embedding layers whose parameters it updates."""
         if model is None:
             return
+        from fastaccum.nn.embedding import Embedding
         from fastaccum.nn.linear import Linear
 
         for module in model.modules():
-            if isinstance(module, Linear) and id(module.weight) in self._param_ids:
+            if isinstance(module, Linear | Embedding) and id(module.weight) in self._param_ids:
                 module._wgrad_sink = self
 
     def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -553,6 +554,19 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         wgrad_accumulate_unchecked(
             self._accum_for(weight), grad_out, input, self._hook_weight, bias_acc
         )
+        self._touched.add(id(weight))
+        self._fused_this_step = True
+        self._window_fused = True
+
+    def accumulate_embedding_grad(
+        self, weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor
+    ) -> None:
+        """Add ``weight x grad_out[i]`` into row ``indices[i]`` of the embedding weight's
+        accumulator (``index_add_``): only the looked-up rows are touched, no dense dW."""
+        acc = self._accum_for(weight)
+        rows = grad_out if grad_out.dtype == acc.dtype else grad_out.to(acc.dtype)
+        with torch.no_grad():
+            acc.index_add_(0, indices, rows, alpha=self._hook_weight)
         self._touched.add(id(weight))
         self._fused_this_step = True
         self._window_fused = True

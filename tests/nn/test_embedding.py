@@ -1,0 +1,155 @@
+"""fastaccum.nn.Embedding / fuse_wgrad(embeddings=True): same results as nn.Embedding; under
+fastaccum.wrap + opt.backward the looked-up rows' gradients go into the accumulator and no
+dense [vocab, dim] gradient is made."""
+
+import copy
+
+import pytest
+import torch
+
+import fastaccum
+from fastaccum.nn import Embedding, Linear, fuse_wgrad
+from fastaccum.workloads import allocated_shapes
+from tests.helpers import assert_close_rel, split_windows
+
+VOCAB, DIM, PAD = 37, 12, 0
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> tanh -> Linear head, optionally tied to the embedding."""
+
+    def __init__(self, seed=0, tied=False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = torch.nn.Embedding(VOCAB, DIM, padding_idx=PAD)
+        self.pos = torch.nn.Embedding(8, DIM)
+        self.head = torch.nn.Linear(DIM, VOCAB, bias=not tied)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1])
+        return self.head(torch.tanh(self.emb(idx) + self.pos(pos)))
+
+
+def token_windows(n, seed=1):
+    """(tokens, targets) micro-batches of varying length, with padding and repeats."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        seq = int(torch.randint(2, 9, (1,), generator=gen))
+        idx = torch.randint(0, 6, (3, seq), generator=gen)  # few ids: many repeats, PAD too
+        out.append((idx, torch.randint(0, VOCAB, (3, seq), generator=gen)))
+    return out
+
+
+def token_loss(model, idx, tgt):
+    return torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), tgt.flatten())
+
+
+def test_fuse_wgrad_swaps_plain_embeddings_only():
+    model = TinyLM()
+    odd = torch.nn.ModuleList(
+        [
+            torch.nn.Embedding(5, 3, max_norm=1.0),
+            torch.nn.Embedding(5, 3, scale_grad_by_freq=True),
+            torch.nn.Embedding(5, 3, sparse=True),
+        ]
+    )
+    model.odd = odd
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    assert fuse_wgrad(model) is model
+    assert type(model.emb) is Embedding and type(model.pos) is Embedding
+    assert all(type(m) is torch.nn.Embedding for m in model.odd)
+    assert list(model.state_dict()) == keys
+    idx = torch.randint(0, VOCAB, (2, 5))
+    assert torch.equal(model(idx), ref(idx))
+    assert type(fuse_wgrad(TinyLM(), embeddings=False).emb) is torch.nn.Embedding
+
+
+def test_direct_use_refuses_unsupported_options():
+    layer = Embedding(5, 3, max_norm=1.0)
+    with pytest.raises(ValueError, match=r"max_norm=1\.0"):
+        layer(torch.tensor([1, 2]))
+
+
+def test_without_a_sink_gradients_match_nn_embedding():
+    model, ref = fuse_wgrad(TinyLM()), TinyLM()
+    idx, tgt = token_windows(1)[0]
+    token_loss(model, idx, tgt).backward()
+    token_loss(ref, idx, tgt).backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close_rel(p.grad, q.grad, 1e-6)
+    assert model.emb.weight.grad[PAD].abs().max() == 0  # the padding row gets nothing
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_fused_wrapper_training_matches_large_batch(kind, tied):
+    def make_opt(params):
+        if kind == "sgd":
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        return torch.optim.AdamW(params, lr=1e-2)
+
+    k = 3
+    data = token_windows(3 * k - 1)
+    ref = TinyLM(tied=tied).double()
+    ref_opt = make_opt(ref.parameters())
+    for window in split_windows(data, k):
+        total = sum(idx.numel() for idx, _ in window)
+        loss = sum(token_loss(ref, i, t) * i.numel() for i, t in window) / total
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    model = fuse_wgrad(TinyLM(tied=tied))
+    assert type(model.head) is Linear
+    opt = fastaccum.wrap(make_opt(model.parameters()), k, model=model, max_grad_norm=100.0)
+    for idx, tgt in data:
+        opt.backward(token_loss(model, idx, tgt), num_items=idx.numel())
+        assert model.emb.weight.grad is None  # nothing lands in .grad
+        opt.step()
+    opt.flush()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
+def test_loss_backward_path_stays_correct_unfused():
+    """With loss.backward() the micro-batch weight is unknown during backward: the layer
+    makes .grad as nn.Embedding does and step() folds it."""
+    data = token_windows(4, seed=3)
+    model = fuse_wgrad(TinyLM())
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4, model=model)
+    ref = TinyLM()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for idx, tgt in data:
+        token_loss(model, idx, tgt).backward()
+        assert model.emb.weight.grad is not None
+        opt.step()
+        (token_loss(ref, idx, tgt) / 4).backward()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_vocab_sized_gradient_is_made(fused):
+    """The fused path allocates no [vocab, dim] tensor during backward; the unfused one
+    does (which shows the check can fail)."""
+    torch.manual_seed(0)
+    vocab = 1000
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, 24), torch.nn.Linear(24, 5))
+    if fused:
+        fuse_wgrad(model)
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
+    idx = torch.randint(0, vocab, (4, 6))
+    opt.backward(model(idx).square().mean())  # first call creates the accumulators
+    opt.step()
+    loss = model(idx).square().mean()
+    shapes = [shape for shape, _ in allocated_shapes(lambda: opt.backward(loss))]
+    vocab_sized = [s for s in shapes if s == (vocab, 24)]
+    if fused:
+        assert vocab_sized == []
+    else:
+        assert len(vocab_sized) >= 1
