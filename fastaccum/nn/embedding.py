@@ -3,7 +3,7 @@ an accumulator, one row per looked-up token.
 
 Plain autograd makes a dense ``[num_embeddings, embedding_dim]`` dW on every micro-batch
 (zero-filled, then the looked-up rows added), and then adds all of it into ``.grad``: for a
-GPT-2 vocabulary that is 154 MiB written and read twice per micro-batch to update a few
+GPT-2 vocabulary that is 147 MiB written and read twice per micro-batch to update a few
 thousand rows. With a sink attached (``fastaccum.wrap(..., model=model)`` attaches itself,
 as for :class:`fastaccum.nn.Linear`), backward adds ``weight x grad_out`` row by row into the
 fp32 accumulator (``index_add_``) and makes no dW at all. Without a sink, or while the sink

@@ -261,7 +261,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # squares) for the current micro-step: at the boundary they give the window norm
         # without re-reading the accumulators.
         self._covers: list[tuple[set[int], torch.Tensor]] = []
-        self._step_folds = 0  # accumulate_ calls of this micro-step
         self._fused_this_step = False
         self._hook_weight: float | None = None
 
@@ -312,7 +311,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._touched.update(id(p) for p, _ in group)
             self._sumsq_parts.append(res.grad_sumsq)
             self._sumsq_micro.append(self._micro_step)
-            self._step_folds += 1
             self._window_bad.append(res.found_nonfinite)
         for p, _ in pairs:
             p.grad = None  # folded: free it, so a later backward cannot fold it twice
@@ -353,7 +351,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             leftovers = [(p, p.grad) for p in self._params if p.grad is not None]
             if leftovers:
                 self._fold(leftovers, self._fold_weight(weight))
-            if expected and not self._step_folds and not self._fused_this_step:
+            if expected and not self._covers and not self._fused_this_step:
                 self._hook_weight = None
                 raise RuntimeError(
                     "opt.backward(loss) produced no gradient for any wrapped parameter; check "
@@ -554,9 +552,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         wgrad_accumulate_unchecked(
             self._accum_for(weight), grad_out, input, self._hook_weight, bias_acc
         )
-        self._touched.add(id(weight))
-        self._fused_this_step = True
-        self._window_fused = True
+        self._mark_fused(weight)
 
     def accumulate_embedding_grad(
         self, weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor
@@ -567,6 +563,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         rows = grad_out if grad_out.dtype == acc.dtype else grad_out.to(acc.dtype)
         with torch.no_grad():
             acc.index_add_(0, indices, rows, alpha=self._hook_weight)
+        self._mark_fused(weight)
+
+    def _mark_fused(self, weight: torch.Tensor) -> None:
+        """A fused layer wrote ``weight``'s accumulator on this micro-step (no gradient of
+        it for accumulate_ to measure, so the window norm reads it at the boundary)."""
         self._touched.add(id(weight))
         self._fused_this_step = True
         self._window_fused = True
