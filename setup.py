@@ -26,10 +26,13 @@ def _extensions() -> tuple[list, dict]:
     def rel(pattern: str) -> list[str]:
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
-    sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/ops.cpp") + rel("csrc/autograd/*.cpp") + rel("csrc/cpu/*.cpp")
     # -fno-math-errno: with errno semantics GCC guards each sqrt with a libm call and does
     # not vectorize the loop around it (Adam's second moment); nothing here reads errno.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    # -fno-wrapv undoes the -fwrapv that Python's own CFLAGS put first: with wrapping signed
+    # integers GCC cannot count the trips of the kernels' `i + LANES <= end` loops and
+    # falls back to slow outer-loop code (sumsq of 3.2M floats: 1.26 ms, 0.24 ms without).
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-wrapv"]
     with_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None

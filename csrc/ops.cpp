@@ -3,6 +3,7 @@
 // Backends register implementations elsewhere:
 //   csrc/cpu/*.cpp                TORCH_LIBRARY_IMPL(fastaccum, CPU, m)
 //   csrc/cuda/*_binding.cpp       TORCH_LIBRARY_IMPL(fastaccum, CUDA, m)
+//   csrc/autograd/*.cpp           TORCH_LIBRARY_IMPL(fastaccum, Autograd, m): C++ autograd
 //   fastaccum/ops/*.py            fake (meta) kernels via torch.library.register_fake
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -46,6 +47,15 @@ TORCH_LIBRARY(fastaccum, m) {
       "Tensor(d!)[] exp_avg_sqs, float factor, Tensor? factor_tensor, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
       "bool maximize, int step) -> ()");
+  // F.linear(input, weight, bias) whose backward, while control[0] != 0, adds
+  // control[0] * grad_out^T @ input into weight_accum (fp32, one GEMM with beta = 1) and
+  // control[0] * grad_out.sum(0) into bias_accum instead of returning weight and bias
+  // gradients, and counts the call in control[1] and control[2 + slot] (control: float64
+  // CPU tensor owned by the optimizer wrapper). With control[0] == 0 it is nn.Linear.
+  // Implemented as a C++ autograd function (csrc/autograd/linear_wgrad.cpp).
+  m.def(
+      "linear_wgrad(Tensor input, Tensor weight, Tensor? bias, Tensor weight_accum, "
+      "Tensor? bias_accum, Tensor control, int slot) -> Tensor");
   // Fused batch normalization over dim 1 (the channels) of x: (N, C) or (N, C, *spatial),
   // fp32/bf16/fp16, contiguous or channels-last (outputs keep x's layout). Per-channel
   // tensors have shape (C,) and are read as fp32; every statistic is fp32.

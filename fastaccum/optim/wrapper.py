@@ -154,6 +154,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._bucket_limit = bucket_bytes(self._params[0].device) if self._params else 0
         self._accum_steps = accum_steps
         self._dist = None
+        # fastaccum::linear_wgrad's control tensor (see _attach_wgrad_sinks) and the
+        # (weight, bias) of the layer behind each of its slots.
+        self._wgrad_control: torch.Tensor | None = None
+        self._wgrad_layers: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._reset_window()
         self._attach_wgrad_sinks(model)
         self._skipped_windows = 0
@@ -252,6 +256,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # as torch.optim skips parameters whose .grad is None.
         self._touched: set[int] = set()
         self._window_fused = False  # a fused-wgrad layer contributed (no per-micro norm)
+        if self._wgrad_control is not None:
+            self._wgrad_control.zero_()
         if self._dist is not None:
             self._dist.start_window()
         self._start_micro_step()
@@ -340,6 +346,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure()
+        self._collect_wgrad_hits()
         # FSDP2 off the boundary holds gradients itself: step() then finds none.
         expected = self._dist is None or self._dist.grads_expected(self._at_boundary())
         if self._hook_weight is not None:  # opt.backward() already folded this micro-batch
@@ -460,6 +467,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             seed = torch.ones_like(loss) if seed is None else seed
             kwargs["gradient"] = seed * weight
         self._hooks_active = True
+        control = self._wgrad_control
+        if control is not None:
+            control[0] = weight  # the fused layers' GEMM alpha; 0 turns them back to nn.Linear
         try:
             loss.backward(**kwargs)
             self._fold_pending()
@@ -472,6 +482,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._hooks_active = False
+            if control is not None:
+                control[0] = 0.0
 
     def _warn_if_divided(self, loss: torch.Tensor) -> None:
         if self._warned_divided or self._accum_steps == 1:
@@ -518,9 +530,60 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         from fastaccum.nn.embedding import Embedding
         from fastaccum.nn.linear import Linear
 
+        slots = []
         for module in model.modules():
             if isinstance(module, Linear | Embedding) and id(module.weight) in self._param_ids:
                 module._wgrad_sink = self
+                if isinstance(module, Linear):
+                    module._wgrad_slot = len(slots)
+                    slots.append((module.weight, module.bias))
+        if slots:
+            # [micro-batch weight while opt.backward runs, else 0; layers that wrote their
+            # accumulators since the last step(); the same per layer]
+            self._wgrad_control = torch.zeros(2 + len(slots), dtype=torch.float64)
+            self._wgrad_layers = slots
+
+    def wgrad_route(
+        self, layer: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int] | None:
+        """The accumulators, control tensor and slot with which a fastaccum.nn.Linear
+        layer's ``fastaccum::linear_wgrad`` writes its gradients into this wrapper, or None
+        when its weight (or trainable bias) is not accumulated here in fp32 (then the layer
+        takes the Python route, which decides in backward)."""
+        slot = getattr(layer, "_wgrad_slot", None)
+        weight, bias = layer.weight, layer.bias
+        ids = self._param_ids
+        if (
+            slot is None
+            or self.accum_dtype != torch.float32
+            or self._wgrad_layers[slot][0] is not weight
+            or id(weight) not in ids
+        ):
+            return None
+        bias_acc = None
+        if bias is not None and bias.requires_grad:
+            if id(bias) not in ids:
+                return None
+            bias_acc = self._accum_for(bias)
+        return self._accum_for(weight), bias_acc, self._wgrad_control, slot
+
+    def _collect_wgrad_hits(self) -> None:
+        """Mark the parameters of the layers whose fastaccum::linear_wgrad wrote their
+        accumulators since the last step() as touched (one read of the control tensor)."""
+        control = self._wgrad_control
+        if control is None:
+            return
+        counts = control.tolist()
+        if counts[1] == 0.0:
+            return
+        for (weight, bias), hits in zip(self._wgrad_layers, counts[2:], strict=True):
+            if hits:
+                self._touched.add(id(weight))
+                if bias is not None and bias.requires_grad:
+                    self._touched.add(id(bias))
+        self._fused_this_step = True
+        self._window_fused = True
+        control[1:] = 0.0
 
     def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """True while ``opt.backward`` runs (the micro-batch weight is then known) for a

@@ -250,3 +250,141 @@ def test_window_norm_of_fused_layers_matches_float64():
         stepped = opt.step()
     assert stepped
     assert opt.stats()["grad_norm"] == pytest.approx(want, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- linear_wgrad
+
+
+def _linear_wgrad_case(seed, shape, n_out, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    w = torch.randn(n_out, shape[-1], generator=gen, requires_grad=True)
+    b = torch.randn(n_out, generator=gen, requires_grad=True) if bias else None
+    # a non-contiguous output gradient
+    go = torch.randn(n_out, *shape[:-1], generator=gen).movedim(0, -1)
+    return x, w, b, go
+
+
+@pytest.mark.parametrize("shape,n_out", [((1, 1), 1), ((5, 7), 3), ((2, 9, 65), 130)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_wgrad_op_off_is_nn_linear(shape, n_out, bias):
+    """control[0] == 0: output and all gradients as F.linear's, in float64."""
+    x, w, b, go = _linear_wgrad_case(len(shape) * n_out, shape, n_out, bias)
+    acc_w, acc_b = torch.zeros_like(w), torch.zeros(n_out) if bias else None
+    control = torch.zeros(4, dtype=torch.float64)
+    out = torch.ops.fastaccum.linear_wgrad(x, w, b, acc_w, acc_b, control, 1)
+    out.backward(go)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    bd = None if b is None else b.detach().double().requires_grad_()
+    ref = torch.nn.functional.linear(xd, wd, bd)
+    ref.backward(go.double())
+    assert_close_rel(out, ref, 1e-6)
+    for got, want in [(x.grad, xd.grad), (w.grad, wd.grad)] + ([(b.grad, bd.grad)] if bias else []):
+        assert_close_rel(got, want, 1e-6)
+    assert not acc_w.any() and control.tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize("shape,n_out", [((1, 1), 1), ((5, 7), 3), ((2, 9, 65), 130)])
+def test_linear_wgrad_op_on_accumulates_and_counts(shape, n_out):
+    """control[0] = alpha: the accumulators gain alpha x the float64 weight and bias
+    gradients, no weight or bias gradient is returned, the input gradient is unchanged, and
+    the call is counted in control[1] and its slot."""
+    x, w, b, go = _linear_wgrad_case(n_out, shape, n_out)
+    gen = torch.Generator().manual_seed(7)
+    acc_w, acc_b = torch.randn(w.shape, generator=gen), torch.randn(n_out, generator=gen)
+    start_w, start_b = acc_w.clone(), acc_b.clone()
+    control = torch.tensor([0.75, 0.0, 0.0, 0.0], dtype=torch.float64)
+    out = torch.ops.fastaccum.linear_wgrad(x, w, b, acc_w, acc_b, control, 1)
+    out.backward(go)
+    go2 = go.double().reshape(-1, n_out)
+    x2 = x.detach().double().reshape(-1, shape[-1])
+    assert_close_rel(acc_w, start_w.double() + 0.75 * go2.t() @ x2, 1e-6)
+    assert_close_rel(acc_b, start_b.double() + 0.75 * go2.sum(0), 1e-6)
+    assert w.grad is None and b.grad is None
+    assert_close_rel(x.grad, go.double() @ w.detach().double(), 1e-6)
+    assert control.tolist() == [0.75, 1.0, 0.0, 1.0]
+
+
+def test_linear_wgrad_op_bad_input_raises_and_changes_nothing():
+    x, w, b, _ = _linear_wgrad_case(0, (4, 5), 3)
+    acc_w, acc_b = torch.zeros(3, 5), torch.zeros(3)
+    ok = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    cases = [
+        ((x, w, b, acc_w, acc_b, ok.float(), 0), "control must be a contiguous 1-D float64"),
+        ((x, w, b, acc_w, acc_b, ok, 1), "slot 1 is out of range"),
+        ((x, w, b, torch.zeros(5, 3), acc_b, ok, 0), "weight_accum must match"),
+        ((x, w, b, acc_w.double(), acc_b, ok, 0), "weight_accum must be float32"),
+        ((x, w, b, acc_w, torch.zeros(4), ok, 0), "bias_accum must match"),
+        ((x, w, None, acc_w, acc_b, ok, 0), "bias_accum given for a layer without bias"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fastaccum.linear_wgrad(*args)
+        assert not acc_w.any() and not acc_b.any() and ok.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_opcheck_linear_wgrad():
+    """Schema, autograd registration and fake tensors. The AOT tests are left out: the
+    backward reads control on the host, which tracing cannot do (under torch.compile the
+    layer takes its Python route instead)."""
+    x, w, b, _ = _linear_wgrad_case(3, (2, 3, 4), 5)
+    control = torch.zeros(3, dtype=torch.float64)  # off: opcheck compares plain gradients
+    args = (x, w, b, torch.zeros(5, 4), torch.zeros(5), control, 0)
+    torch.library.opcheck(
+        torch.ops.fastaccum.linear_wgrad.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+class _PythonRouteWrapper(fastaccum.AccumulatingOptimizer):
+    """A wrapper that hands its layers no route, so that they take the Python autograd
+    function (the route of CUDA bf16/fp16 GEMMs) on the CPU too."""
+
+    def wgrad_route(self, layer):
+        return None
+
+
+@pytest.mark.parametrize("route", ["cpp", "python"])
+def test_both_routes_train_as_the_large_batch(route):
+    """The C++ route (fastaccum::linear_wgrad) and the Python route give the same training
+    as one large batch in float64, and neither leaves a weight gradient behind."""
+    k = 3
+    data = batches(2 * k, seed=8)
+    ref = mlp().double()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for window in split_windows(data, k):
+        total = sum(x.shape[0] * x.shape[1] for x, _ in window)
+        loss = sum((ref(x.double()) - y.double()).square().mean(-1).sum() for x, y in window)
+        (loss / total).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    model = fuse_wgrad(mlp())
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if route == "cpp":
+        opt = fastaccum.wrap(inner, k, model=model)
+    else:
+        opt = _PythonRouteWrapper(inner, k, model=model)
+    for x, y in data:
+        out = model(x)
+        assert ("CppFunction" in type(out.grad_fn).__name__) == (route == "cpp")
+        opt.backward((out - y).square().mean(), num_items=x.shape[0] * x.shape[1])
+        assert all(p.grad is None for p in model.parameters())
+        opt.step()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
+def test_frozen_weight_and_no_grad_forward_take_plain_linear():
+    """No accumulator is made for a layer that needs no weight gradient: a frozen weight,
+    or a forward under torch.no_grad (evaluation)."""
+    model = fuse_wgrad(mlp())
+    model[2].weight.requires_grad_(False)
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 13))
+    assert opt._accums == {}
+    opt.backward(model(torch.randn(2, 3, 13)).square().mean())
+    opt.step()
+    assert model[2].weight not in opt._accums and model[0].weight in opt._accums
