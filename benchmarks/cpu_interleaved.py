@@ -21,7 +21,7 @@ Suites:
 - ``wgrad``: one micro-step with fused vs unfused weight gradients (test_wgrad_cpu.py).
 - ``embedding``: the same for a GPT-2-vocabulary embedding (test_wgrad_cpu.py).
 
-Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|embedding [--rounds 30]
+Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|embedding [--rounds 30] [--providers a,b]
 """
 
 from __future__ import annotations
@@ -68,11 +68,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suite", choices=["wrapper", "wgrad", "embedding"])
     parser.add_argument("--rounds", type=int, default=30, help="calls per provider")
+    parser.add_argument(
+        "--providers",
+        help="comma-separated subset of the suite's providers (default: all); fewer "
+        "providers make shorter rounds, so more of them fit in the same time",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 3:
         print(f"error: --rounds must be >= 3, got {args.rounds}", file=sys.stderr)
         return 2
     providers, setup = _suites()[args.suite]
+    if args.providers:
+        chosen = args.providers.split(",")
+        unknown = [p for p in chosen if p not in providers]
+        if unknown or "native" not in chosen:
+            print(
+                f"error: --providers must name providers of the {args.suite} suite, native "
+                f"included; got {args.providers!r}; the suite has {', '.join(providers)}",
+                file=sys.stderr,
+            )
+            return 2
+        providers = [p for p in providers if p in chosen]
     calls = {p: setup(p) for p in providers}
     for call in calls.values():
         call()  # warm-up: optimizer state, accumulators, allocator

@@ -30,10 +30,10 @@ from results_csv import ROOT, device_error, environment, record_rows
 
 import fastaccum
 from fastaccum.memory.peak import peak_bytes, tensor_bytes
-from fastaccum.workloads import TinyGPT
+from fastaccum.workloads import ByteGPT
 
 DEFAULT_CSV = ROOT / "benchmarks" / "results" / "plan_gpu.csv"
-MODELS = {  # name -> TinyGPT(vocab, dim, heads, layers, ctx)
+MODELS = {  # name -> ByteGPT(vocab, dim, heads, layers, ctx)
     "small": (256, 512, 8, 8, 256),
     "tiny": (256, 64, 4, 2, 32),
 }
@@ -41,7 +41,7 @@ MODELS = {  # name -> TinyGPT(vocab, dim, heads, layers, ctx)
 
 def _setup(spec: tuple, device: torch.device):
     torch.manual_seed(0)
-    model = TinyGPT(*spec).to(device)
+    model = ByteGPT(*spec).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ctx = spec[-1]
 

@@ -6,7 +6,11 @@ Providers, on the same initial weights, data and AdamW settings (max_grad_norm 1
                             ``clip_grad_norm_``, ``step``, ``zero_grad``;
 - ``wrap.step``:            ``fastaccum.wrap(torch.optim.AdamW(...), K)`` + ``opt.step()``;
 - ``wrap.backward``:        the same with ``opt.backward(loss)``;
-- ``fused.AdamW.backward``: ``fastaccum.optim.AdamW(..., accum_steps=K)`` + ``opt.backward``.
+- ``fused.AdamW.backward``: ``fastaccum.optim.AdamW(..., accum_steps=K)`` + ``opt.backward``;
+- ``fused.AdamW.backward.wgrad``: the same after ``fastaccum.fuse_wgrad(model)``.
+
+The model is :class:`fastaccum.workloads.ByteGPT` (``nn.Linear`` projections, as GPT code is
+usually written), with GPT-2 small's vocabulary, width, depth and context by default.
 
 Per provider: the time per window (CUDA events; median and 20/80 % quantiles over
 ``--rounds`` windows after a warm-up window), the peak of ``torch.cuda.max_memory_allocated``
@@ -37,11 +41,17 @@ from results_csv import (
 
 import fastaccum
 import fastaccum.optim
-from fastaccum.workloads import TinyGPT
+from fastaccum.workloads import ByteGPT
 
 DEFAULT_CSV = ROOT / "benchmarks" / "results" / "wrapper_gpu.csv"
-PROVIDERS = ("native", "wrap.step", "wrap.backward", "fused.AdamW.backward")
-MODELS = {  # name -> TinyGPT(vocab, dim, heads, layers, ctx)
+PROVIDERS = (
+    "native",
+    "wrap.step",
+    "wrap.backward",
+    "fused.AdamW.backward",
+    "fused.AdamW.backward.wgrad",
+)
+MODELS = {  # name -> ByteGPT(vocab, dim, heads, layers, ctx)
     "gpt2": (50257, 768, 12, 12, 1024),
     "tiny": (256, 64, 4, 2, 32),
 }
@@ -50,7 +60,7 @@ MODELS = {  # name -> TinyGPT(vocab, dim, heads, layers, ctx)
 def build(provider: str, spec: tuple, device: torch.device, k: int):
     """The model (seed 0) and a ``window(batches)`` callable for ``provider``."""
     torch.manual_seed(0)
-    model = TinyGPT(*spec).to(device)
+    model = ByteGPT(*spec).to(device)
     params = list(model.parameters())
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
@@ -68,11 +78,15 @@ def build(provider: str, spec: tuple, device: torch.device, k: int):
             opt.zero_grad()
 
         return model, window
+    if provider.endswith(".wgrad"):
+        fastaccum.fuse_wgrad(model)  # the parameters stay the same objects
     if provider.startswith("fused.AdamW"):
-        wrapped = fastaccum.optim.AdamW(params, lr=1e-4, accum_steps=k, max_grad_norm=1.0)
+        wrapped = fastaccum.optim.AdamW(
+            params, lr=1e-4, accum_steps=k, max_grad_norm=1.0, model=model
+        )
     else:
         wrapped = fastaccum.wrap(torch.optim.AdamW(params, lr=1e-4), k, max_grad_norm=1.0)
-    use_backward = provider.endswith("backward")
+    use_backward = ".backward" in provider
 
     def window(batches: Sequence[torch.Tensor]) -> None:
         for batch in batches:
@@ -132,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"window of K={k} x {args.micro_batch}x{seq} tokens, {args.model}, AdamW, on {name}")
-    print(f"{'provider':<24} {'ms/window':>10} {'vs native':>10} {'peak GiB':>9} {'rel dev':>12}")
+    print(f"{'provider':<28} {'ms/window':>10} {'vs native':>10} {'peak GiB':>9} {'rel dev':>12}")
     base = statistics.median(results["native"][0]) if "native" in results else None
     rows = []
     for provider, (times, peak) in results.items():
@@ -148,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ref = sum(b.square().sum() for b in finals["native"])
             dev = (diff / ref).sqrt().item()
         speed = f"{base / p50:9.2f}x" if base else "-"
-        print(f"{provider:<24} {p50 * 1e3:>10.2f} {speed:>10} {peak / 2**30:>9.2f} {dev:>12.2e}")
+        print(f"{provider:<28} {p50 * 1e3:>10.2f} {speed:>10} {peak / 2**30:>9.2f} {dev:>12.2e}")
         common = {
             "op": f"window_k{k}_{args.model}_b{args.micro_batch}",
             "provider": provider,

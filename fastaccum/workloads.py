@@ -110,34 +110,6 @@ def bytes_moved(grads: list[torch.Tensor], accum_dtype: torch.dtype = torch.floa
     return sum(g.numel() * (g.element_size() + 2 * accum_size) for g in grads)
 
 
-class TinyGPT(torch.nn.Module):
-    """A small GPT-style language model (pre-LN blocks, causal attention, tied head).
-
-    Defaults give about 0.85M parameters: vocabulary 256 (bytes), width 128, 4 heads,
-    4 blocks, context 64. ``forward(tokens)`` maps (batch, seq) int64 token ids to
-    (batch, seq, vocab) logits.
-    """
-
-    def __init__(
-        self, vocab: int = 256, dim: int = 128, heads: int = 4, layers: int = 4, ctx: int = 64
-    ) -> None:
-        super().__init__()
-        self.tok = torch.nn.Embedding(vocab, dim)
-        self.pos = torch.nn.Embedding(ctx, dim)
-        block = torch.nn.TransformerEncoderLayer(
-            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.blocks = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.norm = torch.nn.LayerNorm(dim)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq = tokens.shape[1]
-        pos = torch.arange(seq, device=tokens.device)
-        mask = torch.nn.Transformer.generate_square_subsequent_mask(seq, device=tokens.device)
-        h = self.blocks(self.tok(tokens) + self.pos(pos), mask=mask, is_causal=True)
-        return self.norm(h) @ self.tok.weight.t()
-
-
 @functools.cache
 def _pin_mmap_threshold() -> None:
     # glibc raises its mmap threshold after large frees, after which freed tensors stay in

@@ -130,7 +130,7 @@ class Linear(torch.nn.Linear):
         if dtype is not None:  # autocast's casts for F.linear, done here as in nn.Linear
             input, weight = input.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        return torch.ops.fastaccum.linear_wgrad(input, weight, bias, *route)
+        return torch.ops.fastaccum.linear_wgrad.default(input, weight, bias, *route)
 
 
 def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.Module:
