@@ -328,6 +328,32 @@ def _run(
             reference(*args)
 
 
+def window_step_unchecked(
+    op: str,
+    tensor_lists: tuple[list[torch.Tensor], ...],
+    factor: float,
+    options: Mapping[str, Any],
+) -> None:
+    """:func:`sgd_window_step_` (``op="sgd_window_step_"``, lists ``(params, accums,
+    momentum_buffers)``) or :func:`adam_window_step_` (``(params, accums, exp_avgs,
+    exp_avg_sqs)``) with the options checked but not the tensor lists, for callers that
+    build the lists from tensors they made (the fused optimizers, once per window, where the
+    Python list checks cost a fifth of the kernel). The native op still validates the lists
+    before it writes; the reference does not.
+
+    Raises:
+        TypeError, ValueError: a bad option (as the checked functions).
+    """
+    if op == "sgd_window_step_":
+        scalars, reference = _check_options(SGD_OPTIONS, options), sgd_window_step_ref
+    elif op == "adam_window_step_":
+        scalars, reference = _check_options(ADAM_OPTIONS, options), adam_window_step_ref
+    else:
+        raise ValueError(f"op must be sgd_window_step_ or adam_window_step_, got {op!r}")
+    if tensor_lists[0]:
+        _run(op, tensor_lists, float(factor), None, scalars, None, reference)
+
+
 def sgd_window_step_(
     params: Sequence[torch.Tensor],
     accums: Sequence[torch.Tensor],

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fastaccum.ops.optim_step import adam_window_step_, sgd_window_step_
+from fastaccum.ops.optim_step import window_step_unchecked
 from fastaccum.optim.wrapper import AccumulatingOptimizer
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -187,8 +187,12 @@ class SGD(_FusedWindowOptimizer):
             "nesterov": bool(group["nesterov"]),
             "maximize": bool(group["maximize"]),
         }
+        # The lists below are the class's own parameters (float32, contiguous: checked at
+        # construction), their accumulators and states: only the options need checking.
         if options["momentum"] == 0:
-            sgd_window_step_(params, accums, None, factor, **options)
+            window_step_unchecked(
+                "sgd_window_step_", (params, accums, []), factor, {**options, "first_step": False}
+            )
             return
         # torch starts a parameter's buffer as a copy of its first gradient: the parameters
         # with a buffer and those without take one call each.
@@ -205,13 +209,11 @@ class SGD(_FusedWindowOptimizer):
                 torch.empty_like(p) if first_step else self.optimizer.state[p]["momentum_buffer"]
                 for p in chosen
             ]
-            sgd_window_step_(
-                chosen,
-                [accums[i] for i in members],
-                buffers,
+            window_step_unchecked(
+                "sgd_window_step_",
+                (chosen, [accums[i] for i in members], buffers),
                 factor,
-                first_step=first_step,
-                **options,
+                {**options, "first_step": first_step},
             )
             for p, buf in zip(chosen, buffers, strict=True):
                 self.optimizer.state[p]["momentum_buffer"] = buf
@@ -313,15 +315,13 @@ class Adam(_FusedWindowOptimizer):
         for i, count in enumerate(torch.stack(counts).tolist()):  # one read, not one each
             by_step.setdefault(int(count) + 1, []).append(i)
         for step, members in by_step.items():
-            adam_window_step_(
+            lists = (
                 [params[i] for i in members],
                 [accums[i] for i in members],
                 [states[i]["exp_avg"] for i in members],
                 [states[i]["exp_avg_sq"] for i in members],
-                factor,
-                step=step,
-                **options,
             )
+            window_step_unchecked("adam_window_step_", lists, factor, {**options, "step": step})
         torch._foreach_add_(counts, 1.0)  # torch.optim's per-parameter step counts
 
 

@@ -439,3 +439,41 @@ def test_torch_compile_fullgraph(device, backend_name):
             assert torch.equal(e, c)
         else:
             assert_close_rel(c, e, STATE_RTOL)
+
+
+def test_window_step_unchecked_matches_checked_and_checks_options():
+    """The fused optimizers' entry point gives the checked ops' results bit for bit, and
+    still rejects bad options (and unknown ops) before changing anything."""
+    from fastaccum.ops.optim_step import window_step_unchecked
+
+    def _flat(lists):
+        return [t for ts in lists for t in ts]
+
+    def tensors():
+        g = torch.Generator().manual_seed(4)
+        lists = [[torch.randn(n, generator=g) for n in (5, 1031)] for _ in range(4)]
+        lists[3] = [t.abs() for t in lists[3]]  # exp_avg_sqs are >= 0
+        return lists
+
+    options = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1}
+    options |= {"decoupled_weight_decay": True, "maximize": False, "step": 3}
+    want, got = tensors(), tensors()
+    adam_window_step_(*want, 0.5, **options)
+    window_step_unchecked("adam_window_step_", tuple(got), 0.5, options)
+    for a, b in zip(_flat(want), _flat(got), strict=True):
+        assert torch.equal(a, b)
+
+    sgd = {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0}
+    sgd |= {"nesterov": True, "maximize": False, "first_step": False}
+    want, got = tensors()[:3], tensors()[:3]
+    sgd_window_step_(*want, 0.5, **sgd)
+    window_step_unchecked("sgd_window_step_", tuple(got), 0.5, sgd)
+    for a, b in zip(_flat(want), _flat(got), strict=True):
+        assert torch.equal(a, b)
+
+    before = [t.clone() for t in _flat(got)]
+    with pytest.raises(ValueError, match="lr"):
+        window_step_unchecked("sgd_window_step_", tuple(got), 0.5, {**sgd, "lr": float("nan")})
+    with pytest.raises(ValueError, match="op must be"):
+        window_step_unchecked("adamw_step_", tuple(got), 0.5, sgd)
+    assert all(torch.equal(a, b) for a, b in zip(before, _flat(got), strict=True))
