@@ -106,9 +106,15 @@ at::Tensor linear_wgrad_autograd(const at::Tensor& input, const at::Tensor& weig
                                  const at::Tensor& control, int64_t slot) {
   check_control(control, slot);
   check_accum(weight_accum, weight, "weight_accum");
+  const bool has_bias = bias.has_value() && bias->defined();
   if (bias_accum.has_value() && bias_accum->defined()) {
-    TORCH_CHECK(bias.has_value() && bias->defined(), "bias_accum given for a layer without bias");
+    TORCH_CHECK(has_bias, "bias_accum given for a layer without bias");
     check_accum(*bias_accum, *bias, "bias_accum");
+  } else {
+    // Without an accumulator a fused backward would drop the bias gradient.
+    TORCH_CHECK(!has_bias || !bias->requires_grad(),
+                "the bias requires grad but no bias_accum was given; pass its fp32 "
+                "accumulator, or a bias that does not require grad");
   }
   return LinearWgrad::apply(input, weight, bias, weight_accum, bias_accum, control, slot);
 }

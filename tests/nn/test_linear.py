@@ -316,6 +316,7 @@ def test_linear_wgrad_op_bad_input_raises_and_changes_nothing():
         ((x, w, b, acc_w.double(), acc_b, ok, 0), "weight_accum must be float32"),
         ((x, w, b, acc_w, torch.zeros(4), ok, 0), "bias_accum must match"),
         ((x, w, None, acc_w, acc_b, ok, 0), "bias_accum given for a layer without bias"),
+        ((x, w, b, acc_w, None, ok, 0), "the bias requires grad but no bias_accum"),
     ]
     for args, match in cases:
         with pytest.raises(RuntimeError, match=match):
