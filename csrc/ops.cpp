@@ -52,10 +52,17 @@ TORCH_LIBRARY(fastaccum, m) {
   // control[0] * grad_out.sum(0) into bias_accum instead of returning weight and bias
   // gradients, and counts the call in control[1] and control[2 + slot] (control: float64
   // CPU tensor owned by the optimizer wrapper). With control[0] == 0 it is nn.Linear.
-  // Implemented as a C++ autograd function (csrc/autograd/linear_wgrad.cpp).
+  // Implemented as a C++ autograd function (csrc/autograd/wgrad.cpp).
   m.def(
       "linear_wgrad(Tensor input, Tensor weight, Tensor? bias, Tensor weight_accum, "
       "Tensor? bias_accum, Tensor control, int slot) -> Tensor");
+  // F.embedding(indices, weight, padding_idx) (padding_idx < 0: none) whose backward, while
+  // control[0] != 0, adds control[0] * grad_out[i] into row indices[i] of weight_accum
+  // (index_add_, the padding row skipped) instead of returning a dense weight gradient,
+  // counted as for linear_wgrad. Same file.
+  m.def(
+      "embedding_wgrad(Tensor indices, Tensor weight, int padding_idx, Tensor weight_accum, "
+      "Tensor control, int slot) -> Tensor");
   // Fused batch normalization over dim 1 (the channels) of x: (N, C) or (N, C, *spatial),
   // fp32/bf16/fp16, contiguous or channels-last (outputs keep x's layout). Per-channel
   // tensors have shape (C,) and are read as fp32; every statistic is fp32.

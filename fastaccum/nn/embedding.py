@@ -8,7 +8,9 @@ thousand rows. With a sink attached (``fastaccum.wrap(..., model=model)`` attach
 as for :class:`fastaccum.nn.Linear`), backward adds ``weight x grad_out`` row by row into the
 fp32 accumulator (``index_add_``) and makes no dW at all. Without a sink, or while the sink
 declines (``loss.backward()`` instead of ``opt.backward``), the layer computes exactly what
-``nn.Embedding`` computes.
+``nn.Embedding`` computes. As for the Linear layer, the fused forward and backward run as
+one C++ autograd function (``torch.ops.fastaccum.embedding_wgrad``) where the sink hands out
+a route, and as a Python one otherwise.
 
 Only plain lookups are fused: layers with ``max_norm`` (which rewrites the weight in
 forward), ``scale_grad_by_freq`` or ``sparse=True`` are left as ``nn.Embedding`` by
@@ -33,6 +35,10 @@ class EmbeddingGradSink(Protocol):
         self, weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor
     ) -> None:
         """Add row ``grad_out[i]`` into row ``indices[i]`` of the weight's accumulator."""
+
+    def wgrad_route(self, layer: Embedding) -> tuple[torch.Tensor, None, torch.Tensor, int] | None:
+        """``(weight_accum, None, control, slot)`` for ``fastaccum::embedding_wgrad``, or
+        None when the layer has to take the Python route on this forward pass."""
 
 
 class _FusedEmbedding(torch.autograd.Function):
@@ -86,7 +92,19 @@ class Embedding(torch.nn.Embedding):
                 f"max_norm={self.max_norm}, scale_grad_by_freq={self.scale_grad_by_freq}, "
                 f"sparse={self.sparse}: use torch.nn.Embedding for it"
             )
-        return _FusedEmbedding.apply(input, self.weight, self)
+        sink, weight = self._wgrad_sink, self.weight
+        if sink is None or not (torch.is_grad_enabled() and weight.requires_grad):
+            return F.embedding(input, weight, self.padding_idx)
+        # As for fastaccum.nn.Linear: the C++ autograd function where the sink hands out a
+        # route, the Python one (which decides in backward) otherwise and under compile.
+        route = None if torch.compiler.is_compiling() else sink.wgrad_route(self)
+        if route is None:
+            return _FusedEmbedding.apply(input, weight, self)
+        accum, _, control, slot = route
+        padding = -1 if self.padding_idx is None else self.padding_idx
+        return torch.ops.fastaccum.embedding_wgrad.default(
+            input, weight, padding, accum, control, slot
+        )
 
 
 def fusable_embedding(module: torch.nn.Module) -> bool:

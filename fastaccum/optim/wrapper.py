@@ -534,9 +534,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         for module in model.modules():
             if isinstance(module, Linear | Embedding) and id(module.weight) in self._param_ids:
                 module._wgrad_sink = self
-                if isinstance(module, Linear):
-                    module._wgrad_slot = len(slots)
-                    slots.append((module.weight, module.bias))
+                module._wgrad_slot = len(slots)
+                slots.append((module.weight, getattr(module, "bias", None)))
         if slots:
             # [micro-batch weight while opt.backward runs, else 0; layers that wrote their
             # accumulators since the last step(); the same per layer]
@@ -547,11 +546,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self, layer: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int] | None:
         """The accumulators, control tensor and slot with which a fastaccum.nn.Linear
-        layer's ``fastaccum::linear_wgrad`` writes its gradients into this wrapper, or None
-        when its weight (or trainable bias) is not accumulated here in fp32 (then the layer
-        takes the Python route, which decides in backward)."""
+        (``fastaccum::linear_wgrad``) or fastaccum.nn.Embedding
+        (``fastaccum::embedding_wgrad``) layer writes its gradients into this wrapper, or
+        None when its weight (or trainable bias) is not accumulated here in fp32 (then the
+        layer takes the Python route, which decides in backward)."""
         slot = getattr(layer, "_wgrad_slot", None)
-        weight, bias = layer.weight, layer.bias
+        weight, bias = layer.weight, getattr(layer, "bias", None)
         ids = self._param_ids
         if (
             slot is None

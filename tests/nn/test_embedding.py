@@ -84,9 +84,18 @@ def test_without_a_sink_gradients_match_nn_embedding():
     assert model.emb.weight.grad[PAD].abs().max() == 0  # the padding row gets nothing
 
 
+class _PythonRouteWrapper(fastaccum.AccumulatingOptimizer):
+    """A wrapper that hands its layers no route, so that they take their Python autograd
+    functions (the route under torch.compile) instead of the C++ ones."""
+
+    def wgrad_route(self, layer):
+        return None
+
+
+@pytest.mark.parametrize("route", ["cpp", "python"])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_fused_wrapper_training_matches_large_batch(kind, tied):
+def test_fused_wrapper_training_matches_large_batch(kind, tied, route):
     def make_opt(params):
         if kind == "sgd":
             return torch.optim.SGD(params, lr=0.1, momentum=0.9)
@@ -105,7 +114,10 @@ def test_fused_wrapper_training_matches_large_batch(kind, tied):
 
     model = fuse_wgrad(TinyLM(tied=tied))
     assert type(model.head) is Linear
-    opt = fastaccum.wrap(make_opt(model.parameters()), k, model=model, max_grad_norm=100.0)
+    wrapper = fastaccum.AccumulatingOptimizer if route == "cpp" else _PythonRouteWrapper
+    opt = wrapper(make_opt(model.parameters()), k, model=model, max_grad_norm=100.0)
+    grad_fn = type(model.emb(data[0][0]).grad_fn).__name__
+    assert ("CppFunction" in grad_fn) == (route == "cpp")
     for idx, tgt in data:
         opt.backward(token_loss(model, idx, tgt), num_items=idx.numel())
         assert model.emb.weight.grad is None  # nothing lands in .grad
@@ -153,3 +165,76 @@ def test_no_vocab_sized_gradient_is_made(fused):
         assert vocab_sized == []
     else:
         assert len(vocab_sized) >= 1
+
+
+# --------------------------------------------------------------------------- embedding_wgrad
+
+
+def _embedding_case(seed, padding):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(VOCAB, DIM, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 6, (3, 7), generator=gen)  # repeats, and PAD when padding
+    go = torch.randn(DIM, 7, 3, generator=gen).permute(2, 1, 0)  # non-contiguous
+    return weight, idx, go, (PAD if padding else -1)
+
+
+def _dense_grad(idx, go, padding):
+    """float64 d(sum(out * go))/d(weight) of a lookup, padding row left at zero."""
+    want = torch.zeros(VOCAB, DIM, dtype=torch.float64)
+    for i, row in zip(idx.reshape(-1).tolist(), go.reshape(-1, DIM).double(), strict=True):
+        if i != padding:
+            want[i] += row
+    return want
+
+
+@pytest.mark.parametrize("padding", [True, False])
+def test_embedding_wgrad_op_off_is_nn_embedding(padding):
+    weight, idx, go, pad = _embedding_case(1, padding)
+    accum, control = torch.zeros(VOCAB, DIM), torch.zeros(3, dtype=torch.float64)
+    out = torch.ops.fastaccum.embedding_wgrad(idx, weight, pad, accum, control, 0)
+    assert torch.equal(out, torch.nn.functional.embedding(idx, weight.detach()))
+    out.backward(go)
+    assert_close_rel(weight.grad, _dense_grad(idx, go, pad), 1e-6)
+    assert not accum.any() and control.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("padding", [True, False])
+def test_embedding_wgrad_op_on_accumulates_and_counts(padding):
+    weight, idx, go, pad = _embedding_case(2, padding)
+    accum = torch.randn(VOCAB, DIM, generator=torch.Generator().manual_seed(3))
+    start = accum.clone()
+    control = torch.tensor([2.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.ops.fastaccum.embedding_wgrad(idx, weight, pad, accum, control, 1).backward(go)
+    assert_close_rel(accum, start.double() + 2.5 * _dense_grad(idx, go, pad), 1e-6)
+    assert weight.grad is None
+    if padding:
+        assert torch.equal(accum[PAD], start[PAD])
+    assert control.tolist() == [2.5, 1.0, 0.0, 1.0]
+
+
+def test_embedding_wgrad_op_bad_input_raises_and_changes_nothing():
+    weight, idx, _, _ = _embedding_case(4, True)
+    accum = torch.zeros(VOCAB, DIM)
+    ok = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    cases = [
+        ((idx, weight, 0, accum, ok[:2], 0), "slot 0 is out of range"),
+        ((idx, weight, 0, torch.zeros(VOCAB, DIM + 1), ok, 0), "weight_accum must match"),
+        ((idx, weight, 0, accum.half(), ok, 0), "weight_accum must be float32"),
+        ((idx, weight, VOCAB, accum, ok, 0), "padding_idx must be < num_embeddings"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fastaccum.embedding_wgrad(*args)
+        assert not accum.any() and ok.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_opcheck_embedding_wgrad():
+    """Schema, autograd registration and fake tensors (the AOT tests are left out, as for
+    linear_wgrad: the backward reads control on the host)."""
+    weight, idx, _, _ = _embedding_case(5, True)
+    control = torch.zeros(3, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.fastaccum.embedding_wgrad.default,
+        (idx, weight, PAD, torch.zeros(VOCAB, DIM), control, 0),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
