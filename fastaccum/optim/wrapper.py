@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fastaccum import _backend
 from fastaccum.ops import finalize_
 from fastaccum.ops.accumulate import accumulate_unchecked, sumsq_unchecked
 from fastaccum.ops.wgrad import wgrad_accumulate_unchecked
@@ -555,6 +556,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         ids = self._param_ids
         if (
             slot is None
+            or not _backend.has_extension()  # a pure-Python install has no C++ route
             or self.accum_dtype != torch.float32
             or self._wgrad_layers[slot][0] is not weight
             or id(weight) not in ids

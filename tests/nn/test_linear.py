@@ -7,10 +7,15 @@ import pytest
 import torch
 
 import fastaccum
+from fastaccum import _backend
 from fastaccum.nn import Linear, fuse_wgrad
 from fastaccum.ops.wgrad import wgrad_accumulate_
 from fastaccum.workloads import allocated_shapes
 from tests.helpers import assert_close_rel, split_windows
+
+needs_ext = pytest.mark.skipif(
+    not _backend.has_extension(), reason="C++ extension not built (FASTACCUM_NO_EXT=1)"
+)
 
 
 def mlp(seed=0, bias=True):
@@ -265,6 +270,7 @@ def _linear_wgrad_case(seed, shape, n_out, bias=True):
     return x, w, b, go
 
 
+@needs_ext
 @pytest.mark.parametrize("shape,n_out", [((1, 1), 1), ((5, 7), 3), ((2, 9, 65), 130)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_wgrad_op_off_is_nn_linear(shape, n_out, bias):
@@ -284,6 +290,7 @@ def test_linear_wgrad_op_off_is_nn_linear(shape, n_out, bias):
     assert not acc_w.any() and control.tolist() == [0.0] * 4
 
 
+@needs_ext
 @pytest.mark.parametrize("shape,n_out", [((1, 1), 1), ((5, 7), 3), ((2, 9, 65), 130)])
 def test_linear_wgrad_op_on_accumulates_and_counts(shape, n_out):
     """control[0] = alpha: the accumulators gain alpha x the float64 weight and bias
@@ -305,6 +312,7 @@ def test_linear_wgrad_op_on_accumulates_and_counts(shape, n_out):
     assert control.tolist() == [0.75, 1.0, 0.0, 1.0]
 
 
+@needs_ext
 def test_linear_wgrad_op_bad_input_raises_and_changes_nothing():
     x, w, b, _ = _linear_wgrad_case(0, (4, 5), 3)
     acc_w, acc_b = torch.zeros(3, 5), torch.zeros(3)
@@ -324,6 +332,7 @@ def test_linear_wgrad_op_bad_input_raises_and_changes_nothing():
         assert not acc_w.any() and not acc_b.any() and ok.tolist() == [1.0, 0.0, 0.0]
 
 
+@needs_ext
 def test_opcheck_linear_wgrad():
     """Schema, autograd registration and fake tensors. The AOT tests are left out: the
     backward reads control on the host, which tracing cannot do (under torch.compile the
@@ -346,10 +355,16 @@ class _PythonRouteWrapper(fastaccum.AccumulatingOptimizer):
         return None
 
 
-@pytest.mark.parametrize("route", ["cpp", "python"])
-def test_both_routes_train_as_the_large_batch(route):
+@pytest.mark.parametrize("route", ["cpp", "python", "no_extension"])
+def test_both_routes_train_as_the_large_batch(route, monkeypatch):
     """The C++ route (fastaccum::linear_wgrad) and the Python route give the same training
-    as one large batch in float64, and neither leaves a weight gradient behind."""
+    as one large batch in float64, and neither leaves a weight gradient behind. Without
+    the C++ extension (a FASTACCUM_NO_EXT=1 install, simulated here) the layers take the
+    Python route."""
+    if route == "cpp" and not _backend.has_extension():
+        pytest.skip("C++ extension not built (FASTACCUM_NO_EXT=1)")
+    if route == "no_extension":
+        monkeypatch.setattr(_backend, "_EXTENSION", None)
     k = 3
     data = batches(2 * k, seed=8)
     ref = mlp().double()
@@ -363,10 +378,10 @@ def test_both_routes_train_as_the_large_batch(route):
 
     model = fuse_wgrad(mlp())
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    if route == "cpp":
-        opt = fastaccum.wrap(inner, k, model=model)
-    else:
+    if route == "python":
         opt = _PythonRouteWrapper(inner, k, model=model)
+    else:
+        opt = fastaccum.wrap(inner, k, model=model)
     for x, y in data:
         out = model(x)
         assert ("CppFunction" in type(out.grad_fn).__name__) == (route == "cpp")

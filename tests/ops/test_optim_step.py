@@ -369,6 +369,8 @@ def test_native_sgd_without_kernel_for_device_falls_back(monkeypatch):
     Triton or the reference instead of failing; a forced native backend says why it can't."""
     from fastaccum.ops import optim_step
 
+    if not _backend.has_extension():
+        pytest.skip("about a built extension without one op; none is built here")
     kernels = {k for k in _backend._NATIVE_KERNELS if k[0] != "sgd_window_step_"}
     monkeypatch.setattr(_backend, "_NATIVE_KERNELS", frozenset(kernels))
     monkeypatch.delenv("FASTACCUM_BACKEND", raising=False)
