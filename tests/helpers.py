@@ -3,6 +3,8 @@ with variable-length micro-batches for the optimizer tests."""
 
 import torch
 
+import fastaccum
+
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
     """Assert ‖actual − expected‖ / ‖expected‖ <= rtol, computed in float64 (NaN fails)."""
@@ -73,3 +75,12 @@ def large_batch_run(make_opt, windows: list[list], max_grad_norm=None, make_sche
         if sched:
             sched.step()
     return model, opt
+
+
+class PythonRouteWrapper(fastaccum.AccumulatingOptimizer):
+    """A wrapper that hands its fused layers no C++ route, so that they take their Python
+    autograd functions (the route of CUDA bf16/fp16 GEMMs and of compiled code) on the CPU
+    too."""
+
+    def wgrad_route(self, layer):
+        return None

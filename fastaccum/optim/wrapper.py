@@ -155,8 +155,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._bucket_limit = bucket_bytes(self._params[0].device) if self._params else 0
         self._accum_steps = accum_steps
         self._dist = None
-        # fastaccum::linear_wgrad's control tensor (see _attach_wgrad_sinks) and the
-        # (weight, bias) of the layer behind each of its slots.
+        # The control tensor of fastaccum::linear_wgrad / embedding_wgrad (see
+        # _attach_wgrad_sinks) and the (weight, bias) of the layer behind each of its slots.
         self._wgrad_control: torch.Tensor | None = None
         self._wgrad_layers: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._reset_window()
@@ -558,8 +558,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             slot is None
             or not _backend.has_extension()  # a pure-Python install has no C++ route
             or self.accum_dtype != torch.float32
-            or self._wgrad_layers[slot][0] is not weight
-            or id(weight) not in ids
+            or self._wgrad_layers[slot][0] is not weight  # e.g. FSDP2's unsharded copy
         ):
             return None
         bias_acc = None
@@ -570,8 +569,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         return self._accum_for(weight), bias_acc, self._wgrad_control, slot
 
     def _collect_wgrad_hits(self) -> None:
-        """Mark the parameters of the layers whose fastaccum::linear_wgrad wrote their
-        accumulators since the last step() as touched (one read of the control tensor)."""
+        """Mark the parameters of the layers whose C++ route (fastaccum::linear_wgrad /
+        embedding_wgrad) wrote their accumulators since the last step() as touched (one
+        read of the control tensor)."""
         control = self._wgrad_control
         if control is None:
             return
@@ -580,11 +580,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             return
         for (weight, bias), hits in zip(self._wgrad_layers, counts[2:], strict=True):
             if hits:
-                self._touched.add(id(weight))
+                self._mark_fused(weight)
                 if bias is not None and bias.requires_grad:
                     self._touched.add(id(bias))
-        self._fused_this_step = True
-        self._window_fused = True
         control[1:] = 0.0
 
     def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

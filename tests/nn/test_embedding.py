@@ -11,7 +11,7 @@ import fastaccum
 from fastaccum import _backend
 from fastaccum.nn import Embedding, Linear, fuse_wgrad
 from fastaccum.workloads import allocated_shapes
-from tests.helpers import assert_close_rel, split_windows
+from tests.helpers import PythonRouteWrapper, assert_close_rel, split_windows
 
 needs_ext = pytest.mark.skipif(
     not _backend.has_extension(), reason="C++ extension not built (FASTACCUM_NO_EXT=1)"
@@ -89,14 +89,6 @@ def test_without_a_sink_gradients_match_nn_embedding():
     assert model.emb.weight.grad[PAD].abs().max() == 0  # the padding row gets nothing
 
 
-class _PythonRouteWrapper(fastaccum.AccumulatingOptimizer):
-    """A wrapper that hands its layers no route, so that they take their Python autograd
-    functions (the route under torch.compile) instead of the C++ ones."""
-
-    def wgrad_route(self, layer):
-        return None
-
-
 @pytest.mark.parametrize("route", ["cpp", "python"])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
@@ -121,7 +113,7 @@ def test_fused_wrapper_training_matches_large_batch(kind, tied, route):
     assert type(model.head) is Linear
     if route == "cpp" and not _backend.has_extension():
         pytest.skip("C++ extension not built (FASTACCUM_NO_EXT=1)")
-    wrapper = fastaccum.AccumulatingOptimizer if route == "cpp" else _PythonRouteWrapper
+    wrapper = fastaccum.AccumulatingOptimizer if route == "cpp" else PythonRouteWrapper
     opt = wrapper(make_opt(model.parameters()), k, model=model, max_grad_norm=100.0)
     grad_fn = type(model.emb(data[0][0]).grad_fn).__name__
     assert ("CppFunction" in grad_fn) == (route == "cpp")

@@ -11,7 +11,7 @@ from fastaccum import _backend
 from fastaccum.nn import Linear, fuse_wgrad
 from fastaccum.ops.wgrad import wgrad_accumulate_
 from fastaccum.workloads import allocated_shapes
-from tests.helpers import assert_close_rel, split_windows
+from tests.helpers import PythonRouteWrapper, assert_close_rel, split_windows
 
 needs_ext = pytest.mark.skipif(
     not _backend.has_extension(), reason="C++ extension not built (FASTACCUM_NO_EXT=1)"
@@ -347,14 +347,6 @@ def test_opcheck_linear_wgrad():
     )
 
 
-class _PythonRouteWrapper(fastaccum.AccumulatingOptimizer):
-    """A wrapper that hands its layers no route, so that they take the Python autograd
-    function (the route of CUDA bf16/fp16 GEMMs) on the CPU too."""
-
-    def wgrad_route(self, layer):
-        return None
-
-
 @pytest.mark.parametrize("route", ["cpp", "python", "no_extension"])
 def test_both_routes_train_as_the_large_batch(route, monkeypatch):
     """The C++ route (fastaccum::linear_wgrad) and the Python route give the same training
@@ -379,7 +371,7 @@ def test_both_routes_train_as_the_large_batch(route, monkeypatch):
     model = fuse_wgrad(mlp())
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     if route == "python":
-        opt = _PythonRouteWrapper(inner, k, model=model)
+        opt = PythonRouteWrapper(inner, k, model=model)
     else:
         opt = fastaccum.wrap(inner, k, model=model)
     for x, y in data:
