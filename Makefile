@@ -23,8 +23,8 @@ demo: install
 	fastaccum bench
 
 lint:
-	ruff check fastaccum tests benchmarks examples setup.py
-	ruff format --check fastaccum tests benchmarks examples setup.py
+	ruff check .
+	ruff format --check .
 
 test: install lint
 	$(PYTHON) -m pytest tests
