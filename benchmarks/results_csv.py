@@ -3,6 +3,7 @@ the GPU scripts (run as ``python benchmarks/<script>.py``, so this module is imp
 sibling)."""
 
 import csv
+import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,11 @@ CSV_COLUMNS = [
 
 
 def commit() -> str:
-    """Short hash of the checked-out commit, or "unknown"."""
+    """Short hash of the checked-out commit: ``$FASTACCUM_COMMIT`` when set (a copy of the
+    working tree without ``.git``, as on a lent GPU machine), else git's, else "unknown"."""
+    given = os.environ.get("FASTACCUM_COMMIT", "").strip()
+    if given:
+        return given
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -506,6 +506,17 @@ class DDPWindow(_DistributedWindow):
 # --------------------------------------------------------------------------- FSDP2
 
 
+def _fsdp_param_groups(module: torch.nn.Module) -> list[Any]:
+    """The FSDP2 parameter groups of one ``fully_shard`` module: torch 2.13 keeps a list
+    (``_fsdp_param_groups``), torch 2.11 one group or None (``_fsdp_param_group``)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
 class FSDPWindow(_DistributedWindow):
     """FSDP2: ``set_requires_gradient_sync`` off the boundary (or reduce-scatter every
     micro-batch), fp32 shard accumulators, weights applied to the loss."""
@@ -552,7 +563,7 @@ class FSDPWindow(_DistributedWindow):
         factors = {
             group.gradient_divide_factor
             for module in self.modules
-            for group in module._get_fsdp_state()._fsdp_param_groups
+            for group in _fsdp_param_groups(module)
         }
         factors.discard(None)
         if len(factors) > 1:
@@ -565,7 +576,7 @@ class FSDPWindow(_DistributedWindow):
     def _check_unsharded_dtype(self) -> None:
         low = {torch.bfloat16, torch.float16}
         for module in self.modules:
-            for group in module._get_fsdp_state()._fsdp_param_groups:
+            for group in _fsdp_param_groups(module):
                 policy = group.mp_policy
                 for fsdp_param in group.fsdp_params:
                     compute = policy.param_dtype or fsdp_param.sharded_param.dtype

@@ -7,8 +7,8 @@
 // directly fails as clearly as the Python wrapper, and all of them run before anything is
 // modified.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> accumulate_cuda(
                                 found_nonfinite.mutable_data_ptr<bool>(),
                                 workspace.mutable_data_ptr<float>()};
   check_launch(fa_accumulate_launch(groups.data(), num_groups, n, static_cast<float>(scale),
-                                    zero_grads, out, at::cuda::getCurrentCUDAStream().stream()),
+                                    zero_grads, out, c10::cuda::getCurrentCUDAStream().stream()),
                "accumulate_");
   return {grad_sumsq, per_tensor, accum_sumsq, found_nonfinite};
 }
@@ -189,7 +189,7 @@ void finalize_cuda(at::TensorList accums, at::TensorList outs, double factor,
   check_launch(fa_finalize_launch(groups.data(), static_cast<int>(groups.size()),
                                   static_cast<float>(factor),
                                   ft32.has_value() ? ft32->const_data_ptr<float>() : nullptr,
-                                  zero_accums, at::cuda::getCurrentCUDAStream().stream()),
+                                  zero_accums, c10::cuda::getCurrentCUDAStream().stream()),
                "finalize_");
 }
 

@@ -7,8 +7,8 @@
 // (csrc/cpu/optim_step.cpp), so that calling torch.ops.fastaccum directly fails as clearly
 // as the Python wrapper, and all of them run before anything is modified.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -89,7 +89,7 @@ class LaunchArgs {
     return factor_tensor_.has_value() ? factor_tensor_->const_data_ptr<float>() : nullptr;
   }
 
-  cudaStream_t stream() const { return at::cuda::getCurrentCUDAStream().stream(); }
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
 
  private:
   static std::vector<float*> pointers(at::TensorList tensors) {

@@ -90,7 +90,10 @@ class _Frame:
         self.others = [None if isinstance(a, torch.Tensor) else a for a in args]
         tensors = [args[i] for i in self.positions]
         dummy = torch.empty((0,), requires_grad=True)
-        self.input_node = _SaveInputs.apply(dummy, *tensors).grad_fn
+        # The (empty) output is kept: torch 2.11 frees a custom Function's saved tensors
+        # once its outputs are gone, which would lose the inputs before the recomputation.
+        self.input_out = _SaveInputs.apply(dummy, *tensors)
+        self.input_node = self.input_out.grad_fn
         self.cuda_devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
         self.preserve_rng_state = preserve_rng_state
         if preserve_rng_state:

@@ -426,7 +426,8 @@ class _WindowNorm(torch.autograd.Function):
         y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
         ctx.save_for_backward(x, weight, mean_c, invstd_c)
         ctx.module = module
-        return y.to(x.dtype)
+        # Not y.to(x.dtype) when that is y itself: see batch_norm_apply_ref.
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -267,7 +267,9 @@ def batch_norm_apply_ref(
         y = y + _per_channel(bias, x)
     if relu:
         y = torch.relu(y)
-    return y.to(x.dtype)
+    # No no-op .to(): an autograd.Function whose output is the same tensor as an
+    # intermediate gets a zero gradient for it under torch 2.11's torch.compile.
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def batch_norm_backward_reduce_ref(

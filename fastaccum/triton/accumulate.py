@@ -25,7 +25,7 @@ import contextlib
 import functools
 import itertools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -450,7 +450,7 @@ def launch_accumulate(
         plan = _plan_for(accums, grads)
         for group in plan.groups:
             n_items = group.item_table.shape[0]
-            torch.library.wrap_triton(_accumulate_table_kernel)[(n_items,)](
+            wrap_triton(_accumulate_table_kernel)[(n_items,)](
                 group.tensor_table,
                 group.item_table,
                 grad_partials,
@@ -468,7 +468,7 @@ def launch_accumulate(
     else:
         for a, g, numel, first, count in zip(accums, grads, numels, firsts, counts, strict=True):
             if count:
-                torch.library.wrap_triton(_accumulate_direct_kernel)[(count,)](
+                wrap_triton(_accumulate_direct_kernel)[(count,)](
                     a,
                     g,
                     numel,
@@ -485,7 +485,7 @@ def launch_accumulate(
     grad_per_tensor = torch.empty(n, dtype=torch.float32, device=device)
     accum_per_tensor = torch.empty(n, dtype=torch.float32, device=device)
     nonfinite_per_tensor = torch.empty(n, dtype=torch.int32, device=device)
-    torch.library.wrap_triton(_reduce_partials_kernel)[(n,)](
+    wrap_triton(_reduce_partials_kernel)[(n,)](
         segments,
         grad_partials,
         accum_partials,
@@ -522,7 +522,7 @@ def launch_finalize(
     if pointer_tables:
         for group in _plan_for(accums, outs or None).groups:
             accum_dtype, out_dtype = group.dtypes
-            torch.library.wrap_triton(_finalize_table_kernel)[(group.item_table.shape[0],)](
+            wrap_triton(_finalize_table_kernel)[(group.item_table.shape[0],)](
                 group.tensor_table,
                 group.item_table,
                 factor_fp32,
@@ -538,7 +538,7 @@ def launch_finalize(
     for i, a in enumerate(accums):
         numel = int(a.numel())  # pinned as in launch_accumulate
         if numel:
-            torch.library.wrap_triton(_finalize_direct_kernel)[(triton.cdiv(numel, CHUNK),)](
+            wrap_triton(_finalize_direct_kernel)[(triton.cdiv(numel, CHUNK),)](
                 a,
                 outs[i] if outs else None,
                 factor_fp32,
@@ -556,6 +556,15 @@ def launch_finalize(
 def _is_fake(tensor: torch.Tensor) -> bool:
     """True when the op runs as its own fake kernel, which only describes the outputs."""
     return isinstance(tensor, FakeTensor) or tensor.is_meta
+
+
+def wrap_triton(kernel: Any) -> Any:
+    """``torch.library.wrap_triton(kernel)``, or ``kernel`` itself under the Triton
+    interpreter: torch 2.13's wrap_triton hands interpreted kernels back as they are, torch
+    2.11's refuses them."""
+    if _backend.triton_interpreted():
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 def _check_launchable(tensor: torch.Tensor) -> None:

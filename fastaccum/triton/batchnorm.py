@@ -40,7 +40,7 @@ from fastaccum.ops.batchnorm import (
     in_kernel_layout,
     like_layout,
 )
-from fastaccum.triton.accumulate import _check_launchable, _is_fake, _on_device
+from fastaccum.triton.accumulate import _check_launchable, _is_fake, _on_device, wrap_triton
 
 TILE = 1024
 """Elements per tile (BLOCK_S * BLOCK_C)."""
@@ -328,7 +328,7 @@ def launch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m2_part = torch.empty_like(mean_part)
     count_part = torch.empty(splits, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(g.C, g.BLOCK_C), splits)
-    torch.library.wrap_triton(_stats_partial_kernel)[grid](
+    wrap_triton(_stats_partial_kernel)[grid](
         x, shift, mean_part, m2_part, count_part,
         g.C, g.S, g.P * g.S, per_split, g.SP, g.SC, g.SS,
         BLOCK_S=g.BLOCK_S, BLOCK_C=g.BLOCK_C,
@@ -354,7 +354,7 @@ def launch_apply(x, mean, invstd, weight, bias, relu) -> torch.Tensor:
     g = _geometry(x)
     mul = _fp32(invstd, g.C, 1.0, x.device) * _fp32(weight, g.C, 1.0, x.device)
     grid, n_sb, n_cb = _elementwise_grid(g)
-    torch.library.wrap_triton(_apply_kernel)[grid](
+    wrap_triton(_apply_kernel)[grid](
         x, y, _fp32(mean, g.C, 0.0, x.device), mul, _fp32(bias, g.C, 0.0, x.device),
         g.C, g.S, g.SP, g.SC, g.SS, n_sb, n_cb,
         RELU=relu, BLOCK_S=g.BLOCK_S, BLOCK_C=g.BLOCK_C,
@@ -371,7 +371,7 @@ def launch_backward_reduce(grad_y, x, mean, invstd, weight, bias, relu):
     sum_dy_part = torch.empty((splits, g.C), dtype=torch.float32, device=x.device)
     sum_dy_xmu_part = torch.empty_like(sum_dy_part)
     grid = (triton.cdiv(g.C, g.BLOCK_C), splits)
-    torch.library.wrap_triton(_grad_sums_partial_kernel)[grid](
+    wrap_triton(_grad_sums_partial_kernel)[grid](
         grad_y, x, _fp32(mean, g.C, 0.0, x.device), mul, _fp32(bias, g.C, 0.0, x.device),
         sum_dy_part, sum_dy_xmu_part,
         g.C, g.S, g.P * g.S, per_split, g.SP, g.SC, g.SS,
@@ -389,7 +389,7 @@ def launch_backward_apply(grad_y, x, mean, invstd, weight, bias, sum_dy, sum_dy_
     mean_dy = sum_dy.to(torch.float32) / count
     k = sum_dy_xhat.to(torch.float32) * invstd / count
     grid, n_sb, n_cb = _elementwise_grid(g)
-    torch.library.wrap_triton(_grad_input_kernel)[grid](
+    wrap_triton(_grad_input_kernel)[grid](
         grad_y, x, gx, _fp32(mean, g.C, 0.0, x.device), mul, _fp32(bias, g.C, 0.0, x.device),
         mean_dy.contiguous(), k.contiguous(),
         g.C, g.S, g.SP, g.SC, g.SS, n_sb, n_cb,

@@ -41,6 +41,7 @@ from fastaccum.triton.accumulate import (
     _is_fake,
     _on_device,
     _to_device,
+    wrap_triton,
 )
 
 # --------------------------------------------------------------------------- kernels
@@ -245,7 +246,7 @@ def _launch(
             grid = (item_table.shape[0],)
             pointers, numel, tables = [None] * n_pointers, 0, (tensor_table, item_table)
             if grid[0]:
-                torch.library.wrap_triton(kernel)[grid](
+                wrap_triton(kernel)[grid](
                     *tables, *pointers, numel, *args, TABLE=True, ALIGNED=aligned, **meta
                 )
             return
@@ -253,7 +254,7 @@ def _launch(
             numel = int(p.numel())  # pins a symbolic size to this call's value, with a guard
             if numel:
                 pointers = [tensors[i] for tensors in lists] + [None] * (n_pointers - len(lists))
-                torch.library.wrap_triton(kernel)[(triton.cdiv(numel, CHUNK),)](
+                wrap_triton(kernel)[(triton.cdiv(numel, CHUNK),)](
                     None, None, *pointers, numel, *args, TABLE=False, ALIGNED=False, **meta
                 )
 

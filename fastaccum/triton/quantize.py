@@ -28,6 +28,7 @@ from fastaccum.ops.quantize import (
     check_quantize_args,
     num_groups,
 )
+from fastaccum.triton.accumulate import wrap_triton
 
 ELEMENTS_PER_PROGRAM = 4096
 """Elements one program covers (``ROWS * group_size``)."""
@@ -170,7 +171,7 @@ def launch_quantize(
     minimum = torch.empty(groups, dtype=torch.float32, device=x.device)
     if groups:
         rows = _rows(group_size)
-        torch.library.wrap_triton(_quantize_kernel)[(triton.cdiv(groups, rows),)](
+        wrap_triton(_quantize_kernel)[(triton.cdiv(groups, rows),)](
             x,
             packed,
             scale,
@@ -201,7 +202,7 @@ def launch_dequantize(
     groups = scale.numel()
     if groups:
         rows = _rows(group_size)
-        torch.library.wrap_triton(_dequantize_kernel)[(triton.cdiv(groups, rows),)](
+        wrap_triton(_dequantize_kernel)[(triton.cdiv(groups, rows),)](
             packed, scale, minimum, out, numel, groups, BITS=bits, GROUP=group_size, ROWS=rows
         )
     return out

@@ -23,13 +23,15 @@ blocks over ``M`` (fp32) and add ``alpha * sum`` into ``bias_accum`` in their ep
 second pass over ``grad_out``, no second launch; the other programs skip the sum.
 """
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from fastaccum import _backend
 from fastaccum.ops.wgrad import check_wgrad_args
-from fastaccum.triton.accumulate import _check_launchable, _is_fake, _on_device
+from fastaccum.triton.accumulate import _check_launchable, _is_fake, _on_device, wrap_triton
 
 """dtypes ``grad_out`` and ``input`` may have (both the same)."""
 
@@ -159,17 +161,21 @@ def _wgrad_accumulate_kernel(
             tl.store(bias_ptr + offs_n, tl.fma(bias_acc, alpha, old_bias), mask=n_mask)
 
 
-if _backend.triton_interpreted():
-    _wgrad_launchable = _wgrad_accumulate_kernel
-else:
+def _autotuned(restore_value: list[str]) -> Any:
     # Keyed on the power-of-two bucket of M, not M: with variable-length micro-batches M
     # changes every step, and each new key would benchmark every config again. The kernel
     # adds into accum and bias, so the autotuner must restore them after each trial.
-    _wgrad_launchable = triton.autotune(
-        configs=_gpu_configs(),
-        key=["M_BUCKET", "N", "K"],
-        restore_value=["accum_ptr", "bias_ptr"],
+    return triton.autotune(
+        configs=_gpu_configs(), key=["M_BUCKET", "N", "K"], restore_value=restore_value
     )(_wgrad_accumulate_kernel)
+
+
+if _backend.triton_interpreted():
+    _wgrad_with_bias = _wgrad_without_bias = _wgrad_accumulate_kernel
+else:
+    # Two tuners: Triton 3.6's clones every restore_value argument, None included.
+    _wgrad_with_bias = _autotuned(["accum_ptr", "bias_ptr"])
+    _wgrad_without_bias = _autotuned(["accum_ptr"])
 
 
 # --------------------------------------------------------------------------- launcher
@@ -209,7 +215,8 @@ def launch_wgrad_accumulate(
     dot_in_fp32 = grad_out.dtype == torch.float32 or (
         interpreted and grad_out.dtype == torch.bfloat16
     )
-    torch.library.wrap_triton(_wgrad_launchable)[grid](
+    launchable = _wgrad_without_bias if bias_accum is None else _wgrad_with_bias
+    wrap_triton(launchable)[grid](
         accum,
         grad_out,
         input,
@@ -239,9 +246,12 @@ def _wgrad_accumulate_op(
     grad_out: torch.Tensor,
     input: torch.Tensor,
     alpha: float,
-    bias_accum: torch.Tensor | None = None,
+    bias_accum: torch.Tensor | None,
 ) -> None:
-    """Validate, then launch (nothing to do as the fake kernel)."""
+    """Validate, then launch (nothing to do as the fake kernel).
+
+    ``bias_accum`` has no default in the schema: torch 2.11 drops a trailing argument that
+    equals its default before counting the mutated arguments, and then fails on it."""
     check_wgrad_args(accum, grad_out, input, bias_accum)
     if _is_fake(accum):
         return

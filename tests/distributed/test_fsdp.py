@@ -43,21 +43,28 @@ def adamw(params):
 
 
 class ReduceScatterCounter:
-    """Counts torch.distributed.reduce_scatter_single calls, passing each one on."""
+    """Counts the reduce-scatters FSDP2 issues, passing each one on: calls of
+    torch.distributed.reduce_scatter_single (torch 2.13), or of reduce_scatter_tensor where
+    that function does not exist yet (torch 2.11)."""
 
     def __enter__(self) -> ReduceScatterCounter:
         self.calls = 0
-        self._real = dist.reduce_scatter_single
+        self._name = (
+            "reduce_scatter_single"
+            if hasattr(dist, "reduce_scatter_single")
+            else "reduce_scatter_tensor"
+        )
+        self._real = getattr(dist, self._name)
 
         def counted(*args, **kwargs):
             self.calls += 1
             return self._real(*args, **kwargs)
 
-        dist.reduce_scatter_single = counted
+        setattr(dist, self._name, counted)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        dist.reduce_scatter_single = self._real
+        setattr(dist, self._name, self._real)
 
 
 def assert_matches(model: torch.nn.Module, want: torch.nn.Module) -> None:
