@@ -34,7 +34,9 @@ bench-cpu: install
 	$(PYTHON) -m pytest benchmarks/test_accumulate_cpu.py benchmarks/test_wrapper_cpu.py \
 		benchmarks/test_wgrad_cpu.py benchmarks/test_batchnorm_cpu.py
 
-bench-gpu: install
+# On an offline GPU machine that already has torch, Triton and the test tools, install with
+# `pip install --no-build-isolation --no-deps -e .` and run `make bench-gpu NO_INSTALL=1`.
+bench-gpu: $(if $(NO_INSTALL),,install)
 	$(PYTHON) benchmarks/gpu_accumulate.py
 	$(PYTHON) benchmarks/gpu_wrapper.py
 	$(PYTHON) benchmarks/gpu_wgrad.py
