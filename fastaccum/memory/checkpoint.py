@@ -93,7 +93,6 @@ class _Frame:
         # The (empty) output is kept: torch 2.11 frees a custom Function's saved tensors
         # once its outputs are gone, which would lose the inputs before the recomputation.
         self.input_out = _SaveInputs.apply(dummy, *tensors)
-        self.input_node = self.input_out.grad_fn
         self.cuda_devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
         self.preserve_rng_state = preserve_rng_state
         if preserve_rng_state:
@@ -123,7 +122,7 @@ class _Frame:
         return frame.encoder.decode(value)
 
     def recompute(self) -> None:
-        tensors = self.input_node.saved_tensors
+        tensors = self.input_out.grad_fn.saved_tensors
         args = list(self.others)
         for i, t, grad in zip(self.positions, tensors, self.requires_grad, strict=True):
             args[i] = t.detach().requires_grad_(grad)
