@@ -39,6 +39,7 @@ bench-cpu: install
 bench-gpu: $(if $(NO_INSTALL),,install)
 	$(PYTHON) benchmarks/gpu_accumulate.py
 	$(PYTHON) benchmarks/gpu_wrapper.py
+	$(PYTHON) benchmarks/gpu_wrapper.py --micro-batch 1 --seq 128
 	$(PYTHON) benchmarks/gpu_wgrad.py
 	$(PYTHON) benchmarks/gpu_batchnorm.py
 	$(PYTHON) benchmarks/gpu_activation_memory.py

@@ -8,6 +8,10 @@ peak resident set during the measured window minus its resident set before the m
 built (``fastaccum.workloads.peak_rss_bytes`` machinery; Linux only), in MiB and in units
 of one fp32 set of gradients.
 
+``native.foreach`` is the native loop with ``torch.optim.AdamW(..., foreach=True)``: the
+implementation ``torch.optim`` picks by default on CUDA (on CPU it picks the per-tensor loop),
+so its peak shows on this machine the full-size step temporaries a GPU user's native loop has.
+
 Run: python benchmarks/cpu_peak_memory.py
 """
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 
-PROVIDERS = ["native", "wrap.step", "wrap.backward", "fused.AdamW.backward"]
+PROVIDERS = ["native", "native.foreach", "wrap.step", "wrap.backward", "fused.AdamW.backward"]
 K, WIDTH, DEPTH, BATCH = 4, 2048, 8, 4
 
 
@@ -45,8 +49,8 @@ def _run(provider: str, queue: mp.Queue) -> None:
     def loss_of(x: torch.Tensor) -> torch.Tensor:
         return model(x).square().mean()
 
-    if provider == "native":
-        opt = torch.optim.AdamW(params, lr=1e-4)
+    if provider.startswith("native"):
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=provider == "native.foreach")
 
         def window() -> None:
             for x in data:

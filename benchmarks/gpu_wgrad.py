@@ -18,6 +18,7 @@ without writing a CSV.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 from collections.abc import Sequence
@@ -96,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         results[provider] = measure(micro_step, device, args.rounds)
         del model, micro_step
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

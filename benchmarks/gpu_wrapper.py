@@ -17,6 +17,11 @@ Per provider: the time per window (CUDA events; median and 20/80 % quantiles ove
 during those windows, and the largest relative parameter deviation from ``native`` after the
 same number of windows (over all parameters as one vector). Rows go to benchmarks/results/wrapper_gpu.csv.
 
+The default micro-batch (4 x 1024 tokens) makes activations set every provider's peak.
+``--micro-batch 1 --seq 128`` (which ``make bench-gpu`` runs too) makes the weights, gradients
+and optimizer state set it, where the fused classes' missing step temporaries show: native's
+foreach AdamW allocates one parameter-sized set in its step.
+
 ``--device cpu --smoke`` runs a tiny configuration on the CPU to check the script itself;
 it writes no CSV (absolute times are recorded for GPUs only).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import statistics
 import sys
 from collections.abc import Sequence
@@ -106,6 +112,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny model, 3 windows, no CSV")
     parser.add_argument("--model", choices=sorted(MODELS), default="gpt2")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (context)")
     parser.add_argument("--accum-steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10, help="timed windows per provider")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
@@ -124,7 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     spec = MODELS[args.model]
-    k, seq = args.accum_steps, spec[4]
+    k = args.accum_steps
+    seq = spec[4] if args.seq is None else args.seq
+    if not 1 <= seq <= spec[4]:
+        print(f"error: --seq must be in 1..{spec[4]} for {args.model}, got {seq}", file=sys.stderr)
+        return 2
     gen = torch.Generator().manual_seed(1)
     data = [
         [
@@ -140,8 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         calls = [functools.partial(window, batches) for batches in data[1:]]
         times, peak = time_calls(calls, device)
         results[provider] = (times, peak)
-        finals[provider] = [p.detach().float() for p in model.parameters()]
+        # host copies: a provider's weights left on the GPU would count in the next one's peak
+        finals[provider] = [
+            p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters()
+        ]
         del model, window
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -164,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         speed = f"{base / p50:9.2f}x" if base else "-"
         print(f"{provider:<28} {p50 * 1e3:>10.2f} {speed:>10} {peak / 2**30:>9.2f} {dev:>12.2e}")
         common = {
-            "op": f"window_k{k}_{args.model}_b{args.micro_batch}",
+            "op": f"window_k{k}_{args.model}_b{args.micro_batch}_s{seq}",
             "provider": provider,
             "size": f"{sum(p.numel() for p in finals[provider])} params",
             "dtype": "fp32",

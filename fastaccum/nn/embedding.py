@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from fastaccum.nn._sink import SinkLink
+
 
 class EmbeddingGradSink(Protocol):
     """What a fused Embedding hands its weight gradient to."""
@@ -70,7 +72,7 @@ class _FusedEmbedding(torch.autograd.Function):
         return None, grad_w.to(ctx.weight.dtype), None
 
 
-class Embedding(torch.nn.Embedding):
+class Embedding(SinkLink, torch.nn.Embedding):
     """``torch.nn.Embedding`` with fused weight-gradient accumulation.
 
     Same constructor, parameters, ``state_dict`` keys and results as ``nn.Embedding``. While
@@ -82,8 +84,6 @@ class Embedding(torch.nn.Embedding):
         ValueError: at forward, for ``max_norm``, ``scale_grad_by_freq`` or ``sparse``
             (use ``nn.Embedding`` for those; :func:`fastaccum.fuse_wgrad` does).
     """
-
-    _wgrad_sink: EmbeddingGradSink | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.max_norm is not None or self.scale_grad_by_freq or self.sparse:

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from fastaccum.nn._sink import SinkLink
+
 
 class WgradSink(Protocol):
     """What a fused Linear layer hands its weight gradient to."""
@@ -100,7 +102,7 @@ class _FusedWgradLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-class Linear(torch.nn.Linear):
+class Linear(SinkLink, torch.nn.Linear):
     """``torch.nn.Linear`` with fused weight-gradient accumulation.
 
     Same constructor, parameters, ``state_dict`` keys and results as ``nn.Linear``. While a
@@ -108,8 +110,6 @@ class Linear(torch.nn.Linear):
     attaches the optimizer wrapper), backward adds the weight and bias gradients straight
     into the sink's fp32 accumulators instead of producing ``.grad``.
     """
-
-    _wgrad_sink: WgradSink | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         sink = self._wgrad_sink

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -61,6 +62,30 @@ def _check_num_items(num_items: object) -> float | None:
     if not math.isfinite(num_items) or num_items <= 0:
         raise ValueError(f"num_items must be > 0, got {num_items}")
     return float(num_items)
+
+
+class _FoldHook:
+    """The post-accumulate-grad hook ``opt.backward`` puts on every parameter. It reaches the
+    wrapper through a weak reference: the parameters outlive a dropped optimizer, and autograd
+    keeps hooks where the garbage collector cannot see them, so a strong one would keep the
+    wrapper, its accumulators and the optimizer state alive for as long as the model lives,
+    and forever once both are dropped."""
+
+    __slots__ = ("_opt",)
+
+    def __init__(self, opt: AccumulatingOptimizer) -> None:
+        self._opt = weakref.ref(opt)
+
+    def __call__(self, p: torch.Tensor) -> None:
+        opt = self._opt()
+        if opt is not None:
+            opt._fold_hook(p)
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    """Take a dropped wrapper's hooks off its parameters."""
+    for handle in handles:
+        handle.remove()
 
 
 class AccumulatingOptimizer(torch.optim.Optimizer):
@@ -455,11 +480,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "opt.step() or opt.zero_grad() before opt.backward()"
             )
         if not self._hooks:
+            hook = _FoldHook(self)
             self._hooks = [
-                p.register_post_accumulate_grad_hook(self._fold_hook)
-                for p in self._params
-                if p.requires_grad
+                p.register_post_accumulate_grad_hook(hook) for p in self._params if p.requires_grad
             ]
+            weakref.finalize(self, _remove_handles, list(self._hooks))
         self._hook_weight, self._hook_uses = weight, num_items is not None
         if self._dist is not None and self._dist.weights_in_loss and weight != 1.0:
             # FSDP2 reduces during backward: the micro-batch weight has to be in the
