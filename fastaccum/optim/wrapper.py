@@ -205,6 +205,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # pipeline (attached last: nothing above can fail after it).
         self.activations = activations
         self._activation_handle = None if activations is None else activations.attach(model)
+        if self._activation_handle is not None:  # a dropped wrapper takes its policy along
+            weakref.finalize(self, self._activation_handle.remove)
 
     # ------------------------------------------------------------------ properties
 

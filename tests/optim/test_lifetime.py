@@ -90,3 +90,23 @@ def test_copies_and_pickles_of_an_attached_model_leave_the_wrapper_out():
     assert model[0]._wgrad_sink is opt and model[1]._wgrad_sink is opt
     opt.backward(mean_loss(model, x, y), num_items=len(x))
     assert model[0].weight.grad is None and model[1].weight.grad is None
+
+
+def test_a_dropped_wrapper_takes_its_activation_policy_off_the_model():
+    model = make_model()
+    hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
+    policy = fastaccum.ActivationPolicy(bits=8)
+    opt = fastaccum.wrap(
+        torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model, activations=policy
+    )
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) != hooks
+    x, y = token_batches(1, seed=4)[0]
+    opt.backward(mean_loss(model, x, y), num_items=len(x))
+    del opt
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
+    # the model's forward saves its tensors as plain torch does again: exact gradients
+    plain = make_model()
+    mean_loss(model, x, y).backward()
+    mean_loss(plain, x, y).backward()
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
