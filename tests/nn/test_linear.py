@@ -396,3 +396,37 @@ def test_frozen_weight_and_no_grad_forward_take_plain_linear():
     opt.backward(model(torch.randn(2, 3, 13)).square().mean())
     opt.step()
     assert model[2].weight not in opt._accums and model[0].weight in opt._accums
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_model_trains_as_the_large_batch(backend):
+    """``torch.compile(model)`` handed to the wrapper: micro-batches under ``opt.backward``
+    leave no weight gradient, those under ``loss.backward()`` + ``step(num_items=...)``
+    fold theirs, and training matches one large batch in float64."""
+    k = 3
+    data = batches(3 * k, seed=9)
+    ref = mlp().double()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for window in split_windows(data, k):
+        total = sum(x.shape[0] * x.shape[1] for x, _ in window)
+        loss = sum((ref(x.double()) - y.double()).square().mean(-1).sum() for x, y in window)
+        (loss / total).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    model = fuse_wgrad(mlp())
+    compiled = torch.compile(model, backend=backend)
+    opt = fastaccum.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), k, model=compiled)
+    for i, (x, y) in enumerate(data):
+        items = x.shape[0] * x.shape[1]
+        loss = (compiled(x) - y).square().mean()
+        if i % 2:
+            opt.backward(loss, num_items=items)
+            assert all(m.weight.grad is None for m in model if isinstance(m, Linear))
+            opt.step()
+        else:
+            loss.backward()
+            assert all(p.grad is not None for p in model.parameters())
+            opt.step(num_items=items)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
