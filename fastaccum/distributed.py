@@ -71,6 +71,15 @@ back, so it normalizes by the global item count itself. Two modes:
 Fused-wgrad layers are not fused under FSDP2 (their weight is FSDP's unsharded copy) and
 the fused optimizer classes do not take DTensor parameters: use ``fastaccum.wrap``.
 
+Dropping the wrapper
+--------------------
+The model outlives the wrapper, and DDP keeps its communication hook for good, so the hook
+and the window reach the wrapper only weakly. Once it is dropped: DDP syncs every backward
+again and the hook averages each bucket over the ranks, as DDP does without a hook; FSDP2
+reduces every backward again, and the partial window it kept unsharded is discarded with
+the wrapper's accumulators. A DDP model still takes no second hook, so it cannot be
+wrapped again.
+
 Counts and decisions
 --------------------
 Once per window, one all-gather of a small float64 vector carries each rank's item total,
@@ -110,6 +119,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -248,10 +258,18 @@ class _DistributedWindow:
     grad_factor = 1.0  # the reduction's own divisor, multiplied back at the boundary
 
     def __init__(self, opt: AccumulatingOptimizer, model: torch.nn.Module, group: Any) -> None:
-        self.opt = opt
+        # The wrapper holds its window; the window reaches back only weakly, so that
+        # dropping the wrapper frees both at once (and runs the finalizers below).
+        self._opt = weakref.ref(opt)
         self.model = model
         self.group = group
         self.batchnorms = _accum_batchnorms(model)
+
+    @property
+    def opt(self) -> AccumulatingOptimizer:
+        opt = self._opt()
+        assert opt is not None, "the wrapper calls its window while it is alive"
+        return opt
 
     # Hooks the wrapper calls; the defaults suit both kinds.
     def set_sync(self, on: bool) -> None:
@@ -354,8 +372,44 @@ class _DistributedWindow:
 # --------------------------------------------------------------------------- DDP
 
 
+class _HookState:
+    """DDP's communication-hook state. DDP keeps its hook for the model's lifetime, so it
+    reaches the wrapper's window weakly; once the wrapper is gone, buckets are averaged over
+    the ranks as DDP does without a hook."""
+
+    __slots__ = ("group", "window")
+
+    def __init__(self, window: DDPWindow, group: Any) -> None:
+        self.window = weakref.ref(window)
+        self.group = group
+
+
 def _window_comm_hook(state, bucket):  # no annotations: DDP compares them by identity
-    return state.comm_hook(bucket)
+    window = state.window()
+    if window is None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        return allreduce_hook(state.group, bucket)
+    return window.comm_hook(bucket)
+
+
+def _ddp_sync_on(model: torch.nn.parallel.DistributedDataParallel) -> None:
+    """A dropped wrapper leaves DDP syncing every backward, as DDP does by default."""
+    model.require_backward_grad_sync = True
+
+
+def _fsdp_sync_on(modules: list[Any]) -> None:
+    """A dropped wrapper leaves FSDP2 reducing every backward, as it does by default, and
+    discards the partial window that FSDP2 kept unsharded for it (the wrapper's
+    accumulators, which held the rest of the window, are gone with it)."""
+    for module in modules:
+        module.set_requires_gradient_sync(True, recurse=False)
+        for group in _fsdp_param_groups(module):
+            for fsdp_param in group.fsdp_params:
+                fsdp_param.unsharded_accumulated_grad = None
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    unsharded.grad = None
 
 
 class DDPWindow(_DistributedWindow):
@@ -371,13 +425,14 @@ class DDPWindow(_DistributedWindow):
             getattr(model, "_static_graph_delay_allreduce_enqueued", False)
         )
         try:
-            model.register_comm_hook(self, _window_comm_hook)
+            model.register_comm_hook(_HookState(self, model.process_group), _window_comm_hook)
         except RuntimeError as err:
             raise RuntimeError(
                 "fastaccum could not register its DDP communication hook (DDP takes one "
                 f"hook, and only before training starts): {err}. Wrap the optimizer right "
                 "after creating DistributedDataParallel and do not register another hook"
             ) from err
+        weakref.finalize(self, _ddp_sync_on, model)
         self._prev_used: set[int] | None = None
         self._warned_unused = False
         self.start_window()
@@ -553,6 +608,7 @@ class FSDPWindow(_DistributedWindow):
         super().__init__(opt, model, mesh.get_group())
         self.every_micro_step = bool(every_micro_step)
         self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        weakref.finalize(self, _fsdp_sync_on, self.modules)
         self.grad_factor = self._divide_factor(mesh.size())
         if not self.every_micro_step:
             self._check_unsharded_dtype()

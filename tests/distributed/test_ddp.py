@@ -10,7 +10,9 @@ layout comes from its logging data.
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -350,6 +352,41 @@ def accumulate_context_and_partial_window(rank: int, world: int) -> None:
     assert_matches(model, want)
 
 
+def dropped_wrapper_leaves_plain_ddp(rank: int, world: int) -> None:
+    """Dropping the wrapper mid-window (sync off) frees it at once, turns DDP's sync back
+    on and leaves its hook averaging buckets as DDP does alone: plain DDP training then
+    matches a fresh DDP model trained from the same weights, on every rank."""
+    model = make_model()
+    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
+    batches = rank_batches(rank, K + 4)
+    for x, y in batches[: K + 1]:  # one window, then one micro-batch of the next
+        opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+        opt.step()
+    assert not ddp.require_backward_grad_sync
+    ref = weakref.ref(opt)
+    gc.disable()  # freed by reference counting: DDP's hook does not hold the wrapper
+    try:
+        del opt
+        alive = ref() is not None
+    finally:
+        gc.enable()
+    assert not alive
+    assert ddp.require_backward_grad_sync
+
+    fresh = copy.deepcopy(model)
+    fresh_ddp = DDP(fresh, bucket_cap_mb=SMALL_BUCKETS_MB)
+    for net, wrapped in ((model, ddp), (fresh, fresh_ddp)):
+        plain = torch.optim.SGD(net.parameters(), lr=0.1)
+        for x, y in batches[K + 1 :]:
+            mean_loss(wrapped, x, y).backward()
+            plain.step()
+            plain.zero_grad()
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-6)
+        assert same_on_all_ranks(p.detach())
+
+
 SCENARIOS = by_name(
     opt_backward_one_allreduce_per_bucket,
     step_path_and_flush,
@@ -360,6 +397,7 @@ SCENARIOS = by_name(
     nonfinite_skips_on_every_rank,
     batchnorm_merged_across_ranks,
     accumulate_context_and_partial_window,
+    dropped_wrapper_leaves_plain_ddp,
 )
 
 

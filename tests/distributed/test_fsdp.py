@@ -8,8 +8,10 @@ default reduce-scatter calls) through a counter.
 
 from __future__ import annotations
 
+import gc
 import re
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -187,12 +189,41 @@ def configuration_checks(rank: int, world: int) -> None:
         fastaccum.wrap(adamw(model.parameters()), K, model=model)
 
 
+def dropped_wrapper_leaves_plain_fsdp(rank: int, world: int) -> None:
+    """Dropping the wrapper mid-window (gradient sync off) frees it, turns FSDP2's sync back
+    on and discards the partial window FSDP2 kept: a plain backward then reduce-scatters
+    every module once and gives the gradients of a fresh model with the same weights."""
+    model = sharded_model()
+    opt = fastaccum.wrap(adamw(model.parameters()), K, model=model)
+    batches = rank_batches(rank, K + 2)
+    train(model, opt, batches[: K + 1])  # one window, then one micro-batch of the next
+    ref = weakref.ref(opt)
+    gc.disable()
+    try:
+        del opt
+        alive = ref() is not None
+    finally:
+        gc.enable()
+    assert not alive
+
+    fresh = sharded_model()
+    fresh.load_state_dict(model.state_dict())
+    x, y = batches[K + 1]
+    with ReduceScatterCounter() as counter:
+        mean_loss(model, x, y).backward()
+    assert counter.calls == 4  # one per FSDP module, as FSDP2 does alone
+    mean_loss(fresh, x, y).backward()
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert_close_rel(p.grad.full_tensor(), q.grad.full_tensor(), 1e-6)
+
+
 SCENARIOS = by_name(
     window_mode,
     every_micro_step_mode,
     partial_window_needs_last,
     step_path,
     configuration_checks,
+    dropped_wrapper_leaves_plain_fsdp,
 )
 
 
