@@ -77,8 +77,8 @@ The model outlives the wrapper, and DDP keeps its communication hook for good, s
 and the window reach the wrapper only weakly. Once it is dropped: DDP syncs every backward
 again and the hook averages each bucket over the ranks, as DDP does without a hook; FSDP2
 reduces every backward again, and the partial window it kept unsharded is discarded with
-the wrapper's accumulators. A DDP model still takes no second hook, so it cannot be
-wrapped again.
+the wrapper's accumulators. A new wrapper takes the model over (DDP's hook included),
+and an older wrapper dropped after that leaves the model to the new one.
 
 Counts and decisions
 --------------------
@@ -262,6 +262,7 @@ class _DistributedWindow:
         # dropping the wrapper frees both at once (and runs the finalizers below).
         self._opt = weakref.ref(opt)
         self.model = model
+        _DRIVERS[model] = weakref.ref(self)
         self.group = group
         self.batchnorms = _accum_batchnorms(model)
 
@@ -393,15 +394,28 @@ def _window_comm_hook(state, bucket):  # no annotations: DDP compares them by id
     return window.comm_hook(bucket)
 
 
+# model -> the window that drives it, so that a dropped wrapper's finalizer leaves the
+# model alone once a newer wrapper has taken it over
+_DRIVERS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def _driven(model: torch.nn.Module) -> bool:
+    ref = _DRIVERS.get(model)
+    return ref is not None and ref() is not None
+
+
 def _ddp_sync_on(model: torch.nn.parallel.DistributedDataParallel) -> None:
     """A dropped wrapper leaves DDP syncing every backward, as DDP does by default."""
-    model.require_backward_grad_sync = True
+    if not _driven(model):
+        model.require_backward_grad_sync = True
 
 
-def _fsdp_sync_on(modules: list[Any]) -> None:
+def _fsdp_sync_on(model: torch.nn.Module, modules: list[Any]) -> None:
     """A dropped wrapper leaves FSDP2 reducing every backward, as it does by default, and
     discards the partial window that FSDP2 kept unsharded for it (the wrapper's
     accumulators, which held the rest of the window, are gone with it)."""
+    if _driven(model):
+        return
     for module in modules:
         module.set_requires_gradient_sync(True, recurse=False)
         for group in _fsdp_param_groups(module):
@@ -424,14 +438,19 @@ class DDPWindow(_DistributedWindow):
         self.first_backward_synced = not self.static_graph or bool(
             getattr(model, "_static_graph_delay_allreduce_enqueued", False)
         )
-        try:
-            model.register_comm_hook(_HookState(self, model.process_group), _window_comm_hook)
-        except RuntimeError as err:
-            raise RuntimeError(
-                "fastaccum could not register its DDP communication hook (DDP takes one "
-                f"hook, and only before training starts): {err}. Wrap the optimizer right "
-                "after creating DistributedDataParallel and do not register another hook"
-            ) from err
+        ours = [st for hook, st in getattr(model, "_comm_hooks", ()) if hook is _window_comm_hook]
+        if ours:  # an earlier wrapper's hook: this window takes it over
+            ours[0].window = weakref.ref(self)
+        else:
+            try:
+                state = _HookState(self, model.process_group)
+                model.register_comm_hook(state, _window_comm_hook)
+            except RuntimeError as err:
+                raise RuntimeError(
+                    "fastaccum could not register its DDP communication hook (DDP takes one "
+                    f"hook, and only before training starts): {err}. Wrap the optimizer right "
+                    "after creating DistributedDataParallel and do not register another hook"
+                ) from err
         weakref.finalize(self, _ddp_sync_on, model)
         self._prev_used: set[int] | None = None
         self._warned_unused = False
@@ -608,7 +627,7 @@ class FSDPWindow(_DistributedWindow):
         super().__init__(opt, model, mesh.get_group())
         self.every_micro_step = bool(every_micro_step)
         self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        weakref.finalize(self, _fsdp_sync_on, self.modules)
+        weakref.finalize(self, _fsdp_sync_on, model, self.modules)
         self.grad_factor = self._divide_factor(mesh.size())
         if not self.every_micro_step:
             self._check_unsharded_dtype()

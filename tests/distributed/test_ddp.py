@@ -355,11 +355,14 @@ def accumulate_context_and_partial_window(rank: int, world: int) -> None:
 def dropped_wrapper_leaves_plain_ddp(rank: int, world: int) -> None:
     """Dropping the wrapper mid-window (sync off) frees it at once, turns DDP's sync back
     on and leaves its hook averaging buckets as DDP does alone: plain DDP training then
-    matches a fresh DDP model trained from the same weights, on every rank."""
+    matches a fresh DDP model trained from the same weights, on every rank. A new wrapper
+    then takes the model and its hook over and trains a window as the large batch."""
+    plain_steps = 3
+    n = K + 1 + plain_steps + K
     model = make_model()
     ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
     opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
-    batches = rank_batches(rank, K + 4)
+    batches = rank_batches(rank, n)
     for x, y in batches[: K + 1]:  # one window, then one micro-batch of the next
         opt.backward(mean_loss(ddp, x, y), num_items=len(y))
         opt.step()
@@ -376,15 +379,29 @@ def dropped_wrapper_leaves_plain_ddp(rank: int, world: int) -> None:
 
     fresh = copy.deepcopy(model)
     fresh_ddp = DDP(fresh, bucket_cap_mb=SMALL_BUCKETS_MB)
+    plain_batches = batches[K + 1 : K + 1 + plain_steps]
     for net, wrapped in ((model, ddp), (fresh, fresh_ddp)):
         plain = torch.optim.SGD(net.parameters(), lr=0.1)
-        for x, y in batches[K + 1 :]:
+        for x, y in plain_batches:
             mean_loss(wrapped, x, y).backward()
             plain.step()
             plain.zero_grad()
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         assert_close_rel(p, q, 1e-6)
         assert same_on_all_ranks(p.detach())
+
+    # the reference: every rank's last window, one weighted backward in one process
+    want = copy.deepcopy(model)
+    per_rank = [rank_batches(r, n)[n - K :] for r in range(world)]
+    window = [b for r in range(world) for b in per_rank[r]]
+    weighted_reference(
+        want, sgd(want.parameters()), [window], lambda m, b: (mean_loss(m, *b), len(b[1]))
+    )
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
+    for x, y in batches[n - K :]:
+        opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+        opt.step()
+    assert_matches(model, want)
 
 
 SCENARIOS = by_name(
