@@ -464,6 +464,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         autograd produces it, then frees it, so that a full set of gradients never sits
         next to the accumulators. Call ``opt.step()`` afterwards as usual.
 
+        If backward itself raises (out of memory, say), the error propagates. When none of
+        the micro-batch's gradients had been folded yet, the window is as it was and the
+        micro-batch can be retried; otherwise the window is discarded, with a
+        RuntimeWarning, since it would hold part of a micro-batch.
+
         Raises:
             ValueError: ``num_items <= 0`` or mixed with micro-batches without it.
             RuntimeError: called twice without ``opt.step()`` in between, or with stale
@@ -503,15 +508,43 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._fold_pending()
             if self._dist is not None:
                 self._dist.after_backward()
-        except BaseException:
+        except BaseException as err:
             self._pending = []
             self._pending_bytes = 0
             self._hook_weight = None
+            self._hooks_active = False
+            if self._folded_in_this_micro_step():
+                self._discard_window(err)
             raise
         finally:
             self._hooks_active = False
             if control is not None:
                 control[0] = 0.0
+
+    def _folded_in_this_micro_step(self) -> bool:
+        """Whether any of the current micro-batch's gradients reached an accumulator."""
+        control = self._wgrad_control
+        return bool(
+            self._covers
+            or self._fused_this_step
+            or (control is not None and control[1].item() != 0.0)
+        )
+
+    def _discard_window(self, err: BaseException) -> None:
+        """A backward that failed after folding part of its micro-batch left a window that
+        no longer stands for whole micro-batches: zero it, so that nothing partial steps."""
+        earlier = self._micro_step
+        if self._accums:
+            torch._foreach_zero_(list(self._accums.values()))
+        self._reset_window()
+        warnings.warn(
+            f"fastaccum: opt.backward failed ({type(err).__name__}) after part of this "
+            "micro-batch's gradients had been added to the accumulators; the window was "
+            f"discarded with its {earlier} earlier micro-batch(es), so that no partial "
+            "micro-batch is stepped. Parameters and optimizer state are unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _warn_if_divided(self, loss: torch.Tensor) -> None:
         if self._warned_divided or self._accum_steps == 1:

@@ -7,10 +7,12 @@ optimizer on the concatenated batch (one backward over all items), in the same d
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
 
+import fastaccum
 import fastaccum.optim as fo
 from fastaccum import _backend
 from tests.helpers import (
@@ -458,3 +460,82 @@ def test_opt_backward_holds_at_most_one_bucket_of_gradients():
     one_layer = 512 * 512 * 4
     assert peak_of(True) <= limit + 2 * one_layer
     assert peak_of(False) >= grad_set
+
+
+class FailingBackward:
+    """While armed, backward raises at the GELU's output: after the head's and the
+    LayerNorm's gradients are made, before the first Linear's and the embedding's."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.armed = False
+        model[2].register_forward_hook(self._watch)
+
+    def _watch(self, module, args, out):
+        def boom(grad):
+            if self.armed:
+                raise RuntimeError("injected backward failure")
+
+        out.register_hook(boom)
+
+
+@pytest.mark.parametrize("route", ["bucket-folded", "fused-wgrad"])
+def test_backward_failing_after_a_fold_discards_the_window(route, monkeypatch):
+    """Part of the failed micro-batch already sits in the accumulators: the window is
+    discarded with a warning, parameters and state stay, and training goes on exactly."""
+    import fastaccum.optim.wrapper as wrapper_module
+
+    k = 3
+    data = token_batches(2 + 2 * k, seed=6)
+    want, _ = large_batch_run(lambda p: make_opt("adamw", p), split_windows(data[2:], k))
+    model = make_model()
+    if route == "bucket-folded":  # every gradient is folded as soon as it is made
+        monkeypatch.setitem(wrapper_module.BUCKET_BYTES, "cpu", 1)
+    else:  # the fused head writes its accumulator directly
+        fastaccum.fuse_wgrad(model, embeddings=False)
+    failing = FailingBackward(model)
+    opt = fastaccum.wrap(make_opt("adamw", model.parameters()), k, model=model)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = data[0]
+    opt.backward(mean_loss(model, x, y), num_items=len(y))
+    opt.step()
+    failing.armed = True
+    x, y = data[1]
+    with (
+        pytest.warns(RuntimeWarning, match="window was discarded with its 1 earlier"),
+        pytest.raises(RuntimeError, match="injected backward failure"),
+    ):
+        opt.backward(mean_loss(model, x, y), num_items=len(y))
+    failing.armed = False
+    assert opt.micro_step == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    for x, y in data[2:]:
+        opt.backward(mean_loss(model, x, y), num_items=len(y))
+        opt.step()
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
+def test_backward_failing_before_any_fold_keeps_the_window():
+    """Nothing of the failed micro-batch reached an accumulator (its gradients were still
+    waiting in the bucket): the window stays as it was, and a retry trains exactly."""
+    k = 3
+    data = token_batches(2 * k, seed=7)
+    want, _ = large_batch_run(lambda p: make_opt("adamw", p), split_windows(data, k))
+    model = make_model()
+    failing = FailingBackward(model)
+    opt = fastaccum.wrap(make_opt("adamw", model.parameters()), k, model=model)
+    for i, (x, y) in enumerate(data):
+        if i == 1:
+            failing.armed = True
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no discard warning
+                with pytest.raises(RuntimeError, match="injected backward failure"):
+                    opt.backward(mean_loss(model, x, y), num_items=len(y))
+            failing.armed = False
+            assert opt.micro_step == 1
+            assert all(p.grad is None for p in model.parameters())
+        opt.backward(mean_loss(model, x, y), num_items=len(y))
+        opt.step()
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
