@@ -1,6 +1,10 @@
 """Shared test helpers: comparisons against float64 references, and a tiny token model
 with variable-length micro-batches for the optimizer tests."""
 
+import contextlib
+import gc
+from collections.abc import Iterator
+
 import torch
 
 import fastaccum
@@ -84,3 +88,14 @@ class PythonRouteWrapper(fastaccum.AccumulatingOptimizer):
 
     def wgrad_route(self, layer):
         return None
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    """Python's cyclic garbage collector stays off inside the block: whatever is freed
+    there was freed by reference counting alone, with no cycle waiting for a collection."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

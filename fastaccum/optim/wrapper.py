@@ -512,7 +512,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._pending = []
             self._pending_bytes = 0
             self._hook_weight = None
-            self._hooks_active = False
             if self._folded_in_this_micro_step():
                 self._discard_window(err)
             raise

@@ -10,7 +10,6 @@ layout comes from its logging data.
 from __future__ import annotations
 
 import copy
-import gc
 import warnings
 import weakref
 
@@ -31,7 +30,14 @@ from tests.distributed.data import (
     weighted_reference,
 )
 from tests.distributed.launch import by_name, scenario_test
-from tests.helpers import VOCAB, assert_close_rel, large_batch_run, make_model, mean_loss
+from tests.helpers import (
+    VOCAB,
+    assert_close_rel,
+    collector_off,
+    large_batch_run,
+    make_model,
+    mean_loss,
+)
 
 SMALL_BUCKETS_MB = 0.001  # splits the test model into 3 DDP buckets
 
@@ -368,13 +374,9 @@ def dropped_wrapper_leaves_plain_ddp(rank: int, world: int) -> None:
         opt.step()
     assert not ddp.require_backward_grad_sync
     ref = weakref.ref(opt)
-    gc.disable()  # freed by reference counting: DDP's hook does not hold the wrapper
-    try:
+    with collector_off():  # freed by reference counting: nothing the model keeps holds it
         del opt
-        alive = ref() is not None
-    finally:
-        gc.enable()
-    assert not alive
+        assert ref() is None
     assert ddp.require_backward_grad_sync
 
     fresh = copy.deepcopy(model)

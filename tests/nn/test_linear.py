@@ -43,6 +43,20 @@ def mse(model, x, y):
     return (model(x) - y).square().mean()
 
 
+def float64_large_batch(make_opt, data, k):
+    """The reference: ``mlp()`` in float64, one backward per window of ``k`` micro-batches
+    on the mean over every position of the window, then ``make_opt(params)``'s step."""
+    ref = mlp().double()
+    ref_opt = make_opt(ref.parameters())
+    for window in split_windows(data, k):
+        total = sum(x.shape[0] * x.shape[1] for x, _ in window)
+        loss = sum((ref(x.double()) - y.double()).square().mean(-1).sum() for x, y in window)
+        (loss / total).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return ref
+
+
 def test_fuse_wgrad_keeps_parameters_keys_and_results():
     model = mlp()
     ref = copy.deepcopy(model)
@@ -359,14 +373,7 @@ def test_both_routes_train_as_the_large_batch(route, monkeypatch):
         monkeypatch.setattr(_backend, "_EXTENSION", None)
     k = 3
     data = batches(2 * k, seed=8)
-    ref = mlp().double()
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    for window in split_windows(data, k):
-        total = sum(x.shape[0] * x.shape[1] for x, _ in window)
-        loss = sum((ref(x.double()) - y.double()).square().mean(-1).sum() for x, y in window)
-        (loss / total).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+    ref = float64_large_batch(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), data, k)
 
     model = fuse_wgrad(mlp())
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -405,14 +412,7 @@ def test_compiled_model_trains_as_the_large_batch(backend):
     fold theirs, and training matches one large batch in float64."""
     k = 3
     data = batches(3 * k, seed=9)
-    ref = mlp().double()
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    for window in split_windows(data, k):
-        total = sum(x.shape[0] * x.shape[1] for x, _ in window)
-        loss = sum((ref(x.double()) - y.double()).square().mean(-1).sum() for x, y in window)
-        (loss / total).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+    ref = float64_large_batch(lambda p: torch.optim.AdamW(p, lr=1e-2), data, k)
 
     model = fuse_wgrad(mlp())
     compiled = torch.compile(model, backend=backend)

@@ -3,7 +3,6 @@ state, takes its hooks off the parameters and leaves the model to plain torch or
 wrapper. Copies and pickles of a model it is attached to leave it out."""
 
 import copy
-import gc
 import io
 import weakref
 
@@ -13,7 +12,14 @@ import torch
 import fastaccum
 import fastaccum.optim
 from fastaccum.nn import fuse_wgrad
-from tests.helpers import assert_close_rel, make_model, mean_loss, split_windows, token_batches
+from tests.helpers import (
+    assert_close_rel,
+    collector_off,
+    make_model,
+    mean_loss,
+    split_windows,
+    token_batches,
+)
 
 K = 3
 
@@ -41,13 +47,9 @@ def test_a_dropped_wrapper_is_freed_and_the_next_one_trains_exactly(kind, fused_
     # one window, then one micro-batch of the next: accumulators and state are populated
     train(opt, model, data[: K + 1])
     refs = [weakref.ref(opt), weakref.ref(opt.optimizer)]
-    gc.disable()  # freed by reference counting alone: no cycle waits for the collector
-    try:
+    with collector_off():
         del opt
-        alive = [ref() is not None for ref in refs]
-    finally:
-        gc.enable()
-    assert alive == [False, False]
+        assert [ref() is not None for ref in refs] == [False, False]
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     assert all(getattr(m, "_wgrad_sink", None) is None for m in model.modules())
 
