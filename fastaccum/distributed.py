@@ -719,12 +719,17 @@ def attach(
         ValueError: ``reduce_scatter_every_micro_step`` without an FSDP2 model, or an
             FSDP2 configuration fastaccum does not support.
         RuntimeError: DDP already has a communication hook.
+        TypeError: a float64 or complex parameter under DDP or FSDP2.
     """
     if model is None or not dist.is_available():
         found = None
     elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        for p in opt._params:
+            check_reducible(p, opt._names[id(p)])
         found = DDPWindow(opt, model)
     elif _has_fsdp(model):
+        for p in opt._params:
+            check_reducible(p, opt._names[id(p)])
         found = FSDPWindow(opt, model, reduce_scatter_every_micro_step)
     else:
         found = None
@@ -743,6 +748,17 @@ def attach(
                 "fully_shard model as model= so that fastaccum accumulates local shards"
             )
     return found
+
+
+def check_reducible(p: torch.Tensor, name: str) -> None:
+    """Raise TypeError for a float64 or complex parameter: the distributed windows reduce
+    fp32 accumulators only."""
+    if p.is_complex() or p.dtype == torch.float64:
+        raise TypeError(
+            f"{name} is {p.dtype}; under DDP and FSDP2 fastaccum accumulates float32, "
+            "bfloat16 and float16 parameters only (float64 and complex ones train with "
+            "fastaccum.wrap on a single process)"
+        )
 
 
 def _has_fsdp(model: torch.nn.Module) -> bool:

@@ -50,8 +50,12 @@ def token_batches(n_micro: int, seed: int = 1) -> list[tuple[torch.Tensor, torch
 
 
 def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the micro-batch's tokens, computed in fp32."""
-    return torch.nn.functional.cross_entropy(model(x).float(), y)
+    """Cross-entropy averaged over the micro-batch's tokens, computed in fp32 (in float64
+    for a float64 model)."""
+    logits = model(x)
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits, y)
 
 
 def split_windows(batches: list, k: int) -> list[list]:
@@ -59,13 +63,24 @@ def split_windows(batches: list, k: int) -> list[list]:
     return [batches[i : i + k] for i in range(0, len(batches), k)]
 
 
-def large_batch_run(make_opt, windows: list[list], max_grad_norm=None, make_sched=None):
+def make_opt(kind: str, params) -> torch.optim.Optimizer:
+    """The optimizers the wrapper tests train with: ``"sgd"`` (momentum, weight decay) or
+    ``"adamw"``."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def large_batch_run(
+    make_opt, windows: list[list], max_grad_norm=None, make_sched=None, dtype=torch.float32
+):
     """The reference: plain torch, one backward per window on the mean loss over every
     token of the window, then clip (optional), step, and the scheduler (optional).
 
-    ``make_opt(params)`` builds the torch optimizer. Returns (model, optimizer).
+    ``make_opt(params)`` builds the torch optimizer; ``dtype`` is the model's. Returns
+    (model, optimizer).
     """
-    model = make_model()
+    model = make_model(dtype=dtype)
     opt = make_opt(model.parameters())
     sched = make_sched(opt) if make_sched else None
     for window in windows:

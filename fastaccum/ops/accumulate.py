@@ -408,6 +408,29 @@ def sumsq(tensors: Sequence[torch.Tensor], *, backend: str | None = None) -> tor
     return sumsq_unchecked(tensors, backend=backend)
 
 
+# --------------------------------------------------------------------------- float64
+
+
+def accumulate_wide(
+    accums: list[torch.Tensor], grads: list[torch.Tensor], scale: float
+) -> AccumulateResult:
+    """:func:`accumulate_` for float64 accumulators and gradients, which the kernels do not
+    take (the optimizer wrapper's float64 and complex128 parameters): three multi-tensor
+    passes of torch's foreach ops. No checks; the results are float64, and the non-finite
+    flag is that of the gradients' total sum of squares (NaN or Inf in a gradient, or a
+    norm past 1e154)."""
+    per = torch.stack(torch._foreach_norm(grads, 2)).square()
+    torch._foreach_add_(accums, grads, alpha=scale)
+    accum_sumsq = torch.stack(torch._foreach_norm(accums, 2)).square().sum()
+    total = per.sum()
+    return AccumulateResult(total, per, accum_sumsq, ~torch.isfinite(total))
+
+
+def sumsq_wide(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`sumsq` of float64 tensors, as a float64 scalar (one foreach pass). No checks."""
+    return torch.stack(torch._foreach_norm(tensors, 2)).square().sum()
+
+
 def sumsq_unchecked(tensors: list[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
     """:func:`sumsq` without the Python-side checks, for the optimizer wrapper."""
     choice = _backend.select(tensors[0].device, backend, op="sumsq")

@@ -78,18 +78,22 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
                     f"parameters; use fastaccum.wrap(torch.optim.{type(self).__name__}(...), "
                     "K, model=fsdp_model)"
                 )
+            name = type(self).__name__
             if p.dtype != torch.float32:
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    hint = f"fastaccum.wrap(torch.optim.{name}(...), K, master_weights=True)"
+                else:
+                    hint = f"fastaccum.wrap(torch.optim.{name}(...), K)"
                 raise TypeError(
-                    f"{type(self).__name__} needs float32 parameters, got one of dtype "
-                    f"{p.dtype} (shape {tuple(p.shape)}); for bf16/fp16 parameters use "
-                    f"fastaccum.wrap(torch.optim.{type(self).__name__}(...), K, "
-                    "master_weights=True)"
+                    f"{name} needs float32 parameters, got one of dtype {p.dtype} (shape "
+                    f"{tuple(p.shape)}); for {p.dtype} parameters use {hint}"
                 )
             if not p.is_contiguous():
                 raise ValueError(
-                    f"{type(self).__name__} needs contiguous parameters, got one of shape "
-                    f"{tuple(p.shape)} and stride {tuple(p.stride())}; convert the model "
-                    "with model.to(memory_format=torch.contiguous_format)"
+                    f"{name} needs contiguous parameters, got one of shape {tuple(p.shape)} "
+                    f"and stride {tuple(p.stride())}; convert the model with "
+                    "model.to(memory_format=torch.contiguous_format), or keep its memory "
+                    f"format with fastaccum.wrap(torch.optim.{name}(...), K)"
                 )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

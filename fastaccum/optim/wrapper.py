@@ -29,7 +29,13 @@ import torch
 
 from fastaccum import _backend
 from fastaccum.ops import finalize_
-from fastaccum.ops.accumulate import accumulate_unchecked, sumsq_unchecked
+from fastaccum.ops.accumulate import (
+    GRAD_DTYPES,
+    accumulate_unchecked,
+    accumulate_wide,
+    sumsq_unchecked,
+    sumsq_wide,
+)
 from fastaccum.ops.wgrad import wgrad_accumulate_unchecked
 from fastaccum.stats import NoiseScaleTracker
 
@@ -46,6 +52,14 @@ fold is a kernel launch."""
 def bucket_bytes(device: torch.device) -> int:
     """:data:`BUCKET_BYTES` for tensors on ``device``."""
     return BUCKET_BYTES.get(device.type, BUCKET_BYTES["default"])
+
+
+def _check_param_dtype(p: torch.Tensor, index: int) -> None:
+    if p.dtype == torch.complex32:
+        raise TypeError(
+            f"parameter {index} (shape {tuple(p.shape)}) is complex32; fastaccum accumulates "
+            "float32, bfloat16, float16, float64, complex64 and complex128 parameters"
+        )
 
 
 def _check_num_items(num_items: object) -> float | None:
@@ -80,6 +94,11 @@ class _FoldHook:
         opt = self._opt()
         if opt is not None:
             opt._fold_hook(p)
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor's real view (a trailing dimension of 2); a real tensor itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _remove_handles(handles: list[Any]) -> None:
@@ -143,6 +162,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     "activations= applies the policy to the model's forward passes: pass model= too"
                 )
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            _check_param_dtype(p, i)
         if accum_dtype != torch.float32:
             mismatched = [p for p in params if p.dtype != accum_dtype]
             if accum_dtype not in (torch.bfloat16, torch.float16) or mismatched:
@@ -221,10 +242,30 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         return self._micro_step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group to the wrapped optimizer; its parameters are accumulated too."""
-        super().add_param_group(param_group)  # appends to the shared param_groups list
+        """Add a param group to the wrapped optimizer; its parameters are accumulated too.
+
+        Raises:
+            TypeError: a complex32 parameter, or a float64 or complex one under DDP or
+                FSDP2 (and torch.optim's own errors). Nothing is added then.
+        """
         if not hasattr(self, "_params"):
-            return  # called from Optimizer.__init__, before the wrapper is set up
+            # called from Optimizer.__init__, before the wrapper is set up
+            super().add_param_group(param_group)
+            return
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):
+            params = list(params)
+            param_group = {**param_group, "params": params}
+        for i, p in enumerate(params or []):
+            if isinstance(p, torch.Tensor):
+                _check_param_dtype(p, i)
+                if self._dist is not None:
+                    from fastaccum.distributed import check_reducible
+
+                    check_reducible(p, f"param {i} of the new group")
+        super().add_param_group(param_group)  # appends to the shared param_groups list
         known = {id(p) for p in self._params}
         for i, p in enumerate(self.param_groups[-1]["params"]):
             if id(p) not in known:
@@ -304,11 +345,23 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         :meth:`_apply_and_step` read the window from here."""
         return {p: acc for p, acc in self._accums.items() if id(p) in self._touched}
 
+    def _accum_spec(self, p: torch.Tensor) -> tuple[torch.Size, torch.dtype]:
+        """Shape and dtype of ``p``'s accumulator: fp32 (``accum_dtype``, or the
+        parameter's own low precision), float64 for float64 parameters; a complex
+        parameter's is that of its real view."""
+        real = p.dtype.to_real()
+        if real == torch.float64 or self.accum_dtype != torch.float32:
+            dtype = real
+        else:
+            dtype = torch.float32
+        local = p if self._dist is None else self._dist.local(p)
+        shape = (*local.shape, 2) if p.is_complex() else local.shape
+        return torch.Size(shape), dtype
+
     def _accum_for(self, p: torch.Tensor) -> torch.Tensor:
         acc = self._accums.get(p)
         if acc is None:
-            dtype = self.accum_dtype if self.accum_dtype == torch.float32 else p.dtype
-            shape = p.shape if self._dist is None else self._dist.local(p).shape
+            shape, dtype = self._accum_spec(p)
             acc = torch.zeros(shape, dtype=dtype, device=p.device)
             self._accums[p] = acc
         return acc
@@ -337,17 +390,42 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         local = (lambda t: t) if self._dist is None else self._dist.local
         for group in by_device.values():
             accums = [self._accum_for(p) for p, _ in group]
-            # The lists are built here from parameters and their own gradients, so the
-            # Python-side checks are skipped; the op still validates before it writes.
-            grads = [local(g).contiguous() for _, g in group]
-            res = accumulate_unchecked(accums, grads, weight)
-            self._covers.append(({id(p) for p, _ in group}, res.accum_sumsq))
-            self._touched.update(id(p) for p, _ in group)
-            self._sumsq_parts.append(res.grad_sumsq)
-            self._sumsq_micro.append(self._micro_step)
-            self._window_bad.append(res.found_nonfinite)
+            wide = [a.dtype == torch.float64 for a in accums]
+            if not any(wide):
+                self._fold_group(group, accums, weight, local)
+                continue
+            # float64 accumulators (float64 and complex128 parameters) take torch's foreach
+            # ops, after the kernel call, which validates, has run on the others.
+            for is_wide in (False, True):
+                part = [i for i, w in enumerate(wide) if w == is_wide]
+                if part:
+                    self._fold_group(
+                        [group[i] for i in part], [accums[i] for i in part], weight, local
+                    )
         for p, _ in pairs:
             p.grad = None  # folded: free it, so a later backward cannot fold it twice
+
+    def _fold_group(
+        self,
+        group: list[tuple[torch.Tensor, torch.Tensor]],
+        accums: list[torch.Tensor],
+        weight: float,
+        local: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """One fused accumulate_ call (all accumulators float64, or none): complex
+        gradients go in as their real views, like their accumulators."""
+        # The lists are built here from parameters and their own gradients, so the
+        # Python-side checks are skipped; the op still validates before it writes.
+        grads = [_real(local(g).contiguous()) for _, g in group]
+        if accums[0].dtype == torch.float64:
+            res = accumulate_wide(accums, grads, weight)
+        else:
+            res = accumulate_unchecked(accums, grads, weight)
+        self._covers.append(({id(p) for p, _ in group}, res.accum_sumsq))
+        self._touched.update(id(p) for p, _ in group)
+        self._sumsq_parts.append(res.grad_sumsq)
+        self._sumsq_micro.append(self._micro_step)
+        self._window_bad.append(res.found_nonfinite)
 
     # ------------------------------------------------------------------ the loop
 
@@ -617,6 +695,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             slot is None
             or not _backend.has_extension()  # a pure-Python install has no C++ route
             or self.accum_dtype != torch.float32
+            or weight.dtype not in GRAD_DTYPES  # float64 accumulators: the unfused route
             or self._wgrad_layers[slot][0] is not weight  # e.g. FSDP2's unsharded copy
         ):
             return None
@@ -652,6 +731,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         return (
             self._hooks_active
             and self.accum_dtype == torch.float32
+            and weight.dtype in GRAD_DTYPES
             and id(weight) in ids
             and (bias is None or not bias.requires_grad or id(bias) in ids)
         )
@@ -731,11 +811,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         for ids, accum_sumsq in self._covers:
             covered |= ids
             parts.append(accum_sumsq)
-        rest: dict[torch.device, list[torch.Tensor]] = {}
+        rest: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
         for p, acc in self.window_accums().items():
             if id(p) not in covered:
-                rest.setdefault(acc.device, []).append(acc)
-        parts.extend(sumsq_unchecked(accs) for accs in rest.values())  # one read each
+                rest.setdefault((acc.device, acc.dtype == torch.float64), []).append(acc)
+        for (_, wide), accs in rest.items():  # one read each
+            parts.append(sumsq_wide(accs) if wide else sumsq_unchecked(accs))
         device = parts[0].device
         return torch.stack([t.to(device=device, dtype=torch.float64) for t in parts]).sum()
 
@@ -841,26 +922,32 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         aliased, written = [], []
         for p, acc in self.window_accums().items():
             target = self._masters.get(p, p)
-            if acc.dtype == target.dtype:
+            if acc.dtype == target.dtype.to_real():
                 aliased.append((target, acc))
             else:
                 written.append((target, acc))
-        by_device: dict[tuple[torch.device, bool], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        groups: dict[tuple[torch.device, bool], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for target, acc in aliased:
-            by_device.setdefault((acc.device, True), []).append((target, acc))
+            groups.setdefault((acc.device, True), []).append((target, acc))
         for target, acc in written:
-            by_device.setdefault((acc.device, False), []).append((target, acc))
+            groups.setdefault((acc.device, False), []).append((target, acc))
         # Sharded (FSDP2) parameters take their local shard wrapped back into a DTensor.
         local = (lambda t: t) if self._dist is None else self._dist.local
         as_grad = (lambda target, t: t) if self._dist is None else self._dist.as_grad
-        for (_, alias), group in by_device.items():
+        for (_, alias), group in groups.items():
             accums = [acc for _, acc in group]
             if alias:
                 # Scale in place and hand the accumulator itself to the optimizer as .grad:
                 # no second full-size gradient buffer at step time.
-                finalize_(accums, None, factor, zero_accums=False)
+                wide = [acc for acc in accums if acc.dtype == torch.float64]
+                if wide:  # the kernels do not take float64: one foreach pass instead
+                    torch._foreach_mul_(wide, factor)
+                if len(wide) < len(accums):
+                    narrow = [acc for acc in accums if acc.dtype != torch.float64]
+                    finalize_(narrow, None, factor, zero_accums=False)
                 for target, acc in group:
-                    target.grad = as_grad(target, acc)
+                    grad = torch.view_as_complex(acc) if target.is_complex() else acc
+                    target.grad = as_grad(target, grad)
             else:
                 outs = [torch.empty_like(local(target)) for target, _ in group]
                 finalize_(accums, outs, factor, zero_accums=True)
@@ -981,8 +1068,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: the state dict is not a fastaccum one, or comes from another
-                configuration (accum_steps, accum_dtype, master_weights or parameter
-                shapes differ). Nothing is changed then.
+                configuration (accum_steps, accum_dtype, master_weights, parameter shapes
+                or accumulator dtypes differ). Nothing is changed then.
         """
         if not isinstance(state_dict, dict) or "fastaccum" not in state_dict:
             raise ValueError(
@@ -997,6 +1084,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if there != here:
                 raise ValueError(
                     f"state dict from another configuration: {key} is {there} there and {here} here"
+                )
+        for p, acc in zip(self._params, saved["accums"], strict=True):
+            if acc is None:
+                continue
+            shape, dtype = self._accum_spec(p)
+            if acc.shape != shape or acc.dtype != dtype:
+                raise ValueError(
+                    f"state dict from another configuration: the accumulator of "
+                    f"{self._names[id(p)]} is {acc.dtype} {tuple(acc.shape)} there, but this "
+                    f"wrapper accumulates it in {dtype} {tuple(shape)} (parameter dtype "
+                    f"{p.dtype})"
                 )
         self.optimizer.load_state_dict(state_dict["optimizer"])
         # torch's load_state_dict replaces both objects: share the new ones again, or LR

@@ -97,3 +97,17 @@ def test_ddp_sync_flag_follows_the_window(one_process_group):
     assert ddp.require_backward_grad_sync  # the next micro-batch closes the window
     opt.load_state_dict(state)
     assert not ddp.require_backward_grad_sync
+
+
+def test_float64_parameters_under_ddp_are_refused(one_process_group):
+    ddp = DDP(make_model(dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"module\.0\.weight is torch\.float64; under DDP"):
+        fastaccum.wrap(torch.optim.SGD(ddp.parameters(), lr=0.1), 4, model=ddp)
+    assert not getattr(ddp, "_comm_hooks", [])  # no communication hook was registered
+
+    model = DDP(make_model())
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4, model=model)
+    extra = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="complex64; under DDP"):
+        opt.add_param_group({"params": [extra]})
+    assert len(opt.param_groups) == len(opt.optimizer.param_groups) == 1

@@ -315,6 +315,10 @@ def test_bad_arguments(kind, options, exc, match):
 def test_parameters_must_be_fp32_and_contiguous():
     with pytest.raises(TypeError, match=r"needs float32 parameters.*master_weights=True"):
         fo.AdamW(make_model().bfloat16().parameters())
+    with pytest.raises(
+        TypeError, match=r"float64 parameters use fastaccum\.wrap\(torch\.optim\.Adam\("
+    ):
+        fo.Adam(make_model().double().parameters())
     weight = torch.nn.Parameter(torch.randn(4, 3).t())
     with pytest.raises(ValueError, match="contiguous"):
         fo.SGD([weight], lr=0.1)

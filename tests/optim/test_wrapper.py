@@ -19,16 +19,11 @@ from tests.helpers import (
     assert_close_rel,
     large_batch_run,
     make_model,
+    make_opt,
     mean_loss,
     split_windows,
     token_batches,
 )
-
-
-def make_opt(kind, params):
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
-    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])

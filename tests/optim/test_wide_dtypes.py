@@ -1,0 +1,192 @@
+"""fastaccum.wrap on float64 and complex parameters.
+
+float64 accumulators (float64 and complex128 parameters) go through torch's foreach ops;
+complex64 parameters go through the kernels as their fp32 real views. References are
+plain torch on the concatenated batch, in the parameters' own dtype.
+"""
+
+import io
+import math
+
+import pytest
+import torch
+
+import fastaccum
+from tests.helpers import (
+    assert_close_rel,
+    large_batch_run,
+    make_model,
+    make_opt,
+    mean_loss,
+    split_windows,
+    token_batches,
+)
+
+
+def train(model, opt, batches, mode):
+    for x, y in batches:
+        loss = mean_loss(model, x, y)
+        if mode == "backward":
+            opt.backward(loss, num_items=len(y))
+            opt.step()
+        else:
+            loss.backward()
+            opt.step(num_items=len(y))
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("mode", ["step", "backward", "backward+fuse_wgrad"])
+def test_float64_matches_large_batch_training_in_float64(kind, mode):
+    k = 4
+    batches = token_batches(3 * k - 1, seed=5)  # 2 full windows, then a partial one
+    want, _ = large_batch_run(
+        lambda p: make_opt(kind, p), split_windows(batches, k), 0.5, dtype=torch.float64
+    )
+    model = make_model(dtype=torch.float64)
+    if mode.endswith("fuse_wgrad"):
+        fastaccum.fuse_wgrad(model)  # float64 layers take the unfused route
+    opt = fastaccum.wrap(make_opt(kind, model.parameters()), k, model=model, max_grad_norm=0.5)
+    train(model, opt, batches, mode.split("+")[0])
+    assert opt.flush() is True
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert p.dtype == torch.float64
+        assert_close_rel(p, q, 1e-12)
+    assert all(acc.dtype == torch.float64 for acc in opt.window_accums().values())
+
+
+def complex_model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8, dtype=dtype), torch.nn.Linear(8, 2, dtype=dtype)
+    )
+
+
+def complex_batches(dtype: torch.dtype, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(4)
+    sizes = torch.randint(2, 9, (n,), generator=gen).tolist()
+    return [
+        (
+            torch.randn(s, 6, dtype=dtype, generator=gen),
+            torch.randn(s, 2, dtype=dtype, generator=gen),
+        )
+        for s in sizes
+    ]
+
+
+def complex_loss(model, x, y):
+    return (model(x) - y).abs().square().sum(1).mean()
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.complex64, 1e-5), (torch.complex128, 1e-12)])
+@pytest.mark.parametrize("mode", ["step", "backward"])
+def test_complex_matches_large_batch_training(dtype, rtol, mode):
+    k = 3
+    batches = complex_batches(dtype, 2 * k)
+    want = complex_model(dtype)
+    want_opt = torch.optim.AdamW(want.parameters(), lr=1e-2)
+    want_norms = []
+    for window in split_windows(batches, k):
+        x = torch.cat([b[0] for b in window])
+        y = torch.cat([b[1] for b in window])
+        complex_loss(want, x, y).backward()
+        want_norms.append(torch.nn.utils.clip_grad_norm_(want.parameters(), 0.5).item())
+        want_opt.step()
+        want_opt.zero_grad()
+
+    model = complex_model(dtype)
+    opt = fastaccum.wrap(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), k, model=model, max_grad_norm=0.5
+    )
+    norms = []
+    for x, y in batches:
+        loss = complex_loss(model, x, y)
+        if mode == "backward":
+            opt.backward(loss, num_items=len(y))
+        else:
+            loss.backward()
+        if opt.step(num_items=len(y)):
+            norms.append(opt.stats()["grad_norm"])
+            assert all(p.grad is None for p in model.parameters())
+        opt.zero_grad()
+    assert len(norms) == 2
+    assert_close_rel(torch.tensor(norms), torch.tensor(want_norms), rtol)
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert p.dtype == dtype
+        assert_close_rel(torch.view_as_real(p), torch.view_as_real(q), rtol)
+
+
+def test_float64_nonfinite_window_is_skipped_and_changes_nothing():
+    model = make_model(dtype=torch.float64)
+    opt = fastaccum.wrap(make_opt("adamw", model.parameters()), 2, model=model)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = token_batches(1)[0]
+    mean_loss(model, x, y).backward()
+    opt.step()
+    mean_loss(model, x, y).backward()
+    model[4].bias.grad[1] = math.inf
+    with pytest.warns(RuntimeWarning, match=r"1 parameter\(s\) \(4\.bias\)"):
+        assert opt.step() is False
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    assert len(opt.optimizer.state) == 0
+    assert opt.stats()["skipped_windows"] == 1
+
+
+def run_float64_with_checkpoint(stop_at, batches, k=3):
+    model = make_model(dtype=torch.float64)
+    opt = fastaccum.wrap(make_opt("adamw", model.parameters()), k, model=model, max_grad_norm=1)
+    for i, (x, y) in enumerate(batches):
+        if i == stop_at:
+            buf = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+            buf.seek(0)
+            ckpt = torch.load(buf, weights_only=False)
+            model = make_model(seed=9, dtype=torch.float64)
+            opt = fastaccum.wrap(make_opt("adamw", model.parameters()), k, model=model)
+            opt.max_grad_norm = 1.0
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+        train(model, opt, [(x, y)], "step")
+    return model
+
+
+def test_float64_resume_mid_window_is_bit_identical():
+    batches = token_batches(8, seed=6)
+    straight = run_float64_with_checkpoint(None, batches)
+    resumed = run_float64_with_checkpoint(4, batches)  # 1 micro-batch into window 2
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_with_other_accumulator_dtypes_changes_nothing():
+    x, y = token_batches(1)[0]
+    f32 = make_model()
+    saved = fastaccum.wrap(torch.optim.SGD(f32.parameters(), lr=0.1), 4)
+    mean_loss(f32, x, y).backward()
+    saved.step()
+
+    model = make_model(dtype=torch.float64)  # the same shapes
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4)
+    mean_loss(model, x, y).backward()
+    opt.step()
+    before = [a.clone() for a in opt.state_dict()["fastaccum"]["accums"]]
+    with pytest.raises(
+        ValueError, match=r"accumulator of param 0 .*float32.*accumulates it in torch.float64"
+    ):
+        opt.load_state_dict(saved.state_dict())
+    assert opt.micro_step == 1
+    after = opt.state_dict()["fastaccum"]["accums"]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_complex32_parameters_are_refused():
+    half = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64).to(torch.complex32))
+    with pytest.raises(TypeError, match="complex32"):
+        fastaccum.wrap(torch.optim.SGD([half], lr=0.1), 2)
+    model = make_model()
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2)
+    groups = len(opt.param_groups)
+    with pytest.raises(TypeError, match="complex32"):
+        opt.add_param_group({"params": [half]})
+    assert len(opt.param_groups) == len(opt.optimizer.param_groups) == groups
