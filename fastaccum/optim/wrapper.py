@@ -19,6 +19,7 @@ a window, one reduction per window, item counts summed over ranks. See
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 import weakref
@@ -62,6 +63,15 @@ def _check_param_dtype(p: torch.Tensor, index: int) -> None:
         )
 
 
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` requires a closure (``torch.optim.LBFGS``)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: assume the usual step()
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
 def _check_num_items(num_items: object) -> float | None:
     if num_items is None:
         return None
@@ -101,6 +111,23 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when contiguous; else ``t`` with its dimensions permuted into memory
+    order (outermost stride first), which is contiguous for a dense tensor in another
+    memory format (channels_last): the same memory, for the elementwise kernels."""
+    if t.is_contiguous():
+        return t
+    return t.permute(sorted(range(t.dim()), key=t.stride, reverse=True))
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the elements of ``a`` and ``b`` lie in the same memory order (equal shapes,
+    equal strides wherever a dimension has more than one element)."""
+    return a.shape == b.shape and all(
+        n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)
+    )
+
+
 def _remove_handles(handles: list[Any]) -> None:
     """Take a dropped wrapper's hooks off its parameters."""
     for handle in handles:
@@ -134,6 +161,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if isinstance(optimizer, AccumulatingOptimizer):
             raise TypeError(
                 "optimizer is already wrapped by fastaccum; wrap the inner optimizer once"
+            )
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise TypeError(
+                "SparseAdam steps on sparse gradients and fastaccum accumulates dense ones; "
+                "wrap torch.optim.Adam (nn.Embedding(sparse=False)) instead"
+            )
+        if _needs_closure(optimizer):
+            raise TypeError(
+                f"{type(optimizer).__name__}.step needs a closure that re-evaluates the loss "
+                "of the whole batch, which a window of micro-batches cannot give; use "
+                "it without fastaccum, on a batch that fits"
             )
         if isinstance(accum_steps, bool) or not isinstance(accum_steps, int):
             raise TypeError(f"accum_steps must be an int, got {type(accum_steps).__name__}")
@@ -348,7 +386,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     def _accum_spec(self, p: torch.Tensor) -> tuple[torch.Size, torch.dtype]:
         """Shape and dtype of ``p``'s accumulator: fp32 (``accum_dtype``, or the
         parameter's own low precision), float64 for float64 parameters; a complex
-        parameter's is that of its real view."""
+        parameter's is that of its real view. Its memory format is the parameter's (a
+        distributed model's accumulators are contiguous: they are reduced as one flat
+        buffer)."""
         real = p.dtype.to_real()
         if real == torch.float64 or self.accum_dtype != torch.float32:
             dtype = real
@@ -362,7 +402,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         acc = self._accums.get(p)
         if acc is None:
             shape, dtype = self._accum_spec(p)
-            acc = torch.zeros(shape, dtype=dtype, device=p.device)
+            if self._dist is None:  # channels_last stays channels_last (not if not dense)
+                acc = torch.zeros_like(_real(p.detach()), dtype=dtype)
+            else:
+                acc = torch.zeros(shape, dtype=dtype, device=p.device)
             self._accums[p] = acc
         return acc
 
@@ -416,7 +459,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         gradients go in as their real views, like their accumulators."""
         # The lists are built here from parameters and their own gradients, so the
         # Python-side checks are skipped; the op still validates before it writes.
-        grads = [_real(local(g).contiguous()) for _, g in group]
+        grads = [_real(local(g)) for _, g in group]
+        for i, (g, acc) in enumerate(zip(grads, accums, strict=True)):
+            if acc.is_contiguous():
+                grads[i] = g.contiguous()
+            else:  # e.g. channels_last: both go in memory order, with no copy
+                if not _same_layout(g, acc):
+                    g = torch.empty_like(acc, dtype=g.dtype).copy_(g)
+                grads[i], accums[i] = _memory_order(g), _memory_order(acc)
         if accums[0].dtype == torch.float64:
             res = accumulate_wide(accums, grads, weight)
         else:
@@ -696,6 +746,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             or not _backend.has_extension()  # a pure-Python install has no C++ route
             or self.accum_dtype != torch.float32
             or weight.dtype not in GRAD_DTYPES  # float64 accumulators: the unfused route
+            or not weight.is_contiguous()  # its accumulator has the weight's strides
             or self._wgrad_layers[slot][0] is not weight  # e.g. FSDP2's unsharded copy
         ):
             return None
@@ -732,6 +783,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._hooks_active
             and self.accum_dtype == torch.float32
             and weight.dtype in GRAD_DTYPES
+            and weight.is_contiguous()
             and id(weight) in ids
             and (bias is None or not bias.requires_grad or id(bias) in ids)
         )
@@ -816,7 +868,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if id(p) not in covered:
                 rest.setdefault((acc.device, acc.dtype == torch.float64), []).append(acc)
         for (_, wide), accs in rest.items():  # one read each
-            parts.append(sumsq_wide(accs) if wide else sumsq_unchecked(accs))
+            if wide:
+                parts.append(sumsq_wide(accs))
+            else:
+                parts.append(sumsq_unchecked([_memory_order(a) for a in accs]))
         device = parts[0].device
         return torch.stack([t.to(device=device, dtype=torch.float64) for t in parts]).sum()
 
@@ -864,7 +919,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             clip = 1.0
             if self.max_grad_norm is not None:
                 clip = min(1.0, self.max_grad_norm / (norm + _CLIP_EPS))
-            self._apply_and_step(inv_scale / total * clip)
+            try:
+                self._apply_and_step(inv_scale / total * clip)
+            except BaseException as err:
+                self._drop_failed_window(err)
+                raise
             self._last_norm = norm
             self._windows += 1
             self._items_seen += total
@@ -879,6 +938,26 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._reset_window()
         self._sync_next()
         return stepped
+
+    def _drop_failed_window(self, err: BaseException) -> None:
+        """The wrapped optimizer's step raised: the accumulators then hold a scaled, maybe
+        partly consumed window. Discard it and clear the .grad it was handed, so that the
+        next micro-batch starts a clean window instead of stepping this one again."""
+        for target in [*self._params, *self._masters.values()]:
+            target.grad = None
+        if self._accums:
+            torch._foreach_zero_(list(self._accums.values()))
+        if self.model is not None:
+            from fastaccum.nn.batchnorm import end_window
+
+            end_window(self.model, discard=True)
+        self._reset_window()
+        self._sync_next()
+        err.add_note(
+            "fastaccum: the wrapped optimizer's step failed, so this window's accumulated "
+            "gradients were discarded (micro_step is 0 again); whatever the optimizer had "
+            "already updated before it raised stays updated"
+        )
 
     def _track_noise_scale(self, norm: float, total: float) -> None:
         """Fold the window into the noise-scale estimate, from numbers the window's one host
@@ -932,7 +1011,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         for target, acc in written:
             groups.setdefault((acc.device, False), []).append((target, acc))
         # Sharded (FSDP2) parameters take their local shard wrapped back into a DTensor.
-        local = (lambda t: t) if self._dist is None else self._dist.local
         as_grad = (lambda target, t: t) if self._dist is None else self._dist.as_grad
         for (_, alias), group in groups.items():
             accums = [acc for _, acc in group]
@@ -944,13 +1022,19 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     torch._foreach_mul_(wide, factor)
                 if len(wide) < len(accums):
                     narrow = [acc for acc in accums if acc.dtype != torch.float64]
-                    finalize_(narrow, None, factor, zero_accums=False)
+                    finalize_([_memory_order(a) for a in narrow], None, factor, zero_accums=False)
                 for target, acc in group:
                     grad = torch.view_as_complex(acc) if target.is_complex() else acc
                     target.grad = as_grad(target, grad)
             else:
-                outs = [torch.empty_like(local(target)) for target, _ in group]
-                finalize_(accums, outs, factor, zero_accums=True)
+                # In the accumulator's memory format, whatever the parameter's is now.
+                outs = [torch.empty_like(acc, dtype=target.dtype) for target, acc in group]
+                finalize_(
+                    [_memory_order(a) for a in accums],
+                    [_memory_order(o) for o in outs],
+                    factor,
+                    zero_accums=True,
+                )
                 for (target, _), out in zip(group, outs, strict=True):
                     target.grad = as_grad(target, out)
         self.optimizer.step()

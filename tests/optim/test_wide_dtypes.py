@@ -7,6 +7,7 @@ plain torch on the concatenated batch, in the parameters' own dtype.
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -181,7 +182,9 @@ def test_state_dict_with_other_accumulator_dtypes_changes_nothing():
 
 
 def test_complex32_parameters_are_refused():
-    half = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64).to(torch.complex32))
+    with warnings.catch_warnings():  # torch: "ComplexHalf support is experimental"
+        warnings.simplefilter("ignore", UserWarning)
+        half = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64).to(torch.complex32))
     with pytest.raises(TypeError, match="complex32"):
         fastaccum.wrap(torch.optim.SGD([half], lr=0.1), 2)
     model = make_model()

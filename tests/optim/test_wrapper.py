@@ -294,6 +294,10 @@ def test_bad_construction_arguments():
         fo.wrap(sgd, 4, model=make_model(seed=5))
     with pytest.raises(ValueError, match="max_grad_norm"):
         fo.wrap(sgd, 4, max_grad_norm=-1.0)
+    with pytest.raises(TypeError, match=r"LBFGS\.step needs a closure"):
+        fo.wrap(torch.optim.LBFGS(model.parameters()), 4)
+    with pytest.raises(TypeError, match="SparseAdam steps on sparse gradients"):
+        fo.wrap(torch.optim.SparseAdam(list(model.parameters())), 4)
 
 
 def test_step_without_gradients_changes_nothing():
@@ -532,5 +536,47 @@ def test_backward_failing_before_any_fold_keeps_the_window():
             assert all(p.grad is None for p in model.parameters())
         opt.backward(mean_loss(model, x, y), num_items=len(y))
         opt.step()
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
+class FailsOnce(torch.optim.AdamW):
+    """AdamW whose first step raises before it changes anything (a device error, say)."""
+
+    failed = False
+
+    def step(self, closure=None):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected step failure")
+        return super().step(closure)
+
+
+def test_failed_optimizer_step_discards_the_window_and_training_goes_on():
+    """The window the failed step was handed (already scaled in place) is dropped, not
+    stepped again with the next micro-batch; .grad is cleared and the next window trains
+    exactly as the large batch."""
+    k = 3
+    data = token_batches(2 * k, seed=8)
+    want, _ = large_batch_run(lambda p: make_opt("adamw", p), split_windows(data[k:], k))
+    model = make_model()
+    opt = fastaccum.wrap(FailsOnce(model.parameters(), lr=1e-2, weight_decay=0.1), k, model=model)
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in data[: k - 1]:
+        mean_loss(model, x, y).backward()
+        assert opt.step(num_items=len(y)) is False
+    x, y = data[k - 1]
+    mean_loss(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="injected step failure") as failure:
+        opt.step(num_items=len(y))
+    assert "accumulated gradients were discarded" in "".join(failure.value.__notes__)
+    assert opt.micro_step == 0
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.stats()["windows"] == 0
+    for x, y in data[k:]:
+        mean_loss(model, x, y).backward()
+        opt.step(num_items=len(y))
+        opt.zero_grad()
     for p, q in zip(model.parameters(), want.parameters(), strict=True):
         assert_close_rel(p, q, 1e-5)
