@@ -499,6 +499,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             RuntimeError: no parameter has a gradient (no backward on this micro-batch).
             Nothing is folded or changed when it raises.
         """
+        self._check_not_unscaled()
         if closure is not None:
             with torch.enable_grad():
                 closure()
@@ -542,6 +543,26 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._start_micro_step()
         self._sync_next()
         return False
+
+    def _check_not_unscaled(self) -> None:
+        """Raise RuntimeError when ``scaler.step(opt)`` or ``scaler.unscale_(opt)`` already
+        unscaled this micro-batch's gradients for the scaler this wrapper unscales with
+        itself: folding them would unscale them twice."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return
+        states = getattr(self.scaler, "_per_optimizer_states", None)
+        state = states.get(id(self)) if isinstance(states, dict) else None
+        stage = None if state is None else getattr(state.get("stage"), "name", None)
+        if stage not in (None, "READY"):
+            raise RuntimeError(
+                "scaler.step(opt) or scaler.unscale_(opt) was called on a wrapper created "
+                "with scaler=: the wrapper holds the scale for the window and unscales once "
+                "at its boundary, so this micro-batch's gradients would be unscaled twice. "
+                "Call opt.step() and leave scaler.step/unscale_/update to the wrapper, or "
+                "wrap without scaler= to let scaler.step(opt) unscale every micro-batch. "
+                "Nothing was folded; the gradients were already unscaled by the scaler: "
+                "call opt.zero_grad() and redo this micro-batch"
+            )
 
     def _fold_weight(self, weight: float) -> float:
         # Under FSDP2 opt.backward already put the weight into the gradient (see backward).

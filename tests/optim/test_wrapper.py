@@ -229,6 +229,39 @@ def test_grad_scaler_skips_a_window_with_inf_then_trains_normally():
         assert_close_rel(p, q, 1e-5)
 
 
+def test_scaler_step_on_a_wrapper_given_the_scaler_is_refused():
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model, scaler=scaler)
+    x, y = token_batches(1)[0]
+    scaler.scale(mean_loss(model, x, y)).backward()
+    with pytest.raises(RuntimeError, match="unscaled twice"):
+        scaler.step(opt)
+    assert opt.micro_step == 0
+    assert opt.state_dict()["fastaccum"]["accums"] == [None] * len(list(model.parameters()))
+
+
+def test_scaler_step_each_micro_batch_without_scaler_argument_trains_exactly():
+    """The habitual AMP loop, ``scaler.step(opt); scaler.update()`` on every micro-batch,
+    with a wrapper that does not own the scaler: the scaler unscales each micro-batch
+    before it is folded, so scale changes inside a window (growth every micro-step here)
+    do not matter."""
+    k = 3
+    batches = token_batches(2 * k, seed=9)
+    want, _ = large_batch_run(lambda p: make_opt("sgd", p), split_windows(batches, k))
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1)
+    opt = fo.wrap(make_opt("sgd", model.parameters()), k, model=model)
+    for x, y in batches:
+        scaler.scale(mean_loss(model, x, y)).backward()
+        scaler.step(opt, num_items=len(y))
+        scaler.update()
+        opt.zero_grad()
+    assert scaler.get_scale() == 256.0 * 2 ** len(batches)
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
 def test_nonfinite_without_scaler_warns_and_changes_nothing():
     model = make_model()
     opt = fo.wrap(make_opt("adamw", model.parameters()), 2, model=model)
