@@ -13,6 +13,12 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Weight dtypes whose gradients the fused layers accumulate into fp32 accumulators; a
+layer with another weight dtype (float64, complex) runs as its torch counterpart."""
+
 
 class SinkLink:
     """Mixin for fused layers: ``self._wgrad_sink`` reads and sets a weak reference."""

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from fastaccum.nn._sink import SinkLink
+from fastaccum.nn._sink import FUSED_DTYPES, SinkLink
 
 
 class EmbeddingGradSink(Protocol):
@@ -93,7 +93,11 @@ class Embedding(SinkLink, torch.nn.Embedding):
                 f"sparse={self.sparse}: use torch.nn.Embedding for it"
             )
         sink, weight = self._wgrad_sink, self.weight
-        if sink is None or not (torch.is_grad_enabled() and weight.requires_grad):
+        if (
+            sink is None
+            or not (torch.is_grad_enabled() and weight.requires_grad)
+            or weight.dtype not in FUSED_DTYPES
+        ):
             return F.embedding(input, weight, self.padding_idx)
         # As for fastaccum.nn.Linear: the C++ autograd function where the sink hands out a
         # route, the Python one (which decides in backward) otherwise and under compile.

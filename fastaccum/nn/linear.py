@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from fastaccum.nn._sink import SinkLink
+from fastaccum.nn._sink import FUSED_DTYPES, SinkLink
 
 
 class WgradSink(Protocol):
@@ -114,7 +114,11 @@ class Linear(SinkLink, torch.nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         sink = self._wgrad_sink
         weight, bias = self.weight, self.bias
-        if sink is None or not (torch.is_grad_enabled() and weight.requires_grad):
+        if (
+            sink is None
+            or not (torch.is_grad_enabled() and weight.requires_grad)
+            or weight.dtype not in FUSED_DTYPES  # float64, complex: plain autograd
+        ):
             return F.linear(input, weight, bias)
         dtype = _autocast_dtype(input.device.type) if weight.is_floating_point() else None
         compute = weight.dtype if dtype is None else dtype

@@ -80,7 +80,7 @@ def complex_loss(model, x, y):
 
 
 @pytest.mark.parametrize(("dtype", "rtol"), [(torch.complex64, 1e-5), (torch.complex128, 1e-12)])
-@pytest.mark.parametrize("mode", ["step", "backward"])
+@pytest.mark.parametrize("mode", ["step", "backward", "backward+fuse_wgrad"])
 def test_complex_matches_large_batch_training(dtype, rtol, mode):
     k = 3
     batches = complex_batches(dtype, 2 * k)
@@ -96,13 +96,15 @@ def test_complex_matches_large_batch_training(dtype, rtol, mode):
         want_opt.zero_grad()
 
     model = complex_model(dtype)
+    if mode.endswith("fuse_wgrad"):  # complex layers run as nn.Linear
+        fastaccum.fuse_wgrad(model)
     opt = fastaccum.wrap(
         torch.optim.AdamW(model.parameters(), lr=1e-2), k, model=model, max_grad_norm=0.5
     )
     norms = []
     for x, y in batches:
         loss = complex_loss(model, x, y)
-        if mode == "backward":
+        if mode.startswith("backward"):
             opt.backward(loss, num_items=len(y))
         else:
             loss.backward()
