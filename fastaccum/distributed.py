@@ -721,18 +721,16 @@ def attach(
         RuntimeError: DDP already has a communication hook.
         TypeError: a float64 or complex parameter under DDP or FSDP2.
     """
-    if model is None or not dist.is_available():
-        found = None
-    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        for p in opt._params:
-            check_reducible(p, opt._names[id(p)])
-        found = DDPWindow(opt, model)
-    elif _has_fsdp(model):
-        for p in opt._params:
-            check_reducible(p, opt._names[id(p)])
-        found = FSDPWindow(opt, model, reduce_scatter_every_micro_step)
-    else:
-        found = None
+    found: _DistributedWindow | None = None
+    if model is not None and dist.is_available():
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if ddp or _has_fsdp(model):
+            for p in opt._params:
+                check_reducible(p, opt._names[id(p)])
+            if ddp:
+                found = DDPWindow(opt, model)
+            else:
+                found = FSDPWindow(opt, model, reduce_scatter_every_micro_step)
     if reduce_scatter_every_micro_step and not isinstance(found, FSDPWindow):
         raise ValueError(
             "reduce_scatter_every_micro_step=True applies to FSDP2 models only; pass "

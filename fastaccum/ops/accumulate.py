@@ -413,17 +413,19 @@ def sumsq(tensors: Sequence[torch.Tensor], *, backend: str | None = None) -> tor
 
 def accumulate_wide(
     accums: list[torch.Tensor], grads: list[torch.Tensor], scale: float
-) -> AccumulateResult:
-    """:func:`accumulate_` for float64 accumulators and gradients, which the kernels do not
-    take (the optimizer wrapper's float64 and complex128 parameters): three multi-tensor
-    passes of torch's foreach ops. No checks; the results are float64, and the non-finite
-    flag is that of the gradients' total sum of squares (NaN or Inf in a gradient, or a
-    norm past 1e154)."""
-    per = torch.stack(torch._foreach_norm(grads, 2)).square()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``accums[i] += scale * grads[i]`` for float64 accumulators and gradients, which the
+    kernels do not take (the optimizer wrapper's float64 and complex128 parameters), in
+    two multi-tensor passes of torch's foreach ops. No checks.
+
+    Returns:
+        The gradients' total sum of squares (float64 scalar) and its non-finite flag
+        (NaN or Inf in a gradient, or a norm past 1e154). The accumulators' sum of squares
+        is left to :func:`sumsq_wide`, once per window.
+    """
+    total = torch.stack(torch._foreach_norm(grads, 2)).square().sum()
     torch._foreach_add_(accums, grads, alpha=scale)
-    accum_sumsq = torch.stack(torch._foreach_norm(accums, 2)).square().sum()
-    total = per.sum()
-    return AccumulateResult(total, per, accum_sumsq, ~torch.isfinite(total))
+    return total, ~torch.isfinite(total)
 
 
 def sumsq_wide(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -373,7 +373,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # (ids of params folded by one accumulate_ call, that call's accumulator sum of
         # squares) for the current micro-step: at the boundary they give the window norm
         # without re-reading the accumulators.
-        self._covers: list[tuple[set[int], torch.Tensor]] = []
+        self._covers: list[tuple[set[int], torch.Tensor | None]] = []
         self._fused_this_step = False
         self._hook_weight: float | None = None
 
@@ -468,14 +468,16 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     g = torch.empty_like(acc, dtype=g.dtype).copy_(g)
                 grads[i], accums[i] = _memory_order(g), _memory_order(acc)
         if accums[0].dtype == torch.float64:
-            res = accumulate_wide(accums, grads, weight)
+            grad_sumsq, bad = accumulate_wide(accums, grads, weight)
+            accum_sumsq = None  # no free by-product here: read once, at the boundary
         else:
             res = accumulate_unchecked(accums, grads, weight)
-        self._covers.append(({id(p) for p, _ in group}, res.accum_sumsq))
+            grad_sumsq, bad, accum_sumsq = res.grad_sumsq, res.found_nonfinite, res.accum_sumsq
+        self._covers.append(({id(p) for p, _ in group}, accum_sumsq))
         self._touched.update(id(p) for p, _ in group)
-        self._sumsq_parts.append(res.grad_sumsq)
+        self._sumsq_parts.append(grad_sumsq)
         self._sumsq_micro.append(self._micro_step)
-        self._window_bad.append(res.found_nonfinite)
+        self._window_bad.append(bad)
 
     # ------------------------------------------------------------------ the loop
 
@@ -682,9 +684,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """A backward that failed after folding part of its micro-batch left a window that
         no longer stands for whole micro-batches: zero it, so that nothing partial steps."""
         earlier = self._micro_step
-        if self._accums:
-            torch._foreach_zero_(list(self._accums.values()))
-        self._reset_window()
+        self._drop_window()
         warnings.warn(
             f"fastaccum: opt.backward failed ({type(err).__name__}) after part of this "
             "micro-batch's gradients had been added to the accumulators; the window was "
@@ -882,8 +882,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         covered: set[int] = set()
         parts = []
         for ids, accum_sumsq in self._covers:
-            covered |= ids
-            parts.append(accum_sumsq)
+            if accum_sumsq is not None:  # None: float64 folds, which do not measure it
+                covered |= ids
+                parts.append(accum_sumsq)
         rest: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
         for p, acc in self.window_accums().items():
             if id(p) not in covered:
@@ -960,12 +961,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._sync_next()
         return stepped
 
-    def _drop_failed_window(self, err: BaseException) -> None:
-        """The wrapped optimizer's step raised: the accumulators then hold a scaled, maybe
-        partly consumed window. Discard it and clear the .grad it was handed, so that the
-        next micro-batch starts a clean window instead of stepping this one again."""
-        for target in [*self._params, *self._masters.values()]:
-            target.grad = None
+    def _drop_window(self) -> None:
+        """Throw the window away: accumulators zeroed, AccumBatchNorm window statistics
+        discarded, micro-step 0, gradient sync set for the next micro-batch."""
         if self._accums:
             torch._foreach_zero_(list(self._accums.values()))
         if self.model is not None:
@@ -974,6 +972,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             end_window(self.model, discard=True)
         self._reset_window()
         self._sync_next()
+
+    def _drop_failed_window(self, err: BaseException) -> None:
+        """The wrapped optimizer's step raised: the accumulators then hold a scaled, maybe
+        partly consumed window. Discard it and clear the .grad it was handed, so that the
+        next micro-batch starts a clean window instead of stepping this one again."""
+        for target in [*self._params, *self._masters.values()]:
+            target.grad = None
+        self._drop_window()
         err.add_note(
             "fastaccum: the wrapped optimizer's step failed, so this window's accumulated "
             "gradients were discarded (micro_step is 0 again); whatever the optimizer had "
@@ -1038,12 +1044,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if alias:
                 # Scale in place and hand the accumulator itself to the optimizer as .grad:
                 # no second full-size gradient buffer at step time.
-                wide = [acc for acc in accums if acc.dtype == torch.float64]
+                wide = [a for a in accums if a.dtype == torch.float64]
+                narrow = [_memory_order(a) for a in accums if a.dtype != torch.float64]
                 if wide:  # the kernels do not take float64: one foreach pass instead
                     torch._foreach_mul_(wide, factor)
-                if len(wide) < len(accums):
-                    narrow = [acc for acc in accums if acc.dtype != torch.float64]
-                    finalize_([_memory_order(a) for a in narrow], None, factor, zero_accums=False)
+                if narrow:
+                    finalize_(narrow, None, factor, zero_accums=False)
                 for target, acc in group:
                     grad = torch.view_as_complex(acc) if target.is_complex() else acc
                     target.grad = as_grad(target, grad)
