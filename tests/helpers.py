@@ -3,6 +3,7 @@ with variable-length micro-batches for the optimizer tests."""
 
 import contextlib
 import gc
+import io
 from collections.abc import Iterator
 
 import torch
@@ -93,6 +94,41 @@ def large_batch_run(
         opt.zero_grad()
         if sched:
             sched.step()
+    return model, opt
+
+
+def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, build) -> tuple:
+    """Checkpoint ``model`` and ``opt`` through ``torch.save`` / ``torch.load`` (bytes),
+    then load both into a fresh ``(model, opt) = build()``, which is returned."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model, opt = build()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    return model, opt
+
+
+def run_with_checkpoint(stop_at, batches: list, k: int = 4, dtype=torch.float32) -> tuple:
+    """Train the token model with ``wrap(AdamW, k, max_grad_norm=1)`` and ``opt.step``,
+    resuming into a differently initialized model before micro-batch ``stop_at`` (None: no
+    checkpoint). Returns (model, wrapper)."""
+
+    def build(seed=0):
+        model = make_model(seed, dtype)
+        opt = fastaccum.wrap(
+            make_opt("adamw", model.parameters()), k, model=model, max_grad_norm=1.0
+        )
+        return model, opt
+
+    model, opt = build()
+    for i, (x, y) in enumerate(batches):
+        if i == stop_at:
+            model, opt = resume(model, opt, lambda: build(seed=99))
+        mean_loss(model, x, y).backward()
+        opt.step(num_items=len(y))
+        opt.zero_grad()
     return model, opt
 
 

@@ -6,7 +6,6 @@ window on the mean loss over every token of the window (one backward over all it
 """
 
 import copy
-import io
 import math
 
 import pytest
@@ -19,6 +18,7 @@ from tests.helpers import (
     large_batch_run,
     make_model,
     mean_loss,
+    resume,
     token_batches,
 )
 from tests.helpers import split_windows as windows_of
@@ -186,14 +186,14 @@ def test_state_dict_round_trip_mid_window_is_bit_identical():
     opt = fo.AdamW(model.parameters(), accum_steps=3, max_grad_norm=1.0, **KINDS["AdamW"])
     for i, (x, y) in enumerate(batches):
         if i == 5:  # two micro-batches into window 2
-            buf = io.BytesIO()
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-            buf.seek(0)
-            ckpt = torch.load(buf, weights_only=False)
-            model = make_model(seed=99)
-            opt = fo.AdamW(model.parameters(), accum_steps=3, max_grad_norm=1.0, **KINDS["AdamW"])
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["opt"])
+
+            def build():
+                model = make_model(seed=99)
+                return model, fo.AdamW(
+                    model.parameters(), accum_steps=3, max_grad_norm=1.0, **KINDS["AdamW"]
+                )
+
+            model, opt = resume(model, opt, build)
         mean_loss(model, x, y).backward()
         opt.step(num_items=len(y))
         opt.zero_grad()

@@ -2,14 +2,12 @@
 format, so folding a gradient copies nothing. References are plain torch on the
 concatenated batch, in the same memory format."""
 
-import io
-
 import pytest
 import torch
 from torch.profiler import profile
 
 import fastaccum
-from tests.helpers import assert_close_rel, split_windows
+from tests.helpers import assert_close_rel, resume, split_windows
 
 CL = torch.channels_last
 K = 3
@@ -62,6 +60,11 @@ def wrapped(model):
     return fastaccum.wrap(opt, K, model=model, max_grad_norm=0.3)
 
 
+def fresh_wrapped():
+    model = conv_net()
+    return model, wrapped(model)
+
+
 @pytest.mark.parametrize("mode", ["step", "backward"])
 def test_channels_last_matches_large_batch_training(mode):
     batches = image_batches(2 * K)
@@ -99,14 +102,7 @@ def test_memory_format_changed_mid_window_and_resume_stay_exact():
         if i == 1:  # the parameters turn contiguous; the accumulators stay channels_last
             model.to(memory_format=torch.contiguous_format)
         if i == 4:  # save mid-window, resume into a fresh channels_last model
-            buf = io.BytesIO()
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-            buf.seek(0)
-            ckpt = torch.load(buf, weights_only=False)
-            model = conv_net()
-            opt = wrapped(model)
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["opt"])
+            model, opt = resume(model, opt, fresh_wrapped)
         micro_step(model, opt, x.contiguous() if 1 <= i < 4 else x, "step")
     for p, q in zip(model.parameters(), large_batch(batches).parameters(), strict=True):
         assert_close_rel(p, q, 1e-5)

@@ -5,7 +5,6 @@ complex64 parameters go through the kernels as their fp32 real views. References
 plain torch on the concatenated batch, in the parameters' own dtype.
 """
 
-import io
 import math
 import warnings
 
@@ -19,6 +18,7 @@ from tests.helpers import (
     make_model,
     make_opt,
     mean_loss,
+    run_with_checkpoint,
     split_windows,
     token_batches,
 )
@@ -136,28 +136,10 @@ def test_float64_nonfinite_window_is_skipped_and_changes_nothing():
     assert opt.stats()["skipped_windows"] == 1
 
 
-def run_float64_with_checkpoint(stop_at, batches, k=3):
-    model = make_model(dtype=torch.float64)
-    opt = fastaccum.wrap(make_opt("adamw", model.parameters()), k, model=model, max_grad_norm=1)
-    for i, (x, y) in enumerate(batches):
-        if i == stop_at:
-            buf = io.BytesIO()
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-            buf.seek(0)
-            ckpt = torch.load(buf, weights_only=False)
-            model = make_model(seed=9, dtype=torch.float64)
-            opt = fastaccum.wrap(make_opt("adamw", model.parameters()), k, model=model)
-            opt.max_grad_norm = 1.0
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["opt"])
-        train(model, opt, [(x, y)], "step")
-    return model
-
-
 def test_float64_resume_mid_window_is_bit_identical():
     batches = token_batches(8, seed=6)
-    straight = run_float64_with_checkpoint(None, batches)
-    resumed = run_float64_with_checkpoint(4, batches)  # 1 micro-batch into window 2
+    straight, _ = run_with_checkpoint(None, batches, k=3, dtype=torch.float64)
+    resumed, _ = run_with_checkpoint(4, batches, k=3, dtype=torch.float64)  # window 2, 1 in
     for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
 

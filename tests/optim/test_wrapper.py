@@ -5,7 +5,6 @@ optimizer on the concatenated batch (one backward over all items), in the same d
 """
 
 import copy
-import io
 import math
 import warnings
 
@@ -21,6 +20,7 @@ from tests.helpers import (
     make_model,
     make_opt,
     mean_loss,
+    run_with_checkpoint,
     split_windows,
     token_batches,
 )
@@ -150,25 +150,6 @@ def test_master_weights_keep_fp32_copies():
 
 
 # --------------------------------------------------------------------------- resume
-
-
-def run_with_checkpoint(stop_at, batches, k=4):
-    model = make_model()
-    opt = fo.wrap(make_opt("adamw", model.parameters()), k, model=model, max_grad_norm=1.0)
-    for i, (x, y) in enumerate(batches):
-        if i == stop_at:
-            buf = io.BytesIO()
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-            buf.seek(0)
-            ckpt = torch.load(buf, weights_only=False)
-            model = make_model(seed=99)
-            opt = fo.wrap(make_opt("adamw", model.parameters()), k, model=model, max_grad_norm=1.0)
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["opt"])
-        mean_loss(model, x, y).backward()
-        opt.step(num_items=len(y))
-        opt.zero_grad()
-    return model, opt
 
 
 def test_resume_mid_window_is_bit_identical():
