@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import socket
 import statistics
 import sys
@@ -121,6 +122,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             times[p].append(time.perf_counter() - t0)
     if rank == 0:
         report(times, args)
+    # Free the DDP models while Python is fully alive (see examples/ddp_torchrun.py).
+    del runners
+    gc.collect()
     dist.destroy_process_group()
 
 

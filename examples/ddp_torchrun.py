@@ -20,6 +20,7 @@ Rank 0 prints one JSON line per optimizer step and a final summary line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from collections.abc import Sequence
@@ -126,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps({"summary": summary}), flush=True)
         if args.save:
             torch.save(model.state_dict(), args.save)
+    # Free DDP (its reducer holds gloo work objects) while Python is fully alive: left to
+    # interpreter shutdown, gloo aborts the process now and then ("terminate called without
+    # an active exception") after a run that succeeded.
+    del opt, ddp, model
+    gc.collect()
     dist.destroy_process_group()
 
 
