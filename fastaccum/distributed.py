@@ -138,10 +138,9 @@ __all__ = ["merge_batchnorm_windows"]
 
 
 def _accum_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from fastaccum.nn.batchnorm import AccumBatchNorm1d, AccumBatchNorm2d, AccumBatchNorm3d
+    from fastaccum.nn.batchnorm import accum_batchnorms
 
-    kinds = (AccumBatchNorm1d, AccumBatchNorm2d, AccumBatchNorm3d)
-    return [m for m in model.modules() if isinstance(m, kinds)]
+    return accum_batchnorms(model)
 
 
 def _pack_batchnorm(modules: list[torch.nn.Module], device: torch.device) -> torch.Tensor:

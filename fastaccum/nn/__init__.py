@@ -7,6 +7,8 @@ from fastaccum.nn.batchnorm import (
     AccumBatchNorm3d,
     convert_batchnorm,
     end_window,
+    load_window_state_dict,
+    window_state_dict,
 )
 from fastaccum.nn.embedding import Embedding
 from fastaccum.nn.linear import Linear, WgradSink, fuse_wgrad
@@ -21,4 +23,6 @@ __all__ = [
     "convert_batchnorm",
     "end_window",
     "fuse_wgrad",
+    "load_window_state_dict",
+    "window_state_dict",
 ]

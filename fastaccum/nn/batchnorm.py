@@ -84,6 +84,8 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("merged", "renorm", "window")
+_WINDOW_COUNTS = ("window_count", "prev_count", "window_grad_count", "prev_grad_count")
+_WINDOW_TENSORS = ("window_mean", "window_m2", "prev_mean", "prev_m2", "window_grad", "prev_grad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +170,30 @@ def chan_merge(
         return (n, mean_b, m2_b) if n_a == 0 else (n, mean_a, m2_a)
     delta = mean_b - mean_a
     return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n)
+
+
+def _check_window_state(state: object, num_features: int, where: str = "") -> None:
+    """Raise ValueError unless ``state`` is a window state for ``num_features`` channels."""
+    keys = {"num_features", "windows_done", *_WINDOW_COUNTS, *_WINDOW_TENSORS}
+    if not isinstance(state, dict) or set(state) != keys:
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"not an AccumBatchNorm window state{where}: expected the keys {sorted(keys)}, "
+            f"got {got}"
+        )
+    if state["num_features"] != num_features:
+        raise ValueError(
+            f"window state{where} is for {state['num_features']} channels, but the module "
+            f"has {num_features}"
+        )
+    for name in _WINDOW_TENSORS:
+        shape = (num_features,) if name.endswith(("mean", "m2")) else (2, num_features)
+        value = state[name]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            raise ValueError(f"window state{where}: {name} should be a tensor of shape {shape}")
+    for name in ("windows_done", *_WINDOW_COUNTS):
+        if not isinstance(state[name], int) or state[name] < 0:
+            raise ValueError(f"window state{where}: {name} should be an int >= 0")
 
 
 class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -347,7 +373,41 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._windows_done = None  # num_batches_tracked may have changed: read it again
+        if self.num_batches_tracked is not None:
+            self._windows_done = None  # num_batches_tracked may have changed: read it again
+
+    def window_state_dict(self) -> dict[str, object]:
+        """The accumulation-window state that ``state_dict()`` leaves out (it keeps
+        ``nn.BatchNorm``'s keys): the window so far and the previous window's statistics
+        and gradient sums, and the completed-window count. Copies, in float64, on the
+        module's device. ``fastaccum.wrap(..., model=model).state_dict()`` includes it."""
+        state: dict[str, object] = {
+            "num_features": self.num_features,
+            "windows_done": self._windows_completed(),
+        }
+        for name in _WINDOW_COUNTS:
+            state[name] = getattr(self, name)
+        for name in _WINDOW_TENSORS:
+            state[name] = getattr(self, name).detach().clone()
+        return state
+
+    def load_window_state_dict(self, state: dict[str, object]) -> None:
+        """Restore a :meth:`window_state_dict`, so a run checkpointed mid-window folds the
+        same window into the running statistics (and normalizes against the same reference
+        in ``renorm`` and ``window`` modes) as if it had never stopped.
+
+        Raises:
+            ValueError: not a window state, or one of another channel count. Nothing is
+                changed then.
+        """
+        _check_window_state(state, self.num_features)
+        with torch.no_grad():
+            for name in _WINDOW_TENSORS:
+                getattr(self, name).copy_(state[name])
+        for name in _WINDOW_COUNTS:
+            setattr(self, name, int(state[name]))
+        self._windows_done = int(state["windows_done"])
+        self._forward_log.clear()  # forwards before the checkpoint are never recomputed
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -508,6 +568,45 @@ def convert_batchnorm(
     return model
 
 
+def accum_batchnorms(model: torch.nn.Module) -> list[_AccumBatchNorm]:
+    """The accumulation-aware BatchNorm modules of ``model``, in ``model.modules()`` order."""
+    return [m for m in model.modules() if isinstance(m, _AccumBatchNorm)]
+
+
+def window_state_dict(model: torch.nn.Module) -> list[dict[str, object]]:
+    """Every AccumBatchNorm's :meth:`~_AccumBatchNorm.window_state_dict`, in module order
+    (what a mid-window checkpoint needs beyond ``model.state_dict()``; the wrapper's
+    ``state_dict()`` holds it when it was given ``model=``)."""
+    return [m.window_state_dict() for m in accum_batchnorms(model)]
+
+
+def load_window_state_dict(model: torch.nn.Module, states: list[dict[str, object]]) -> None:
+    """Restore :func:`window_state_dict` into the same architecture. Modules are matched by
+    position, so a model saved under ``torch.compile`` or DDP loads into a plain one.
+
+    Raises:
+        ValueError: another number of AccumBatchNorm modules, another channel count, or not
+            a window state. Nothing is changed then.
+    """
+    for module, state in zip(check_window_states(model, states), states, strict=True):
+        module.load_window_state_dict(state)
+
+
+def check_window_states(model: torch.nn.Module, states: object) -> list[_AccumBatchNorm]:
+    """Raise ValueError unless :func:`load_window_state_dict` would accept ``states``;
+    return the modules they go to."""
+    modules = accum_batchnorms(model)
+    if not isinstance(states, (list, tuple)) or len(states) != len(modules):
+        got = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
+        raise ValueError(
+            f"BatchNorm window states for {got} module(s), but the model has "
+            f"{len(modules)} AccumBatchNorm module(s)"
+        )
+    for i, (module, state) in enumerate(zip(modules, states, strict=True)):
+        _check_window_state(state, module.num_features, f" of AccumBatchNorm #{i}")
+    return modules
+
+
 def end_window(model: torch.nn.Module, *, discard: bool = False) -> None:
     """Close the accumulation window of every accumulation-aware BatchNorm in ``model``:
     fold its merged statistics into the running statistics, or drop them (``discard``).
@@ -515,9 +614,8 @@ def end_window(model: torch.nn.Module, *, discard: bool = False) -> None:
     ``fastaccum.wrap(opt, K, model=model)`` calls it at each window boundary (discarding
     windows skipped for non-finite gradients); call it yourself without the wrapper.
     """
-    for module in model.modules():
-        if isinstance(module, _AccumBatchNorm):
-            if discard:
-                module.discard_window()
-            else:
-                module.end_window()
+    for module in accum_batchnorms(model):
+        if discard:
+            module.discard_window()
+        else:
+            module.end_window()

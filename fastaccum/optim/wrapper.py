@@ -29,6 +29,13 @@ from typing import Any
 import torch
 
 from fastaccum import _backend
+from fastaccum.nn.batchnorm import (
+    accum_batchnorms,
+    check_window_states,
+    end_window,
+    load_window_state_dict,
+    window_state_dict,
+)
 from fastaccum.ops import finalize_
 from fastaccum.ops.accumulate import (
     GRAD_DTYPES,
@@ -552,6 +559,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         itself: folding them would unscale them twice."""
         if self.scaler is None or not self.scaler.is_enabled():
             return
+        self._check_scaler_used()
         states = getattr(self.scaler, "_per_optimizer_states", None)
         state = states.get(id(self)) if isinstance(states, dict) else None
         stage = None if state is None else getattr(state.get("stage"), "name", None)
@@ -564,6 +572,20 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "wrap without scaler= to let scaler.step(opt) unscale every micro-batch. "
                 "Nothing was folded; the gradients were already unscaled by the scaler: "
                 "call opt.zero_grad() and redo this micro-batch"
+            )
+
+    def _check_scaler_used(self) -> None:
+        """Raise RuntimeError when this wrapper holds an enabled scaler whose scale() was
+        never called: the gradients are then unscaled, and dividing them by the scaler's
+        initial scale at the boundary would shrink the step by that factor."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return
+        if getattr(self.scaler, "_scale", True) is None:  # GradScaler creates it in scale()
+            raise RuntimeError(
+                "this wrapper was created with scaler=, but scaler.scale(loss) was never "
+                "called: backward the scaled loss, scaler.scale(loss).backward() or "
+                "opt.backward(scaler.scale(loss)); the wrapper unscales at the window "
+                "boundary. Nothing was folded"
             )
 
     def _fold_weight(self, weight: float) -> float:
@@ -627,6 +649,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """
         if self._hook_weight is not None:
             raise RuntimeError("opt.backward() was called twice without opt.step() in between")
+        self._check_scaler_used()
         weight = self._weight(num_items)
         self._warn_if_divided(loss)
         if self._dist is not None:
@@ -952,8 +975,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             stepped = True
         self._update_scaler(found_bad)
         if self.model is not None:
-            from fastaccum.nn.batchnorm import end_window
-
             end_window(self.model, discard=found_bad)
         if not found_bad:
             self._track_noise_scale(norm, total)
@@ -967,8 +988,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if self._accums:
             torch._foreach_zero_(list(self._accums.values()))
         if self.model is not None:
-            from fastaccum.nn.batchnorm import end_window
-
             end_window(self.model, discard=True)
         self._reset_window()
         self._sync_next()
@@ -1138,8 +1157,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's state dict plus the accumulation state.
 
         ``"fastaccum"`` holds the configuration, the accumulators (None for parameters that
-        have none yet), fp32 masters, the micro-step, the window's item weights and the
-        telemetry, so a run saved mid-window resumes exactly.
+        have none yet), fp32 masters, the micro-step, the window's item weights, the
+        telemetry and, with ``model=``, the AccumBatchNorm window statistics, so a run
+        saved mid-window resumes exactly.
 
         Raises:
             RuntimeError: between ``opt.backward()`` and ``opt.step()``.
@@ -1171,6 +1191,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "windows_since_inf": self._windows_since_inf,
                 "noise_scale": self.noise_scale_tracker.state_dict(),
                 "last_window_size": self._last_window_size,
+                "batchnorm": None if self.model is None else window_state_dict(self.model),
             },
         }
 
@@ -1179,8 +1200,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: the state dict is not a fastaccum one, or comes from another
-                configuration (accum_steps, accum_dtype, master_weights, parameter shapes
-                or accumulator dtypes differ). Nothing is changed then.
+                configuration (accum_steps, accum_dtype, master_weights, parameter shapes,
+                accumulator dtypes or the model's AccumBatchNorm layers differ), or holds
+                BatchNorm window statistics and this wrapper has no ``model=``. Nothing is
+                changed then.
+
+        Warns:
+            RuntimeWarning: saved mid-window without BatchNorm window statistics while
+                ``model`` has AccumBatchNorm layers (their window restarts empty).
         """
         if not isinstance(state_dict, dict) or "fastaccum" not in state_dict:
             raise ValueError(
@@ -1207,6 +1234,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     f"wrapper accumulates it in {dtype} {tuple(shape)} (parameter dtype "
                     f"{p.dtype})"
                 )
+        batchnorm = saved.get("batchnorm")  # absent from state dicts saved before it existed
+        if batchnorm and self.model is None:
+            raise ValueError(
+                "the state dict holds AccumBatchNorm window statistics, but this wrapper has "
+                "no model= to restore them into; wrap with model=model"
+            )
+        if batchnorm is not None and self.model is not None:
+            check_window_states(self.model, batchnorm)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         # torch's load_state_dict replaces both objects: share the new ones again, or LR
         # schedulers on this wrapper would stop reaching the wrapped optimizer.
@@ -1239,4 +1274,22 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if "noise_scale" in saved:  # absent from state dicts saved before it existed
             self.noise_scale_tracker.load_state_dict(saved["noise_scale"])
             self._last_window_size = saved["last_window_size"]
+        if self.model is not None:
+            self._load_batchnorm_windows(batchnorm)
         self._sync_next()
+
+    def _load_batchnorm_windows(self, states: list[dict[str, Any]] | None) -> None:
+        if states is not None:
+            load_window_state_dict(self.model, states)
+            return
+        # Saved without model= (or before window states were saved): whatever window the
+        # modules hold now is not the checkpoint's; start it empty.
+        end_window(self.model, discard=True)
+        if self._micro_step > 0 and accum_batchnorms(self.model):
+            warnings.warn(
+                "fastaccum: the state dict was saved mid-window without AccumBatchNorm "
+                "window statistics (no model= when it was saved); this window's running "
+                "statistics will cover only the micro-batches after the resume",
+                RuntimeWarning,
+                stacklevel=3,
+            )

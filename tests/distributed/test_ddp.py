@@ -10,6 +10,7 @@ layout comes from its logging data.
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 import weakref
 
@@ -406,6 +407,37 @@ def dropped_wrapper_leaves_plain_ddp(rank: int, world: int) -> None:
     assert_matches(model, want)
 
 
+def mid_window_resume_per_rank(rank: int, world: int) -> None:
+    """Each rank saves its own state dict two micro-batches into the second window (its
+    accumulators hold only its own micro-batches then), and a fresh DDP model and wrapper
+    loaded from them continue exactly: training equals the large-batch run."""
+    n = K * WINDOWS
+    want, _ = large_batch_run(adamw, global_windows(world, n), max_grad_norm=0.5)
+
+    def build(seed: int, model_state=None, opt_state=None):
+        model = make_model(seed)
+        if model_state is not None:
+            model.load_state_dict(model_state)
+        ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+        opt = fastaccum.wrap(adamw(ddp.parameters()), K, model=ddp, max_grad_norm=0.5)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        return model, ddp, opt
+
+    model, ddp, opt = build(0)
+    for i, (x, y) in enumerate(rank_batches(rank, n)):
+        if i == K + 2:
+            buf = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+            buf.seek(0)
+            saved = torch.load(buf)
+            model, ddp, opt = build(99, saved["model"], saved["opt"])
+            assert opt.micro_step == 2 and not ddp.require_backward_grad_sync
+        opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+        opt.step()
+    assert_matches(model, want)
+
+
 SCENARIOS = by_name(
     opt_backward_one_allreduce_per_bucket,
     step_path_and_flush,
@@ -417,6 +449,7 @@ SCENARIOS = by_name(
     batchnorm_merged_across_ranks,
     accumulate_context_and_partial_window,
     dropped_wrapper_leaves_plain_ddp,
+    mid_window_resume_per_rank,
 )
 
 

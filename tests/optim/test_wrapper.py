@@ -222,6 +222,33 @@ def test_scaler_step_on_a_wrapper_given_the_scaler_is_refused():
     assert opt.state_dict()["fastaccum"]["accums"] == [None] * len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("path", ["step", "backward"])
+def test_scaler_given_but_loss_never_scaled_is_refused(path):
+    """``scaler=`` with an unscaled loss would divide the window by the initial scale
+    (2**16): refused before anything is folded; scaling the loss then trains normally."""
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu")
+    opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 1, model=model, scaler=scaler)
+    x, y = token_batches(1)[0]
+    with pytest.raises(RuntimeError, match=r"scaler.scale\(loss\) was never called"):
+        if path == "step":
+            mean_loss(model, x, y).backward()
+            opt.step()
+        else:
+            opt.backward(mean_loss(model, x, y))
+    assert opt.micro_step == 0 and opt.stats()["windows"] == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    opt.zero_grad()
+    scaler.scale(mean_loss(model, x, y)).backward()
+    assert opt.step()
+    ref = make_model()
+    mean_loss(ref, x, y).backward()
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
 def test_scaler_step_each_micro_batch_without_scaler_argument_trains_exactly():
     """The habitual AMP loop, ``scaler.step(opt); scaler.update()`` on every micro-batch,
     with a wrapper that does not own the scaler: the scaler unscales each micro-batch
