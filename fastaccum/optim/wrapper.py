@@ -135,6 +135,15 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def _is_plain_optimizer_state(state_dict: object) -> bool:
+    """Whether ``state_dict`` is a ``torch.optim.Optimizer.state_dict()`` (not a wrapper's)."""
+    return (
+        isinstance(state_dict, dict)
+        and "fastaccum" not in state_dict
+        and {"state", "param_groups"} <= set(state_dict)
+    )
+
+
 def _remove_handles(handles: list[Any]) -> None:
     """Take a dropped wrapper's hooks off its parameters."""
     for handle in handles:
@@ -1198,6 +1207,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, accumulation state included.
 
+        A plain ``torch.optim`` state dict (a checkpoint saved before the optimizer was
+        wrapped) is loaded into the wrapped optimizer, fp32 masters are refreshed from the
+        parameters, and a new window starts.
+
         Raises:
             ValueError: the state dict is not a fastaccum one, or comes from another
                 configuration (accum_steps, accum_dtype, master_weights, parameter shapes,
@@ -1207,12 +1220,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
         Warns:
             RuntimeWarning: saved mid-window without BatchNorm window statistics while
-                ``model`` has AccumBatchNorm layers (their window restarts empty).
+                ``model`` has AccumBatchNorm layers (their window restarts empty), or a
+                torch.optim state dict loaded mid-window (the window is discarded).
         """
+        if _is_plain_optimizer_state(state_dict):
+            self._load_plain_state_dict(state_dict)
+            return
         if not isinstance(state_dict, dict) or "fastaccum" not in state_dict:
+            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(
-                "not a fastaccum state dict (no 'fastaccum' entry); load the wrapped "
-                "optimizer's own state dict with opt.optimizer.load_state_dict()"
+                "not a fastaccum state dict (no 'fastaccum' entry) nor a torch.optim one "
+                f"('state' and 'param_groups'); got {got}"
             )
         saved = state_dict["fastaccum"]
         for key, here in self._config().items():
@@ -1277,6 +1295,25 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if self.model is not None:
             self._load_batchnorm_windows(batchnorm)
         self._sync_next()
+
+    def _load_plain_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A ``torch.optim`` state dict (from a run before the wrapper): load it into the
+        wrapped optimizer and start a fresh window, as at a boundary."""
+        in_progress = self._micro_step
+        self.optimizer.load_state_dict(state_dict)  # validates before it changes anything
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        with torch.no_grad():  # masters follow the (just loaded) model parameters
+            for p, master in self._masters.items():
+                master.copy_(p)
+        self._drop_window()
+        if in_progress:
+            warnings.warn(
+                f"fastaccum: loading a torch.optim state dict discarded the {in_progress} "
+                "micro-batch(es) of the window in progress; it starts a new window",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _load_batchnorm_windows(self, states: list[dict[str, Any]] | None) -> None:
         if states is not None:

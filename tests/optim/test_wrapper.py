@@ -179,6 +179,49 @@ def test_load_state_dict_from_other_configuration_changes_nothing():
         assert torch.equal(a, b)
 
 
+def test_torch_optim_state_dict_from_before_wrapping_loads_and_continues_exactly():
+    """A native checkpoint (model + torch.optim AdamW after two large-batch windows) loads
+    into a wrapper, which then trains the remaining windows as the large batch does."""
+    k = 4
+    windows = split_windows(token_batches(4 * k, seed=21), k)
+    want, _ = large_batch_run(lambda p: make_opt("adamw", p), windows)
+    native, native_opt = large_batch_run(lambda p: make_opt("adamw", p), windows[:2])
+    model = make_model(seed=5)
+    model.load_state_dict(native.state_dict())
+    opt = fo.wrap(make_opt("adamw", model.parameters()), k, model=model)
+    opt.load_state_dict(native_opt.state_dict())
+    assert opt.state is opt.optimizer.state and len(opt.state) == len(list(model.parameters()))
+    for x, y in [b for w in windows[2:] for b in w]:
+        mean_loss(model, x, y).backward()
+        opt.step(num_items=len(y))
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
+def test_torch_optim_state_dict_refreshes_masters_and_drops_the_open_window():
+    model = make_model(dtype=torch.bfloat16)
+    opt = fo.wrap(make_opt("sgd", model.parameters()), 4, master_weights=True)
+    native = make_opt("sgd", make_model(dtype=torch.bfloat16).parameters())
+    x, y = token_batches(1)[0]
+    mean_loss(model, x, y).backward()
+    opt.step()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # as model.load_state_dict would change them
+    with pytest.warns(RuntimeWarning, match="discarded the 1 micro-batch"):
+        opt.load_state_dict(native.state_dict())
+    assert opt.micro_step == 0
+    assert all(not acc.any() for acc in opt._accums.values())
+    for p, master in opt._masters.items():
+        assert torch.equal(master, p.float())
+    wrong = make_opt("sgd", make_model().parameters())
+    wrong.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    with pytest.raises(ValueError):  # torch's own check: another number of groups
+        opt.load_state_dict(wrong.state_dict())
+    with pytest.raises(ValueError, match=r"nor a torch\.optim one"):
+        opt.load_state_dict({"model": {}})
+
+
 # --------------------------------------------------------------------------- AMP, non-finite
 
 
