@@ -29,9 +29,27 @@ from typing import Any
 import torch
 
 from fastaccum.ops.optim_step import window_step_unchecked
-from fastaccum.optim.wrapper import AccumulatingOptimizer
+from fastaccum.optim.wrapper import AccumulatingOptimizer, _memory_order, _same_layout
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+def _window_step(
+    name: str, lists: tuple[list[torch.Tensor], ...], factor: float, options: dict[str, Any]
+) -> None:
+    """``window_step_unchecked`` on tensors that share their parameter's memory layout,
+    passed in memory order: channels_last tensors go in as the same memory, uncopied."""
+    dense = tuple([_memory_order(t) for t in tensors] for tensors in lists)
+    window_step_unchecked(name, dense, factor, options)
+
+
+def _state_like(state: dict[str, Any], key: str, p: torch.Tensor) -> torch.Tensor:
+    """``state[key]`` in ``p``'s memory layout (copied once, and kept, when it is not:
+    loaded from a checkpoint of another format, or the model's format changed)."""
+    value = state[key]
+    if not _same_layout(value, p):
+        value = state[key] = torch.empty_like(p).copy_(value)
+    return value
 
 
 def _reject(name: str, value: object, why: str) -> None:
@@ -68,8 +86,8 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         )
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
-        """Raise TypeError (not float32, or sharded) or ValueError (not contiguous) for any
-        parameter."""
+        """Raise TypeError (not float32, or sharded) or ValueError (not dense: a view with
+        gaps) for any parameter."""
         dtensor = sys.modules.get("torch.distributed.tensor")  # imported once DTensors exist
         for p in params:
             if dtensor is not None and isinstance(p, dtensor.DTensor):
@@ -88,17 +106,17 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
                     f"{name} needs float32 parameters, got one of dtype {p.dtype} (shape "
                     f"{tuple(p.shape)}); for {p.dtype} parameters use {hint}"
                 )
-            if not p.is_contiguous():
+            if not _memory_order(p).is_contiguous():
                 raise ValueError(
-                    f"{name} needs contiguous parameters, got one of shape {tuple(p.shape)} "
-                    f"and stride {tuple(p.stride())}; convert the model with "
-                    "model.to(memory_format=torch.contiguous_format), or keep its memory "
-                    f"format with fastaccum.wrap(torch.optim.{name}(...), K)"
+                    f"{name} needs dense parameters (contiguous or in a memory format such "
+                    f"as channels_last), got one of shape {tuple(p.shape)} and stride "
+                    f"{tuple(p.stride())} (a view with gaps); make it a parameter of its own "
+                    f"with .contiguous(), or use fastaccum.wrap(torch.optim.{name}(...), K)"
                 )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`AccumulatingOptimizer.add_param_group`; raises as the constructor does
-        for parameters that are not float32 or not contiguous, before adding anything."""
+        for parameters that are not float32 or not dense, before adding anything."""
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group["params"] = params
@@ -110,6 +128,9 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         gradient in the window steps with ``factor x accumulator``; the accumulators are
         zeroed."""
         window = self.window_accums()
+        for p, acc in window.items():
+            if not _same_layout(acc, p):  # the parameter's memory format changed mid-run
+                window[p] = self._accums[p] = torch.empty_like(p).copy_(acc)
         for group in self.optimizer.param_groups:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:
@@ -147,8 +168,8 @@ class SGD(_FusedWindowOptimizer):
 
     Raises:
         TypeError: a parameter is not float32.
-        ValueError: torch's own argument checks, ``differentiable=True``, non-contiguous
-            parameters, or an invalid ``accum_steps`` / ``max_grad_norm``.
+        ValueError: torch's own argument checks, ``differentiable=True``, parameters that
+            are views with gaps (channels_last is fine), or an invalid ``accum_steps`` / ``max_grad_norm``.
     """
 
     def __init__(
@@ -191,10 +212,10 @@ class SGD(_FusedWindowOptimizer):
             "nesterov": bool(group["nesterov"]),
             "maximize": bool(group["maximize"]),
         }
-        # The lists below are the class's own parameters (float32, contiguous: checked at
+        # The lists below are the class's own parameters (float32, dense: checked at
         # construction), their accumulators and states: only the options need checking.
         if options["momentum"] == 0:
-            window_step_unchecked(
+            _window_step(
                 "sgd_window_step_", (params, accums, []), factor, {**options, "first_step": False}
             )
             return
@@ -210,10 +231,12 @@ class SGD(_FusedWindowOptimizer):
                 continue
             chosen = [params[i] for i in members]
             buffers = [
-                torch.empty_like(p) if first_step else self.optimizer.state[p]["momentum_buffer"]
+                torch.empty_like(p)
+                if first_step
+                else _state_like(self.optimizer.state[p], "momentum_buffer", p)
                 for p in chosen
             ]
-            window_step_unchecked(
+            _window_step(
                 "sgd_window_step_",
                 (chosen, [accums[i] for i in members], buffers),
                 factor,
@@ -243,8 +266,8 @@ class Adam(_FusedWindowOptimizer):
 
     Raises:
         TypeError: a parameter is not float32.
-        ValueError: torch's own argument checks, an unsupported option, non-contiguous
-            parameters, or an invalid ``accum_steps`` / ``max_grad_norm``.
+        ValueError: torch's own argument checks, an unsupported option, parameters that
+            are views with gaps (channels_last is fine), or an invalid ``accum_steps`` / ``max_grad_norm``.
     """
 
     def __init__(
@@ -322,10 +345,10 @@ class Adam(_FusedWindowOptimizer):
             lists = (
                 [params[i] for i in members],
                 [accums[i] for i in members],
-                [states[i]["exp_avg"] for i in members],
-                [states[i]["exp_avg_sq"] for i in members],
+                [_state_like(states[i], "exp_avg", params[i]) for i in members],
+                [_state_like(states[i], "exp_avg_sq", params[i]) for i in members],
             )
-            window_step_unchecked("adam_window_step_", lists, factor, {**options, "step": step})
+            _window_step("adam_window_step_", lists, factor, {**options, "step": step})
         torch._foreach_add_(counts, 1.0)  # torch.optim's per-parameter step counts
 
 

@@ -312,16 +312,17 @@ def test_bad_arguments(kind, options, exc, match):
         getattr(fo, kind)(make_model().parameters(), **options)
 
 
-def test_parameters_must_be_fp32_and_contiguous():
+def test_parameters_must_be_fp32_and_dense():
     with pytest.raises(TypeError, match=r"needs float32 parameters.*master_weights=True"):
         fo.AdamW(make_model().bfloat16().parameters())
     with pytest.raises(
         TypeError, match=r"float64 parameters use fastaccum\.wrap\(torch\.optim\.Adam\("
     ):
         fo.Adam(make_model().double().parameters())
-    weight = torch.nn.Parameter(torch.randn(4, 3).t())
-    with pytest.raises(ValueError, match="contiguous"):
-        fo.SGD([weight], lr=0.1)
+    gaps = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])  # a view with gaps
+    with pytest.raises(ValueError, match=r"needs dense parameters .* stride \(6, 2\)"):
+        fo.SGD([gaps], lr=0.1)
+    fo.SGD([torch.nn.Parameter(torch.randn(4, 3).t())], lr=0.1)  # transposed: dense
 
 
 def test_is_an_accumulating_optimizer():

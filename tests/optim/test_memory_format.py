@@ -7,6 +7,7 @@ import torch
 from torch.profiler import profile
 
 import fastaccum
+import fastaccum.optim as fo
 from tests.helpers import assert_close_rel, resume, split_windows
 
 CL = torch.channels_last
@@ -33,9 +34,17 @@ def image_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).float().square().mean((1, 2, 3)).mean()
 
 
-def large_batch(batches: list[torch.Tensor]) -> torch.nn.Module:
+def sgd(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2)
+
+
+def large_batch(batches: list[torch.Tensor], make_opt=sgd) -> torch.nn.Module:
     model = conv_net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = make_opt(model.parameters())
     for window in split_windows(batches, K):
         image_loss(model, torch.cat(window)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
@@ -134,3 +143,71 @@ def test_bf16_channels_last_parameters_get_fp32_window_gradients():
         assert g.dtype == torch.bfloat16
         assert g.is_contiguous(memory_format=CL) == p.is_contiguous(memory_format=CL)
         assert_close_rel(g, s / items, 1e-2)
+
+
+# --------------------------------------------------------------------------- fused classes
+
+
+def fused(model, kind: str = "SGD"):
+    """fastaccum's fused SGD (momentum) or AdamW, configured as sgd()/adamw() above."""
+    options = {"momentum": 0.9} if kind == "SGD" else {}
+    lr = 0.1 if kind == "SGD" else 1e-2
+    return getattr(fo, kind)(
+        model.parameters(), lr=lr, accum_steps=K, model=model, max_grad_norm=0.3, **options
+    )
+
+
+@pytest.mark.parametrize("mode", ["step", "backward"])
+@pytest.mark.parametrize("kind", ["SGD", "AdamW"])
+def test_fused_classes_step_channels_last_parameters_in_place(kind, mode):
+    """The fused window step takes channels_last parameters, accumulators and state as the
+    same memory (no copy at the boundary) and trains as the large batch."""
+    batches = image_batches(3 * K)
+    model = conv_net()
+    opt = fused(model, kind)
+    for i, x in enumerate(batches):
+        if i == 2 * K - 1:  # a boundary with state in place: profile its step()
+            loss = image_loss(model, x)
+            opt.backward(loss, num_items=len(x)) if mode == "backward" else loss.backward()
+            with profile(record_shapes=True) as prof:
+                assert opt.step(num_items=len(x))
+            assert any("window_step_" in e.name for e in prof.events())
+            copies = [  # 0-d copies (the window norm, step counts) are not tensors' data
+                (e.name, e.input_shapes)
+                for e in prof.events()
+                if e.name in ("aten::clone", "aten::contiguous", "aten::copy_")
+                and any(len(shape) > 0 for shape in e.input_shapes)
+            ]
+            assert not copies, copies
+        else:
+            micro_step(model, opt, x, mode)
+    want = large_batch(batches, sgd if kind == "SGD" else adamw)
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert p.is_contiguous(memory_format=CL) == q.is_contiguous(memory_format=CL)
+        assert_close_rel(p, q, 1e-5)
+    for p in model.parameters():
+        for value in opt.state[p].values():
+            if value.dim() == 4:
+                assert value.is_contiguous(memory_format=CL) and not value.is_contiguous()
+
+
+@pytest.mark.parametrize("kind", ["SGD", "AdamW"])
+def test_fused_classes_follow_a_format_change_and_resume(kind):
+    """The model turns contiguous mid-window (accumulators and state are re-laid once, at
+    the boundary), then resumes mid-window into a fresh channels_last model: exact."""
+    batches = image_batches(3 * K)
+    make = sgd if kind == "SGD" else adamw
+
+    def build():
+        model = conv_net()
+        return model, fused(model, kind)
+
+    model, opt = build()
+    for i, x in enumerate(batches):
+        if i == K + 1:
+            model.to(memory_format=torch.contiguous_format)
+        if i == 2 * K + 1:
+            model, opt = resume(model, opt, build)
+        micro_step(model, opt, x.contiguous() if K + 1 <= i < 2 * K + 1 else x, "step")
+    for p, q in zip(model.parameters(), large_batch(batches, make).parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
