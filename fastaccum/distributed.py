@@ -126,6 +126,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from fastaccum.nn.batchnorm import accum_batchnorms
 from fastaccum.ops.accumulate import accumulate_unchecked
 
 if TYPE_CHECKING:
@@ -135,12 +136,6 @@ __all__ = ["merge_batchnorm_windows"]
 
 
 # --------------------------------------------------------------------------- BatchNorm
-
-
-def _accum_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from fastaccum.nn.batchnorm import accum_batchnorms
-
-    return accum_batchnorms(model)
 
 
 def _pack_batchnorm(modules: list[torch.nn.Module], device: torch.device) -> torch.Tensor:
@@ -211,7 +206,7 @@ def merge_batchnorm_windows(model: torch.nn.Module, group: Any = None) -> None:
             "merge_batchnorm_windows needs an initialized process group; call "
             "torch.distributed.init_process_group first"
         )
-    modules = _accum_batchnorms(model)
+    modules = accum_batchnorms(model)
     if not modules:
         return
     device = modules[0].window_mean.device
@@ -263,7 +258,7 @@ class _DistributedWindow:
         self.model = model
         _DRIVERS[model] = weakref.ref(self)
         self.group = group
-        self.batchnorms = _accum_batchnorms(model)
+        self.batchnorms = accum_batchnorms(model)
 
     @property
     def opt(self) -> AccumulatingOptimizer:

@@ -176,7 +176,7 @@ def _check_window_state(state: object, num_features: int, where: str = "") -> No
     """Raise ValueError unless ``state`` is a window state for ``num_features`` channels."""
     keys = {"num_features", "windows_done", *_WINDOW_COUNTS, *_WINDOW_TENSORS}
     if not isinstance(state, dict) or set(state) != keys:
-        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        got = list(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(
             f"not an AccumBatchNorm window state{where}: expected the keys {sorted(keys)}, "
             f"got {got}"

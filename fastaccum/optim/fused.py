@@ -169,7 +169,8 @@ class SGD(_FusedWindowOptimizer):
     Raises:
         TypeError: a parameter is not float32.
         ValueError: torch's own argument checks, ``differentiable=True``, parameters that
-            are views with gaps (channels_last is fine), or an invalid ``accum_steps`` / ``max_grad_norm``.
+            are views with gaps (channels_last is fine), or an invalid ``accum_steps`` /
+            ``max_grad_norm``.
     """
 
     def __init__(
@@ -267,7 +268,8 @@ class Adam(_FusedWindowOptimizer):
     Raises:
         TypeError: a parameter is not float32.
         ValueError: torch's own argument checks, an unsupported option, parameters that
-            are views with gaps (channels_last is fine), or an invalid ``accum_steps`` / ``max_grad_norm``.
+            are views with gaps (channels_last is fine), or an invalid ``accum_steps`` /
+            ``max_grad_norm``.
     """
 
     def __init__(

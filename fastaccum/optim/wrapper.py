@@ -1227,7 +1227,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._load_plain_state_dict(state_dict)
             return
         if not isinstance(state_dict, dict) or "fastaccum" not in state_dict:
-            got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            got = list(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(
                 "not a fastaccum state dict (no 'fastaccum' entry) nor a torch.optim one "
                 f"('state' and 'param_groups'); got {got}"
