@@ -83,9 +83,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastaccum.ops import batchnorm as bn_ops
+
 MODES = ("merged", "renorm", "window")
 _WINDOW_COUNTS = ("window_count", "prev_count", "window_grad_count", "prev_grad_count")
 _WINDOW_TENSORS = ("window_mean", "window_m2", "prev_mean", "prev_m2", "window_grad", "prev_grad")
+
+
+def _kernel_input(x: torch.Tensor) -> bool:
+    """Whether the fused BatchNorm kernels of :mod:`fastaccum.ops.batchnorm` take ``x``:
+    float32/bfloat16/float16 with at least one element (float64 goes through torch ops)."""
+    return x.dtype in bn_ops.X_DTYPES and x.numel() > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,11 +264,15 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def _micro_stats(self, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         """This micro-batch's per-channel (count, mean, M2), in float64."""
+        n_b = x.numel() // self.num_features
+        if _kernel_input(x):  # one read of x, no temporary the size of x
+            mean_b, m2_b = bn_ops.batch_norm_stats(x.detach())
+            return n_b, mean_b.double(), m2_b.double()
         dims = [0, *range(2, x.dim())]
-        xf = x.detach().float()
-        n_b = xf.numel() // self.num_features
+        xf = x.detach().to(torch.promote_types(x.dtype, torch.float32))
         # Shift by one sample per channel before reducing: with a large mean (say 1e4 with
-        # std 1) fp32 deviations from a shifted origin keep their digits.
+        # std 1) fp32 deviations from a shifted origin keep their digits. The kernel does
+        # the same.
         shift = xf[0].reshape(self.num_features, -1)[:, 0]
         shape = [1, self.num_features] + [1] * (x.dim() - 2)
         var_b, mean_b = torch.var_mean(xf - shift.view(shape), dim=dims, correction=0)
@@ -467,7 +479,11 @@ class _WindowNorm(torch.autograd.Function):
         dL/dx = invstd * (g - mean(g) - xhat * mean(g * xhat)),   g = dL/dxhat
 
     whose two means are taken over the previous window's and this window's backward passes
-    so far (this one included) instead of over the micro-batch alone."""
+    so far (this one included) instead of over the micro-batch alone.
+
+    The float32/bfloat16/float16 path runs the fused kernels of
+    :mod:`fastaccum.ops.batchnorm`: one pass for the forward, and in the backward one for
+    the gradient sums and one for the input gradient, with no temporary the size of x."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -479,13 +495,15 @@ class _WindowNorm(torch.autograd.Function):
         invstd: torch.Tensor,
         module: _AccumBatchNorm,
     ) -> torch.Tensor:
-        shape = [1, -1] + [1] * (x.dim() - 2)
         compute = torch.promote_types(x.dtype, torch.float32)
         mean_c, invstd_c = mean.to(compute), invstd.to(compute)
-        xhat = (x.to(compute) - mean_c.view(shape)) * invstd_c.view(shape)
-        y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
         ctx.save_for_backward(x, weight, mean_c, invstd_c)
         ctx.module = module
+        if _kernel_input(x):
+            return bn_ops.apply_unchecked(x, mean_c, invstd_c, weight, bias)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xhat = (x.to(compute) - mean_c.view(shape)) * invstd_c.view(shape)
+        y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
         # Not y.to(x.dtype) when that is y itself: see batch_norm_apply_ref.
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -494,29 +512,60 @@ class _WindowNorm(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
         x, weight, mean, invstd = ctx.saved_tensors
         shape = [1, -1] + [1] * (x.dim() - 2)
-        dims = [0, *range(2, x.dim())]
-        xhat = (x.to(mean.dtype) - mean.view(shape)) * invstd.view(shape)
-        gy = grad_y.to(mean.dtype)
-        grad_bias = gy.sum(dims)
-        grad_weight = (gy * xhat).sum(dims)
+        if _kernel_input(x):
+            x = bn_ops.in_kernel_layout(x)
+            grad_y = bn_ops.like_layout(grad_y, x)
+            grad_bias, grad_weight = bn_ops.backward_reduce_unchecked(grad_y, x, mean, invstd)
+        else:
+            dims = [0, *range(2, x.dim())]
+            gy = grad_y.to(mean.dtype)
+            grad_bias = gy.sum(dims)
+            grad_weight = (gy * (x - mean.view(shape)) * invstd.view(shape)).sum(dims)
         w = torch.ones_like(mean) if weight is None else weight.to(mean.dtype)
         sums = torch.stack([grad_bias * w, grad_weight * w]).double()  # of g and g * xhat
-        with torch.no_grad():
+        with torch.no_grad():  # recorded even when x needs no gradient
             g_mean, gx_mean = ctx.module._gradient_means(x.numel() // x.shape[1], sums)
-        g_mean, gx_mean = g_mean.to(mean.dtype), gx_mean.to(mean.dtype)
-        grad_x = (gy * w.view(shape) - g_mean.view(shape) - xhat * gx_mean.view(shape)) * (
-            invstd.view(shape)
-        )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _window_input_grad(grad_y, x, weight, w, mean, invstd, g_mean, gx_mean)
         if weight is None:
-            return grad_x.to(x.dtype), None, None, None, None, None
-        return (
-            grad_x.to(x.dtype),
-            grad_weight.to(weight.dtype),
-            grad_bias.to(weight.dtype),
-            None,
-            None,
-            None,
-        )
+            return grad_x, None, None, None, None, None
+        return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None, None, None
+
+
+def _window_input_grad(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    w: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    g_mean: torch.Tensor,
+    gx_mean: torch.Tensor,
+) -> torch.Tensor:
+    """``invstd * (w * grad_y - g_mean - xhat * gx_mean)`` in x's dtype, ``w`` the weight (or
+    ones), the means float64 per channel, the rest in the compute dtype.
+
+    The backward-apply kernel computes ``weight * invstd * (dy - s1 - xhat * s2)``, so it
+    takes ``s1 = g_mean / w``, ``s2 = gx_mean / w``. A channel whose weight is exactly 0 (a
+    zero-initialised or pruned gamma) cannot be written that way, while its input gradient
+    need not be 0 (the previous window's gradient means); checking for one reads the weight
+    on the host, free on the CPU but a device sync elsewhere. So the kernel runs on the CPU
+    when no weight is 0, and everywhere without weight; otherwise three in-place torch ops
+    on one temporary compute the same."""
+    kernel = _kernel_input(x) and (
+        weight is None or (x.device.type == "cpu" and bool((w != 0).all()))
+    )
+    if kernel:
+        sums = ((g_mean / w).float(), (gx_mean / w).float())
+        return bn_ops.backward_apply_unchecked(grad_y, x, mean, invstd, w, sums)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    g_mean, gx_mean = g_mean.to(mean.dtype), gx_mean.to(mean.dtype)
+    grad_x = x - mean.view(shape)  # compute dtype: the only temporary the size of x
+    grad_x.mul_((-invstd * invstd * gx_mean).view(shape))
+    grad_x.addcmul_(grad_y, (invstd * w).view(shape))
+    grad_x.sub_((invstd * g_mean).view(shape))
+    return grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
 
 
 class AccumBatchNorm1d(_AccumBatchNorm, torch.nn.BatchNorm1d):

@@ -384,7 +384,17 @@ def batch_norm_stats(x: torch.Tensor, *, backend: str | None = None) -> BatchNor
     return BatchNormStats(*_run("bn_stats", backend, in_kernel_layout(x)))
 
 
-def _apply_unchecked(x, mean, invstd, weight, bias, relu, backend):
+def apply_unchecked(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    relu: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`batch_norm_apply`'s op without validation or autograd, for callers that built
+    valid arguments themselves (the ``AccumBatchNorm`` modules)."""
     return _run("bn_apply", backend, in_kernel_layout(x), mean, invstd, weight, bias, relu)
 
 
@@ -419,13 +429,41 @@ def batch_norm_backward_reduce(
     """
     check_backward_args(grad_y, x, mean, invstd, weight, bias)
     x = in_kernel_layout(x)
-    sums = _run(
-        "bn_backward_reduce", backend, like_layout(grad_y, x), x, mean, invstd, weight, bias, relu
+    return backward_reduce_unchecked(
+        like_layout(grad_y, x), x, mean, invstd, weight, bias, relu, backend
     )
+
+
+def backward_reduce_unchecked(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+    backend: str | None = None,
+) -> BatchNormGradSums:
+    """:func:`batch_norm_backward_reduce`'s op without validation; ``x`` in a kernel layout
+    (:func:`in_kernel_layout`) and ``grad_y`` in x's (:func:`like_layout`)."""
+    sums = _run("bn_backward_reduce", backend, grad_y, x, mean, invstd, weight, bias, relu)
     return BatchNormGradSums(*sums)
 
 
-def _backward_apply_unchecked(grad_y, x, mean, invstd, weight, bias, sums, count, relu, backend):
+def backward_apply_unchecked(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    sums: tuple[torch.Tensor, torch.Tensor],
+    count: int = 1,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`batch_norm_backward_apply`'s op without validation; layouts as in
+    :func:`backward_reduce_unchecked`, ``sums`` = (sum_dy, sum_dy_xhat)."""
     return _run(
         "bn_backward_apply", backend, grad_y, x, mean, invstd, weight, bias, *sums, count, relu
     )
@@ -462,15 +500,15 @@ def batch_norm_backward_apply(
     """
     check_backward_args(grad_y, x, mean, invstd, weight, bias, (sum_dy, sum_dy_xhat), count)
     x = in_kernel_layout(x)
-    return _backward_apply_unchecked(
+    return backward_apply_unchecked(
         like_layout(grad_y, x),
         x,
         mean,
         invstd,
         weight,
-        bias,
         (sum_dy, sum_dy_xhat),
         count,
+        bias,
         relu,
         backend,
     )
@@ -502,7 +540,7 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, invstd, weight, bias, scale, offset, relu, batch_stats, backend):
         w_eff, b_eff = _effective_affine(weight, bias, scale, offset)
-        y = _apply_unchecked(x, mean, invstd, w_eff, b_eff, relu, backend)
+        y = apply_unchecked(x, mean, invstd, w_eff, b_eff, relu, backend)
         ctx.save_for_backward(x, mean, invstd, w_eff, b_eff, scale, offset)
         ctx.options = relu, batch_stats, backend
         ctx.param_dtypes = (
@@ -525,15 +563,15 @@ class _BatchNormFunction(torch.autograd.Function):
             grad_x = torch.zeros_like(x) if need_x else None
             need_x = False
         elif batch_stats or need_w or need_b:
-            sums = _run("bn_backward_reduce", backend, grad_y, x, mean, invstd, w_eff, b_eff, relu)
+            sums = backward_reduce_unchecked(grad_y, x, mean, invstd, w_eff, b_eff, relu, backend)
         if need_x:
             if batch_stats:
                 apply_sums = sums
             else:  # constant statistics: only weight * invstd * g remains
                 apply_sums = (torch.zeros_like(invstd, dtype=torch.float32),) * 2
             count = x.numel() // x.shape[1]
-            grad_x = _backward_apply_unchecked(
-                grad_y, x, mean, invstd, w_eff, b_eff, apply_sums, count, relu, backend
+            grad_x = backward_apply_unchecked(
+                grad_y, x, mean, invstd, w_eff, apply_sums, count, b_eff, relu, backend
             )
         if need_w:
             sum_dy, sum_dy_xhat = sums
@@ -640,5 +678,5 @@ def batch_norm_apply(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
     if not wants_grad:
-        return _apply_unchecked(x, mean, invstd, weight, bias, relu, backend)
+        return apply_unchecked(x, mean, invstd, weight, bias, relu, backend)
     return _BatchNormFunction.apply(x, mean, invstd, weight, bias, None, None, relu, False, backend)

@@ -409,18 +409,38 @@ def test_window_first_micro_batch_is_plain_batchnorm():
     assert_close_rel(bn.bias.grad, ref.bias.grad, 1e-6)
 
 
+WINDOW_PATHS = {
+    # (x dtype, module dtype, memory format, zero a weight in window 2, rtol)
+    "fp32": (torch.float32, torch.float32, torch.contiguous_format, False, 1e-5),
+    "fp32-channels_last": (torch.float32, torch.float32, torch.channels_last, False, 1e-5),
+    # A weight exactly 0 while the previous window's gradient means are not: the input
+    # gradient of that channel is not 0, which the backward-apply kernel cannot express.
+    "fp32-zero-weight": (torch.float32, torch.float32, torch.contiguous_format, True, 1e-5),
+    "fp64": (torch.float64, torch.float64, torch.contiguous_format, True, 1e-12),
+    "bf16": (torch.bfloat16, torch.float32, torch.contiguous_format, False, 1e-2),
+    "fp16-channels_last": (torch.float16, torch.float32, torch.channels_last, True, 2e-3),
+}
+
+
+@pytest.mark.parametrize("path", list(WINDOW_PATHS))
 @pytest.mark.parametrize("affine", [True, False])
-def test_window_forward_and_backward_match_float64_reference(affine):
+def test_window_forward_and_backward_match_float64_reference(affine, path):
     """Forward: normalized with merge(previous window, window so far). Backward: BatchNorm's
     backward with mean(g) and mean(g * xhat) over the previous window's and this window's
-    backward passes so far."""
-    bn = window_bn(affine=affine)
-    w = bn.weight.detach().double() if affine else torch.ones(4, dtype=torch.float64)
-    b = bn.bias.detach().double() if affine else torch.zeros(4, dtype=torch.float64)
+    backward passes so far. Every path: the fused kernels (float32, bfloat16, float16, both
+    layouts), the torch ops (float64, a zero weight)."""
+    dtype, module_dtype, memory_format, zero_weight, rtol = WINDOW_PATHS[path]
+    bn = window_bn(affine=affine).to(module_dtype)
     view = (1, -1, 1, 1)
     gen = torch.Generator().manual_seed(12)
     previous, prev_sums = [], []
-    for window in renorm_windows(seed=13):
+    for k, window in enumerate(renorm_windows(seed=13)):
+        if zero_weight and affine and k == 1:
+            with torch.no_grad():
+                bn.weight[1] = 0.0
+        w = bn.weight.detach().double() if affine else torch.ones(4, dtype=torch.float64)
+        b = bn.bias.detach().double() if affine else torch.zeros(4, dtype=torch.float64)
+        window = [x.to(dtype).contiguous(memory_format=memory_format) for x in window]
         sums = []
         for i, x in enumerate(window):
             mean, var = batch_moments(torch.cat(previous + window[: i + 1]))
@@ -430,20 +450,75 @@ def test_window_forward_and_backward_match_float64_reference(affine):
             if affine:
                 bn.weight.grad = bn.bias.grad = None
             y = bn(xa)
-            assert_close_rel(y, w.view(view) * xhat + b.view(view), 1e-6)
-            gy = torch.randn(y.shape, generator=gen)
+            assert y.dtype == dtype
+            assert y.is_contiguous(memory_format=memory_format)
+            assert_close_rel(y, w.view(view) * xhat + b.view(view), rtol)
+            gy = torch.randn(y.shape, generator=gen).to(dtype)
             y.backward(gy)
             g = gy.double() * w.view(view)
             sums.append(torch.stack([g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))]))
             count = sum(t.numel() // 4 for t in previous + window[: i + 1])
             g_mean, gx_mean = sum(prev_sums + sums) / count
             want = (g - g_mean.view(view) - xhat * gx_mean.view(view)) * invstd.view(view)
-            assert_close_rel(xa.grad, want, 1e-5)
+            assert xa.grad.dtype == dtype
+            assert_close_rel(xa.grad, want, rtol)
+            for c in range(4):  # per channel: a wrong channel cannot hide in the norm
+                assert_close_rel(xa.grad[:, c], want[:, c], 2 * rtol)
             if affine:
-                assert_close_rel(bn.weight.grad, (gy.double() * xhat).sum((0, 2, 3)), 1e-5)
-                assert_close_rel(bn.bias.grad, gy.double().sum((0, 2, 3)), 1e-5)
+                assert_close_rel(bn.weight.grad, (gy.double() * xhat).sum((0, 2, 3)), rtol)
+                assert_close_rel(bn.bias.grad, gy.double().sum((0, 2, 3)), rtol)
         end_window(bn)
         previous, prev_sums = window, sums
+
+
+def test_window_records_gradient_sums_when_the_input_needs_no_gradient():
+    """A first layer's BatchNorm (input without grad) still feeds the window's gradient
+    means, and its parameter gradients are BatchNorm's."""
+    bn, ref = window_bn(), window_bn()
+    x = renorm_windows()[0][1]
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    bn(x).backward(gy)
+    ref(x.clone().requires_grad_()).backward(gy)
+    assert bn.window_grad_count == ref.window_grad_count == x.numel() // 4
+    assert torch.equal(bn.window_grad, ref.window_grad)
+    assert torch.equal(bn.weight.grad, ref.weight.grad)
+    assert torch.equal(bn.bias.grad, ref.bias.grad)
+
+
+@pytest.mark.parametrize("mode", ["merged", "window"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_training_step_holds_no_more_memory_than_batchnorm(mode, dtype, memory_format):
+    """Forward + backward of a training micro-batch peaks where nn.BatchNorm2d's does (output
+    and input gradient): the statistics and the window normalization make no temporary the
+    size of x (counted by LiveTensorBytes). The margin, a quarter of x, is for per-channel
+    tensors (about 1 KiB here)."""
+    from fastaccum import _backend
+    from fastaccum.memory.peak import peak_bytes
+
+    if _backend.select("cpu", op="bn_stats") == _backend.REFERENCE:
+        pytest.skip("the pure-PyTorch references make temporaries; this is the kernels' property")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 16, 12, 10, generator=gen).to(dtype)
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
+    gy = torch.randn(x.shape, generator=gen).to(dtype).contiguous(memory_format=memory_format)
+    peaks = {}
+    for name, layer in (("native", torch.nn.BatchNorm2d(16)), ("fastaccum", None)):
+        if layer is None:
+            layer = AccumBatchNorm2d(16, mode=mode)
+            layer(x.detach()).sum().backward()  # a previous window, for the reference
+            end_window(layer)
+        layer.to(dtype)
+
+        def step(layer=layer):
+            layer(x).backward(gy)
+            x.grad = None
+            layer.zero_grad()
+
+        peaks[name] = peak_bytes(step, "cpu")[0]
+    x_bytes = x.numel() * x.element_size()
+    assert peaks["native"] >= 2 * x_bytes
+    assert peaks["fastaccum"] < peaks["native"] + x_bytes / 4
 
 
 @pytest.mark.parametrize("mode", ["renorm", "window"])
