@@ -424,13 +424,13 @@ WINDOW_PATHS = {
 
 @pytest.mark.parametrize("path", list(WINDOW_PATHS))
 @pytest.mark.parametrize("affine", [True, False])
-def test_window_forward_and_backward_match_float64_reference(affine, path):
+def test_window_forward_and_backward_match_float64_reference(affine, path, device):
     """Forward: normalized with merge(previous window, window so far). Backward: BatchNorm's
     backward with mean(g) and mean(g * xhat) over the previous window's and this window's
     backward passes so far. Every path: the fused kernels (float32, bfloat16, float16, both
-    layouts), the torch ops (float64, a zero weight)."""
+    layouts), the torch ops (float64, a zero weight, and off the CPU)."""
     dtype, module_dtype, memory_format, zero_weight, rtol = WINDOW_PATHS[path]
-    bn = window_bn(affine=affine).to(module_dtype)
+    bn = window_bn(affine=affine).to(device, module_dtype)
     view = (1, -1, 1, 1)
     gen = torch.Generator().manual_seed(12)
     previous, prev_sums = [], []
@@ -440,7 +440,8 @@ def test_window_forward_and_backward_match_float64_reference(affine, path):
                 bn.weight[1] = 0.0
         w = bn.weight.detach().double() if affine else torch.ones(4, dtype=torch.float64)
         b = bn.bias.detach().double() if affine else torch.zeros(4, dtype=torch.float64)
-        window = [x.to(dtype).contiguous(memory_format=memory_format) for x in window]
+        w, b = w.to(device), b.to(device)
+        window = [x.to(device, dtype).contiguous(memory_format=memory_format) for x in window]
         sums = []
         for i, x in enumerate(window):
             mean, var = batch_moments(torch.cat(previous + window[: i + 1]))
@@ -453,7 +454,7 @@ def test_window_forward_and_backward_match_float64_reference(affine, path):
             assert y.dtype == dtype
             assert y.is_contiguous(memory_format=memory_format)
             assert_close_rel(y, w.view(view) * xhat + b.view(view), rtol)
-            gy = torch.randn(y.shape, generator=gen).to(dtype)
+            gy = torch.randn(y.shape, generator=gen).to(device, dtype)
             y.backward(gy)
             g = gy.double() * w.view(view)
             sums.append(torch.stack([g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))]))
@@ -566,3 +567,28 @@ def test_window_bfloat16_input_keeps_its_dtype():
     y = bn(x.bfloat16().requires_grad_())
     assert y.dtype == torch.bfloat16
     assert_close_rel(y.float(), window_bn()(x), 1e-2)
+
+
+@pytest.mark.parametrize("mode", ["merged", "renorm"])
+def test_double_backward_matches_batchnorm(mode):
+    """A gradient penalty through the layer (double backward) works in merged and renorm
+    modes, which normalize with F.batch_norm, and equals nn.BatchNorm2d's on the first
+    micro-batch (where renorm is plain BatchNorm); window mode's backward is
+    once-differentiable and says so."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(4, 3, 5, 5, generator=gen)
+    c = torch.randn(4, 3, 5, 5, generator=gen)
+    grads = []
+    for layer in (AccumBatchNorm2d(3, mode=mode), torch.nn.BatchNorm2d(3)):
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        xa = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad((layer(xa) * c).sum(), xa, create_graph=True)
+        g.square().sum().backward()
+        grads.append(layer.weight.grad)
+    assert grads[1].abs().max() > 0
+    assert_close_rel(grads[0], grads[1], 1e-5)
+    xa = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(window_bn(3)(xa).square().sum(), xa, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.square().sum().backward()
