@@ -65,6 +65,8 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
     Subclasses build the ``torch.optim`` optimizer and implement :meth:`_step_group`.
     """
 
+    _steps_wrapped_optimizer = False  # the kernel updates; torch's global hooks run here
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,

@@ -21,9 +21,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import Any
 
 import torch
@@ -55,6 +58,22 @@ the kernel, and the next backward then page-faults it in again (measured on the 
 suite: 11,800 minor faults per window with 25 MiB buckets, 560 with 2 MiB, 2,600 for the
 native loop). GPUs take large ones: the caching allocator keeps freed blocks, and each
 fold is a kernel launch."""
+
+
+# fastaccum's and torch's source folders: warnings point past their frames (an LR scheduler's
+# wrapper around opt.step, autograd calling opt.backward's hooks) at the user's line.
+_INTERNAL_CODE = tuple(
+    os.path.dirname(os.path.dirname(path)) + os.sep for path in (__file__, torch.optim.__file__)
+)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the
+    first frame outside fastaccum and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_CODE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def bucket_bytes(device: torch.device) -> int:
@@ -155,7 +174,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
     Create it with :func:`wrap`. It shares ``param_groups`` and ``state`` with the wrapped
     optimizer, so LR schedulers built on it drive the wrapped optimizer's learning rates.
+    Step hooks (``register_step_pre_hook``/``register_step_post_hook``) run around each
+    window's update, not on every micro-step.
     """
+
+    # Whether _apply_and_step runs the wrapped optimizer's own step(), which runs torch's
+    # global step hooks; subclasses that update the parameters themselves set it False.
+    _steps_wrapped_optimizer = True
 
     def __init__(
         self,
@@ -272,6 +297,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self.noise_scale_tracker = NoiseScaleTracker()
         self._last_window_size: float | None = None
         self._warned_divided = False
+        self._window_lrs: list[object] | None = None  # the learning rates at window start
+        self._warned_lr = False
         from fastaccum.distributed import attach
 
         self._dist = attach(self, model, reduce_scatter_every_micro_step)
@@ -555,12 +582,43 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._dist.after_micro_step()
         self._uses_num_items = uses
         self._weights.append(weight)
+        self._watch_lr()
         self._micro_step += 1
         if self._micro_step >= self._accum_steps or self._close_after:
             return self._finish_window()
         self._start_micro_step()
         self._sync_next()
         return False
+
+    # torch.optim.Optimizer wraps step() to run the step hooks around every call; here most
+    # calls only fold a micro-batch, so the hooks run around the update instead
+    # (_run_step_hooks, from _finish_window).
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def _watch_lr(self) -> None:
+        """Warn once when a (Python number) learning rate changes between micro-batches of
+        one window: the update uses only the value at the boundary, and the usual cause is
+        an LR scheduler stepped on every micro-batch instead of on every window."""
+        lrs = [group.get("lr") for group in self.param_groups]
+        if self._micro_step == 0 or self._window_lrs is None:
+            self._window_lrs = lrs
+            return
+        if self._warned_lr:
+            return
+        for i, (now, then) in enumerate(zip(lrs, self._window_lrs, strict=False)):
+            numbers = all(type(v) in (float, int) for v in (now, then))
+            if numbers and now != then:
+                self._warned_lr = True
+                warnings.warn(
+                    f"param group {i}'s learning rate changed from {then} to {now} in the "
+                    f"middle of a window (micro-batch {self._micro_step + 1} of "
+                    f"{self._accum_steps}); the update uses only its value at the boundary. "
+                    "If an LR scheduler is stepped on every micro-batch, step it only when "
+                    "opt.step() returns True, or it runs accum_steps times too fast",
+                    RuntimeWarning,
+                    stacklevel=_user_stacklevel(),
+                )
+                return
 
     def _check_not_unscaled(self) -> None:
         """Raise RuntimeError when ``scaler.step(opt)`` or ``scaler.unscale_(opt)`` already
@@ -723,7 +781,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             f"discarded with its {earlier} earlier micro-batch(es), so that no partial "
             "micro-batch is stepped. Parameters and optimizer state are unchanged",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=_user_stacklevel(),
         )
 
     def _warn_if_divided(self, loss: torch.Tensor) -> None:
@@ -739,7 +797,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "num_items, or over micro-batches without it), so the gradient ends up "
                 f"{self._accum_steps}x too small. Pass the micro-batch's mean loss",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
 
     def _fold_hook(self, p: torch.Tensor) -> None:
@@ -974,6 +1032,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 clip = min(1.0, self.max_grad_norm / (norm + _CLIP_EPS))
             try:
+                self._run_step_hooks(pre=True)
                 self._apply_and_step(inv_scale / total * clip)
             except BaseException as err:
                 self._drop_failed_window(err)
@@ -989,7 +1048,33 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._track_noise_scale(norm, total)
         self._reset_window()
         self._sync_next()
+        if stepped:  # the wrapper is in its post-step state: parameters, statistics, window
+            self._run_step_hooks(pre=False)
         return stepped
+
+    def _run_step_hooks(self, pre: bool) -> None:
+        """Run the step pre (or post) hooks registered on this wrapper, plus torch's global
+        ones when no wrapped ``torch.optim`` step runs those, with ``(self, (), {})``.
+
+        Raises:
+            RuntimeError: a pre hook returned a value: step()'s arguments were used when
+                the micro-batch was folded, so they cannot be replaced here.
+        """
+        from torch.optim import optimizer as torch_optimizer
+
+        own = self._optimizer_step_pre_hooks if pre else self._optimizer_step_post_hooks
+        name = "_global_optimizer_pre_hooks" if pre else "_global_optimizer_post_hooks"
+        shared = {} if self._steps_wrapped_optimizer else getattr(torch_optimizer, name, {})
+        hooks = (
+            chain(shared.values(), own.values()) if pre else chain(own.values(), shared.values())
+        )
+        for hook in hooks:
+            if hook(self, (), {}) is not None and pre:
+                raise RuntimeError(
+                    f"step pre hook {hook!r} returned a value: on a fastaccum wrapper the hooks "
+                    "run at the window boundary, after step()'s arguments were used, so they "
+                    "must return None"
+                )
 
     def _drop_window(self) -> None:
         """Throw the window away: accumulators zeroed, AccumBatchNorm window statistics
@@ -1002,16 +1087,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._sync_next()
 
     def _drop_failed_window(self, err: BaseException) -> None:
-        """The wrapped optimizer's step raised: the accumulators then hold a scaled, maybe
-        partly consumed window. Discard it and clear the .grad it was handed, so that the
+        """A step pre hook or the wrapped optimizer's step raised: the accumulators then hold
+        the window, maybe scaled and partly consumed. Discard it and clear the .grad it was handed, so that the
         next micro-batch starts a clean window instead of stepping this one again."""
         for target in [*self._params, *self._masters.values()]:
             target.grad = None
         self._drop_window()
         err.add_note(
-            "fastaccum: the wrapped optimizer's step failed, so this window's accumulated "
-            "gradients were discarded (micro_step is 0 again); whatever the optimizer had "
-            "already updated before it raised stays updated"
+            "fastaccum: the window's update failed (a step pre hook or the wrapped "
+            "optimizer's step raised), so this window's accumulated gradients were discarded "
+            "(micro_step is 0 again); whatever the optimizer had already updated before it "
+            "raised stays updated"
         )
 
     def _track_noise_scale(self, norm: float, total: float) -> None:
@@ -1041,7 +1127,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 f"fastaccum: non-finite gradients in {len(offenders)} parameter(s) ({shown}); "
                 "the window was skipped and parameters and optimizer state are unchanged",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
         if self._accums:
             torch._foreach_zero_(list(self._accums.values()))
@@ -1312,7 +1398,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 f"fastaccum: loading a torch.optim state dict discarded the {in_progress} "
                 "micro-batch(es) of the window in progress; it starts a new window",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
 
     def _load_batchnorm_windows(self, states: list[dict[str, Any]] | None) -> None:
@@ -1328,5 +1414,5 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "window statistics (no model= when it was saved); this window's running "
                 "statistics will cover only the micro-batches after the resume",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
