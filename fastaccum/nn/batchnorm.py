@@ -427,43 +427,55 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         corrected = self.training and self.mode != "merged"
         # -1: not inside a backward pass, so this is not a checkpoint recomputation.
         recomputing = torch._C._current_graph_task_id() != -1
-        if corrected or (self.training and self.track_running_stats and not recomputing):
-            with torch.no_grad():
-                n_b, mean_b, m2_b = self._micro_stats(input)
-                used = self._recorded(n_b, mean_b) if recomputing and corrected else None
-                if not recomputing:
-                    self._merge(n_b, mean_b, m2_b)
-                if corrected and used is None:
-                    if self.mode == "renorm":
-                        used = self._renorm_factors(n_b, mean_b, m2_b)
-                    else:
-                        used = self._window_statistics()
-                    if not recomputing:
-                        self._forward_log.append((n_b, mean_b, used))
-            if corrected and self.mode == "window":
-                return _WindowNorm.apply(input, weight, bias, *used, self)
-            if corrected:
-                self.renorm_factors = used
-                dtype = (
-                    weight.dtype
-                    if weight is not None
-                    else torch.promote_types(input.dtype, torch.float32)
-                )
-                r, d = (f.to(dtype) for f in used)
-                # weight * (xhat * r + d) + bias as one batch_norm with a per-channel affine;
-                # r and d come from no_grad, so autograd treats them as constants.
-                weight, bias = (r, d) if weight is None else (weight * r, bias + weight * d)
+        # Into the window: for the running statistics, and as the corrected modes' reference.
+        merge = not recomputing and (corrected or (self.training and self.track_running_stats))
         use_batch_stats = self.training or not self.track_running_stats
-        return F.batch_norm(
-            input,
-            None if use_batch_stats else self.running_mean,
-            None if use_batch_stats else self.running_var,
-            weight,
-            bias,
-            use_batch_stats,
-            0.0,
-            self.eps,
-        )
+        # Batch statistics: the kernels normalize with the ones read below instead of
+        # reading x again (F.batch_norm keeps nn.BatchNorm's error for one value per
+        # channel, and takes float64).
+        fused = use_batch_stats and _kernel_input(input) and input.numel() > self.num_features
+        if not (corrected or merge or fused):
+            return F.batch_norm(
+                input,
+                None if use_batch_stats else self.running_mean,
+                None if use_batch_stats else self.running_var,
+                weight,
+                bias,
+                use_batch_stats,
+                0.0,
+                self.eps,
+            )
+        with torch.no_grad():
+            n_b, mean_b, m2_b = self._micro_stats(input)
+            used = self._recorded(n_b, mean_b) if recomputing and corrected else None
+            if merge:
+                self._merge(n_b, mean_b, m2_b)
+            if corrected and used is None:
+                if self.mode == "renorm":
+                    used = self._renorm_factors(n_b, mean_b, m2_b)
+                else:
+                    used = self._window_statistics()
+                if not recomputing:
+                    self._forward_log.append((n_b, mean_b, used))
+        if corrected and self.mode == "window":
+            return _WindowNorm.apply(input, weight, bias, *used, self)
+        if corrected:
+            self.renorm_factors = used
+        if fused:
+            invstd = (m2_b / n_b + self.eps).rsqrt()
+            r, d = (None, None) if not corrected else (f.float() for f in used)
+            return bn_ops.train_unchecked(input, mean_b.float(), invstd.float(), weight, bias, r, d)
+        if corrected:
+            dtype = (
+                weight.dtype
+                if weight is not None
+                else torch.promote_types(input.dtype, torch.float32)
+            )
+            r, d = (f.to(dtype) for f in used)
+            # weight * (xhat * r + d) + bias as one batch_norm with a per-channel affine;
+            # r and d come from no_grad, so autograd treats them as constants.
+            weight, bias = (r, d) if weight is None else (weight * r, bias + weight * d)
+        return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
 
     def extra_repr(self) -> str:
         extra = f", mode={self.mode!r}"

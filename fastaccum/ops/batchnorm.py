@@ -43,7 +43,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastaccum import _backend
 
@@ -535,13 +534,17 @@ class _BatchNormFunction(torch.autograd.Function):
 
     ``batch_stats``: mean/invstd are this x's batch statistics, and the input gradient
     flows through them (training mode); else they are constants (running statistics).
+
+    The backward runs the kernels; under ``create_graph=True`` (a gradient penalty, say)
+    it recomputes the gradients with torch ops instead, so that they can be differentiated
+    again (:func:`_differentiable_grads`).
     """
 
     @staticmethod
     def forward(ctx, x, mean, invstd, weight, bias, scale, offset, relu, batch_stats, backend):
         w_eff, b_eff = _effective_affine(weight, bias, scale, offset)
         y = apply_unchecked(x, mean, invstd, w_eff, b_eff, relu, backend)
-        ctx.save_for_backward(x, mean, invstd, w_eff, b_eff, scale, offset)
+        ctx.save_for_backward(x, mean, invstd, w_eff, b_eff, scale, offset, weight, bias)
         ctx.options = relu, batch_stats, backend
         ctx.param_dtypes = (
             None if weight is None else weight.dtype,
@@ -550,9 +553,10 @@ class _BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
-        x, mean, invstd, w_eff, b_eff, scale, offset = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            return _differentiable_grads(ctx, grad_y)
+        x, mean, invstd, w_eff, b_eff, scale, offset, _, _ = ctx.saved_tensors
         relu, batch_stats, backend = ctx.options
         need_x, need_w, need_b = ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]
         x = in_kernel_layout(x)
@@ -582,6 +586,45 @@ class _BatchNormFunction(torch.autograd.Function):
         if need_b:
             grad_b = sums[0].to(ctx.param_dtypes[1])
         return grad_x, None, None, grad_w, grad_b, None, None, None, None, None
+
+
+def _differentiable_grads(ctx, grad_y: torch.Tensor) -> tuple:
+    """:class:`_BatchNormFunction`'s gradients as a graph of torch ops, for a backward with
+    ``create_graph=True``: the forward recomputed in float32 from the saved x, weight and
+    bias (which carry their own graph), then differentiated.
+
+    With batch statistics the mean and variance are recomputed from x, and ``eps`` is
+    recovered as ``1 / invstd**2 - var`` (in float64): only ``var + eps`` enters, and it
+    equals ``1 / invstd**2`` to float32 precision, so the value and every derivative of
+    ``invstd = rsqrt(var + eps)`` are those of the forward.
+    """
+    x, mean, invstd, _, _, scale, offset, weight, bias = ctx.saved_tensors
+    relu, batch_stats, _ = ctx.options
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    dims = [0, *range(2, x.dim())]
+    xf = x.float()
+    if batch_stats:
+        centred = xf - xf.mean(dims).view(shape)
+        var = centred.square().mean(dims)
+        eps = invstd.double().reciprocal().square() - var.detach().double()
+        xhat = centred * (var + eps.float()).rsqrt().view(shape)
+    else:
+        xhat = (xf - mean.float().view(shape)) * invstd.float().view(shape)
+    w_eff, b_eff = _effective_affine(weight, bias, scale, offset)
+    y = xhat if w_eff is None else xhat * w_eff.float().view(shape)
+    if b_eff is not None:
+        y = y + b_eff.float().view(shape)
+    if relu:
+        y = torch.relu(y)
+    wanted = {0: x, 3: weight, 4: bias}
+    inputs = {i: t for i, t in wanted.items() if ctx.needs_input_grad[i]}
+    grads = torch.autograd.grad(
+        y, list(inputs.values()), grad_y.float(), create_graph=True, allow_unused=True
+    )
+    out: list[torch.Tensor | None] = [None] * 10
+    for (i, t), g in zip(inputs.items(), grads, strict=True):
+        out[i] = torch.zeros_like(t) if g is None else g.to(t.dtype)
+    return tuple(out)
 
 
 def _check_statistics_constant(mean: torch.Tensor, invstd: torch.Tensor) -> None:
@@ -639,6 +682,20 @@ def batch_norm_train(
     return _BatchNormFunction.apply(
         x, mean, invstd, weight, bias, scale, offset, relu, True, backend
     )
+
+
+def train_unchecked(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`batch_norm_train` without validation, for callers that built valid arguments
+    themselves (the ``AccumBatchNorm`` modules)."""
+    return _BatchNormFunction.apply(x, mean, invstd, weight, bias, scale, offset, False, True, None)
 
 
 def batch_norm_apply(

@@ -478,6 +478,55 @@ def test_apply_gradient_with_constant_statistics(backend, relu):
         assert_close_rel(got.grad, w.grad, 2e-5)
 
 
+def penalty_grads(fn, x, weight, bias, c):
+    """Gradients of a gradient penalty, ||dL/dx||^2 + ||dL/dweight||^2 with L = sum(y * c),
+    with respect to x, weight and bias (double backward through ``fn(x, weight, bias)``)."""
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    y = fn(*leaves)
+    gx, gw = torch.autograd.grad((y * c).sum(), leaves[:2], create_graph=True)
+    (gx.square().sum() + gw.square().sum()).backward()
+    return [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+
+
+@pytest.mark.parametrize("kind", ["train", "train-renorm", "apply"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_double_backward_matches_float64(backend, kind, relu):
+    """backward(create_graph=True) gives gradients that differentiate again (a gradient
+    penalty), equal to float64 autograd through F.batch_norm: batch statistics, Batch
+    Renormalization's r and d (constants), and constant statistics."""
+    x, weight, bias = train_inputs((6, 3, 4, 5), torch.float32, "channels_last", seed=8)
+    c = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    scale = per_channel(3, 40, low=0.7, high=1.4) if kind == "train-renorm" else None
+    offset = per_channel(3, 41, low=-0.5, high=0.5) if kind == "train-renorm" else None
+    mean, invstd = per_channel(3, 42, low=0.0, high=0.5), per_channel(3, 43, low=0.5, high=2.0)
+
+    def ours(x, w, b):
+        if kind == "apply":
+            return bn.batch_norm_apply(x, mean, invstd, w, b, relu, backend=backend)
+        stats = bn.batch_norm_stats(x.detach(), backend=backend)
+        inv = torch.rsqrt(stats.m2 / (x.numel() // 3) + EPS)
+        return bn.batch_norm_train(
+            x, stats.mean, inv, w, b, scale=scale, offset=offset, relu=relu, backend=backend
+        )
+
+    def float64(x, w, b):
+        if kind == "apply":
+            var = invstd.double() ** -2 - EPS
+            y = F.batch_norm(x, mean.double(), var, w, b, False, 0.0, EPS)
+        else:
+            if scale is not None:
+                w, b = w * scale.double(), b + w * offset.double()
+            y = F.batch_norm(x, None, None, w, b, True, 0.0, EPS)
+        return torch.relu(y) if relu else y
+
+    got = penalty_grads(ours, x, weight, bias, c)
+    want = penalty_grads(float64, *(t.double() for t in (x, weight, bias)), c.double())
+    assert want[0].abs().max() > 0 and want[1].abs().max() > 0
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        assert_close_rel(g, w, 1e-4)
+
+
 def test_apply_of_empty_batch(backend):
     x = torch.empty(0, 3, 4, 4, requires_grad=True)
     mean, invstd = torch.zeros(3), torch.ones(3)
