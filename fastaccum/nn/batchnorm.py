@@ -562,12 +562,11 @@ def _window_input_grad(
     takes ``s1 = g_mean / w``, ``s2 = gx_mean / w``. A channel whose weight is exactly 0 (a
     zero-initialised or pruned gamma) cannot be written that way, while its input gradient
     need not be 0 (the previous window's gradient means); checking for one reads the weight
-    on the host, free on the CPU but a device sync elsewhere. So the kernel runs on the CPU
-    when no weight is 0, and everywhere without weight; otherwise three in-place torch ops
-    on one temporary compute the same."""
-    kernel = _kernel_input(x) and (
-        weight is None or (x.device.type == "cpu" and bool((w != 0).all()))
-    )
+    on the host, free on the CPU but a device sync elsewhere (and a graph break under
+    torch.compile). So the kernel runs on the CPU when no weight is 0, and everywhere
+    without weight; otherwise three in-place torch ops on one temporary compute the same."""
+    host_check = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    kernel = _kernel_input(x) and (weight is None or (host_check and bool((w != 0).all())))
     if kernel:
         sums = ((g_mean / w).float(), (gx_mean / w).float())
         return bn_ops.backward_apply_unchecked(grad_y, x, mean, invstd, w, sums)

@@ -593,3 +593,31 @@ def test_double_backward_matches_batchnorm(mode):
     (g,) = torch.autograd.grad(window_bn(3)(xa).square().sum(), xa, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.square().sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["merged", "renorm", "window"])
+def test_torch_compile_matches_eager(mode):
+    """A compiled model (aot_eager) with AccumBatchNorm trains as the eager one: outputs,
+    gradients, window counts and running statistics, over two windows."""
+    import copy
+
+    options = {"plain_windows": 0, "warmup_windows": 1} if mode == "renorm" else {}
+    eager = convert_batchnorm(cnn(seed=6), mode, **options)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    gen = torch.Generator().manual_seed(23)
+    for _ in range(2):
+        for n in (3, 2, 4):
+            x = torch.randn(n, 3, 6, 6, generator=gen) * 2 + 1
+            ya, yb = eager(x), compiled(x)
+            assert_close_rel(yb, ya, 1e-6)
+            ya.square().sum().backward()
+            yb.square().sum().backward()
+        end_window(eager)
+        end_window(compiled_model)
+    bn_a, bn_b = eager[1], compiled_model[1]
+    assert bn_b.num_batches_tracked == bn_a.num_batches_tracked == 2
+    assert_close_rel(bn_b.running_mean, bn_a.running_mean, 1e-6)
+    assert_close_rel(bn_b.running_var, bn_a.running_var, 1e-6)
+    for p, q in zip(compiled_model.parameters(), eager.parameters(), strict=True):
+        assert_close_rel(p.grad, q.grad, 1e-5)
