@@ -30,6 +30,7 @@ from itertools import chain
 from typing import Any
 
 import torch
+from torch.optim import optimizer as torch_optimizer
 
 from fastaccum import _backend
 from fastaccum.nn.batchnorm import (
@@ -63,7 +64,7 @@ fold is a kernel launch."""
 # fastaccum's and torch's source folders: warnings point past their frames (an LR scheduler's
 # wrapper around opt.step, autograd calling opt.backward's hooks) at the user's line.
 _INTERNAL_CODE = tuple(
-    os.path.dirname(os.path.dirname(path)) + os.sep for path in (__file__, torch.optim.__file__)
+    os.path.dirname(path) + os.sep for path in (os.path.dirname(__file__), torch.__file__)
 )
 
 
@@ -1060,8 +1061,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             RuntimeError: a pre hook returned a value: step()'s arguments were used when
                 the micro-batch was folded, so they cannot be replaced here.
         """
-        from torch.optim import optimizer as torch_optimizer
-
         own = self._optimizer_step_pre_hooks if pre else self._optimizer_step_post_hooks
         name = "_global_optimizer_pre_hooks" if pre else "_global_optimizer_post_hooks"
         shared = {} if self._steps_wrapped_optimizer else getattr(torch_optimizer, name, {})
@@ -1088,8 +1087,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
     def _drop_failed_window(self, err: BaseException) -> None:
         """A step pre hook or the wrapped optimizer's step raised: the accumulators then hold
-        the window, maybe scaled and partly consumed. Discard it and clear the .grad it was handed, so that the
-        next micro-batch starts a clean window instead of stepping this one again."""
+        the window, maybe scaled and partly consumed. Discard it and clear the .grad it was
+        handed, so that the next micro-batch starts a clean window instead of stepping this
+        one again."""
         for target in [*self._params, *self._masters.values()]:
             target.grad = None
         self._drop_window()
