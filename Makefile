@@ -12,7 +12,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint bench-cpu bench-gpu clean
+.PHONY: install demo test lint bench-cpu bench-gpu check-cuda-torch clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
@@ -44,6 +44,11 @@ bench-gpu: $(if $(NO_INSTALL),,install)
 	$(PYTHON) benchmarks/gpu_batchnorm.py
 	$(PYTHON) benchmarks/gpu_activation_memory.py
 	$(PYTHON) benchmarks/gpu_plan.py
+
+# Without a GPU: build against PyPI's CUDA torch (default 2.11.0, the GPU machines'; several
+# GB, in /tmp/fastaccum-cuda-torch) and run the test suite with that torch and its Triton.
+check-cuda-torch:
+	bash tools/check_cuda_torch.sh
 
 clean:
 	rm -rf build *.egg-info fastaccum/*.so .pytest_cache .benchmarks
