@@ -18,6 +18,11 @@ the b_k (= b when micro-batches are equal), so two unbiased estimators follow:
     |G|^2     ~ (B |g_B|^2 - b_h mean_k |g_k|^2) / (B - b_h)
     tr(Sigma) ~ (mean_k |g_k|^2 - |g_B|^2) / (1 / b_h - 1 / B)
 
+Both are sums over parameters, so disjoint sets of parameters can be estimated apart and
+added (:meth:`NoiseScaleTracker.update_terms`), each set from the micro-batches it has a
+norm for: the wrapper does so for fused-wgrad layers, measured on a window's first
+micro-batch only.
+
 Single windows are noisy (the |G|^2 estimate can even be negative), so the numerator and
 denominator are smoothed separately with a bias-corrected exponential moving average and
 only their ratio is reported.
@@ -110,11 +115,23 @@ class NoiseScaleTracker:
         ``units`` names the unit of the sizes (default: "items", or "micro-batches" when
         ``micro_sizes`` is None)."""
         grad_sq, trace = noise_scale_terms(micro_sq_norms, window_sq_norm, micro_sizes, window_size)
+        if units is None:
+            units = "micro-batches" if micro_sizes is None else "items"
+        self.update_terms(grad_sq, trace, units)
+
+    def update_terms(self, grad_sq: float, trace: float, units: str = "items") -> None:
+        """Fold one window's unbiased estimates in: ``grad_sq`` of |G|^2 and ``trace`` of
+        tr(Sigma) per item of ``units`` (for example the sum of
+        :func:`noise_scale_terms` over disjoint sets of parameters).
+
+        Raises:
+            ValueError: a non-finite estimate.
+        """
+        if not (math.isfinite(grad_sq) and math.isfinite(trace)):
+            raise ValueError(f"noise-scale terms must be finite, got {grad_sq}, {trace}")
         self._grad_sq = self.beta * self._grad_sq + (1.0 - self.beta) * grad_sq
         self._trace = self.beta * self._trace + (1.0 - self.beta) * trace
         self.windows += 1
-        if units is None:
-            units = "micro-batches" if micro_sizes is None else "items"
         self.units = units
 
     def _debiased(self, value: float) -> float:

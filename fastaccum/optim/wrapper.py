@@ -49,7 +49,7 @@ from fastaccum.ops.accumulate import (
     sumsq_wide,
 )
 from fastaccum.ops.wgrad import wgrad_accumulate_unchecked
-from fastaccum.stats import NoiseScaleTracker
+from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
 
 _CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 BUCKET_BYTES = {"cpu": 2 * 2**20, "default": 25 * 2**20}
@@ -170,6 +170,41 @@ def _remove_handles(handles: list[Any]) -> None:
         handle.remove()
 
 
+class _ScalerUpdateGuard:
+    """``update`` of a GradScaler that a wrapper drives (``scaler=``): the wrapper updates the
+    scale once per window, so a ``scaler.update()`` left in the loop would reach torch's bare
+    "No inf checks were recorded prior to update." assertion. This raises a RuntimeError
+    that says what to do instead; every call torch accepts (the wrapper's own, with
+    ``new_scale``, or one after ``scaler.step`` of another optimizer) goes through unchanged.
+    A module-level class rather than a closure, so that the scaler still pickles.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+
+    def __call__(self, new_scale: float | torch.Tensor | None = None) -> None:
+        scaler = self.scaler
+        states = getattr(scaler, "_per_optimizer_states", {})
+        recorded = any(state.get("found_inf_per_device") for state in states.values())
+        if new_scale is None and scaler.is_enabled() and not recorded:
+            raise RuntimeError(
+                "scaler.update() was called on a GradScaler that a fastaccum optimizer "
+                "drives (created with scaler=): it updates the scale itself, once per "
+                "window at the boundary, so leave scaler.update() out of the loop. To step "
+                "and update the scaler yourself on every micro-batch instead, create the "
+                "optimizer without scaler= and call scaler.step(opt); scaler.update(). "
+                "Nothing changed: the scale, the window's gradients and the optimizer are "
+                "as they were"
+            )
+        type(scaler).update(scaler, new_scale)
+
+    @staticmethod
+    def install(scaler: torch.amp.GradScaler) -> None:
+        """Guard ``scaler.update`` (once per scaler, however many wrappers share it)."""
+        if not isinstance(vars(scaler).get("update"), _ScalerUpdateGuard):
+            scaler.update = _ScalerUpdateGuard(scaler)
+
+
 class AccumulatingOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that steps its wrapped optimizer once per window.
 
@@ -264,6 +299,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.accum_dtype = accum_dtype
         self.scaler = scaler
+        if scaler is not None:
+            _ScalerUpdateGuard.install(scaler)
         self.master_weights = bool(master_weights)
 
         # The model's parameters, in param-group order; gradients are read from these.
@@ -292,6 +329,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._items_seen = 0.0
         self._last_norm: float | None = None
         self._last_micro_sumsq: list[float] = []
+        self._last_fused: tuple[float, float] | None = None  # see _finish_window
         self._windows_since_inf = 0
         # Gradient noise scale from the per-micro-batch and window norms (fastaccum.stats);
         # its ``beta`` (EMA factor per window) may be changed.
@@ -407,6 +445,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # as torch.optim skips parameters whose .grad is None.
         self._touched: set[int] = set()
         self._window_fused = False  # a fused-wgrad layer contributed (no per-micro norm)
+        # ids of the parameters accumulate_ folded, and of those fused-wgrad layers wrote,
+        # in this window; the fused ones' sum of squares after the first micro-batch (their
+        # one per-micro-batch norm, for the noise scale).
+        self._folded_ids: set[int] = set()
+        self._fused_ids: set[int] = set()
+        self._fused_first: torch.Tensor | None = None
         if self._wgrad_control is not None:
             self._wgrad_control.zero_()
         if self._dist is not None:
@@ -517,8 +561,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         else:
             res = accumulate_unchecked(accums, grads, weight)
             grad_sumsq, bad, accum_sumsq = res.grad_sumsq, res.found_nonfinite, res.accum_sumsq
-        self._covers.append(({id(p) for p, _ in group}, accum_sumsq))
-        self._touched.update(id(p) for p, _ in group)
+        ids = {id(p) for p, _ in group}
+        self._covers.append((ids, accum_sumsq))
+        self._touched |= ids
+        self._folded_ids |= ids
         self._sumsq_parts.append(grad_sumsq)
         self._sumsq_micro.append(self._micro_step)
         self._window_bad.append(bad)
@@ -587,6 +633,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._micro_step += 1
         if self._micro_step >= self._accum_steps or self._close_after:
             return self._finish_window()
+        if self._micro_step == 1 and self._window_fused and self._dist is None:
+            self._note_fused_first(weight)
         self._start_micro_step()
         self._sync_next()
         return False
@@ -881,9 +929,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             return
         for (weight, bias), hits in zip(self._wgrad_layers, counts[2:], strict=True):
             if hits:
-                self._mark_fused(weight)
-                if bias is not None and bias.requires_grad:
-                    self._touched.add(id(bias))
+                self._mark_fused(weight, bias)
         control[1:] = 0.0
 
     def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -912,13 +958,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         bias_acc = None
         if bias is not None and bias.requires_grad:
             bias_acc = self._accum_for(bias)
-            self._touched.add(id(bias))
         # The layer hands over [tokens, features] views of matching dtype, device and
         # shape, and the accumulators are fp32 (accepts_wgrad): the checks hold already.
         wgrad_accumulate_unchecked(
             self._accum_for(weight), grad_out, input, self._hook_weight, bias_acc
         )
-        self._mark_fused(weight)
+        self._mark_fused(weight, bias)
 
     def accumulate_embedding_grad(
         self, weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor
@@ -931,10 +976,15 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             acc.index_add_(0, indices, rows, alpha=self._hook_weight)
         self._mark_fused(weight)
 
-    def _mark_fused(self, weight: torch.Tensor) -> None:
-        """A fused layer wrote ``weight``'s accumulator on this micro-step (no gradient of
-        it for accumulate_ to measure, so the window norm reads it at the boundary)."""
-        self._touched.add(id(weight))
+    def _mark_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """A fused layer wrote the accumulators of ``weight`` (and of ``bias`` when it is
+        trained) on this micro-step: no gradient of them for accumulate_ to measure, so the
+        window norm reads them at the boundary."""
+        ids = {id(weight)}
+        if bias is not None and bias.requires_grad:
+            ids.add(id(bias))
+        self._touched |= ids
+        self._fused_ids |= ids
         self._fused_this_step = True
         self._window_fused = True
 
@@ -964,8 +1014,18 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             sums.index_add_(0, owner, parts)
         return sums
 
-    def _window_norm_sq(self) -> torch.Tensor:
-        """Squared norm of the summed, weighted (still loss-scaled) window gradient.
+    def _note_fused_first(self, weight: float) -> None:
+        """Keep the squared norm of the first micro-batch's gradient of the fused-wgrad
+        layers, which their accumulators now hold exactly ``weight`` times (one read of
+        those accumulators per window, no sync): the per-micro-batch norm the noise scale
+        needs, which the fused GEMM never measures."""
+        accs = [_memory_order(a) for p, a in self._accums.items() if id(p) in self._fused_ids]
+        if accs and weight > 0.0:
+            self._fused_first = sumsq_unchecked(accs).double() / (weight * weight)
+
+    def _window_norm_sq(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Squared norm of the summed, weighted (still loss-scaled) window gradient, and
+        the part of it in the accumulators of fused-wgrad layers (None without any).
 
         The last micro-step's accumulate_ calls already returned it for the tensors they
         touched; only accumulators that micro-step left alone are read again.
@@ -976,17 +1036,25 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if accum_sumsq is not None:  # None: float64 folds, which do not measure it
                 covered |= ids
                 parts.append(accum_sumsq)
-        rest: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
+        rest: dict[tuple[torch.device, bool, bool], list[torch.Tensor]] = {}
         for p, acc in self.window_accums().items():
             if id(p) not in covered:
-                rest.setdefault((acc.device, acc.dtype == torch.float64), []).append(acc)
-        for (_, wide), accs in rest.items():  # one read each
+                key = (acc.device, acc.dtype == torch.float64, id(p) in self._fused_ids)
+                rest.setdefault(key, []).append(acc)
+        fused = []
+        for (_, wide, is_fused), accs in rest.items():  # one read each
             if wide:
                 parts.append(sumsq_wide(accs))
             else:
                 parts.append(sumsq_unchecked([_memory_order(a) for a in accs]))
+            if is_fused:
+                fused.append(parts[-1])
         device = parts[0].device
-        return torch.stack([t.to(device=device, dtype=torch.float64) for t in parts]).sum()
+
+        def total(ts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([t.to(device=device, dtype=torch.float64) for t in ts]).sum()
+
+        return total(parts), total(fused) if fused else None
 
     def _finish_window(self) -> bool:
         inv_scale = 1.0
@@ -995,22 +1063,24 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # Under DDP the accumulators are about to be replaced by their reduced sum, whose
         # norm the reduction measures; the local one is needed only when they stay local.
         local_norm = self._touched and (self._dist is None or self._dist.sharded)
-        norm_sq = self._window_norm_sq() if local_norm else None
+        norm_sq, fused_sq = self._window_norm_sq() if local_norm else (None, None)
         device = self._params[0].device if norm_sq is None else norm_sq.device
         if self._window_bad:
             bad = torch.stack([b.to(device) for b in self._window_bad]).any()
         else:  # only fused-wgrad layers: the norm's finiteness is the check
             bad = torch.zeros((), dtype=torch.bool, device=device)
         micro = self._micro_sumsq(device)
+        fused_host = None
         if self._dist is None:
             # One host sync per window: the skip decision and the statistics.
-            host = torch.cat([norm_sq.reshape(1), bad.double().reshape(1), micro]).tolist()
-            total, norm_sq_host, bad_host, micro_host = (
-                math.fsum(self._weights),
-                host[0],
-                host[1] != 0.0,
-                host[2:],
-            )
+            fused = self._fused_norms(fused_sq)
+            host = torch.cat(
+                [norm_sq.reshape(1), bad.double().reshape(1), fused.to(device), micro]
+            ).tolist()
+            total, norm_sq_host, bad_host = math.fsum(self._weights), host[0], host[1] != 0.0
+            if fused.numel():
+                fused_host = host[2:4]
+            micro_host = host[2 + fused.numel() :]
         else:
             # Reduction, then one exchange of counts and the same single host sync.
             if norm_sq is None:
@@ -1019,6 +1089,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 norm_sq, bad, micro
             )
         self._last_micro_sumsq = [s * inv_scale * inv_scale for s in micro_host]
+        # (window, first micro-batch) squared gradient norms of the fused-wgrad layers
+        self._last_fused = None
+        if fused_host is not None:
+            window_sq = fused_host[0] * (inv_scale / math.fsum(self._weights)) ** 2
+            self._last_fused = (window_sq, fused_host[1] * inv_scale * inv_scale)
         if self._dist is not None:
             inv_scale *= self._dist.grad_factor  # FSDP2's average over ranks, undone
         norm = (
@@ -1100,18 +1175,48 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             "raised stays updated"
         )
 
+    def _fused_norms(self, fused_sq: torch.Tensor | None) -> torch.Tensor:
+        """float64 [window, first micro-batch] squared norms of the fused-wgrad layers'
+        gradients (weighted, loss-scaled window sum; first micro-batch's mean-loss
+        gradient) when this window can estimate the noise scale with them, else empty.
+
+        Not when a parameter took both a fused and an unfused gradient (a weight tied to
+        a layer that is not fused: its first-micro-batch norm would be counted twice), nor
+        without the first micro-batch's norm (a window of one micro-batch, or one resumed
+        from a checkpoint that predates it)."""
+        first = self._fused_first
+        if fused_sq is None or first is None or self._fused_ids & self._folded_ids:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.stack([fused_sq, first.to(fused_sq.device)])
+
     def _track_noise_scale(self, norm: float, total: float) -> None:
         """Fold the window into the noise-scale estimate, from numbers the window's one host
-        sync already brought back (no extra pass, no extra sync). Windows whose per-micro-
-        batch norms miss parameters (fused wgrad layers write no gradient to measure;
-        FSDP2 hands over only reduced shards), or that cannot separate two batch sizes (one
-        micro-batch on one process), are left out."""
+        sync already brought back (no extra sync).
+
+        The unfused parameters give one squared norm per micro-batch. Fused-wgrad layers
+        write no gradient to measure, so for them the first micro-batch's norm stands for
+        all: their |G|^2 and tr(Sigma) are estimated apart (both estimates are unbiased;
+        theirs is noisier) and the two sets are added. Windows that cannot separate two
+        batch sizes (one micro-batch on one process), fused windows without the norms
+        :meth:`_fused_norms` needs, and fused windows under DDP/FSDP2 (whose norms come
+        from the reduction) are left out."""
         micro, sizes = self._last_micro_sumsq, self._weights
-        if self._window_fused or not micro or len(micro) != len(sizes):
+        if not micro or len(micro) != len(sizes):
             return
         units = "items" if self._uses_num_items else "micro-batches"
+        tracker = self.noise_scale_tracker
         with contextlib.suppress(ValueError):
-            self.noise_scale_tracker.update(micro, norm * norm, sizes, total, units)
+            if not self._window_fused:
+                tracker.update(micro, norm * norm, sizes, total, units)
+            elif self._last_fused is not None:
+                fused_window, fused_first = self._last_fused
+                grad_sq, trace = noise_scale_terms(micro, norm * norm - fused_window, sizes)
+                fused_grad_sq, fused_trace = noise_scale_terms(
+                    [fused_first], fused_window, sizes[:1], window_size=total
+                )
+                tracker.update_terms(grad_sq + fused_grad_sq, trace + fused_trace, units)
+            else:
+                return
             self._last_window_size = total
 
     def _skip_window(self) -> None:
@@ -1219,9 +1324,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         smoothed over windows; None until it can be estimated), ``noise_scale_units``
         ("items" with num_items, else "micro-batches") and ``critical_batch_hint`` (the
         window size against the noise scale, in words). The noise scale is estimated from
-        the same numbers as ``grad_norm`` and ``micro_batch_sumsq``, so it costs nothing;
-        windows with fused-wgrad layers are left out of it (their gradients are never
-        measured per micro-batch).
+        the same numbers as ``grad_norm`` and ``micro_batch_sumsq``, at no extra sync.
+        Fused-wgrad layers never produce a gradient to measure per micro-batch: for them
+        the first micro-batch's norm is read from their accumulators (one read per
+        window), and their part of the estimate is noisier. ``micro_batch_sumsq`` leaves
+        them out.
         """
         tracker = self.noise_scale_tracker
         window = self._last_window_size
@@ -1274,6 +1381,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "masters": [self._masters.get(p) for p in self._params],
                 "micro_step": self._micro_step,
                 "touched": [i for i, p in enumerate(self._params) if id(p) in self._touched],
+                "fused": [i for i, p in enumerate(self._params) if id(p) in self._fused_ids],
+                "folded": [i for i, p in enumerate(self._params) if id(p) in self._folded_ids],
+                "fused_first": self._fused_first,
                 "weights": list(self._weights),
                 "uses_num_items": self._uses_num_items,
                 "window_bad": window_bad,
@@ -1362,6 +1472,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._reset_window()
         self._micro_step = saved["micro_step"]
         self._touched = {id(self._params[i]) for i in saved["touched"]}
+        # absent from state dicts saved before the fused-wgrad noise scale: that window
+        # is then left out of it
+        self._fused_ids = {id(self._params[i]) for i in saved.get("fused", ())}
+        self._folded_ids = {id(self._params[i]) for i in saved.get("folded", ())}
+        self._window_fused = bool(self._fused_ids)
+        if saved.get("fused_first") is not None:
+            self._fused_first = saved["fused_first"].to(self._params[0].device)
         self._weights = list(saved["weights"])
         self._uses_num_items = saved["uses_num_items"]
         device = self._params[0].device

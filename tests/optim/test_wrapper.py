@@ -5,6 +5,7 @@ optimizer on the concatenated batch (one backward over all items), in the same d
 """
 
 import copy
+import io
 import math
 import warnings
 
@@ -263,6 +264,41 @@ def test_scaler_step_on_a_wrapper_given_the_scaler_is_refused():
         scaler.step(opt)
     assert opt.micro_step == 0
     assert opt.state_dict()["fastaccum"]["accums"] == [None] * len(list(model.parameters()))
+
+
+def test_scaler_update_left_in_the_loop_is_refused_and_changes_nothing():
+    """With ``scaler=`` the wrapper updates the scale; a habitual ``scaler.update()`` after
+    each ``opt.step()`` gets a RuntimeError that says so (torch's own error is a bare
+    assertion), and the run is bit-identical to the same loop without the call. A scale
+    the caller sets explicitly still goes through, and the guarded scaler still pickles."""
+    k, batches = 2, token_batches(6, seed=9)
+
+    def run(call_update: bool) -> tuple[torch.nn.Module, torch.amp.GradScaler, dict]:
+        model = make_model()
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+        opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), k, model=model, scaler=scaler)
+        for x, y in batches:
+            scaler.scale(mean_loss(model, x, y)).backward()
+            opt.step()
+            if call_update:
+                with pytest.raises(RuntimeError, match=r"leave scaler.update\(\) out of the loop"):
+                    scaler.update()
+            opt.zero_grad()
+        return model, scaler, opt.stats()
+
+    model, scaler, stats = run(call_update=True)
+    ref, ref_scaler, ref_stats = run(call_update=False)
+    assert scaler.get_scale() == ref_scaler.get_scale() == 1024.0 * 2 ** (len(batches) // k)
+    assert stats["windows"] == ref_stats["windows"] == len(batches) // k
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+    scaler.update(64.0)
+    assert scaler.get_scale() == 64.0
+    buffer = io.BytesIO()
+    torch.save(scaler, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.get_scale() == 64.0 and loaded.update.scaler is loaded
 
 
 @pytest.mark.parametrize("path", ["step", "backward"])
