@@ -330,6 +330,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._last_norm: float | None = None
         self._last_micro_sumsq: list[float] = []
         self._last_fused: tuple[float, float] | None = None  # see _finish_window
+        # ids of the parameters a fused-wgrad layer has written in any window: their
+        # ordinary gradients (a tied weight's other use) stay out of the per-micro-batch
+        # norms, since the first micro-batch's accumulator read measures them whole.
+        self._fused_seen: set[int] = set()
         self._windows_since_inf = 0
         # Gradient noise scale from the per-micro-batch and window norms (fastaccum.stats);
         # its ``beta`` (EMA factor per window) may be changed.
@@ -444,11 +448,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # ids of the parameters that received a gradient in this window: only these step,
         # as torch.optim skips parameters whose .grad is None.
         self._touched: set[int] = set()
-        self._window_fused = False  # a fused-wgrad layer contributed (no per-micro norm)
-        # ids of the parameters accumulate_ folded, and of those fused-wgrad layers wrote,
-        # in this window; the fused ones' sum of squares after the first micro-batch (their
-        # one per-micro-batch norm, for the noise scale).
-        self._folded_ids: set[int] = set()
+        # ids of the parameters whose gradients went into the per-micro-batch norms, and
+        # of those fused-wgrad layers wrote, in this window; the squared norm of the fused
+        # set's first micro-batch gradient (their one per-micro-batch norm).
+        self._measured_ids: set[int] = set()
         self._fused_ids: set[int] = set()
         self._fused_first: torch.Tensor | None = None
         if self._wgrad_control is not None:
@@ -564,7 +567,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         ids = {id(p) for p, _ in group}
         self._covers.append((ids, accum_sumsq))
         self._touched |= ids
-        self._folded_ids |= ids
+        fused = [i for i, (p, _) in enumerate(group) if id(p) in self._fused_seen]
+        if fused and accum_sumsq is not None:  # (float64 ones are never fused)
+            # integer indexing: views, no index tensor copied to the device
+            per_tensor = res.grad_sumsq_per_tensor
+            grad_sumsq = grad_sumsq - sum(per_tensor[i] for i in fused)
+            ids = ids - {id(group[i][0]) for i in fused}
+        self._measured_ids |= ids
         self._sumsq_parts.append(grad_sumsq)
         self._sumsq_micro.append(self._micro_step)
         self._window_bad.append(bad)
@@ -633,7 +642,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._micro_step += 1
         if self._micro_step >= self._accum_steps or self._close_after:
             return self._finish_window()
-        if self._micro_step == 1 and self._window_fused and self._dist is None:
+        if self._micro_step == 1 and self._dist is None and self._fused_set():
             self._note_fused_first(weight)
         self._start_micro_step()
         self._sync_next()
@@ -985,8 +994,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             ids.add(id(bias))
         self._touched |= ids
         self._fused_ids |= ids
+        self._fused_seen |= ids
         self._fused_this_step = True
-        self._window_fused = True
+
+    def _fused_set(self) -> set[int]:
+        """ids of this window's parameters that the noise scale measures through their
+        accumulators: those fused layers wrote, and those they wrote in earlier windows
+        (whose ordinary gradients are kept out of the per-micro-batch norms)."""
+        return self._fused_ids | (self._fused_seen & self._touched)
 
     # ------------------------------------------------------------------ boundary
 
@@ -1019,7 +1034,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         layers, which their accumulators now hold exactly ``weight`` times (one read of
         those accumulators per window, no sync): the per-micro-batch norm the noise scale
         needs, which the fused GEMM never measures."""
-        accs = [_memory_order(a) for p, a in self._accums.items() if id(p) in self._fused_ids]
+        fused = self._fused_set()
+        accs = [_memory_order(a) for p, a in self._accums.items() if id(p) in fused]
         if accs and weight > 0.0:
             self._fused_first = sumsq_unchecked(accs).double() / (weight * weight)
 
@@ -1036,12 +1052,18 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if accum_sumsq is not None:  # None: float64 folds, which do not measure it
                 covered |= ids
                 parts.append(accum_sumsq)
+        fused_ids = self._fused_set()
         rest: dict[tuple[torch.device, bool, bool], list[torch.Tensor]] = {}
+        # fused accumulators that the last micro-step's accumulate_ also folded into (a tied
+        # weight): their squares are inside its total, so they are read once more alone
+        fused_covered: dict[torch.device, list[torch.Tensor]] = {}
         for p, acc in self.window_accums().items():
             if id(p) not in covered:
-                key = (acc.device, acc.dtype == torch.float64, id(p) in self._fused_ids)
+                key = (acc.device, acc.dtype == torch.float64, id(p) in fused_ids)
                 rest.setdefault(key, []).append(acc)
-        fused = []
+            elif id(p) in fused_ids:
+                fused_covered.setdefault(acc.device, []).append(_memory_order(acc))
+        fused = [sumsq_unchecked(accs) for accs in fused_covered.values()]
         for (_, wide, is_fused), accs in rest.items():  # one read each
             if wide:
                 parts.append(sumsq_wide(accs))
@@ -1180,12 +1202,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         gradients (weighted, loss-scaled window sum; first micro-batch's mean-loss
         gradient) when this window can estimate the noise scale with them, else empty.
 
-        Not when a parameter took both a fused and an unfused gradient (a weight tied to
-        a layer that is not fused: its first-micro-batch norm would be counted twice), nor
-        without the first micro-batch's norm (a window of one micro-batch, or one resumed
-        from a checkpoint that predates it)."""
+        Not when a fused parameter's ordinary gradient went into the per-micro-batch norms
+        (a tied weight, in the first window its fused layer writes: it would be counted
+        twice), nor without the first micro-batch's norm (a window of one micro-batch, or
+        one resumed from a checkpoint that predates it)."""
         first = self._fused_first
-        if fused_sq is None or first is None or self._fused_ids & self._folded_ids:
+        if fused_sq is None or first is None or self._fused_set() & self._measured_ids:
             return torch.zeros(0, dtype=torch.float64)
         return torch.stack([fused_sq, first.to(fused_sq.device)])
 
@@ -1206,7 +1228,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         units = "items" if self._uses_num_items else "micro-batches"
         tracker = self.noise_scale_tracker
         with contextlib.suppress(ValueError):
-            if not self._window_fused:
+            if not self._fused_set():
                 tracker.update(micro, norm * norm, sizes, total, units)
             elif self._last_fused is not None:
                 fused_window, fused_first = self._last_fused
@@ -1328,7 +1350,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         Fused-wgrad layers never produce a gradient to measure per micro-batch: for them
         the first micro-batch's norm is read from their accumulators (one read per
         window), and their part of the estimate is noisier. ``micro_batch_sumsq`` leaves
-        them out.
+        out the parameters fused layers write (from its second window, also a tied
+        weight's ordinary gradient).
         """
         tracker = self.noise_scale_tracker
         window = self._last_window_size
@@ -1382,7 +1405,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "micro_step": self._micro_step,
                 "touched": [i for i, p in enumerate(self._params) if id(p) in self._touched],
                 "fused": [i for i, p in enumerate(self._params) if id(p) in self._fused_ids],
-                "folded": [i for i, p in enumerate(self._params) if id(p) in self._folded_ids],
+                "fused_seen": [i for i, p in enumerate(self._params) if id(p) in self._fused_seen],
+                "measured": [i for i, p in enumerate(self._params) if id(p) in self._measured_ids],
                 "fused_first": self._fused_first,
                 "weights": list(self._weights),
                 "uses_num_items": self._uses_num_items,
@@ -1475,8 +1499,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # absent from state dicts saved before the fused-wgrad noise scale: that window
         # is then left out of it
         self._fused_ids = {id(self._params[i]) for i in saved.get("fused", ())}
-        self._folded_ids = {id(self._params[i]) for i in saved.get("folded", ())}
-        self._window_fused = bool(self._fused_ids)
+        self._fused_seen = {id(self._params[i]) for i in saved.get("fused_seen", ())}
+        self._measured_ids = {id(self._params[i]) for i in saved.get("measured", ())}
         if saved.get("fused_first") is not None:
             self._fused_first = saved["fused_first"].to(self._params[0].device)
         self._weights = list(saved["weights"])

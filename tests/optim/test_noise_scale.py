@@ -78,22 +78,43 @@ def test_noise_scale_within_15_percent_of_analytic():
     assert math.isfinite(opt.stats()["noise_scale"])
 
 
-def test_fused_wgrad_window_feeds_the_tracker_exactly():
+class _Tied(torch.nn.Module):
+    """Linear -> LayerNorm -> Linear; with ``tied``, the first weight is used once more
+    outside its layer, as a tied weight whose other use is not fused."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1)
+        )
+        self.tied = tied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.tied:
+            out = out + torch.nn.functional.linear(x, self.net[0].weight).sum(1, True)
+        return out
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["separate", "tied"])
+def test_fused_wgrad_window_feeds_the_tracker_exactly(tied):
     # Fused Linear layers write no per-micro-batch gradient: their first micro-batch's norm
     # (read from the accumulators) stands for theirs, and their |G|^2 and tr(Sigma) are
     # estimated apart from the unfused LayerNorm's, with uneven num_items; both sets
-    # against float64 gradients taken one micro-batch at a time.
+    # against float64 gradients taken one micro-batch at a time. A tied weight's ordinary
+    # gradient belongs to the fused set: from the second window on (once the wrapper knows
+    # the weight is fused) it is kept out of the per-micro-batch norms.
     torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+    plain = _Tied(tied)
     ref = copy.deepcopy(plain).double()
     model = fastaccum.fuse_wgrad(plain)
     opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), 3, model=model)
-    fused = [p for m in (ref[0], ref[2]) for p in m.parameters()]
-    unfused = list(ref[1].parameters())
+    fused = [p for m in (ref.net[0], ref.net[2]) for p in m.parameters()]
+    unfused = list(ref.net[1].parameters())
     reference = NoiseScaleTracker()
     gen = torch.Generator().manual_seed(3)
     v_true = torch.randn(5, generator=gen)
-    for _ in range(5):
+    for window in range(5):
         sizes = [7, 2, 12]
         grads = []
         for (x, y), n in zip(_regression_batches(v_true, 0.5, sizes, gen), sizes, strict=True):
@@ -101,7 +122,9 @@ def test_fused_wgrad_window_feeds_the_tracker_exactly():
             opt.step()
             loss = _loss(ref, x.double(), y.double())
             grads.append(torch.autograd.grad(loss, fused + unfused))
-        window = [
+        if tied and window == 0:
+            continue  # the tied weight's first window: left out
+        mean = [
             sum(n * g[i] for n, g in zip(sizes, grads, strict=True)) / sum(sizes)
             for i in range(len(fused) + len(unfused))
         ]
@@ -110,12 +133,13 @@ def test_fused_wgrad_window_feeds_the_tracker_exactly():
             return float(sum(t.square().sum() for t in ts))
 
         f = len(fused)
-        grad_sq, trace = noise_scale_terms([sq(g[f:]) for g in grads], sq(window[f:]), sizes)
+        grad_sq, trace = noise_scale_terms([sq(g[f:]) for g in grads], sq(mean[f:]), sizes)
         fused_grad_sq, fused_trace = noise_scale_terms(
-            [sq(grads[0][:f])], sq(window[:f]), sizes[:1], window_size=sum(sizes)
+            [sq(grads[0][:f])], sq(mean[:f]), sizes[:1], window_size=sum(sizes)
         )
         reference.update_terms(grad_sq + fused_grad_sq, trace + fused_trace)
-    assert opt.stats()["windows"] == opt.noise_scale_tracker.windows == 5
+    assert opt.stats()["windows"] == 5
+    assert opt.noise_scale_tracker.windows == reference.windows == (4 if tied else 5)
     assert opt.noise_scale_tracker.grad_sq == pytest.approx(reference.grad_sq, rel=1e-4)
     assert opt.noise_scale_tracker.trace == pytest.approx(reference.trace, rel=1e-4)
     assert opt.stats()["noise_scale"] == pytest.approx(reference.noise_scale, rel=1e-4)
@@ -142,21 +166,8 @@ def test_fused_wgrad_noise_scale_within_25_percent_of_analytic():
     assert opt.stats()["noise_scale"] == pytest.approx(truth, rel=0.25)
 
 
-def test_weight_with_fused_and_unfused_gradients_is_left_out_and_state_round_trips():
-    # A fused layer's weight that also takes an ordinary gradient (used again outside the
-    # layer, as a tied weight whose other use is not fused) has no first-micro-batch norm
-    # of its own: those windows train but stay out of the noise scale.
+def test_noise_scale_state_round_trips():
     torch.manual_seed(0)
-    model = fastaccum.fuse_wgrad(torch.nn.Sequential(torch.nn.Linear(3, 2)))
-    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
-    for _ in range(4):
-        x = torch.randn(4, 3)
-        tied = torch.nn.functional.linear(x, model[0].weight)
-        opt.backward((model(x) + tied).square().mean())
-        opt.step()
-    assert opt.stats()["windows"] == 2
-    assert opt.stats()["noise_scale"] is None
-    assert opt.noise_scale_tracker.windows == 0
     plain = torch.nn.Linear(3, 2)
     opt2 = fastaccum.wrap(torch.optim.SGD(plain.parameters(), lr=0.1), 2)
     for _ in range(6):
