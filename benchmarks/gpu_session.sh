@@ -3,6 +3,7 @@
 # GPU machine that already has torch, Triton and the test tools:
 #
 #   bash benchmarks/gpu_session.sh test     # build the extension, the whole test suite
+#                                           # (kernel tests, then the rest)
 #   bash benchmarks/gpu_session.sh bench1   # gpu_accumulate, gpu_wrapper (two sizes), gpu_wgrad
 #   bash benchmarks/gpu_session.sh bench2   # gpu_batchnorm, gpu_activation_memory, gpu_plan,
 #                                           # fastaccum bench (default and --memory-cap)
@@ -68,8 +69,14 @@ nvidia-smi >"$work/nvidia-smi.txt" 2>&1
 
 case "$stage" in
 test)
-    step tests 300 python -m pytest tests -q -p no:cacheprovider -rs \
-        --junitxml="$work/junit.xml"
+    # The kernel tests first (CUDA, the ops on every backend, Triton), then the rest, each
+    # with its own report and slowest-test list, so that a step cut short by its limit
+    # still leaves the other's results.
+    step tests_kernels 240 python -m pytest tests/cuda tests/ops tests/triton -q \
+        -p no:cacheprovider -rs --durations=15 --junitxml="$work/junit-kernels.xml"
+    step tests_rest 300 python -m pytest tests -q -p no:cacheprovider -rs --durations=15 \
+        --ignore=tests/cuda --ignore=tests/ops --ignore=tests/triton \
+        --junitxml="$work/junit-rest.xml"
     ;;
 bench1)
     step gpu_accumulate 150 python benchmarks/gpu_accumulate.py
