@@ -63,6 +63,8 @@ def test_bench_prints_every_run(bench_out):
         assert float(dev) >= 0 and (peak == "-" or float(peak) >= 0)
     assert "3 x 2 sequences" in stdout and "standard library" in stdout
     assert "fp32 check" in stdout and "PASS" in stdout
+    assert "gradient noise scale (opt.stats(), in micro-batches): fastaccum-wrap" in stdout
+    assert "fastaccum-fused" in stdout.split("gradient noise scale")[1]
     assert str(out_dir / "bench.json") in stdout
 
 
@@ -100,6 +102,20 @@ def test_bench_json_matches_reference(bench_out):
         runs["native-accum"]["peak_memory_bytes"] < runs["native-large-batch"]["peak_memory_bytes"]
     )
     assert report["memory_cap"] is None
+    # opt.stats()'s noise scale: every window of fastaccum-wrap; the fused runs leave out
+    # their first, where the tied output head tells the wrapper that the embedding is fused
+    windows = {name: r["noise_scale_windows"] for name, r in runs.items()}
+    assert windows == {
+        "native-large-batch": 0,
+        "native-accum": 0,
+        "fastaccum-wrap": 3,
+        "fastaccum-fused": 2,
+        "fastaccum-act8": 2,
+    }
+    for name, r in runs.items():
+        scale = r["noise_scale"]
+        assert scale is None or (math.isfinite(scale) and scale >= 0), name
+        assert r["noise_scale_units"] == (None if name.startswith("native") else "micro-batches")
 
 
 def test_bench_writes_plot(bench_out):

@@ -30,6 +30,10 @@ def run_record(result: RunResult, tokens_per_step: int, baseline_s: float | None
         "max_abs_param_deviation": result.max_abs_deviation,
         "step_ms": [t * 1e3 for t in result.step_seconds],
         "losses": result.losses,
+        "noise_scale": result.noise_scale,
+        "noise_scale_units": result.noise_scale_units,
+        "noise_scale_windows": result.noise_scale_windows,
+        "critical_batch_hint": result.critical_batch_hint,
     }
 
 
@@ -92,6 +96,21 @@ def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return format(value, spec)
 
 
+def _noise_scale_line(report: dict[str, Any]) -> str | None:
+    """The gradient noise scale each fastaccum run's ``opt.stats()`` ended with, and the
+    first one's verdict on the window size; None when no run estimated it."""
+    runs = [r for r in report["runs"] if r.get("noise_scale_windows")]
+    if not runs:
+        return None
+    values = ", ".join(
+        f"{r['name']} {_fmt(r['noise_scale'], '.3g', 'n/a')} ({r['noise_scale_windows']} windows)"
+        for r in runs
+    )
+    hint = next((r["critical_batch_hint"] for r in runs if r["critical_batch_hint"]), None)
+    line = f"gradient noise scale (opt.stats(), in {runs[0]['noise_scale_units']}): {values}."
+    return line if hint is None else f"{line} {hint}."
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The table printed at the end of the bench, with a legend under it."""
     header = (
@@ -148,6 +167,9 @@ def format_table(report: dict[str, Any]) -> str:
             f"no 1e-5 check under {c['dtype']}: the forward rounds differently for a micro-batch "
             "and for the large batch, so every run (native accumulation too) drifts further."
         )
+    noise = _noise_scale_line(report)
+    if noise:
+        lines.append(noise)
     if check is not None:
         verdict = "PASS" if check else "FAIL"
         lines.append(

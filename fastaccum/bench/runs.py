@@ -94,6 +94,12 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     max_abs_deviation: float | None = None
+    noise_scale: float | None = None
+    """The fastaccum optimizer's gradient noise scale after the run (``opt.stats()``)."""
+    noise_scale_units: str | None = None
+    noise_scale_windows: int = 0
+    """Windows the noise scale was estimated from (fastaccum runs)."""
+    critical_batch_hint: str | None = None
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -183,6 +189,7 @@ def _fastaccum_wrap(model: torch.nn.Module, config: BenchConfig) -> StepFn:
         _check_stepped(stepped, "fastaccum-wrap")
         return total / len(window)
 
+    step.optimizer = opt  # type: ignore[attr-defined]  # train() reads its stats
     return step
 
 
@@ -214,6 +221,7 @@ def _fused_steps(
         _check_stepped(stepped, name)
         return total / len(window)
 
+    step.optimizer = opt  # type: ignore[attr-defined]  # train() reads its stats
     return step
 
 
@@ -304,6 +312,13 @@ def train(
             result.step_seconds.append(time.perf_counter() - t0)
             result.losses.append(loss.item())
             on_step()
+        opt = getattr(step, "optimizer", None)
+        if isinstance(opt, fastaccum.AccumulatingOptimizer):
+            stats = opt.stats()
+            result.noise_scale = stats["noise_scale"]
+            result.noise_scale_units = stats["noise_scale_units"]
+            result.noise_scale_windows = opt.noise_scale_tracker.windows
+            result.critical_batch_hint = stats["critical_batch_hint"]
 
     try:
         if measure_memory:
