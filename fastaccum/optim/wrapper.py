@@ -567,7 +567,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         ids = {id(p) for p, _ in group}
         self._covers.append((ids, accum_sumsq))
         self._touched |= ids
-        fused = [i for i, (p, _) in enumerate(group) if id(p) in self._fused_seen]
+        seen = self._fused_seen
+        fused = [i for i, (p, _) in enumerate(group) if id(p) in seen] if seen else []
         if fused and accum_sumsq is not None:  # (float64 ones are never fused)
             # integer indexing: views, no index tensor copied to the device
             per_tensor = res.grad_sumsq_per_tensor
