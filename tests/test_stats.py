@@ -43,6 +43,46 @@ def test_estimators_are_unbiased(sizes):
     assert trace == pytest.approx(trace_true, rel=0.05)
 
 
+@pytest.mark.parametrize("sizes", [[4] * 8, [1, 7, 3, 5, 2, 6]])
+def test_split_estimate_with_one_set_measured_on_the_first_micro_batch_is_unbiased(sizes):
+    # What the wrapper does for fused-wgrad layers: coordinates 0-1 are measured on every
+    # micro-batch, coordinates 2-3 on the first one only (against the whole window); the
+    # two sets' terms, added, still average to the truth.
+    gen = torch.Generator().manual_seed(4)
+    v, sigma = torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=torch.float64), 1.5
+    grad_sq_true, trace_true = _regression_truth(v, sigma)
+    total, n_windows = sum(sizes), 6000
+    x = torch.randn(n_windows, total, 4, generator=gen, dtype=torch.float64)
+    e = torch.randn(n_windows, total, generator=gen, dtype=torch.float64) * sigma
+    per_sample = x * (x @ v - e).unsqueeze(-1)
+    micro = torch.stack([c.mean(1) for c in per_sample.split(sizes, dim=1)], dim=1)
+    window = per_sample.mean(1)
+    tracker = NoiseScaleTracker(beta=0.0)
+    sums = [0.0, 0.0]
+    for m, w in zip(micro, window, strict=True):
+        a = noise_scale_terms(
+            m[:, :2].square().sum(-1).tolist(), float(w[:2].square().sum()), sizes
+        )
+        b = noise_scale_terms(
+            [float(m[0, 2:].square().sum())], float(w[2:].square().sum()), sizes[:1], total
+        )
+        sums[0] += a[0] + b[0]
+        sums[1] += a[1] + b[1]
+        tracker.update_terms(a[0] + b[0], a[1] + b[1])
+    assert sums[0] / n_windows == pytest.approx(grad_sq_true, rel=0.05)
+    assert sums[1] / n_windows == pytest.approx(trace_true, rel=0.05)
+    assert tracker.windows == n_windows and tracker.grad_sq == pytest.approx(a[0] + b[0])
+
+
+def test_update_terms_refuses_non_finite_terms_and_changes_nothing():
+    tracker = NoiseScaleTracker()
+    tracker.update_terms(2.0, 6.0, "items")
+    for bad in ((math.nan, 1.0), (1.0, math.inf)):
+        with pytest.raises(ValueError, match="finite"):
+            tracker.update_terms(*bad)
+    assert tracker.windows == 1 and tracker.noise_scale == pytest.approx(3.0)
+
+
 def test_tracker_within_15_percent_of_analytic_noise_scale():
     gen = torch.Generator().manual_seed(1)
     v, sigma = torch.tensor([0.6, -0.3, 0.9], dtype=torch.float64), 0.8
