@@ -17,15 +17,22 @@ def _regression_truth(v: torch.Tensor, sigma: float) -> tuple[float, float]:
     return v2, v2 + d * (v2 + sigma**2)
 
 
-def _windows(v, sigma, sizes, n_windows, gen):
-    """Per window: the squared norms of the micro-batches' mean-loss gradients and of the
-    window's item-weighted mean gradient, all computed in float64 (vectorized over windows)."""
+def _gradients(v, sigma, sizes, n_windows, gen):
+    """Per window, in float64 (vectorized over windows): the micro-batches' mean-loss
+    gradients ``[windows, K, d]`` and the window's item-weighted mean gradient
+    ``[windows, d]``."""
     total, d = sum(sizes), v.numel()
     x = torch.randn(n_windows, total, d, generator=gen, dtype=torch.float64)
     e = torch.randn(n_windows, total, generator=gen, dtype=torch.float64) * sigma
     per_sample = x * (x @ v - e).unsqueeze(-1)
     micro = torch.stack([chunk.mean(1) for chunk in per_sample.split(sizes, dim=1)], dim=1)
-    window = per_sample.mean(1)
+    return micro, per_sample.mean(1)
+
+
+def _windows(v, sigma, sizes, n_windows, gen):
+    """Per window: the squared norms of :func:`_gradients`' micro-batch and window
+    gradients."""
+    micro, window = _gradients(v, sigma, sizes, n_windows, gen)
     return micro.square().sum(-1).tolist(), window.square().sum(-1).tolist()
 
 
@@ -52,11 +59,7 @@ def test_split_estimate_with_one_set_measured_on_the_first_micro_batch_is_unbias
     v, sigma = torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=torch.float64), 1.5
     grad_sq_true, trace_true = _regression_truth(v, sigma)
     total, n_windows = sum(sizes), 6000
-    x = torch.randn(n_windows, total, 4, generator=gen, dtype=torch.float64)
-    e = torch.randn(n_windows, total, generator=gen, dtype=torch.float64) * sigma
-    per_sample = x * (x @ v - e).unsqueeze(-1)
-    micro = torch.stack([c.mean(1) for c in per_sample.split(sizes, dim=1)], dim=1)
-    window = per_sample.mean(1)
+    micro, window = _gradients(v, sigma, sizes, n_windows, gen)
     tracker = NoiseScaleTracker(beta=0.0)
     sums = [0.0, 0.0]
     for m, w in zip(micro, window, strict=True):

@@ -1093,7 +1093,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         else:  # only fused-wgrad layers: the norm's finiteness is the check
             bad = torch.zeros((), dtype=torch.bool, device=device)
         micro = self._micro_sumsq(device)
-        fused_host = None
+        # (window, first micro-batch) squared gradient norms of the fused-wgrad layers
+        self._last_fused = None
         if self._dist is None:
             # One host sync per window: the skip decision and the statistics.
             fused = self._fused_norms(fused_sq)
@@ -1102,7 +1103,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             ).tolist()
             total, norm_sq_host, bad_host = math.fsum(self._weights), host[0], host[1] != 0.0
             if fused.numel():
-                fused_host = host[2:4]
+                fused_window, fused_first = host[2:4]
+                self._last_fused = (
+                    fused_window * (inv_scale / total) ** 2,
+                    fused_first * inv_scale * inv_scale,
+                )
             micro_host = host[2 + fused.numel() :]
         else:
             # Reduction, then one exchange of counts and the same single host sync.
@@ -1112,11 +1117,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 norm_sq, bad, micro
             )
         self._last_micro_sumsq = [s * inv_scale * inv_scale for s in micro_host]
-        # (window, first micro-batch) squared gradient norms of the fused-wgrad layers
-        self._last_fused = None
-        if fused_host is not None:
-            window_sq = fused_host[0] * (inv_scale / math.fsum(self._weights)) ** 2
-            self._last_fused = (window_sq, fused_host[1] * inv_scale * inv_scale)
         if self._dist is not None:
             inv_scale *= self._dist.grad_factor  # FSDP2's average over ranks, undone
         norm = (

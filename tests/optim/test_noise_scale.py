@@ -9,6 +9,7 @@ import torch
 
 import fastaccum
 from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
+from tests.helpers import resume
 
 
 def _regression_batches(v_true, sigma, sizes, gen):
@@ -78,6 +79,11 @@ def test_noise_scale_within_15_percent_of_analytic():
     assert math.isfinite(opt.stats()["noise_scale"])
 
 
+def _sq(tensors) -> float:
+    """Squared norm of a set of tensors."""
+    return float(sum(t.square().sum() for t in tensors))
+
+
 class _Tied(torch.nn.Module):
     """Linear -> LayerNorm -> Linear; with ``tied``, the first weight is used once more
     outside its layer, as a tied weight whose other use is not fused."""
@@ -128,14 +134,10 @@ def test_fused_wgrad_window_feeds_the_tracker_exactly(tied):
             sum(n * g[i] for n, g in zip(sizes, grads, strict=True)) / sum(sizes)
             for i in range(len(fused) + len(unfused))
         ]
-
-        def sq(ts):
-            return float(sum(t.square().sum() for t in ts))
-
         f = len(fused)
-        grad_sq, trace = noise_scale_terms([sq(g[f:]) for g in grads], sq(mean[f:]), sizes)
+        grad_sq, trace = noise_scale_terms([_sq(g[f:]) for g in grads], _sq(mean[f:]), sizes)
         fused_grad_sq, fused_trace = noise_scale_terms(
-            [sq(grads[0][:f])], sq(mean[:f]), sizes[:1], window_size=sum(sizes)
+            [_sq(grads[0][:f])], _sq(mean[:f]), sizes[:1], window_size=sum(sizes)
         )
         reference.update_terms(grad_sq + fused_grad_sq, trace + fused_trace)
     assert opt.stats()["windows"] == 5
@@ -185,22 +187,16 @@ def test_fused_wgrad_window_resumed_mid_window_keeps_its_noise_scale():
     gen = torch.Generator().manual_seed(4)
     batches = _regression_batches(torch.randn(5, generator=gen), 0.5, [6, 3, 5] * 4, gen)
 
-    def build() -> tuple[torch.nn.Module, fastaccum.AccumulatingOptimizer]:
-        torch.manual_seed(0)
-        plain = torch.nn.Sequential(
-            torch.nn.Linear(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1)
-        )
-        model = fastaccum.fuse_wgrad(plain)
+    def build(seed: int = 0) -> tuple[torch.nn.Module, fastaccum.AccumulatingOptimizer]:
+        torch.manual_seed(seed)
+        model = fastaccum.fuse_wgrad(_Tied(tied=False))
         return model, fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.05), 3, model=model)
 
     def run(checkpoint_at: int | None):
         model, opt = build()
         for i, (x, y) in enumerate(batches):
-            if i == checkpoint_at:
-                saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
-                model, opt = build()
-                model.load_state_dict(saved[0])
-                opt.load_state_dict(saved[1])
+            if i == checkpoint_at:  # into a differently initialized model
+                model, opt = resume(model, opt, lambda: build(seed=99))
             opt.backward(_loss(model, x, y), num_items=len(y))
             opt.step()
         return model, opt
