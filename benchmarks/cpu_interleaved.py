@@ -20,8 +20,11 @@ Suites:
   both terms of a difference alike. Wall time and CPU time give one ratio each.
 - ``wgrad``: one micro-step with fused vs unfused weight gradients (test_wgrad_cpu.py).
 - ``embedding``: the same for a GPT-2-vocabulary embedding (test_wgrad_cpu.py).
+- ``hf_gpt2``: the same for a Hugging Face GPT2LMHeadModel (transformers' Conv1D
+  projections, tied head; test_wgrad_cpu.py; needs ``transformers``).
 
-Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|embedding [--rounds 30] [--providers a,b]
+Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|embedding|hf_gpt2 [--rounds 30]
+[--providers a,b]
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ def _suites() -> dict[str, tuple[list[str], Callable[[str], Callable[[], object]
             test_wgrad_cpu.EMBEDDING_PROVIDERS,
             lambda provider: test_wgrad_cpu._embedding_setup(provider)[1],
         ),
+        "hf_gpt2": (
+            test_wgrad_cpu.HF_PROVIDERS,
+            lambda provider: test_wgrad_cpu._hf_gpt2_setup(provider)[1],
+        ),
     }
 
 
@@ -66,7 +73,7 @@ def paired_overhead(times: dict[str, list[float]], provider: str, floor: str) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["wrapper", "wgrad", "embedding"])
+    parser.add_argument("suite", choices=["wrapper", "wgrad", "embedding", "hf_gpt2"])
     parser.add_argument("--rounds", type=int, default=30, help="calls per provider")
     parser.add_argument(
         "--providers",

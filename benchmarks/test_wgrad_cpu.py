@@ -107,3 +107,61 @@ def test_embedding_micro_step(benchmark, provider):
     if provider == "wrap.fused":
         assert model[0].weight.grad is None
         assert (VOCAB, EMB_DIM) not in [shape for shape, _ in shapes]  # no dense dW
+
+
+# ------------------------------------------------------------------------------------------
+# A Hugging Face GPT-2 (transformers' GPT2LMHeadModel at GPT-2-small widths, 2 layers, the
+# full 50257-token vocabulary; micro-batch 2 x 64 tokens, LM loss). Its projections are
+# transformers' Conv1D (weight stored [in, out]), its LM head is tied to the token
+# embedding. Fused, every weight gradient (Conv1D, embeddings, head) goes into the
+# accumulators; unfused and native, each is a full dW per micro-step.
+
+HF_PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
+
+
+def _hf_gpt2_setup(provider):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, config.vocab_size, (2, 64))
+
+    def loss():
+        return model(ids, labels=ids).loss
+
+    if provider == "native":
+
+        def micro_step():
+            loss().backward()
+
+        return model, micro_step
+    if provider == "wrap.fused":
+        fastaccum.fuse_wgrad(model)
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), K_NEVER, model=model)
+
+    def micro_step():
+        opt.backward(loss())
+        opt.step()
+
+    return model, micro_step
+
+
+@pytest.mark.parametrize("provider", HF_PROVIDERS)
+def test_hf_gpt2_micro_step(benchmark, provider):
+    pytest.importorskip("transformers")
+    model, micro_step = _hf_gpt2_setup(provider)
+    micro_step()  # warm-up: .grad / accumulators exist from here on
+    allocated = sum(nbytes for _, nbytes in allocated_shapes(micro_step))
+    benchmark.group = "micro-step HF GPT2LMHeadModel 2 layers, vocab 50257, 2x64 tokens"
+    benchmark.extra_info.update(
+        provider=provider,
+        allocated_bytes=allocated,
+        weight_bytes=sum(p.numel() * 4 for p in model.parameters() if p.dim() == 2),
+        peak_bytes=peak_rss_bytes(micro_step),
+    )
+    benchmark.pedantic(micro_step, rounds=5, warmup_rounds=1)
+    if provider == "wrap.fused":
+        assert all(p.grad is None for p in model.parameters())

@@ -14,9 +14,14 @@ of a long micro-batch.
     python examples/hf_gpt2.py                 # 40 optimizer steps, prints the losses
     python examples/hf_gpt2.py --smoke         # 4 steps, asserts the outcome (CI)
 
+With ``--fuse-wgrad``, ``fastaccum.fuse_wgrad(model)`` first switches every weight of
+the model to fused weight-gradient accumulation (GPT-2's ``Conv1D`` projections, the
+token and position embeddings, and the tied LM head), and each micro-batch goes through
+``opt.backward(loss, num_items=n)``: no parameter ever holds a ``.grad``.
+
 With ``--check`` (on in ``--smoke``) the same windows are also trained with native
 PyTorch as one large batch each (token-mean loss over the padded window) and the largest
-parameter difference is printed and asserted.
+parameter difference is printed and asserted; ``--smoke`` checks the fused run too.
 """
 
 from __future__ import annotations
@@ -99,11 +104,19 @@ def token_loss(model: GPT2LMHeadModel, batch: dict[str, torch.Tensor]) -> tuple[
 
 
 def train_fastaccum(
-    model, windows, lr: float, max_grad_norm: float, use_num_items: bool = True
+    model,
+    windows,
+    lr: float,
+    max_grad_norm: float,
+    use_num_items: bool = True,
+    fuse_wgrad: bool = False,
 ) -> list[float]:
     """fastaccum.wrap around torch's AdamW: one micro-batch per backward/step; returns the
     token-mean loss of each window. ``use_num_items=False`` weighs micro-batches equally
-    (what ``(loss / K).backward()`` does), for comparison."""
+    (what ``(loss / K).backward()`` does), for comparison. ``fuse_wgrad`` fuses the
+    model's weight gradients and backpropagates through ``opt.backward``."""
+    if fuse_wgrad:
+        fastaccum.fuse_wgrad(model)
     opt = fastaccum.wrap(
         torch.optim.AdamW(model.parameters(), lr=lr),
         accum_steps=len(windows[0]),
@@ -115,10 +128,14 @@ def train_fastaccum(
         loss_sum, items = 0.0, 0
         for seqs in window:
             loss, n = token_loss(model, pad_batch(seqs))
-            loss.backward()
-            # True at the K-th micro-batch: the window's update ran
-            opt.step(num_items=n if use_num_items else None)
-            opt.zero_grad()
+            if fuse_wgrad:  # weight gradients go straight into fastaccum's accumulators
+                opt.backward(loss, num_items=n)
+                opt.step()
+            else:
+                loss.backward()
+                # True at the K-th micro-batch: the window's update ran
+                opt.step(num_items=n if use_num_items else None)
+                opt.zero_grad()
             loss_sum, items = loss_sum + loss.item() * n, items + n
         losses.append(loss_sum / items)
     return losses
@@ -151,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fuse-wgrad", action="store_true", help="fastaccum.fuse_wgrad + opt.backward"
+    )
     parser.add_argument("--check", action="store_true", help="compare with native PyTorch")
     parser.add_argument("--smoke", action="store_true", help="4 steps with --check; asserts")
     args = parser.parse_args(argv)
@@ -163,21 +183,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     windows = make_windows(args.steps, args.accum_steps, args.micro_batch, args.seed)
     model = make_model(args.seed)
     initial = copy.deepcopy(model)
-    losses = train_fastaccum(model, windows, args.lr, max_grad_norm=1.0)
+    losses = train_fastaccum(model, windows, args.lr, 1.0, fuse_wgrad=args.fuse_wgrad)
     tokens = [int((pad_batch(seqs)["labels"][:, 1:] != IGNORE).sum()) for seqs in windows[0]]
     summary: dict[str, object] = {"losses": losses, "tokens_per_micro_batch": tokens}
     if args.check:
         equal_weights = copy.deepcopy(initial)
         train_fastaccum(equal_weights, windows, args.lr, 1.0, use_num_items=False)
+        fused = None
+        if args.smoke and not args.fuse_wgrad:
+            fused = copy.deepcopy(initial)
+            train_fastaccum(fused, windows, args.lr, 1.0, fuse_wgrad=True)
         train_native_large_batch(initial, windows, args.lr, max_grad_norm=1.0)
         summary["max_abs_deviation"] = max_abs_deviation(model, initial)
         summary["max_abs_deviation_without_num_items"] = max_abs_deviation(equal_weights, initial)
+        if fused is not None:
+            summary["max_abs_deviation_fuse_wgrad"] = max_abs_deviation(fused, initial)
     print(json.dumps(summary, indent=1))
     if args.smoke:
         assert all(math.isfinite(x) for x in losses), losses
         assert losses[-1] < losses[0], f"loss did not go down: {losses}"
         assert len(set(tokens)) > 1, "micro-batches should hold different numbers of tokens"
         assert summary["max_abs_deviation"] <= 1e-5, summary["max_abs_deviation"]
+        assert summary.get("max_abs_deviation_fuse_wgrad", 0.0) <= 1e-5, summary
         # without num_items the update is measurably a different one
         assert summary["max_abs_deviation_without_num_items"] > 1e-4, summary
     return summary

@@ -1,4 +1,5 @@
-"""Modules: fused weight-gradient :class:`Linear` and :class:`Embedding` (:func:`fuse_wgrad`) and
+"""Modules: fused weight-gradient :class:`Linear` and :class:`Embedding`, and Hugging Face's
+``Conv1D`` (:mod:`fastaccum.nn.conv1d`), all switched on by :func:`fuse_wgrad`; and
 accumulation-aware BatchNorm (:func:`convert_batchnorm`, :func:`end_window`)."""
 
 from fastaccum.nn.batchnorm import (

@@ -37,11 +37,13 @@ class WgradSink(Protocol):
         bias: torch.Tensor | None,
         grad_out: torch.Tensor,
         input: torch.Tensor,
+        transposed: bool = False,
     ) -> None:
-        """Add ``grad_out^T @ input`` (and ``grad_out.sum(0)``) into the accumulators."""
+        """Add ``grad_out^T @ input`` (and ``grad_out.sum(0)``) into the accumulators;
+        with ``transposed`` (a weight stored [in, out]) add ``input^T @ grad_out``."""
 
     def wgrad_route(
-        self, layer: Linear
+        self, layer: torch.nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int] | None:
         """``(weight_accum, bias_accum, control, slot)`` for ``fastaccum::linear_wgrad``, or
         None when the layer has to take the Python route on this forward pass."""
@@ -55,17 +57,17 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 class _FusedWgradLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias, layer: Linear):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias, layer, transposed: bool):
         # Under autocast, cast here as autocast would for F.linear, and keep the cast copies
         # for backward, so that gradients match nn.Linear under autocast.
         dtype = _autocast_dtype(x.device.type)
-        xc, wc = x, weight
+        xc, wc = x, weight.t() if transposed else weight
         bc = bias
         if dtype is None:
             out = F.linear(xc, wc, bc)  # no autocast: no context to enter
         else:
             if weight.is_floating_point():
-                xc, wc = x.to(dtype), weight.to(dtype)
+                xc, wc = x.to(dtype), wc.to(dtype)
                 bc = None if bias is None else bias.to(dtype)
             with torch.autocast(x.device.type, enabled=False):
                 out = F.linear(xc, wc, bc)
@@ -76,6 +78,7 @@ class _FusedWgradLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.weight = weight
         ctx.bias = bias
+        ctx.transposed = transposed
         return out
 
     @staticmethod
@@ -93,13 +96,55 @@ class _FusedWgradLinear(torch.autograd.Function):
             and ctx.needs_input_grad[1]
             and sink.accepts_wgrad(ctx.weight, ctx.bias)
         ):
-            sink.accumulate_wgrad(ctx.weight, ctx.bias, go2, x2)
-            return grad_x, None, None, None
+            sink.accumulate_wgrad(ctx.weight, ctx.bias, go2, x2, transposed=ctx.transposed)
+            return grad_x, None, None, None, None
         if ctx.needs_input_grad[1]:
-            grad_w = (go2.t() @ x2).to(ctx.weight_dtype)
+            grad_w = x2.t() @ go2 if ctx.transposed else go2.t() @ x2
+            grad_w = grad_w.to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = go2.sum(0).to(ctx.bias.dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def takes_fused_route(layer: torch.nn.Module) -> bool:
+    """True when ``layer`` (a fused layer) should route its weight gradient on this forward
+    pass: a sink is attached, gradients are wanted, and the weight is fp32/bf16/fp16."""
+    weight = layer.weight
+    return (
+        layer._wgrad_sink is not None
+        and torch.is_grad_enabled()
+        and weight.requires_grad
+        and weight.dtype in FUSED_DTYPES  # float64, complex: plain autograd
+    )
+
+
+def fused_linear(layer: torch.nn.Module, input: torch.Tensor, *, transposed: bool) -> torch.Tensor:
+    """``F.linear(input, W, layer.bias)`` whose weight gradient goes to the layer's sink,
+    where ``W`` is ``layer.weight`` ([out, in]), or its transpose with ``transposed`` (a
+    weight stored [in, out], as in Hugging Face's ``Conv1D``). Call it when
+    :func:`takes_fused_route` holds."""
+    sink = layer._wgrad_sink
+    weight, bias = layer.weight, layer.bias
+    dtype = _autocast_dtype(input.device.type) if weight.is_floating_point() else None
+    compute = weight.dtype if dtype is None else dtype
+    route = None
+    # torch.compile cannot trace the C++ backward (it reads the sink's control tensor
+    # on the host), so compiled code keeps the Python route.
+    if (
+        compute == torch.float32 or input.device.type == "cpu"
+    ) and not torch.compiler.is_compiling():
+        route = sink.wgrad_route(layer)
+    if route is None:
+        return _FusedWgradLinear.apply(input, weight, bias, layer, transposed)
+    weight_accum, bias_accum, control, slot = route
+    if transposed:  # the op sees [out, in] views of the weight and of its accumulator
+        weight, weight_accum = weight.t(), weight_accum.t()
+    if dtype is not None:  # autocast's casts for F.linear, done here as in nn.Linear
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return torch.ops.fastaccum.linear_wgrad.default(
+        input, weight, bias, weight_accum, bias_accum, control, slot
+    )
 
 
 class Linear(SinkLink, torch.nn.Linear):
@@ -112,35 +157,17 @@ class Linear(SinkLink, torch.nn.Linear):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        sink = self._wgrad_sink
-        weight, bias = self.weight, self.bias
-        if (
-            sink is None
-            or not (torch.is_grad_enabled() and weight.requires_grad)
-            or weight.dtype not in FUSED_DTYPES  # float64, complex: plain autograd
-        ):
-            return F.linear(input, weight, bias)
-        dtype = _autocast_dtype(input.device.type) if weight.is_floating_point() else None
-        compute = weight.dtype if dtype is None else dtype
-        route = None
-        # torch.compile cannot trace the C++ backward (it reads the sink's control tensor
-        # on the host), so compiled code keeps the Python route.
-        if (
-            compute == torch.float32 or input.device.type == "cpu"
-        ) and not torch.compiler.is_compiling():
-            route = sink.wgrad_route(self)
-        if route is None:
-            return _FusedWgradLinear.apply(input, weight, bias, self)
-        if dtype is not None:  # autocast's casts for F.linear, done here as in nn.Linear
-            input, weight = input.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        return torch.ops.fastaccum.linear_wgrad.default(input, weight, bias, *route)
+        if not takes_fused_route(self):
+            return F.linear(input, self.weight, self.bias)
+        return fused_linear(self, input, transposed=False)
 
 
 def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.Module:
     """Switch every ``nn.Linear`` of ``model`` (exact class, at any depth) to
-    :class:`fastaccum.nn.Linear`, and with ``embeddings`` every plain ``nn.Embedding`` to
-    :class:`fastaccum.nn.Embedding`, in place, and return ``model``.
+    :class:`fastaccum.nn.Linear`, every Hugging Face ``transformers`` ``Conv1D`` (GPT-2's
+    projections) to its fused subclass (:mod:`fastaccum.nn.conv1d`), and with
+    ``embeddings`` every plain ``nn.Embedding`` to :class:`fastaccum.nn.Embedding`, in
+    place, and return ``model``.
 
     Parameters, buffers, hooks and ``state_dict`` keys are kept (the modules are the same
     objects). Subclasses are left alone, since they may override forward, and so are
@@ -149,13 +176,17 @@ def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.M
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
     """
+    from fastaccum.nn.conv1d import fused_conv1d_class, hf_conv1d_class
     from fastaccum.nn.embedding import Embedding, fusable_embedding
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    hf_conv1d = hf_conv1d_class()
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = Linear
+        elif hf_conv1d is not None and type(module) is hf_conv1d:
+            module.__class__ = fused_conv1d_class()
         elif embeddings and fusable_embedding(module):
             module.__class__ = Embedding
     return model

@@ -881,16 +881,16 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ fused wgrad
 
     def _attach_wgrad_sinks(self, model: torch.nn.Module | None) -> None:
-        """Make this wrapper the weight-gradient sink of the model's fastaccum.nn.Linear
-        and fastaccum.nn.Embedding layers whose parameters it updates."""
+        """Make this wrapper the weight-gradient sink of the model's fused layers
+        (fastaccum.nn.Linear, fastaccum.nn.Embedding, the fused Hugging Face Conv1D) whose
+        parameters it updates."""
         if model is None:
             return
-        from fastaccum.nn.embedding import Embedding
-        from fastaccum.nn.linear import Linear
+        from fastaccum.nn._sink import SinkLink
 
         slots = []
         for module in model.modules():
-            if isinstance(module, Linear | Embedding) and id(module.weight) in self._param_ids:
+            if isinstance(module, SinkLink) and id(module.weight) in self._param_ids:
                 module._wgrad_sink = self
                 module._wgrad_slot = len(slots)
                 slots.append((module.weight, getattr(module, "bias", None)))
@@ -962,17 +962,25 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         bias: torch.Tensor | None,
         grad_out: torch.Tensor,
         input: torch.Tensor,
+        transposed: bool = False,
     ) -> None:
         """Add ``weight x grad_out^T @ input`` into the weight's accumulator with one GEMM
-        (and ``grad_out.sum(0)`` into the bias's), no dW tensor in between."""
+        (and ``grad_out.sum(0)`` into the bias's), no dW tensor in between. A
+        ``transposed`` weight (stored [in, out], Hugging Face's Conv1D) takes
+        ``input^T @ grad_out``."""
         bias_acc = None
         if bias is not None and bias.requires_grad:
             bias_acc = self._accum_for(bias)
         # The layer hands over [tokens, features] views of matching dtype, device and
         # shape, and the accumulators are fp32 (accepts_wgrad): the checks hold already.
-        wgrad_accumulate_unchecked(
-            self._accum_for(weight), grad_out, input, self._hook_weight, bias_acc
-        )
+        acc, alpha = self._accum_for(weight), self._hook_weight
+        if transposed:  # the same GEMM with its operands swapped, into the [in, out] accum
+            wgrad_accumulate_unchecked(acc, input, grad_out, alpha)
+            if bias_acc is not None:
+                with torch.no_grad():
+                    bias_acc.add_(grad_out.sum(0, dtype=torch.float32), alpha=alpha)
+        else:
+            wgrad_accumulate_unchecked(acc, grad_out, input, alpha, bias_acc)
         self._mark_fused(weight, bias)
 
     def accumulate_embedding_grad(

@@ -1,5 +1,9 @@
 """fastaccum.nn.Linear / fuse_wgrad: same results as nn.Linear; under fastaccum.wrap +
-opt.backward the weight gradient goes into the accumulator with no dW tensor made."""
+opt.backward the weight gradient goes into the accumulator with no dW tensor made.
+
+The model-level tests run for ``nn.Linear`` and for Hugging Face ``transformers``'
+``Conv1D`` (weight stored [in, out]; ``kind="conv1d"``, skipped without transformers);
+tests/nn/test_conv1d.py has the tests that only Conv1D needs."""
 
 import copy
 
@@ -8,7 +12,8 @@ import torch
 
 import fastaccum
 from fastaccum import _backend
-from fastaccum.nn import Linear, fuse_wgrad
+from fastaccum.nn import fuse_wgrad
+from fastaccum.nn._sink import SinkLink
 from fastaccum.ops.wgrad import wgrad_accumulate_
 from fastaccum.workloads import allocated_shapes
 from tests.helpers import PythonRouteWrapper, assert_close_rel, split_windows
@@ -18,15 +23,36 @@ needs_ext = pytest.mark.skipif(
 )
 
 
-def mlp(seed=0, bias=True):
+KINDS = ["linear", "conv1d"]
+
+
+def layer(kind, n_in, n_out, bias=True):
+    """``nn.Linear(n_in, n_out)``, or transformers' ``Conv1D(n_out, n_in)`` (always with a
+    bias, drawn at random here since transformers starts it at zero)."""
+    if kind == "linear":
+        return torch.nn.Linear(n_in, n_out, bias=bias)
+    assert bias, "transformers' Conv1D always has a bias"
+    conv = pytest.importorskip("transformers.pytorch_utils").Conv1D(n_out, n_in)
+    with torch.no_grad():
+        conv.bias.normal_()
+    return conv
+
+
+def mlp(seed=0, bias=True, kind="linear"):
+    """13 -> 33 -> 17 -> 5 features through three layers of ``kind`` (see :func:`layer`)."""
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(13, 33, bias=bias),
+        layer(kind, 13, 33, bias),
         torch.nn.GELU(),
-        torch.nn.Linear(33, 17, bias=bias),
+        layer(kind, 33, 17, bias),
         torch.nn.Tanh(),
-        torch.nn.Linear(17, 5, bias=bias),
+        layer(kind, 17, 5, bias),
     )
+
+
+def fused_layers(model):
+    """The model's fused layers (fastaccum.nn.Linear, the fused Conv1D)."""
+    return [m for m in model.modules() if isinstance(m, SinkLink)]
 
 
 def batches(n, seed=1):
@@ -43,10 +69,11 @@ def mse(model, x, y):
     return (model(x) - y).square().mean()
 
 
-def float64_large_batch(make_opt, data, k):
-    """The reference: ``mlp()`` in float64, one backward per window of ``k`` micro-batches
-    on the mean over every position of the window, then ``make_opt(params)``'s step."""
-    ref = mlp().double()
+def float64_large_batch(make_opt, data, k, kind="linear"):
+    """The reference: ``mlp(kind=kind)`` in float64, one backward per window of ``k``
+    micro-batches on the mean over every position of the window, then
+    ``make_opt(params)``'s step."""
+    ref = mlp(kind=kind).double()
     ref_opt = make_opt(ref.parameters())
     for window in split_windows(data, k):
         total = sum(x.shape[0] * x.shape[1] for x, _ in window)
@@ -57,22 +84,23 @@ def float64_large_batch(make_opt, data, k):
     return ref
 
 
-def test_fuse_wgrad_keeps_parameters_keys_and_results():
-    model = mlp()
+@pytest.mark.parametrize("kind", KINDS)
+def test_fuse_wgrad_keeps_parameters_keys_and_results(kind):
+    model = mlp(kind=kind)
     ref = copy.deepcopy(model)
     params = list(model.parameters())
     keys = list(model.state_dict())
     assert fuse_wgrad(model) is model
-    assert all(type(m) is Linear for m in model if isinstance(m, torch.nn.Linear))
+    assert len(fused_layers(model)) == 3
     assert [p is q for p, q in zip(model.parameters(), params, strict=True)] == [True] * len(params)
     assert list(model.state_dict()) == keys
     x = torch.randn(4, 6, 13)
     assert torch.equal(model(x), ref(x))
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_without_a_sink_gradients_match_nn_linear(bias):
-    model, ref = fuse_wgrad(mlp(bias=bias)), mlp(bias=bias)
+@pytest.mark.parametrize("kind,bias", [("linear", True), ("linear", False), ("conv1d", True)])
+def test_without_a_sink_gradients_match_nn_linear(bias, kind):
+    model, ref = fuse_wgrad(mlp(bias=bias, kind=kind)), mlp(bias=bias, kind=kind)
     x = torch.randn(4, 7, 13, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
     # a non-contiguous output gradient: the loss reads the output through a transpose
@@ -84,19 +112,19 @@ def test_without_a_sink_gradients_match_nn_linear(bias):
         assert_close_rel(p.grad, q.grad, 1e-6)
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.3])
-def test_fused_wrapper_training_matches_large_batch(kind, max_grad_norm):
+def test_fused_wrapper_training_matches_large_batch(optimizer, max_grad_norm, kind):
     def make_opt(params):
-        if kind == "sgd":
+        if optimizer == "sgd":
             return torch.optim.SGD(params, lr=0.1, momentum=0.9)
         return torch.optim.AdamW(params, lr=1e-2)
 
     k = 4
     data = batches(3 * k - 1)
     # reference: one backward per window on the mean over all items (positions) of the window
-    torch.manual_seed(0)
-    ref = mlp()
+    ref = mlp(kind=kind)
     ref_opt = make_opt(ref.parameters())
     for window in split_windows(data, k):
         total = sum(x.shape[0] * x.shape[1] for x, _ in window)
@@ -107,7 +135,7 @@ def test_fused_wrapper_training_matches_large_batch(kind, max_grad_norm):
         ref_opt.step()
         ref_opt.zero_grad()
 
-    model = fuse_wgrad(mlp())
+    model = fuse_wgrad(mlp(kind=kind))
     opt = fastaccum.wrap(make_opt(model.parameters()), k, model=model, max_grad_norm=max_grad_norm)
     for x, y in data:
         items = x.shape[0] * x.shape[1]
@@ -119,13 +147,14 @@ def test_fused_wrapper_training_matches_large_batch(kind, max_grad_norm):
         assert_close_rel(p, q, 1e-5)
 
 
-def test_loss_backward_path_stays_correct_unfused():
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_backward_path_stays_correct_unfused(kind):
     """With loss.backward() the micro-batch weight is unknown during backward, so the layer
     produces .grad as nn.Linear does and step() folds it."""
     data = batches(4, seed=2)
-    model = fuse_wgrad(mlp())
+    model = fuse_wgrad(mlp(kind=kind))
     opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4, model=model)
-    ref = mlp()
+    ref = mlp(kind=kind)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for x, y in data:
         mse(model, x, y).backward()
@@ -137,12 +166,13 @@ def test_loss_backward_path_stays_correct_unfused():
         assert_close_rel(p, q, 1e-6)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("fused", [True, False])
-def test_no_weight_gradient_tensor_is_made(fused):
-    """The fused path allocates no (out, in)-shaped tensor during backward; the unfused one
+def test_no_weight_gradient_tensor_is_made(fused, kind):
+    """The fused path allocates no weight-shaped tensor during backward; the unfused one
     does (which shows the check can fail)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.ReLU(), torch.nn.Linear(80, 48))
+    model = torch.nn.Sequential(layer(kind, 48, 80), torch.nn.ReLU(), layer(kind, 80, 48))
     if fused:
         fuse_wgrad(model)
     opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
@@ -158,31 +188,34 @@ def test_no_weight_gradient_tensor_is_made(fused):
         assert len(weight_shaped) >= 2
 
 
-def test_autocast_bf16_fused_matches_unfused():
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_bf16_fused_matches_unfused(kind):
     data = batches(4, seed=3)
     results = []
     for fused in (True, False):
-        model = mlp()
+        model = mlp(kind=kind)
         if fused:
             fuse_wgrad(model)
         opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4, model=model)
         for x, y in data:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = (model(x).float() - y).square().mean()
-            opt.backward(loss)
+                out = model(x)
+            assert out.dtype == torch.bfloat16
+            opt.backward((out.float() - y).square().mean())
             opt.step()
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
         assert_close_rel(a, b, 2e-2)
 
 
-def test_activation_checkpointing_counts_each_micro_batch_once():
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_checkpointing_counts_each_micro_batch_once(kind):
     from torch.utils.checkpoint import checkpoint
 
     data = batches(2, seed=4)
     results = []
     for ckpt in (True, False):
-        model = fuse_wgrad(mlp())
+        model = fuse_wgrad(mlp(kind=kind))
         opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
         for x, y in data:
             out = checkpoint(model, x, use_reentrant=False) if ckpt else model(x)
@@ -361,8 +394,9 @@ def test_opcheck_linear_wgrad():
     )
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("route", ["cpp", "python", "no_extension"])
-def test_both_routes_train_as_the_large_batch(route, monkeypatch):
+def test_both_routes_train_as_the_large_batch(route, kind, monkeypatch):
     """The C++ route (fastaccum::linear_wgrad) and the Python route give the same training
     as one large batch in float64, and neither leaves a weight gradient behind. Without
     the C++ extension (a FASTACCUM_NO_EXT=1 install, simulated here) the layers take the
@@ -373,9 +407,9 @@ def test_both_routes_train_as_the_large_batch(route, monkeypatch):
         monkeypatch.setattr(_backend, "_EXTENSION", None)
     k = 3
     data = batches(2 * k, seed=8)
-    ref = float64_large_batch(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), data, k)
+    ref = float64_large_batch(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), data, k, kind)
 
-    model = fuse_wgrad(mlp())
+    model = fuse_wgrad(mlp(kind=kind))
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     if route == "python":
         opt = PythonRouteWrapper(inner, k, model=model)
@@ -405,16 +439,17 @@ def test_frozen_weight_and_no_grad_forward_take_plain_linear():
     assert model[2].weight not in opt._accums and model[0].weight in opt._accums
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_model_trains_as_the_large_batch(backend):
+def test_compiled_model_trains_as_the_large_batch(backend, kind):
     """``torch.compile(model)`` handed to the wrapper: micro-batches under ``opt.backward``
     leave no weight gradient, those under ``loss.backward()`` + ``step(num_items=...)``
     fold theirs, and training matches one large batch in float64."""
     k = 3
     data = batches(3 * k, seed=9)
-    ref = float64_large_batch(lambda p: torch.optim.AdamW(p, lr=1e-2), data, k)
+    ref = float64_large_batch(lambda p: torch.optim.AdamW(p, lr=1e-2), data, k, kind)
 
-    model = fuse_wgrad(mlp())
+    model = fuse_wgrad(mlp(kind=kind))
     compiled = torch.compile(model, backend=backend)
     opt = fastaccum.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), k, model=compiled)
     for i, (x, y) in enumerate(data):
@@ -422,7 +457,7 @@ def test_compiled_model_trains_as_the_large_batch(backend):
         loss = (compiled(x) - y).square().mean()
         if i % 2:
             opt.backward(loss, num_items=items)
-            assert all(m.weight.grad is None for m in model if isinstance(m, Linear))
+            assert all(m.weight.grad is None for m in fused_layers(model))
             opt.step()
         else:
             loss.backward()
