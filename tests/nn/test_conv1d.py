@@ -70,20 +70,29 @@ def test_pickled_and_copied_models_keep_the_fused_class():
     assert opt._accums[loaded[0].weight].abs().sum() > 0
 
 
-def test_gpt2_fused_trains_as_the_float64_large_batch():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gpt2_fused_trains_as_the_float64_large_batch(checkpointing):
     """A whole Hugging Face GPT-2 (Conv1D projections, embeddings, tied LM head) fused:
     no parameter ever holds a .grad, and two windows with uneven token counts give one
-    large batch's SGD update, computed in float64."""
+    large batch's SGD update, computed in float64; also with transformers' own gradient
+    checkpointing on, which recomputes each block during backward."""
     k = 3
     gen = torch.Generator().manual_seed(5)
     windows = [
         [torch.randint(0, 64, (2, int(n)), generator=gen) for n in torch.randint(4, 17, (k,))]
         for _ in range(2)
     ]
-    model = fuse_wgrad(tiny_gpt2())
+    model = tiny_gpt2()
+    if checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
+        model.train()
+    fuse_wgrad(model)
     ref = tiny_gpt2().double()
     opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.5), k, model=model)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    mlp_calls = []
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda *_: mlp_calls.append(1))
     for window in windows:
         total = sum(ids.shape[0] * (ids.shape[1] - 1) for ids in window)
         for ids in window:
@@ -94,6 +103,8 @@ def test_gpt2_fused_trains_as_the_float64_large_batch():
             (ref(ids, labels=ids).loss * items / total).backward()
         ref_opt.step()
         ref_opt.zero_grad()
+    # checkpointing recomputes each block's forward once during its backward
+    assert len(mlp_calls) == (2 if checkpointing else 1) * 2 * k
     fused = [name for name, p in model.named_parameters() if id(p) in opt._fused_seen]
     assert len(fused) == sum(1 for _ in model.parameters()) - 10  # all but LayerNorms
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):

@@ -209,7 +209,12 @@ def test_autocast_bf16_fused_matches_unfused(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_activation_checkpointing_counts_each_micro_batch_once(kind):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_each_micro_batch_once(kind, reentrant):
+    """Checkpointed layers recompute their forward during backward; the weight gradient
+    still enters the accumulator once per micro-batch, with either implementation of
+    torch.utils.checkpoint (the reentrant one needs an input that requires grad, which
+    Hugging Face's gradient checkpointing arranges)."""
     from torch.utils.checkpoint import checkpoint
 
     data = batches(2, seed=4)
@@ -218,8 +223,10 @@ def test_activation_checkpointing_counts_each_micro_batch_once(kind):
         model = fuse_wgrad(mlp(kind=kind))
         opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
         for x, y in data:
-            out = checkpoint(model, x, use_reentrant=False) if ckpt else model(x)
+            x = x.clone().requires_grad_(reentrant)
+            out = checkpoint(model, x, use_reentrant=reentrant) if ckpt else model(x)
             opt.backward((out - y).square().mean())
+            assert all(p.grad is None for p in model.parameters())
             opt.step()
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results, strict=True):
