@@ -22,8 +22,9 @@ Suites:
 - ``embedding``: the same for a GPT-2-vocabulary embedding (test_wgrad_cpu.py).
 - ``hf_gpt2``: the same for a Hugging Face GPT2LMHeadModel (transformers' Conv1D
   projections, tied head; test_wgrad_cpu.py; needs ``transformers``).
+- ``encoder``: the same for torch's nn.TransformerEncoder (nn.MultiheadAttention).
 
-Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|embedding|hf_gpt2 [--rounds 30]
+Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|embedding|hf_gpt2|encoder [--rounds 30]
 [--providers a,b]
 """
 
@@ -60,6 +61,10 @@ def _suites() -> dict[str, tuple[list[str], Callable[[str], Callable[[], object]
             test_wgrad_cpu.HF_PROVIDERS,
             lambda provider: test_wgrad_cpu._hf_gpt2_setup(provider)[1],
         ),
+        "encoder": (
+            test_wgrad_cpu.ENCODER_PROVIDERS,
+            lambda provider: test_wgrad_cpu._encoder_setup(provider)[1],
+        ),
     }
 
 
@@ -73,7 +78,7 @@ def paired_overhead(times: dict[str, list[float]], provider: str, floor: str) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["wrapper", "wgrad", "embedding", "hf_gpt2"])
+    parser.add_argument("suite", choices=["wrapper", "wgrad", "embedding", "hf_gpt2", "encoder"])
     parser.add_argument("--rounds", type=int, default=30, help="calls per provider")
     parser.add_argument(
         "--providers",

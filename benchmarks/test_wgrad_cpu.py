@@ -20,15 +20,14 @@ from fastaccum.workloads import GPT2Blocks, allocated_shapes, peak_rss_bytes
 K_NEVER = 10**6  # no window boundary inside the timed micro-steps
 
 
-def _setup(provider):
-    torch.manual_seed(0)
-    model = GPT2Blocks(blocks=2)
-    x = torch.randn(2, 64, 768)
+def _provider(model, loss, provider):
+    """(model, micro_step) for ``provider``: native ``loss().backward()``, or the wrapper's
+    ``opt.backward(loss())`` without (``wrap.unfused``) or after ``fuse_wgrad``
+    (``wrap.fused``); the window never closes, so every call is one micro-step."""
     if provider == "native":
-        model.zero_grad()
 
         def micro_step():
-            model(x).square().mean().backward()
+            loss().backward()
 
         return model, micro_step
     if provider == "wrap.fused":
@@ -36,10 +35,17 @@ def _setup(provider):
     opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), K_NEVER, model=model)
 
     def micro_step():
-        opt.backward(model(x).square().mean())
+        opt.backward(loss())
         opt.step()
 
     return model, micro_step
+
+
+def _setup(provider):
+    torch.manual_seed(0)
+    model = GPT2Blocks(blocks=2)
+    x = torch.randn(2, 64, 768)
+    return _provider(model, lambda: model(x).square().mean(), provider)
 
 
 @pytest.mark.parametrize("provider", ["native", "wrap.unfused", "wrap.fused"])
@@ -75,21 +81,7 @@ def _embedding_setup(provider):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(VOCAB, EMB_DIM))
     idx = torch.randint(0, VOCAB, (2, 64))
-    if provider == "native":
-
-        def micro_step():
-            model(idx).square().mean().backward()
-
-        return model, micro_step
-    if provider == "wrap.fused":
-        fastaccum.fuse_wgrad(model)
-    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), K_NEVER, model=model)
-
-    def micro_step():
-        opt.backward(model(idx).square().mean())
-        opt.step()
-
-    return model, micro_step
+    return _provider(model, lambda: model(idx).square().mean(), provider)
 
 
 EMBEDDING_PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
@@ -128,34 +120,16 @@ def _hf_gpt2_setup(provider):
     )
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(0, config.vocab_size, (2, 64))
-
-    def loss():
-        return model(ids, labels=ids).loss
-
-    if provider == "native":
-
-        def micro_step():
-            loss().backward()
-
-        return model, micro_step
-    if provider == "wrap.fused":
-        fastaccum.fuse_wgrad(model)
-    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), K_NEVER, model=model)
-
-    def micro_step():
-        opt.backward(loss())
-        opt.step()
-
-    return model, micro_step
+    return _provider(model, lambda: model(ids, labels=ids).loss, provider)
 
 
-@pytest.mark.parametrize("provider", HF_PROVIDERS)
-def test_hf_gpt2_micro_step(benchmark, provider):
-    pytest.importorskip("transformers")
-    model, micro_step = _hf_gpt2_setup(provider)
+def _whole_model_micro_step(benchmark, group, setup, provider):
+    """Benchmark one micro-step of a whole model: time, bytes allocated, peak RSS; fused,
+    no parameter may hold a .grad afterwards."""
+    model, micro_step = setup(provider)
     micro_step()  # warm-up: .grad / accumulators exist from here on
     allocated = sum(nbytes for _, nbytes in allocated_shapes(micro_step))
-    benchmark.group = "micro-step HF GPT2LMHeadModel 2 layers, vocab 50257, 2x64 tokens"
+    benchmark.group = group
     benchmark.extra_info.update(
         provider=provider,
         allocated_bytes=allocated,
@@ -165,3 +139,34 @@ def test_hf_gpt2_micro_step(benchmark, provider):
     benchmark.pedantic(micro_step, rounds=5, warmup_rounds=1)
     if provider == "wrap.fused":
         assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("provider", HF_PROVIDERS)
+def test_hf_gpt2_micro_step(benchmark, provider):
+    pytest.importorskip("transformers")
+    group = "micro-step HF GPT2LMHeadModel 2 layers, vocab 50257, 2x64 tokens"
+    _whole_model_micro_step(benchmark, group, _hf_gpt2_setup, provider)
+
+
+# ------------------------------------------------------------------------------------------
+# torch's own transformer: nn.TransformerEncoder, 2 layers at GPT-2-small widths (768
+# wide, 12 heads, 3072 feed-forward), causal mask, micro-batch 2 x 64 tokens. Its
+# attention projections live in nn.MultiheadAttention (applied with F.linear inside
+# F.multi_head_attention_forward); fused, fastaccum.nn.MultiheadAttention routes them.
+
+ENCODER_PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
+
+
+def _encoder_setup(provider):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    x = torch.randn(2, 64, 768)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(64)
+    return _provider(model, lambda: model(x, mask=mask, is_causal=True).square().mean(), provider)
+
+
+@pytest.mark.parametrize("provider", ENCODER_PROVIDERS)
+def test_encoder_micro_step(benchmark, provider):
+    group = "micro-step nn.TransformerEncoder 2 x 768, causal, 2x64 tokens"
+    _whole_model_micro_step(benchmark, group, _encoder_setup, provider)

@@ -1,7 +1,9 @@
-"""Modules: fused weight-gradient :class:`Linear` and :class:`Embedding`, and Hugging Face's
-``Conv1D`` (:mod:`fastaccum.nn.conv1d`), all switched on by :func:`fuse_wgrad`; and
-accumulation-aware BatchNorm (:func:`convert_batchnorm`, :func:`end_window`)."""
+"""Modules: fused weight-gradient :class:`Linear`, :class:`Embedding`,
+:class:`MultiheadAttention` and Hugging Face's ``Conv1D`` (:mod:`fastaccum.nn.conv1d`),
+all switched on by :func:`fuse_wgrad`; and accumulation-aware BatchNorm
+(:func:`convert_batchnorm`, :func:`end_window`)."""
 
+from fastaccum.nn.attention import MultiheadAttention
 from fastaccum.nn.batchnorm import (
     AccumBatchNorm1d,
     AccumBatchNorm2d,
@@ -20,6 +22,7 @@ __all__ = [
     "AccumBatchNorm3d",
     "Embedding",
     "Linear",
+    "MultiheadAttention",
     "WgradSink",
     "convert_batchnorm",
     "end_window",

@@ -32,6 +32,10 @@ class SinkLink:
     def _wgrad_sink(self, sink: Any) -> None:
         self.__dict__["_wgrad_sink_ref"] = None if sink is None else weakref.ref(sink)
 
+    def _wgrad_pair(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (weight, bias) whose gradients this layer routes to its sink."""
+        return self.weight, getattr(self, "bias", None)
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # nn.Module's: a copy of __dict__
         state.pop("_wgrad_sink_ref", None)

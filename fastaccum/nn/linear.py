@@ -109,7 +109,7 @@ class _FusedWgradLinear(torch.autograd.Function):
 def takes_fused_route(layer: torch.nn.Module) -> bool:
     """True when ``layer`` (a fused layer) should route its weight gradient on this forward
     pass: a sink is attached, gradients are wanted, and the weight is fp32/bf16/fp16."""
-    weight = layer.weight
+    weight = layer._wgrad_pair()[0]
     return (
         layer._wgrad_sink is not None
         and torch.is_grad_enabled()
@@ -119,12 +119,13 @@ def takes_fused_route(layer: torch.nn.Module) -> bool:
 
 
 def fused_linear(layer: torch.nn.Module, input: torch.Tensor, *, transposed: bool) -> torch.Tensor:
-    """``F.linear(input, W, layer.bias)`` whose weight gradient goes to the layer's sink,
-    where ``W`` is ``layer.weight`` ([out, in]), or its transpose with ``transposed`` (a
+    """``F.linear(input, W, b)`` whose weight gradient goes to the layer's sink, where
+    ``(W, b)`` is the layer's weight pair (``layer.weight`` [out, in] and ``layer.bias``
+    for Linear layers), or ``W``'s transpose with ``transposed`` (a
     weight stored [in, out], as in Hugging Face's ``Conv1D``). Call it when
     :func:`takes_fused_route` holds."""
     sink = layer._wgrad_sink
-    weight, bias = layer.weight, layer.bias
+    weight, bias = layer._wgrad_pair()
     dtype = _autocast_dtype(input.device.type) if weight.is_floating_point() else None
     compute = weight.dtype if dtype is None else dtype
     route = None
@@ -164,8 +165,10 @@ class Linear(SinkLink, torch.nn.Linear):
 
 def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.Module:
     """Switch every ``nn.Linear`` of ``model`` (exact class, at any depth) to
-    :class:`fastaccum.nn.Linear`, every Hugging Face ``transformers`` ``Conv1D`` (GPT-2's
-    projections) to its fused subclass (:mod:`fastaccum.nn.conv1d`), and with
+    :class:`fastaccum.nn.Linear`, every ``nn.MultiheadAttention`` to
+    :class:`fastaccum.nn.MultiheadAttention` (its self-attention projections), every
+    Hugging Face ``transformers`` ``Conv1D`` (GPT-2's projections) to its fused subclass
+    (:mod:`fastaccum.nn.conv1d`), and with
     ``embeddings`` every plain ``nn.Embedding`` to :class:`fastaccum.nn.Embedding`, in
     place, and return ``model``.
 
@@ -176,6 +179,9 @@ def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.M
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
     """
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    from fastaccum.nn.attention import MultiheadAttention, OutProjection
     from fastaccum.nn.conv1d import fused_conv1d_class, hf_conv1d_class
     from fastaccum.nn.embedding import Embedding, fusable_embedding
 
@@ -185,6 +191,10 @@ def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.M
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = Linear
+        elif type(module) is torch.nn.MultiheadAttention:
+            module.__class__ = MultiheadAttention
+            if type(module.out_proj) is NonDynamicallyQuantizableLinear:
+                module.out_proj.__class__ = OutProjection
         elif hf_conv1d is not None and type(module) is hf_conv1d:
             module.__class__ = fused_conv1d_class()
         elif embeddings and fusable_embedding(module):

@@ -890,10 +890,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
         slots = []
         for module in model.modules():
-            if isinstance(module, SinkLink) and id(module.weight) in self._param_ids:
+            if not isinstance(module, SinkLink):
+                continue
+            weight, bias = module._wgrad_pair()
+            if id(weight) in self._param_ids:
                 module._wgrad_sink = self
                 module._wgrad_slot = len(slots)
-                slots.append((module.weight, getattr(module, "bias", None)))
+                slots.append((weight, bias))
         if slots:
             # [micro-batch weight while opt.backward runs, else 0; layers that wrote their
             # accumulators since the last step(); the same per layer]
@@ -909,7 +912,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         None when its weight (or trainable bias) is not accumulated here in fp32 (then the
         layer takes the Python route, which decides in backward)."""
         slot = getattr(layer, "_wgrad_slot", None)
-        weight, bias = layer.weight, getattr(layer, "bias", None)
+        weight, bias = layer._wgrad_pair()
         ids = self._param_ids
         if (
             slot is None

@@ -46,7 +46,8 @@ def test_fuse_wgrad_switches_conv1d_keeping_class_keys_and_results():
     assert model.state_dict().keys() == plain.state_dict().keys()
     assert repr(model) == repr(plain)
     ids = torch.randint(0, 64, (3, 16))
-    fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
+    assert all(m._wgrad_sink is opt for m in convs)
     for m in (model, plain):
         m.eval()
     assert torch.equal(model(ids).logits, plain(ids).logits)  # sink attached, same forward
