@@ -33,9 +33,8 @@ class OutProjection(Linear, NonDynamicallyQuantizableLinear):
 
 def _project(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``F.linear`` with ``layer``'s weight pair, fused when the layer takes the route."""
-    if takes_fused_route(layer):
-        return fused_linear(layer, x, transposed=False)
-    return F.linear(x, *layer._wgrad_pair())
+    out = fused_linear(layer, x, transposed=False)
+    return F.linear(x, *layer._wgrad_pair()) if out is None else out
 
 
 class MultiheadAttention(SinkLink, torch.nn.MultiheadAttention):

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from fastaccum.nn._sink import SinkLink
-from fastaccum.nn.linear import fused_linear, takes_fused_route
+from fastaccum.nn.linear import fused_linear
 
 _HF_MODULE = "transformers.pytorch_utils"
 _FUSED: type[torch.nn.Module] | None = None
@@ -52,9 +52,8 @@ def fused_conv1d_class() -> type[torch.nn.Module]:
             ``.grad``. Without one, it is ``transformers``' layer."""
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                if not takes_fused_route(self):
-                    return super().forward(x)
-                return fused_linear(self, x, transposed=True)
+                out = fused_linear(self, x, transposed=True)
+                return super().forward(x) if out is None else out
 
         Conv1D.__module__ = __name__
         Conv1D.__qualname__ = "Conv1D"

@@ -106,26 +106,33 @@ class _FusedWgradLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def takes_fused_route(layer: torch.nn.Module) -> bool:
-    """True when ``layer`` (a fused layer) should route its weight gradient on this forward
-    pass: a sink is attached, gradients are wanted, and the weight is fp32/bf16/fp16."""
-    weight = layer._wgrad_pair()[0]
+def _routes(sink: WgradSink | None, weight: torch.Tensor) -> bool:
     return (
-        layer._wgrad_sink is not None
+        sink is not None
         and torch.is_grad_enabled()
         and weight.requires_grad
         and weight.dtype in FUSED_DTYPES  # float64, complex: plain autograd
     )
 
 
-def fused_linear(layer: torch.nn.Module, input: torch.Tensor, *, transposed: bool) -> torch.Tensor:
+def takes_fused_route(layer: torch.nn.Module) -> bool:
+    """True when ``layer`` (a fused layer) routes its weight gradient on this forward
+    pass: a sink is attached, gradients are wanted, and the weight is fp32/bf16/fp16."""
+    return _routes(layer._wgrad_sink, layer._wgrad_pair()[0])
+
+
+def fused_linear(
+    layer: torch.nn.Module, input: torch.Tensor, *, transposed: bool
+) -> torch.Tensor | None:
     """``F.linear(input, W, b)`` whose weight gradient goes to the layer's sink, where
     ``(W, b)`` is the layer's weight pair (``layer.weight`` [out, in] and ``layer.bias``
-    for Linear layers), or ``W``'s transpose with ``transposed`` (a
-    weight stored [in, out], as in Hugging Face's ``Conv1D``). Call it when
-    :func:`takes_fused_route` holds."""
+    for Linear layers), or ``W``'s transpose with ``transposed`` (a weight stored
+    [in, out], as in Hugging Face's ``Conv1D``). None when the layer does not route on
+    this pass (:func:`takes_fused_route`): the caller runs its plain forward then."""
     sink = layer._wgrad_sink
     weight, bias = layer._wgrad_pair()
+    if not _routes(sink, weight):
+        return None
     dtype = _autocast_dtype(input.device.type) if weight.is_floating_point() else None
     compute = weight.dtype if dtype is None else dtype
     route = None
@@ -158,9 +165,8 @@ class Linear(SinkLink, torch.nn.Linear):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not takes_fused_route(self):
-            return F.linear(input, self.weight, self.bias)
-        return fused_linear(self, input, transposed=False)
+        out = fused_linear(self, input, transposed=False)
+        return F.linear(input, self.weight, self.bias) if out is None else out
 
 
 def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.Module:
