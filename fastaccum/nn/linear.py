@@ -38,9 +38,11 @@ class WgradSink(Protocol):
         grad_out: torch.Tensor,
         input: torch.Tensor,
         transposed: bool = False,
+        rows: slice | None = None,
     ) -> None:
         """Add ``grad_out^T @ input`` (and ``grad_out.sum(0)``) into the accumulators;
-        with ``transposed`` (a weight stored [in, out]) add ``input^T @ grad_out``."""
+        with ``transposed`` (a weight stored [in, out]) add ``input^T @ grad_out``; with
+        ``rows``, into those rows of the weight's and bias's accumulators only."""
 
     def wgrad_route(
         self, layer: torch.nn.Module
@@ -56,8 +58,20 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 class _FusedWgradLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)``, where ``(weight, bias)`` are ``rows`` of the layer's
+    weight pair ``pair`` (all of it when ``rows`` is None)."""
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias, layer, transposed: bool):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias,
+        layer,
+        transposed: bool,
+        pair: tuple[torch.Tensor, torch.Tensor | None],
+        rows: slice | None,
+    ):
         # Under autocast, cast here as autocast would for F.linear, and keep the cast copies
         # for backward, so that gradients match nn.Linear under autocast.
         dtype = _autocast_dtype(x.device.type)
@@ -76,9 +90,10 @@ class _FusedWgradLinear(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         ctx.weight_dtype = weight.dtype
         ctx.has_bias = bias is not None
-        ctx.weight = weight
-        ctx.bias = bias
+        ctx.pair = pair
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.transposed = transposed
+        ctx.rows = rows
         return out
 
     @staticmethod
@@ -91,19 +106,15 @@ class _FusedWgradLinear(torch.autograd.Function):
         go2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         sink = ctx.layer._wgrad_sink
-        if (
-            sink is not None
-            and ctx.needs_input_grad[1]
-            and sink.accepts_wgrad(ctx.weight, ctx.bias)
-        ):
-            sink.accumulate_wgrad(ctx.weight, ctx.bias, go2, x2, transposed=ctx.transposed)
-            return grad_x, None, None, None, None
+        if sink is not None and ctx.needs_input_grad[1] and sink.accepts_wgrad(*ctx.pair):
+            sink.accumulate_wgrad(*ctx.pair, go2, x2, transposed=ctx.transposed, rows=ctx.rows)
+            return grad_x, None, None, None, None, None, None
         if ctx.needs_input_grad[1]:
             grad_w = x2.t() @ go2 if ctx.transposed else go2.t() @ x2
             grad_w = grad_w.to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = go2.sum(0).to(ctx.bias.dtype)
-        return grad_x, grad_w, grad_b, None, None
+            grad_b = go2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _routes(sink: WgradSink | None, weight: torch.Tensor) -> bool:
@@ -122,15 +133,21 @@ def takes_fused_route(layer: torch.nn.Module) -> bool:
 
 
 def fused_linear(
-    layer: torch.nn.Module, input: torch.Tensor, *, transposed: bool
+    layer: torch.nn.Module,
+    input: torch.Tensor,
+    *,
+    transposed: bool,
+    rows: slice | None = None,
 ) -> torch.Tensor | None:
     """``F.linear(input, W, b)`` whose weight gradient goes to the layer's sink, where
     ``(W, b)`` is the layer's weight pair (``layer.weight`` [out, in] and ``layer.bias``
     for Linear layers), or ``W``'s transpose with ``transposed`` (a weight stored
-    [in, out], as in Hugging Face's ``Conv1D``). None when the layer does not route on
-    this pass (:func:`takes_fused_route`): the caller runs its plain forward then."""
+    [in, out], as in Hugging Face's ``Conv1D``). With ``rows`` (not with ``transposed``),
+    ``W[rows]`` and ``b[rows]`` instead: one part of a packed weight, whose gradient goes
+    into those rows of the accumulators. None when the layer does not route on this pass
+    (:func:`takes_fused_route`): the caller runs its plain forward then."""
     sink = layer._wgrad_sink
-    weight, bias = layer._wgrad_pair()
+    pair = weight, bias = layer._wgrad_pair()
     if not _routes(sink, weight):
         return None
     dtype = _autocast_dtype(input.device.type) if weight.is_floating_point() else None
@@ -142,9 +159,15 @@ def fused_linear(
         compute == torch.float32 or input.device.type == "cpu"
     ) and not torch.compiler.is_compiling():
         route = sink.wgrad_route(layer)
+    if rows is not None:
+        weight = weight[rows]
+        bias = None if bias is None else bias[rows]
     if route is None:
-        return _FusedWgradLinear.apply(input, weight, bias, layer, transposed)
+        return _FusedWgradLinear.apply(input, weight, bias, layer, transposed, pair, rows)
     weight_accum, bias_accum, control, slot = route
+    if rows is not None:
+        weight_accum = weight_accum[rows]
+        bias_accum = None if bias_accum is None else bias_accum[rows]
     if transposed:  # the op sees [out, in] views of the weight and of its accumulator
         weight, weight_accum = weight.t(), weight_accum.t()
     if dtype is not None:  # autocast's casts for F.linear, done here as in nn.Linear

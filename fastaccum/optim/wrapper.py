@@ -966,17 +966,22 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         grad_out: torch.Tensor,
         input: torch.Tensor,
         transposed: bool = False,
+        rows: slice | None = None,
     ) -> None:
         """Add ``weight x grad_out^T @ input`` into the weight's accumulator with one GEMM
         (and ``grad_out.sum(0)`` into the bias's), no dW tensor in between. A
         ``transposed`` weight (stored [in, out], Hugging Face's Conv1D) takes
-        ``input^T @ grad_out``."""
+        ``input^T @ grad_out``. With ``rows`` (one part of a packed weight, such as
+        attention's q, k, v projection), only those rows of the accumulators."""
         bias_acc = None
         if bias is not None and bias.requires_grad:
             bias_acc = self._accum_for(bias)
         # The layer hands over [tokens, features] views of matching dtype, device and
         # shape, and the accumulators are fp32 (accepts_wgrad): the checks hold already.
         acc, alpha = self._accum_for(weight), self._hook_weight
+        if rows is not None:  # rows of a contiguous accumulator: contiguous views
+            acc = acc[rows]
+            bias_acc = None if bias_acc is None else bias_acc[rows]
         if transposed:  # the same GEMM with its operands swapped, into the [in, out] accum
             wgrad_accumulate_unchecked(acc, input, grad_out, alpha)
             if bias_acc is not None:
