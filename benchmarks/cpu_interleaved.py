@@ -19,13 +19,15 @@ Suites:
   so that a slow round (the machine's speed drifts by more than the overheads) slows
   both terms of a difference alike. Wall time and CPU time give one ratio each.
 - ``wgrad``: one micro-step with fused vs unfused weight gradients (test_wgrad_cpu.py).
+- ``wgrad_compiled``: the same under ``torch.compile`` (inductor), with eager native (the
+  baseline) and eager fused.
 - ``embedding``: the same for a GPT-2-vocabulary embedding (test_wgrad_cpu.py).
 - ``hf_gpt2``: the same for a Hugging Face GPT2LMHeadModel (transformers' Conv1D
   projections, tied head; test_wgrad_cpu.py; needs ``transformers``).
 - ``encoder``: the same for torch's nn.TransformerEncoder (nn.MultiheadAttention).
 
-Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|embedding|hf_gpt2|encoder [--rounds 30]
-[--providers a,b]
+Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|wgrad_compiled|embedding|hf_gpt2|encoder
+[--rounds 30] [--providers a,b]
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def _suites() -> dict[str, tuple[list[str], Callable[[str], Callable[[], object]
             ["native", "wrap.unfused", "wrap.fused"],
             lambda provider: test_wgrad_cpu._setup(provider)[1],
         ),
+        "wgrad_compiled": (
+            ["native", "wrap.fused", *test_wgrad_cpu.COMPILED_PROVIDERS],
+            lambda provider: test_wgrad_cpu._setup(provider)[1],
+        ),
         "embedding": (
             test_wgrad_cpu.EMBEDDING_PROVIDERS,
             lambda provider: test_wgrad_cpu._embedding_setup(provider)[1],
@@ -78,7 +84,7 @@ def paired_overhead(times: dict[str, list[float]], provider: str, floor: str) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["wrapper", "wgrad", "embedding", "hf_gpt2", "encoder"])
+    parser.add_argument("suite", choices=list(_suites()))
     parser.add_argument("--rounds", type=int, default=30, help="calls per provider")
     parser.add_argument(
         "--providers",
@@ -103,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         providers = [p for p in providers if p in chosen]
     calls = {p: setup(p) for p in providers}
     for call in calls.values():
-        call()  # warm-up: optimizer state, accumulators, allocator
+        for _ in range(2):  # warm-up: optimizer state, accumulators, allocator, compilation
+            call()
     wall: dict[str, list[float]] = {p: [] for p in providers}
     cpu: dict[str, list[float]] = {p: [] for p in providers}
     faults: dict[str, int] = dict.fromkeys(providers, 0)

@@ -7,6 +7,9 @@ blocks (2 blocks, 14.2M parameters; micro-batch 2 x 64 tokens), three ways:
 - ``wrap.fused``:    the same after ``fastaccum.fuse_wgrad(model)``: the weight-gradient
                      GEMM adds into the accumulator (beta = 1); no dW is made.
 
+and the same three under ``torch.compile`` (inductor; ``.compiled``), where the fused
+layers run eagerly between compiled graphs.
+
 Besides time, each benchmark records the bytes that ops allocate during one micro-step
 (``fastaccum.workloads.allocated_shapes``) and the peak resident memory.
 """
@@ -21,21 +24,25 @@ K_NEVER = 10**6  # no window boundary inside the timed micro-steps
 
 
 def _provider(model, loss, provider):
-    """(model, micro_step) for ``provider``: native ``loss().backward()``, or the wrapper's
-    ``opt.backward(loss())`` without (``wrap.unfused``) or after ``fuse_wgrad``
-    (``wrap.fused``); the window never closes, so every call is one micro-step."""
-    if provider == "native":
+    """(model, micro_step) for ``provider``: native ``loss(model).backward()``, or the
+    wrapper's ``opt.backward(loss(model))`` without (``wrap.unfused``) or after
+    ``fuse_wgrad`` (``wrap.fused``); the window never closes, so every call is one
+    micro-step. A ``.compiled`` suffix runs ``torch.compile(model)`` (inductor) instead
+    of ``model``."""
+    kind, compiled = provider.removesuffix(".compiled"), provider.endswith(".compiled")
+    if kind == "wrap.fused":
+        fastaccum.fuse_wgrad(model)
+    run = torch.compile(model) if compiled else model
+    if kind == "native":
 
         def micro_step():
-            loss().backward()
+            loss(run).backward()
 
         return model, micro_step
-    if provider == "wrap.fused":
-        fastaccum.fuse_wgrad(model)
-    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), K_NEVER, model=model)
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), K_NEVER, model=run)
 
     def micro_step():
-        opt.backward(loss())
+        opt.backward(loss(run))
         opt.step()
 
     return model, micro_step
@@ -45,10 +52,14 @@ def _setup(provider):
     torch.manual_seed(0)
     model = GPT2Blocks(blocks=2)
     x = torch.randn(2, 64, 768)
-    return _provider(model, lambda: model(x).square().mean(), provider)
+    return _provider(model, lambda m: m(x).square().mean(), provider)
 
 
-@pytest.mark.parametrize("provider", ["native", "wrap.unfused", "wrap.fused"])
+PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
+COMPILED_PROVIDERS = [f"{p}.compiled" for p in PROVIDERS]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS + COMPILED_PROVIDERS)
 def test_micro_step(benchmark, provider):
     model, micro_step = _setup(provider)
     micro_step()  # warm-up: .grad / accumulators exist from here on
@@ -57,6 +68,8 @@ def test_micro_step(benchmark, provider):
         m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear)
     )
     benchmark.group = "micro-step GPT-2 blocks x2 (fwd+bwd+accumulate)"
+    if provider.endswith(".compiled"):
+        benchmark.group += ", torch.compile (inductor)"
     benchmark.extra_info.update(
         provider=provider,
         allocated_bytes=allocated,
@@ -64,7 +77,7 @@ def test_micro_step(benchmark, provider):
         peak_bytes=peak_rss_bytes(micro_step),
     )
     benchmark.pedantic(micro_step, rounds=9, warmup_rounds=1)
-    if provider == "wrap.fused":
+    if provider.startswith("wrap.fused"):
         assert all(m.weight.grad is None for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
@@ -81,7 +94,7 @@ def _embedding_setup(provider):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(VOCAB, EMB_DIM))
     idx = torch.randint(0, VOCAB, (2, 64))
-    return _provider(model, lambda: model(idx).square().mean(), provider)
+    return _provider(model, lambda m: m(idx).square().mean(), provider)
 
 
 EMBEDDING_PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
@@ -120,7 +133,7 @@ def _hf_gpt2_setup(provider):
     )
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(0, config.vocab_size, (2, 64))
-    return _provider(model, lambda: model(ids, labels=ids).loss, provider)
+    return _provider(model, lambda m: m(ids, labels=ids).loss, provider)
 
 
 def _whole_model_micro_step(benchmark, group, setup, provider):
@@ -163,7 +176,7 @@ def _encoder_setup(provider):
     model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
     x = torch.randn(2, 64, 768)
     mask = torch.nn.Transformer.generate_square_subsequent_mask(64)
-    return _provider(model, lambda: model(x, mask=mask, is_causal=True).square().mean(), provider)
+    return _provider(model, lambda m: m(x, mask=mask, is_causal=True).square().mean(), provider)
 
 
 @pytest.mark.parametrize("provider", ENCODER_PROVIDERS)

@@ -11,6 +11,7 @@ carry the whole optimizer along.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -41,3 +42,69 @@ class SinkLink:
         state.pop("_wgrad_sink_ref", None)
         state.pop("_wgrad_slot", None)
         return state
+
+
+# torch.compile. A fused layer that routes its weight gradient runs eagerly, between two
+# compiled graphs (a graph break): where its gradient goes (the accumulator under
+# opt.backward, .grad under loss.backward()) is decided when backward runs, and a traced
+# backward would fix that choice when the graph is traced, before any opt.backward, to
+# always making the dW. The breaks are set up when a sink first attaches
+# (prepare_for_compile), since torch.compiler.disable imports torch._dynamo, which
+# `import fastaccum` must not.
+
+_EAGER_REASON = (
+    "fastaccum: a fused layer with an optimizer wrapper attached runs eagerly, between "
+    "compiled graphs, because where its weight gradient goes is decided when backward "
+    "runs; for fullgraph=True, wrap the optimizer without model= (the layers then run "
+    "as their torch counterparts)"
+)
+_EAGER: list[tuple[Any, str]] = []  # (owner, attribute): functions to run eagerly
+_FRAMES: list[Callable[..., Any]] = []  # functions dynamo never compiles as frames
+_PREPARED = False
+
+
+def run_eagerly(owner: Any, name: str) -> None:
+    """Have ``owner.name`` (a function: the part of a fused layer that calls the fused
+    op) run eagerly under ``torch.compile``, a graph break where compiled code calls it,
+    once :func:`prepare_for_compile` has run. Outside compiled code the wrapper costs
+    about 0.5 us a call."""
+    _EAGER.append((owner, name))
+    if _PREPARED:
+        _disable(owner, name)
+
+
+def skip_frames(*functions: Callable[..., Any]) -> None:
+    """Keep ``torch.compile`` from compiling ``functions`` (a fused layer's forward and
+    what it calls on the way to a :func:`run_eagerly` function) as frames of their own.
+    Compiled code that calls such a layer breaks its graph and calls the layer as plain
+    Python; without this, dynamo would compile these functions anew for every layer and
+    input shape it meets, up to its recompile limit, to graphs that only lead to the same
+    break. Graphs that call them still trace (inline) them as before."""
+    _FRAMES.extend(functions)
+    if _PREPARED:
+        _skip(functions)
+
+
+def prepare_for_compile() -> None:
+    """Set up the graph breaks of fused layers (once; the optimizer wrapper calls it when
+    it attaches to a model's fused layers)."""
+    global _PREPARED
+    if _PREPARED:
+        return
+    _PREPARED = True
+    for owner, name in _EAGER:
+        _disable(owner, name)
+    _skip(_FRAMES)
+
+
+def _disable(owner: Any, name: str) -> None:
+    setattr(owner, name, torch.compiler.disable(getattr(owner, name), reason=_EAGER_REASON))
+
+
+def _skip(functions: Sequence[Callable[..., Any]]) -> None:
+    try:  # a torch without skip_code only recompiles more
+        from torch._dynamo.eval_frame import skip_code
+    except ImportError:
+        return
+    for fn in functions:
+        skip_code(fn.__code__)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from fastaccum.nn._sink import SinkLink
+from fastaccum.nn._sink import SinkLink, run_eagerly, skip_frames
 from fastaccum.nn.linear import Linear, fused_linear, takes_fused_route
 
 
@@ -134,6 +134,30 @@ class MultiheadAttention(SinkLink, torch.nn.MultiheadAttention):
                 average_attn_weights=average_attn_weights,
                 is_causal=is_causal,
             )
+        return self._fused_forward(
+            query,
+            key,
+            value,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
+            is_causal,
+        )
+
+    def _fused_forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        need_weights: bool,
+        attn_mask: torch.Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` of a call that ``_fuses`` accepted (eager under torch.compile,
+        see :mod:`fastaccum.nn._sink`)."""
         # Masks as torch canonicalizes them: bool masks become float (-inf where True).
         key_padding_mask = F._canonical_mask(
             mask=key_padding_mask,
@@ -268,3 +292,7 @@ class MultiheadAttention(SinkLink, torch.nn.MultiheadAttention):
             out = out.permute(2, 0, 1, 3).reshape(batch * tgt, embed)
         out = _project(self.out_proj, out).view(tgt, batch, embed)
         return out, weights
+
+
+run_eagerly(MultiheadAttention, "_fused_forward")
+skip_frames(MultiheadAttention.forward)

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from fastaccum.nn._sink import SinkLink
+from fastaccum.nn._sink import SinkLink, skip_frames
 from fastaccum.nn.linear import fused_linear
 
 _HF_MODULE = "transformers.pytorch_utils"
@@ -55,6 +55,7 @@ def fused_conv1d_class() -> type[torch.nn.Module]:
                 out = fused_linear(self, x, transposed=True)
                 return super().forward(x) if out is None else out
 
+        skip_frames(Conv1D.forward)
         Conv1D.__module__ = __name__
         Conv1D.__qualname__ = "Conv1D"
         _FUSED = Conv1D

@@ -19,12 +19,13 @@ forward), ``scale_grad_by_freq`` or ``sparse=True`` are left as ``nn.Embedding``
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from fastaccum.nn._sink import FUSED_DTYPES, SinkLink
+from fastaccum.nn._sink import FUSED_DTYPES, SinkLink, run_eagerly, skip_frames
 
 
 class EmbeddingGradSink(Protocol):
@@ -99,16 +100,25 @@ class Embedding(SinkLink, torch.nn.Embedding):
             or weight.dtype not in FUSED_DTYPES
         ):
             return F.embedding(input, weight, self.padding_idx)
-        # As for fastaccum.nn.Linear: the C++ autograd function where the sink hands out a
-        # route, the Python one (which decides in backward) otherwise and under compile.
-        route = None if torch.compiler.is_compiling() else sink.wgrad_route(self)
-        if route is None:
-            return _FusedEmbedding.apply(input, weight, self)
-        accum, _, control, slot = route
-        padding = -1 if self.padding_idx is None else self.padding_idx
-        return torch.ops.fastaccum.embedding_wgrad.default(
-            input, weight, padding, accum, control, slot
-        )
+        return _fused_embedding(self, input)  # eager under torch.compile
+
+
+def _fused_embedding(layer: Embedding, input: torch.Tensor) -> torch.Tensor:
+    """The lookup of a layer that routes: as for fastaccum.nn.Linear, the C++ autograd
+    function where the sink hands out a route, else the Python one (which decides in
+    backward)."""
+    route = layer._wgrad_sink.wgrad_route(layer)
+    if route is None:
+        return _FusedEmbedding.apply(input, layer.weight, layer)
+    accum, _, control, slot = route
+    padding = -1 if layer.padding_idx is None else layer.padding_idx
+    return torch.ops.fastaccum.embedding_wgrad.default(
+        input, layer.weight, padding, accum, control, slot
+    )
+
+
+run_eagerly(sys.modules[__name__], "_fused_embedding")
+skip_frames(Embedding.forward)
 
 
 def fusable_embedding(module: torch.nn.Module) -> bool:

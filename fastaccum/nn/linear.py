@@ -17,12 +17,13 @@ autograd function hands ``grad_out`` and the input to :meth:`WgradSink.accumulat
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from fastaccum.nn._sink import FUSED_DTYPES, SinkLink
+from fastaccum.nn._sink import FUSED_DTYPES, SinkLink, run_eagerly, skip_frames
 
 
 class WgradSink(Protocol):
@@ -146,18 +147,22 @@ def fused_linear(
     ``W[rows]`` and ``b[rows]`` instead: one part of a packed weight, whose gradient goes
     into those rows of the accumulators. None when the layer does not route on this pass
     (:func:`takes_fused_route`): the caller runs its plain forward then."""
+    if not takes_fused_route(layer):
+        return None
+    return _fused_linear(layer, input, transposed, rows)  # eager under torch.compile
+
+
+def _fused_linear(
+    layer: torch.nn.Module, input: torch.Tensor, transposed: bool, rows: slice | None
+) -> torch.Tensor:
+    """:func:`fused_linear` for a layer that routes: the C++ op where the sink hands out a
+    route, else the Python autograd function."""
     sink = layer._wgrad_sink
     pair = weight, bias = layer._wgrad_pair()
-    if not _routes(sink, weight):
-        return None
     dtype = _autocast_dtype(input.device.type) if weight.is_floating_point() else None
     compute = weight.dtype if dtype is None else dtype
     route = None
-    # torch.compile cannot trace the C++ backward (it reads the sink's control tensor
-    # on the host), so compiled code keeps the Python route.
-    if (
-        compute == torch.float32 or input.device.type == "cpu"
-    ) and not torch.compiler.is_compiling():
+    if compute == torch.float32 or input.device.type == "cpu":
         route = sink.wgrad_route(layer)
     if rows is not None:
         weight = weight[rows]
@@ -190,6 +195,10 @@ class Linear(SinkLink, torch.nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         out = fused_linear(self, input, transposed=False)
         return F.linear(input, self.weight, self.bias) if out is None else out
+
+
+run_eagerly(sys.modules[__name__], "_fused_linear")
+skip_frames(Linear.forward, fused_linear)
 
 
 def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.Module:

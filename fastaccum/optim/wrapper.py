@@ -886,7 +886,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         parameters it updates."""
         if model is None:
             return
-        from fastaccum.nn._sink import SinkLink
+        from fastaccum.nn._sink import SinkLink, prepare_for_compile
 
         slots = []
         for module in model.modules():
@@ -898,6 +898,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 module._wgrad_slot = len(slots)
                 slots.append((weight, bias))
         if slots:
+            prepare_for_compile()
             # [micro-batch weight while opt.backward runs, else 0; layers that wrote their
             # accumulators since the last step(); the same per layer]
             self._wgrad_control = torch.zeros(2 + len(slots), dtype=torch.float64)

@@ -260,15 +260,16 @@ def attention_projections(model):
     ]
 
 
-@pytest.mark.parametrize("route", ["cpp", "python"])
+@pytest.mark.parametrize("route", ["cpp", "python", "compiled"])
 @pytest.mark.parametrize("kind", ["none", "causal_padding"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_matches_the_float64_large_batch(arch, kind, route):
-    """Windows of uneven micro-batches (num_items) through both routes train as one
-    large batch in float64, for self-attention, the transformer's cross-attention and a
-    cross-attention that returns its weights; no parameter is left holding a .grad, and
-    the attention projections never had one (the fused set)."""
-    if route == "cpp" and not _backend.has_extension():
+    """Windows of uneven micro-batches (num_items) through both routes, and under
+    torch.compile, train as one large batch in float64, for self-attention, the
+    transformer's cross-attention and a cross-attention that returns its weights; no
+    parameter is left holding a .grad, and the attention projections never had one (the
+    fused set)."""
+    if route != "python" and not _backend.has_extension():
         pytest.skip("C++ extension not built (FASTACCUM_NO_EXT=1)")
     k = 3
     data = batches(2 * k, seed=7)
@@ -276,9 +277,10 @@ def test_training_matches_the_float64_large_batch(arch, kind, route):
     model = fuse_wgrad(build(arch))
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     wrapper = PythonRouteWrapper if route == "python" else fastaccum.AccumulatingOptimizer
-    opt = wrapper(inner, k, model=model)
+    compiled = torch.compile(model, backend="aot_eager") if route == "compiled" else model
+    opt = wrapper(inner, k, model=compiled)
     for x, y in data:
-        out = run(arch, model, x, kind)
+        out = run(arch, compiled, x, kind)
         loss = (out - y[:, : out.shape[1]]).square().mean()
         opt.backward(loss, num_items=out.shape[0] * out.shape[1])
         assert all(p.grad is None for p in model.parameters())

@@ -390,7 +390,7 @@ def test_linear_wgrad_op_bad_input_raises_and_changes_nothing():
 def test_opcheck_linear_wgrad():
     """Schema, autograd registration and fake tensors. The AOT tests are left out: the
     backward reads control on the host, which tracing cannot do (under torch.compile the
-    layer takes its Python route instead)."""
+    layer runs eagerly, between two graphs)."""
     x, w, b, _ = _linear_wgrad_case(3, (2, 3, 4), 5)
     control = torch.zeros(3, dtype=torch.float64)  # off: opcheck compares plain gradients
     args = (x, w, b, torch.zeros(5, 4), torch.zeros(5), control, 0)
@@ -450,8 +450,9 @@ def test_frozen_weight_and_no_grad_forward_take_plain_linear():
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_model_trains_as_the_large_batch(backend, kind):
     """``torch.compile(model)`` handed to the wrapper: micro-batches under ``opt.backward``
-    leave no weight gradient, those under ``loss.backward()`` + ``step(num_items=...)``
-    fold theirs, and training matches one large batch in float64."""
+    write the accumulators from the fused layers (no weight gradient made), those under
+    ``loss.backward()`` + ``step(num_items=...)`` fold theirs, and training matches one
+    large batch in float64."""
     k = 3
     data = batches(3 * k, seed=9)
     ref = float64_large_batch(lambda p: torch.optim.AdamW(p, lr=1e-2), data, k, kind)
@@ -470,5 +471,8 @@ def test_compiled_model_trains_as_the_large_batch(backend, kind):
             loss.backward()
             assert all(p.grad is not None for p in model.parameters())
             opt.step(num_items=items)
+    # The fused layers wrote the accumulators themselves (opt.backward folding a .grad
+    # made by a traced backward would pass the checks above as well).
+    assert {id(m.weight) for m in fused_layers(model)} <= opt._fused_seen
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert_close_rel(p, q, 1e-5)
