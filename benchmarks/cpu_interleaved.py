@@ -25,9 +25,9 @@ Suites:
 - ``hf_gpt2``: the same for a Hugging Face GPT2LMHeadModel (transformers' Conv1D
   projections, tied head; test_wgrad_cpu.py; needs ``transformers``).
 - ``encoder``: the same for torch's nn.TransformerEncoder (nn.MultiheadAttention).
+- ``transformer``: the same for torch's nn.Transformer (decoder cross-attention too).
 
-Run: python benchmarks/cpu_interleaved.py wrapper|wgrad|wgrad_compiled|embedding|hf_gpt2|encoder
-[--rounds 30] [--providers a,b]
+Run: python benchmarks/cpu_interleaved.py SUITE [--rounds 30] [--providers a,b]
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ def _suites() -> dict[str, tuple[list[str], Callable[[str], Callable[[], object]
         "encoder": (
             test_wgrad_cpu.ENCODER_PROVIDERS,
             lambda provider: test_wgrad_cpu._encoder_setup(provider)[1],
+        ),
+        "transformer": (
+            test_wgrad_cpu.TRANSFORMER_PROVIDERS,
+            lambda provider: test_wgrad_cpu._transformer_setup(provider)[1],
         ),
     }
 

@@ -183,3 +183,30 @@ def _encoder_setup(provider):
 def test_encoder_micro_step(benchmark, provider):
     group = "micro-step nn.TransformerEncoder 2 x 768, causal, 2x64 tokens"
     _whole_model_micro_step(benchmark, group, _encoder_setup, provider)
+
+
+# ------------------------------------------------------------------------------------------
+# torch's encoder-decoder: nn.Transformer with 1 encoder and 1 decoder layer at the same
+# widths, source and target 2 x 64 tokens, causal target mask. The decoder's
+# cross-attention projects the target with the q rows of its packed input projection and
+# the encoder output with the kv rows; fused, each adds into its rows of the accumulator.
+
+TRANSFORMER_PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
+
+
+def _transformer_setup(provider):
+    torch.manual_seed(0)
+    model = torch.nn.Transformer(768, 12, 1, 1, 3072, dropout=0.0, batch_first=True)
+    src, tgt = torch.randn(2, 64, 768), torch.randn(2, 64, 768)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(64)
+
+    def loss(m):
+        return m(src, tgt, tgt_mask=mask, tgt_is_causal=True).square().mean()
+
+    return _provider(model, loss, provider)
+
+
+@pytest.mark.parametrize("provider", TRANSFORMER_PROVIDERS)
+def test_transformer_micro_step(benchmark, provider):
+    group = "micro-step nn.Transformer 1+1 x 768, causal target, 2x64 tokens"
+    _whole_model_micro_step(benchmark, group, _transformer_setup, provider)
