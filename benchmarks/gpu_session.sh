@@ -6,7 +6,8 @@
 #                                           # (kernel tests, then the rest)
 #   bash benchmarks/gpu_session.sh bench1   # gpu_accumulate, gpu_wrapper (two sizes), gpu_wgrad
 #   bash benchmarks/gpu_session.sh bench2   # gpu_batchnorm, gpu_activation_memory, gpu_plan,
-#                                           # fastaccum bench (default and --memory-cap)
+#                                           # fastaccum bench (default, --compile and
+#                                           # --memory-cap)
 #
 # Each stage builds first unless the extension is already built. Every step runs under its own
 # time limit, cut to what is left of the stage's budget (GPU_SESSION_SECONDS, default 560),
@@ -89,6 +90,8 @@ bench2)
     step gpu_activation_memory 90 python benchmarks/gpu_activation_memory.py
     step gpu_plan 90 python benchmarks/gpu_plan.py
     step bench 60 python -m fastaccum bench --device cuda --no-progress --out "$work/bench"
+    step bench_compile 90 python -m fastaccum bench --device cuda --compile --no-progress \
+        --out "$work/bench-compile"
     step bench_cap 90 python -m fastaccum bench --device cuda --model small --micro-batch 1 \
         --accum-steps 128 --memory-cap 0.25 --no-progress --out "$work/bench-cap"
     ;;

@@ -52,6 +52,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         data=args.data,
         lr=args.lr,
         memory_cap_gb=args.memory_cap,
+        compile=args.compile,
     )
     try:
         check_config(config)
@@ -224,6 +225,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="CPU threads for torch (default: 1 on the CPU, for stable timings)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run every model through torch.compile (inductor); fastaccum's fused layers "
+        "run eagerly between the compiled graphs",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)

@@ -156,6 +156,24 @@ def test_bench_trains_on_a_given_file(tmp_path, capsys):
     assert json.loads((tmp_path / "bench.json").read_text())["fp32_check"] is True
 
 
+def test_bench_compile_compiles_every_run_and_matches_the_reference(tmp_path, capsys):
+    """--compile: every run goes through torch.compile (dynamo compiles frames; the CPU
+    peak is left out, as its counter would keep the model eager), the exact runs still
+    come within 1e-5 of the compiled large batch, and the lossy one still runs."""
+    from torch._dynamo.utils import counters
+
+    before = counters["frames"]["ok"]
+    args = ["bench", *SMALL, *ONE_THREAD, "--compile", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert counters["frames"]["ok"] > before
+    out = capsys.readouterr().out
+    assert list(table_rows(out)) == RUNS and "torch.compile" in out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["config"]["compile"] is True and report["fp32_check"] is True
+    assert all(r["peak_memory_bytes"] is None for r in report["runs"])
+    assert "not counted on the CPU under --compile" in report["peak_memory"]
+
+
 def test_bench_memory_cap_plans_the_micro_batch(bench_out, tmp_path, capsys):
     """A cap between the peaks of micro-batch 2 and of the large batch of 6 (measured by
     the uncapped run): plan_batch must split the 6 sequences into micro-batches whose runs
@@ -221,6 +239,15 @@ def test_bench_without_gpu_rejects_cuda(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_on_gpu_matches_reference(tmp_path):
     assert main(["bench", *SMALL, "--device", "cuda", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["fp32_check"] is True
+    assert all(r["peak_memory_bytes"] > 0 for r in report["runs"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_compile_on_gpu_matches_reference(tmp_path):
+    assert main(["bench", *SMALL, "--device", "cuda", "--compile", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["fp32_check"] is True
     assert all(r["peak_memory_bytes"] > 0 for r in report["runs"])
@@ -299,7 +326,7 @@ def test_bench_help_lists_the_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--device", "--micro-batch", "--accum-steps", "--steps", "--dtype", "--seed"):
         assert flag in out
-    for flag in ("--model", "--data", "--out", "--memory-cap"):
+    for flag in ("--model", "--data", "--out", "--memory-cap", "--compile"):
         assert flag in out
 
 

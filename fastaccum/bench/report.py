@@ -139,7 +139,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"{c['model']} byte-level GPT ({report['parameters']:,} parameters) on {report['data']}; "
         f"{c['steps']} AdamW steps of {c['accum_steps']} x {c['micro_batch']} sequences "
         f"({report['tokens_per_step']:,} tokens per step), {c['dtype']}, seed {c['seed']}, "
-        f"{report['device']}."
+        f"{'torch.compile, ' if c.get('compile') else ''}{report['device']}."
     )
     lines.append(
         "ms/step: median over the steps after the first; vs native: speed-up over "

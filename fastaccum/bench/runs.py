@@ -67,6 +67,8 @@ class BenchConfig:
     lr: float = 3e-4
     max_grad_norm: float = 1.0
     memory_cap_gb: float | None = None
+    compile: bool = False
+    """Run every model through ``torch.compile`` (inductor)."""
 
 
 @dataclass
@@ -125,14 +127,22 @@ def forward_precision(config: BenchConfig) -> AbstractContextManager[object]:
     return torch.autocast(torch.device(config.device).type, dtype=dtype)
 
 
+def compiled(model: torch.nn.Module, config: BenchConfig) -> torch.nn.Module:
+    """``torch.compile(model)`` with ``--compile``, else ``model``. Every run compiles after
+    its last change to the model (``fuse_wgrad``), and hands the compiled module to its
+    optimizer wrapper."""
+    return torch.compile(model) if config.compile else model
+
+
 def _large_batch(model: torch.nn.Module, config: BenchConfig) -> StepFn:
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    forward = compiled(model, config)
 
     def step(window: Window) -> torch.Tensor:
         x = torch.cat([mb[0] for mb in window])
         y = torch.cat([mb[1] for mb in window])
         with forward_precision(config):
-            loss = lm_loss(model, x, y)
+            loss = lm_loss(forward, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         opt.step()
@@ -145,12 +155,13 @@ def _large_batch(model: torch.nn.Module, config: BenchConfig) -> StepFn:
 def _native_accum(model: torch.nn.Module, config: BenchConfig) -> StepFn:
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
     k = config.accum_steps
+    forward = compiled(model, config)
 
     def step(window: Window) -> torch.Tensor:
         total = torch.zeros((), device=config.device)
         for x, y in window:
             with forward_precision(config):
-                loss = lm_loss(model, x, y)
+                loss = lm_loss(forward, x, y)
             (loss / k).backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -169,10 +180,11 @@ def _check_stepped(stepped: bool, name: str) -> None:
 
 
 def _fastaccum_wrap(model: torch.nn.Module, config: BenchConfig) -> StepFn:
+    forward = compiled(model, config)
     opt = fastaccum.wrap(
         torch.optim.AdamW(model.parameters(), lr=config.lr),
         config.accum_steps,
-        model=model,
+        model=forward,
         max_grad_norm=config.max_grad_norm,
     )
 
@@ -181,7 +193,7 @@ def _fastaccum_wrap(model: torch.nn.Module, config: BenchConfig) -> StepFn:
         stepped = False
         for x, y in window:
             with forward_precision(config):
-                loss = lm_loss(model, x, y)
+                loss = lm_loss(forward, x, y)
             loss.backward()
             stepped = opt.step()
             opt.zero_grad()
@@ -199,12 +211,13 @@ def _fused_steps(
     """fuse_wgrad + opt.backward + fastaccum.optim.AdamW; each forward inside
     ``fastaccum.save_activations(policy)`` when a policy is given."""
     fastaccum.fuse_wgrad(model)
+    forward = compiled(model, config)
     opt = fastaccum.optim.AdamW(
         model.parameters(),
         lr=config.lr,
         accum_steps=config.accum_steps,
         max_grad_norm=config.max_grad_norm,
-        model=model,
+        model=forward,
     )
 
     def step(window: Window) -> torch.Tensor:
@@ -213,7 +226,7 @@ def _fused_steps(
         for x, y in window:
             saving = nullcontext() if policy is None else fastaccum.save_activations(policy)
             with saving, forward_precision(config):
-                loss = lm_loss(model, x, y)
+                loss = lm_loss(forward, x, y)
             opt.backward(loss)
             stepped = opt.step()
             opt.zero_grad()
@@ -358,13 +371,17 @@ def run_all(
     (two, so that the optimizer state exists while the second window's activations are
     alive); this pass also pays the one-time costs of first use (library initialization,
     allocator and thread-pool growth) that would otherwise be charged to the timing of
-    whichever run comes first. A run that runs out of memory there is not timed.
+    whichever run comes first (compilation, under ``--compile``). A run that runs out of
+    memory there is not timed. On the CPU under ``--compile`` the peak is not counted.
     """
     reference: dict[str, torch.Tensor] | None = None
     device = torch.device(config.device)
+    # The CPU's counter is a TorchDispatchMode, under which torch.compile runs the model
+    # eagerly (and keeps it eager afterwards): no CPU peak under --compile.
+    measure = not (config.compile and device.type == "cpu")
     for run in runs:
         on_run(run.name)
-        probe, _ = train(run, initial, batches, config, steps=2, measure_memory=True)
+        probe, _ = train(run, initial, batches, config, steps=2, measure_memory=measure)
         _release(device)
         if probe.status == "oom":
             probe.step_seconds.clear()

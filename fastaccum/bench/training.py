@@ -57,6 +57,22 @@ def check_config(config: BenchConfig) -> None:
         raise ValueError("device cuda was asked for but no CUDA GPU is available; use cpu")
 
 
+def memory_kind(config: BenchConfig) -> str:
+    """What the bench's peak-memory column measures on ``config``'s device."""
+    if torch.device(config.device).type == "cuda":
+        where = "CUDA allocator"
+    elif config.compile:
+        return (
+            "not counted on the CPU under --compile (its counter would keep torch.compile "
+            "from compiling)"
+        )
+    else:
+        where = "CPU tensors"
+    return (
+        f"peak tensor memory over the first two steps, model and optimizer state included ({where})"
+    )
+
+
 @contextmanager
 def gpu_memory_cap(config: BenchConfig) -> Iterator[None]:
     """On a GPU, hold this process's CUDA allocator to ``config.memory_cap_gb`` GiB for the
@@ -193,8 +209,7 @@ def run_training_bench(
         tokens_per_step=batches.tokens_per_window,
         parameters=sum(p.numel() for p in initial.parameters()),
         device_name=device_name(device),
-        memory_kind="peak tensor memory over the first two steps, model and optimizer state "
-        + ("included (CUDA allocator)" if device.type == "cuda" else "included (CPU tensors)"),
+        memory_kind=memory_kind(config),
         data_name=describe_data(config.data, text),
         extra={"memory_cap": plan},
     )

@@ -524,7 +524,13 @@ class Session:
     def __init__(self, policy: ActivationPolicy) -> None:
         self.policy = policy
         self.encoder = Encoder(policy, policy._next_seed_base())
-        self._hooks = saved_tensors_hooks(self.encoder.encode, self.encoder.decode)
+        # The hooks read autograd's graph (grad_fn, parameters): under torch.compile they
+        # run eagerly, never traced.
+        reason = "fastaccum.save_activations' hooks read autograd's graph"
+        self._hooks = saved_tensors_hooks(
+            torch.compiler.disable(self.encoder.encode, reason=reason),
+            torch.compiler.disable(self.encoder.decode, reason=reason),
+        )
         self._entered = False
 
     @property

@@ -323,3 +323,22 @@ def test_relu_output_made_before_the_session_is_stored_in_full():
     assert s.stats.masks == 0
     want = 2 * lin(h).detach().t() @ h.detach()
     assert_close_rel(lin.weight.grad, want, 1e-5)
+
+
+def test_compiled_fused_model_under_a_policy():
+    """A compiled model whose fused layers break its graph (fuse_wgrad + a wrapper), inside
+    save_activations: the hooks run (eagerly, never traced) on what both the compiled
+    graphs and the fused layers save, and the window's gradient stays within the 8-bit
+    bound of the exact one."""
+    x, y = batch(256)
+    exact, _ = grads(mlp(), x, y)
+    model = fastaccum.fuse_wgrad(mlp())
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), 2, model=compiled)
+    torch.manual_seed(5)
+    with save_activations(ActivationPolicy(bits=8, min_bytes=4096)) as session:
+        loss = torch.nn.functional.cross_entropy(compiled(x), y)
+    opt.backward(loss)
+    assert session.stats.quantized >= 2 and session.stats.masks >= 1
+    got = [opt._accums[p] for p in model.parameters()]
+    assert rel_error(got, exact) < 0.02
