@@ -147,18 +147,24 @@ def fused_linear(
     ``W[rows]`` and ``b[rows]`` instead: one part of a packed weight, whose gradient goes
     into those rows of the accumulators. None when the layer does not route on this pass
     (:func:`takes_fused_route`): the caller runs its plain forward then."""
-    if not takes_fused_route(layer):
+    sink = layer._wgrad_sink
+    pair = layer._wgrad_pair()
+    if not _routes(sink, pair[0]):
         return None
-    return _fused_linear(layer, input, transposed, rows)  # eager under torch.compile
+    return _fused_linear(layer, input, transposed, rows, sink, pair)  # eager under compile
 
 
 def _fused_linear(
-    layer: torch.nn.Module, input: torch.Tensor, transposed: bool, rows: slice | None
+    layer: torch.nn.Module,
+    input: torch.Tensor,
+    transposed: bool,
+    rows: slice | None,
+    sink: WgradSink,
+    pair: tuple[torch.Tensor, torch.Tensor | None],
 ) -> torch.Tensor:
-    """:func:`fused_linear` for a layer that routes: the C++ op where the sink hands out a
-    route, else the Python autograd function."""
-    sink = layer._wgrad_sink
-    pair = weight, bias = layer._wgrad_pair()
+    """:func:`fused_linear` for a layer that routes to ``sink``: the C++ op where the sink
+    hands out a route, else the Python autograd function."""
+    weight, bias = pair
     dtype = _autocast_dtype(input.device.type) if weight.is_floating_point() else None
     compute = weight.dtype if dtype is None else dtype
     route = None
