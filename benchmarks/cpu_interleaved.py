@@ -43,38 +43,23 @@ from tqdm import tqdm
 
 
 def _suites() -> dict[str, tuple[list[str], Callable[[str], Callable[[], object]]]]:
-    import test_wgrad_cpu
+    import test_wgrad_cpu as wgrad
     import test_wrapper_cpu
 
+    def micro_step(setup: Callable[[str], tuple[object, Callable[[], object]]]):
+        return lambda provider: setup(provider)[1]  # setup returns (model, micro_step)
+
     return {
-        "wrapper": (
-            test_wrapper_cpu.WINDOW_PROVIDERS,
-            test_wrapper_cpu._setup,
-        ),
-        "wgrad": (
-            ["native", "wrap.unfused", "wrap.fused"],
-            lambda provider: test_wgrad_cpu._setup(provider)[1],
-        ),
+        "wrapper": (test_wrapper_cpu.WINDOW_PROVIDERS, test_wrapper_cpu._setup),
+        "wgrad": (wgrad.PROVIDERS, micro_step(wgrad._setup)),
         "wgrad_compiled": (
-            ["native", "wrap.fused", *test_wgrad_cpu.COMPILED_PROVIDERS],
-            lambda provider: test_wgrad_cpu._setup(provider)[1],
+            ["native", "wrap.fused", *wgrad.COMPILED_PROVIDERS],
+            micro_step(wgrad._setup),
         ),
-        "embedding": (
-            test_wgrad_cpu.EMBEDDING_PROVIDERS,
-            lambda provider: test_wgrad_cpu._embedding_setup(provider)[1],
-        ),
-        "hf_gpt2": (
-            test_wgrad_cpu.HF_PROVIDERS,
-            lambda provider: test_wgrad_cpu._hf_gpt2_setup(provider)[1],
-        ),
-        "encoder": (
-            test_wgrad_cpu.ENCODER_PROVIDERS,
-            lambda provider: test_wgrad_cpu._encoder_setup(provider)[1],
-        ),
-        "transformer": (
-            test_wgrad_cpu.TRANSFORMER_PROVIDERS,
-            lambda provider: test_wgrad_cpu._transformer_setup(provider)[1],
-        ),
+        "embedding": (wgrad.PROVIDERS, micro_step(wgrad._embedding_setup)),
+        "hf_gpt2": (wgrad.PROVIDERS, micro_step(wgrad._hf_gpt2_setup)),
+        "encoder": (wgrad.PROVIDERS, micro_step(wgrad._encoder_setup)),
+        "transformer": (wgrad.PROVIDERS, micro_step(wgrad._transformer_setup)),
     }
 
 

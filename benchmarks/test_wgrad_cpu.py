@@ -97,10 +97,7 @@ def _embedding_setup(provider):
     return _provider(model, lambda m: m(idx).square().mean(), provider)
 
 
-EMBEDDING_PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
-
-
-@pytest.mark.parametrize("provider", EMBEDDING_PROVIDERS)
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_embedding_micro_step(benchmark, provider):
     model, micro_step = _embedding_setup(provider)
     micro_step()  # warm-up: .grad / accumulators exist from here on
@@ -120,8 +117,6 @@ def test_embedding_micro_step(benchmark, provider):
 # transformers' Conv1D (weight stored [in, out]), its LM head is tied to the token
 # embedding. Fused, every weight gradient (Conv1D, embeddings, head) goes into the
 # accumulators; unfused and native, each is a full dW per micro-step.
-
-HF_PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
 
 
 def _hf_gpt2_setup(provider):
@@ -154,7 +149,7 @@ def _whole_model_micro_step(benchmark, group, setup, provider):
         assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("provider", HF_PROVIDERS)
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_hf_gpt2_micro_step(benchmark, provider):
     pytest.importorskip("transformers")
     group = "micro-step HF GPT2LMHeadModel 2 layers, vocab 50257, 2x64 tokens"
@@ -167,8 +162,6 @@ def test_hf_gpt2_micro_step(benchmark, provider):
 # attention projections live in nn.MultiheadAttention (applied with F.linear inside
 # F.multi_head_attention_forward); fused, fastaccum.nn.MultiheadAttention routes them.
 
-ENCODER_PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
-
 
 def _encoder_setup(provider):
     torch.manual_seed(0)
@@ -179,7 +172,7 @@ def _encoder_setup(provider):
     return _provider(model, lambda m: m(x, mask=mask, is_causal=True).square().mean(), provider)
 
 
-@pytest.mark.parametrize("provider", ENCODER_PROVIDERS)
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_encoder_micro_step(benchmark, provider):
     group = "micro-step nn.TransformerEncoder 2 x 768, causal, 2x64 tokens"
     _whole_model_micro_step(benchmark, group, _encoder_setup, provider)
@@ -190,8 +183,6 @@ def test_encoder_micro_step(benchmark, provider):
 # widths, source and target 2 x 64 tokens, causal target mask. The decoder's
 # cross-attention projects the target with the q rows of its packed input projection and
 # the encoder output with the kv rows; fused, each adds into its rows of the accumulator.
-
-TRANSFORMER_PROVIDERS = ["native", "wrap.unfused", "wrap.fused"]
 
 
 def _transformer_setup(provider):
@@ -206,7 +197,7 @@ def _transformer_setup(provider):
     return _provider(model, loss, provider)
 
 
-@pytest.mark.parametrize("provider", TRANSFORMER_PROVIDERS)
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_transformer_micro_step(benchmark, provider):
     group = "micro-step nn.Transformer 1+1 x 768, causal target, 2x64 tokens"
     _whole_model_micro_step(benchmark, group, _transformer_setup, provider)

@@ -21,6 +21,18 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 layer with another weight dtype (float64, complex) runs as its torch counterpart."""
 
 
+def routes(sink: Any, weight: torch.Tensor) -> bool:
+    """True when a fused layer whose sink is ``sink`` (None: none attached) routes the
+    gradient of ``weight`` on this forward pass: gradients are wanted and the weight is
+    fp32/bf16/fp16 (float64 and complex weights take plain autograd)."""
+    return (
+        sink is not None
+        and torch.is_grad_enabled()
+        and weight.requires_grad
+        and weight.dtype in FUSED_DTYPES
+    )
+
+
 class SinkLink:
     """Mixin for fused layers: ``self._wgrad_sink`` reads and sets a weak reference."""
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from fastaccum.nn._sink import FUSED_DTYPES, SinkLink, run_eagerly, skip_frames
+from fastaccum.nn._sink import SinkLink, routes, run_eagerly, skip_frames
 
 
 class EmbeddingGradSink(Protocol):
@@ -93,21 +93,19 @@ class Embedding(SinkLink, torch.nn.Embedding):
                 f"max_norm={self.max_norm}, scale_grad_by_freq={self.scale_grad_by_freq}, "
                 f"sparse={self.sparse}: use torch.nn.Embedding for it"
             )
-        sink, weight = self._wgrad_sink, self.weight
-        if (
-            sink is None
-            or not (torch.is_grad_enabled() and weight.requires_grad)
-            or weight.dtype not in FUSED_DTYPES
-        ):
-            return F.embedding(input, weight, self.padding_idx)
-        return _fused_embedding(self, input)  # eager under torch.compile
+        sink = self._wgrad_sink
+        if not routes(sink, self.weight):
+            return F.embedding(input, self.weight, self.padding_idx)
+        return _fused_embedding(self, input, sink)  # eager under torch.compile
 
 
-def _fused_embedding(layer: Embedding, input: torch.Tensor) -> torch.Tensor:
-    """The lookup of a layer that routes: as for fastaccum.nn.Linear, the C++ autograd
-    function where the sink hands out a route, else the Python one (which decides in
-    backward)."""
-    route = layer._wgrad_sink.wgrad_route(layer)
+def _fused_embedding(
+    layer: Embedding, input: torch.Tensor, sink: EmbeddingGradSink
+) -> torch.Tensor:
+    """The lookup of a layer that routes to ``sink``: as for fastaccum.nn.Linear, the C++
+    autograd function where the sink hands out a route, else the Python one (which
+    decides in backward)."""
+    route = sink.wgrad_route(layer)
     if route is None:
         return _FusedEmbedding.apply(input, layer.weight, layer)
     accum, _, control, slot = route

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from fastaccum.nn._sink import FUSED_DTYPES, SinkLink, run_eagerly, skip_frames
+from fastaccum.nn._sink import SinkLink, routes, run_eagerly, skip_frames
 
 
 class WgradSink(Protocol):
@@ -118,19 +118,10 @@ class _FusedWgradLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _routes(sink: WgradSink | None, weight: torch.Tensor) -> bool:
-    return (
-        sink is not None
-        and torch.is_grad_enabled()
-        and weight.requires_grad
-        and weight.dtype in FUSED_DTYPES  # float64, complex: plain autograd
-    )
-
-
 def takes_fused_route(layer: torch.nn.Module) -> bool:
     """True when ``layer`` (a fused layer) routes its weight gradient on this forward
     pass: a sink is attached, gradients are wanted, and the weight is fp32/bf16/fp16."""
-    return _routes(layer._wgrad_sink, layer._wgrad_pair()[0])
+    return routes(layer._wgrad_sink, layer._wgrad_pair()[0])
 
 
 def fused_linear(
@@ -149,7 +140,7 @@ def fused_linear(
     (:func:`takes_fused_route`): the caller runs its plain forward then."""
     sink = layer._wgrad_sink
     pair = layer._wgrad_pair()
-    if not _routes(sink, pair[0]):
+    if not routes(sink, pair[0]):
         return None
     return _fused_linear(layer, input, transposed, rows, sink, pair)  # eager under compile
 

@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from typing import Any
 
@@ -1396,6 +1396,15 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             "param_shapes": [tuple(p.shape) for p in self._params],
         }
 
+    def _indices_of(self, ids: set[int]) -> list[int]:
+        """Positions in the parameter list of the parameters whose ids are in ``ids`` (how a
+        state dict names them)."""
+        return [i for i, p in enumerate(self._params) if id(p) in ids]
+
+    def _ids_at(self, indices: Iterable[int]) -> set[int]:
+        """The ids of the parameters at ``indices`` (the inverse of :meth:`_indices_of`)."""
+        return {id(self._params[i]) for i in indices}
+
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus the accumulation state.
 
@@ -1421,10 +1430,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "accums": [self._accums.get(p) for p in self._params],
                 "masters": [self._masters.get(p) for p in self._params],
                 "micro_step": self._micro_step,
-                "touched": [i for i, p in enumerate(self._params) if id(p) in self._touched],
-                "fused": [i for i, p in enumerate(self._params) if id(p) in self._fused_ids],
-                "fused_seen": [i for i, p in enumerate(self._params) if id(p) in self._fused_seen],
-                "measured": [i for i, p in enumerate(self._params) if id(p) in self._measured_ids],
+                "touched": self._indices_of(self._touched),
+                "fused": self._indices_of(self._fused_ids),
+                "fused_seen": self._indices_of(self._fused_seen),
+                "measured": self._indices_of(self._measured_ids),
                 "fused_first": self._fused_first,
                 "weights": list(self._weights),
                 "uses_num_items": self._uses_num_items,
@@ -1513,12 +1522,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     self._masters[p].copy_(master)
         self._reset_window()
         self._micro_step = saved["micro_step"]
-        self._touched = {id(self._params[i]) for i in saved["touched"]}
+        self._touched = self._ids_at(saved["touched"])
         # absent from state dicts saved before the fused-wgrad noise scale: that window
         # is then left out of it
-        self._fused_ids = {id(self._params[i]) for i in saved.get("fused", ())}
-        self._fused_seen = {id(self._params[i]) for i in saved.get("fused_seen", ())}
-        self._measured_ids = {id(self._params[i]) for i in saved.get("measured", ())}
+        self._fused_ids = self._ids_at(saved.get("fused", ()))
+        self._fused_seen = self._ids_at(saved.get("fused_seen", ()))
+        self._measured_ids = self._ids_at(saved.get("measured", ()))
         if saved.get("fused_first") is not None:
             self._fused_first = saved["fused_first"].to(self._params[0].device)
         self._weights = list(saved["weights"])

@@ -130,9 +130,12 @@ def test_encoder_forward_is_torchs_bit_for_bit(kind, batch_first):
     out = model(x, **masks(kind, 3, 7))
     assert torch.equal(out, plain(x, **masks(kind, 3, 7)))
     opt.backward(out.square().mean())
+    opt.step()
     attn = model.self_attn
     for p in (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight):
         assert p.grad is None and opt._accums[p].abs().sum() > 0
+        # written by the fused projections (a folded .grad would pass the line above too)
+        assert id(p) in opt._fused_seen
 
 
 def attention_inputs(call, layout, gen):
@@ -211,7 +214,7 @@ def test_every_call_is_torchs_and_accumulates_the_float64_gradients(call, weight
         out, w = ref(q64, k64, v64, **options, **mask64)
         (out.square().sum() + (0 if w is None else w.square().sum())).backward()
     for p, r in zip(model.parameters(), ref.parameters(), strict=True):
-        assert p.grad is None
+        assert p.grad is None and id(p) in opt._fused_seen  # written by the fused GEMMs
         assert_close_rel(opt._accums[p], r.grad, 1e-5)
 
 
@@ -393,4 +396,6 @@ def test_autocast_bf16_matches_torch(arch):
         ref = run(arch, plain, x, "causal")
     assert torch.equal(out, ref)
     opt.backward(out.float().square().mean())
+    opt.step()
     assert all(p.grad is None for p in attention_projections(model))
+    assert {id(p) for p in attention_projections(model)} <= opt._fused_seen
