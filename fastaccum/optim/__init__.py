@@ -29,7 +29,8 @@ def wrap(
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; it keeps its param groups and state.
-        accum_steps: micro-batches per window (K >= 1).
+        accum_steps: micro-batches per window (K >= 1); ``opt.accum_steps = K2`` changes it
+            later (a batch-size schedule).
         model: the module whose parameters ``optimizer`` updates; used to check them and
             to name parameters in messages.
         max_grad_norm: clip the window gradient to this global L2 norm (None: no clip).

@@ -357,8 +357,50 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
     @property
     def accum_steps(self) -> int:
-        """Micro-batches per window (K)."""
+        """Micro-batches per window (K). Settable between micro-batches, for a batch-size
+        schedule: see the setter."""
         return self._accum_steps
+
+    @accum_steps.setter
+    def accum_steps(self, value: int) -> None:
+        """Change K, e.g. to ramp the batch size up during training.
+
+        The window in progress closes once it holds ``value`` micro-batches; its gradient
+        is normalized by what it held, as every window's is. Set it between micro-batches
+        (after ``step()``, before the next forward); at a boundary (``step()`` returned
+        True, ``micro_step == 0``) any ``value >= 1`` is taken. The new K is saved by
+        :meth:`state_dict` and restored by :meth:`load_state_dict`.
+
+        Raises:
+            TypeError: ``value`` is not an int.
+            ValueError: ``value < 1``, or ``value <= micro_step``: the window already holds
+                that many micro-batches (call ``flush()`` to step on them first).
+            RuntimeError: a micro-batch is in flight (``opt.backward()`` or
+                ``loss.backward()`` ran and its ``step()`` has not). Nothing changes when
+                one of these is raised.
+        """
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"accum_steps must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {value}")
+        if value == self._accum_steps:
+            return
+        held = any(p.grad is not None for p in self._params)
+        if self._hook_weight is not None or held:
+            what = "opt.backward()" if self._hook_weight is not None else "loss.backward()"
+            raise RuntimeError(
+                f"accum_steps was set between {what} and opt.step(): that micro-batch's "
+                "place in its window is already decided. Call opt.step() first, then set "
+                "accum_steps before the next forward"
+            )
+        if value <= self._micro_step:
+            raise ValueError(
+                f"accum_steps={value}, but the window in progress already holds "
+                f"{self._micro_step} micro-batch(es); set it to at least "
+                f"{self._micro_step + 1}, or call opt.flush() to step on those first"
+            )
+        self._accum_steps = value
+        self._sync_next()
 
     @property
     def micro_step(self) -> int:
@@ -1389,8 +1431,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def _config(self) -> dict[str, Any]:
+        """What a state dict must match (accum_steps is state: it may change in training)."""
         return {
-            "accum_steps": self._accum_steps,
             "accum_dtype": str(self.accum_dtype),
             "master_weights": self.master_weights,
             "param_shapes": [tuple(p.shape) for p in self._params],
@@ -1427,6 +1469,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             "optimizer": self.optimizer.state_dict(),
             "fastaccum": {
                 **self._config(),
+                "accum_steps": self._accum_steps,
                 "accums": [self._accums.get(p) for p in self._params],
                 "masters": [self._masters.get(p) for p in self._params],
                 "micro_step": self._micro_step,
@@ -1460,15 +1503,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: the state dict is not a fastaccum one, or comes from another
-                configuration (accum_steps, accum_dtype, master_weights, parameter shapes,
-                accumulator dtypes or the model's AccumBatchNorm layers differ), or holds
-                BatchNorm window statistics and this wrapper has no ``model=``. Nothing is
-                changed then.
+                configuration (accum_dtype, master_weights, parameter shapes, accumulator
+                dtypes or the model's AccumBatchNorm layers differ), or holds BatchNorm
+                window statistics and this wrapper has no ``model=``. Nothing is changed
+                then.
 
         Warns:
-            RuntimeWarning: saved mid-window without BatchNorm window statistics while
-                ``model`` has AccumBatchNorm layers (their window restarts empty), or a
-                torch.optim state dict loaded mid-window (the window is discarded).
+            RuntimeWarning: the saved ``accum_steps`` differs from this wrapper's (the saved
+                one is restored: K is training state, like the micro-step), saved mid-window
+                without BatchNorm window statistics while ``model`` has AccumBatchNorm
+                layers (their window restarts empty), or a torch.optim state dict loaded
+                mid-window (the window is discarded).
         """
         if _is_plain_optimizer_state(state_dict):
             self._load_plain_state_dict(state_dict)
@@ -1499,6 +1544,18 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     f"wrapper accumulates it in {dtype} {tuple(shape)} (parameter dtype "
                     f"{p.dtype})"
                 )
+        accum_steps = saved.get("accum_steps", self._accum_steps)
+        micro_step = saved.get("micro_step")
+        if (
+            isinstance(accum_steps, bool)
+            or not isinstance(accum_steps, int)
+            or not isinstance(micro_step, int)
+            or not 0 <= micro_step < accum_steps
+        ):
+            raise ValueError(
+                f"state dict is inconsistent: accum_steps {accum_steps!r} with micro_step "
+                f"{micro_step!r} (expected ints with 0 <= micro_step < accum_steps)"
+            )
         batchnorm = saved.get("batchnorm")  # absent from state dicts saved before it existed
         if batchnorm and self.model is None:
             raise ValueError(
@@ -1520,8 +1577,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             for p, master in zip(self._params, saved["masters"], strict=True):
                 if master is not None and p in self._masters:
                     self._masters[p].copy_(master)
+        if accum_steps != self._accum_steps:
+            warnings.warn(
+                f"fastaccum: accum_steps is now {accum_steps}, restored from the state dict "
+                f"(this wrapper was set to {self._accum_steps}), so that the run continues "
+                "as saved; set opt.accum_steps after loading to change it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._accum_steps = accum_steps
         self._reset_window()
-        self._micro_step = saved["micro_step"]
+        self._micro_step = micro_step
         self._touched = self._ids_at(saved["touched"])
         # absent from state dicts saved before the fused-wgrad noise scale: that window
         # is then left out of it

@@ -25,11 +25,19 @@ def rank_batches(rank: int, n_micro: int) -> list[tuple[torch.Tensor, torch.Tens
 def global_windows(world: int, n_micro: int, k: int = K) -> list[list]:
     """The single-process view: window w holds every rank's micro-batches of window w (the
     last window may be partial)."""
-    per_rank = [rank_batches(r, n_micro) for r in range(world)]
-    return [
-        [b for r in range(world) for b in per_rank[r][start : start + k]]
-        for start in range(0, n_micro, k)
-    ]
+    sizes = [min(k, n_micro - start) for start in range(0, n_micro, k)]
+    return windows_of_sizes(world, sizes)
+
+
+def windows_of_sizes(world: int, sizes: list[int]) -> list[list]:
+    """The single-process view of windows of ``sizes`` micro-batches per rank (a batch-size
+    schedule): window w holds every rank's micro-batches of window w."""
+    per_rank = [rank_batches(r, sum(sizes)) for r in range(world)]
+    windows, start = [], 0
+    for k in sizes:
+        windows.append([b for r in range(world) for b in per_rank[r][start : start + k]])
+        start += k
+    return windows
 
 
 def weighted_reference(model, opt, windows, loss_fn, max_grad_norm=None) -> None:

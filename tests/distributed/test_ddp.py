@@ -29,6 +29,7 @@ from tests.distributed.data import (
     rank_batches,
     same_on_all_ranks,
     weighted_reference,
+    windows_of_sizes,
 )
 from tests.distributed.launch import by_name, scenario_test
 from tests.helpers import (
@@ -438,6 +439,33 @@ def mid_window_resume_per_rank(rank: int, world: int) -> None:
     assert_matches(model, want)
 
 
+def accum_steps_schedule(rank: int, world: int) -> None:
+    """``opt.accum_steps`` changed at boundaries and mid-window: the sync flag follows the
+    new K before every forward, each window all-reduces once, per bucket, and training
+    equals the large-batch run with windows of the scheduled sizes."""
+    # K=2; K=4, raised to 5 two micro-batches in; K=1; K=8, cut to 2 one micro-batch in.
+    # The last two changes make the very next micro-batch close its window.
+    sizes = [2, 5, 1, 2]
+    changes = {2: 4, 4: 5, 7: 1, 8: 8, 9: 2}
+    want, _ = large_batch_run(adamw, windows_of_sizes(world, sizes), max_grad_norm=0.5)
+    model = make_model()
+    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+    opt = fastaccum.wrap(adamw(ddp.parameters()), 2, model=ddp, max_grad_norm=0.5)
+    ends = [sum(sizes[: i + 1]) - 1 for i in range(len(sizes))]
+    with CollectiveCounter() as calls:
+        for i, (x, y) in enumerate(rank_batches(rank, sum(sizes))):
+            if i in changes:
+                opt.accum_steps = changes[i]
+            assert ddp.require_backward_grad_sync == (i in ends), f"sync flag before forward {i}"
+            opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+            assert opt.step() == (i in ends)
+            if i in ends:
+                assert sorted(calls.all_reduce) == ddp_bucket_numels(ddp), f"micro-batch {i}"
+            calls.reset()
+    assert opt.stats()["windows"] == len(sizes)
+    assert_matches(model, want)
+
+
 SCENARIOS = by_name(
     opt_backward_one_allreduce_per_bucket,
     step_path_and_flush,
@@ -450,6 +478,7 @@ SCENARIOS = by_name(
     accumulate_context_and_partial_window,
     dropped_wrapper_leaves_plain_ddp,
     mid_window_resume_per_rank,
+    accum_steps_schedule,
 )
 
 

@@ -25,6 +25,7 @@ from tests.distributed.data import (
     rank_batches,
     same_on_all_ranks,
     weighted_reference,
+    windows_of_sizes,
 )
 from tests.distributed.launch import by_name, scenario_test
 from tests.helpers import assert_close_rel, collector_off, large_batch_run, make_model, mean_loss
@@ -212,6 +213,27 @@ def dropped_wrapper_leaves_plain_fsdp(rank: int, world: int) -> None:
         assert_close_rel(p.grad.full_tensor(), q.grad.full_tensor(), 1e-6)
 
 
+def accum_steps_schedule(rank: int, world: int) -> None:
+    """``opt.accum_steps`` changed at a boundary and mid-window: gradient sync follows the
+    new K (one reduce-scatter per module, on each window's last backward only), and
+    training equals the large-batch run with windows of the scheduled sizes."""
+    sizes = [2, 5, 1, 2]  # the changes of test_ddp.py's accum_steps_schedule
+    changes = {2: 4, 4: 5, 7: 1, 8: 8, 9: 2}
+    want, _ = large_batch_run(adamw, windows_of_sizes(world, sizes))
+    model = sharded_model()
+    opt = fastaccum.wrap(adamw(model.parameters()), 2, model=model)
+    calls = []
+    with ReduceScatterCounter() as counter:
+        for i, batch in enumerate(rank_batches(rank, sum(sizes))):
+            if i in changes:
+                opt.accum_steps = changes[i]
+            calls += train(model, opt, [batch], counter)
+    groups = 4
+    ends = [sum(sizes[: i + 1]) - 1 for i in range(len(sizes))]
+    assert calls == [groups if i in ends else 0 for i in range(sum(sizes))], calls
+    assert_matches(model, want)
+
+
 SCENARIOS = by_name(
     window_mode,
     every_micro_step_mode,
@@ -219,6 +241,7 @@ SCENARIOS = by_name(
     step_path,
     configuration_checks,
     dropped_wrapper_leaves_plain_fsdp,
+    accum_steps_schedule,
 )
 
 

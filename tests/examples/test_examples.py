@@ -61,8 +61,23 @@ def test_cnn_batchnorm_running_stats_match_large_batch():
     assert 0.0 <= summary["test_accuracy"] <= 1.0
 
 
+def test_batch_ramp_grows_k_and_every_window_is_its_large_batch():
+    example = load_example("batch_ramp", "sklearn")
+    summary = example.main(["--smoke"])
+    losses = summary["losses"]
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    ks = [change["accum_steps"] for change in summary["schedule"]]
+    assert ks and ks == sorted(ks) and ks[0] == 4  # K doubled from 2, never shrank
+    assert summary["final_accum_steps"] == ks[-1]
+    # the windows were of different sizes, and each gave its large batch's update
+    assert summary["images_seen"] > 40 * 2 * 8
+    assert summary["max_rel_deviation_from_native_replay"] <= 1e-5
+
+
 @pytest.mark.parametrize(
-    ("name", "requires"), [("hf_gpt2", "transformers"), ("cnn_batchnorm", "sklearn")]
+    ("name", "requires"),
+    [("hf_gpt2", "transformers"), ("cnn_batchnorm", "sklearn"), ("batch_ramp", "sklearn")],
 )
 def test_examples_reject_bad_sizes(name, requires, capsys):
     example = load_example(name, requires)
