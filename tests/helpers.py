@@ -72,6 +72,15 @@ def make_opt(kind: str, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
+# torch.optim class name -> hyperparameters, shared by the fused-class tests: fastaccum's
+# class of that name and torch's own are built from the same dict.
+OPTIM_KINDS = {
+    "SGD": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True},
+    "Adam": {"lr": 1e-2, "weight_decay": 0.1},
+    "AdamW": {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)},
+}
+
+
 def large_batch_run(
     make_opt, windows: list[list], max_grad_norm=None, make_sched=None, dtype=torch.float32
 ):

@@ -11,10 +11,10 @@ import torch
 import fastaccum
 import fastaccum.optim as fo
 from tests.helpers import (
+    OPTIM_KINDS,
     assert_close_rel,
     large_batch_run,
     make_model,
-    make_opt,
     mean_loss,
     resume,
     token_batches,
@@ -34,23 +34,28 @@ def windows_of(batches: list, sizes: list[int]) -> list[list]:
 
 
 def build(setup: str, kind: str, k: int, max_grad_norm=None):
-    """(model, opt): ``wrap`` around torch's optimizer, the fused class, or ``wrap`` over a
-    ``fuse_wgrad`` model."""
+    """(model, opt): ``wrap`` around torch's optimizer ``kind``, fastaccum's fused class of
+    that name, or ``wrap`` over a ``fuse_wgrad`` model."""
     model = make_model()
-    if setup == "fused_class":
-        cls = fo.SGD if kind == "sgd" else fo.AdamW
-        ref = make_opt(kind, [torch.nn.Parameter(torch.zeros(1))]).defaults
-        hyper = {key: ref[key] for key in ("lr", "weight_decay")}
-        if kind == "sgd":
-            hyper["momentum"] = ref["momentum"]
-        opt = cls(
-            model.parameters(), **hyper, accum_steps=k, model=model, max_grad_norm=max_grad_norm
-        )
-        return model, opt
     if setup == "fuse_wgrad":
         fastaccum.fuse_wgrad(model)
-    opt = fo.wrap(make_opt(kind, model.parameters()), k, model=model, max_grad_norm=max_grad_norm)
+    if setup == "fused_class":
+        opt = getattr(fo, kind)(
+            model.parameters(),
+            accum_steps=k,
+            model=model,
+            max_grad_norm=max_grad_norm,
+            **OPTIM_KINDS[kind],
+        )
+    else:
+        params = model.parameters()
+        opt = fo.wrap(torch_opt(kind)(params), k, model=model, max_grad_norm=max_grad_norm)
     return model, opt
+
+
+def torch_opt(kind: str):
+    """params -> torch.optim's ``kind`` with the shared test hyperparameters."""
+    return lambda params: getattr(torch.optim, kind)(params, **OPTIM_KINDS[kind])
 
 
 def micro_step(model, opt, x, y, mode: str) -> bool:
@@ -66,11 +71,11 @@ def micro_step(model, opt, x, y, mode: str) -> bool:
 
 
 @pytest.mark.parametrize("setup", ["wrap", "fused_class", "fuse_wgrad"])
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["SGD", "AdamW"])
 @pytest.mark.parametrize("mode", ["step", "backward"])
 def test_schedule_set_at_boundaries_matches_large_batches_of_those_sizes(setup, kind, mode):
     batches = token_batches(sum(SCHEDULE), seed=31)
-    want, _ = large_batch_run(lambda p: make_opt(kind, p), windows_of(batches, SCHEDULE), 0.5)
+    want, _ = large_batch_run(torch_opt(kind), windows_of(batches, SCHEDULE), 0.5)
     model, opt = build(setup, kind, SCHEDULE[0], max_grad_norm=0.5)
     schedule = iter(SCHEDULE[1:])
     stepped = []
@@ -94,8 +99,8 @@ def test_mid_window_changes_close_the_window_at_the_new_size(mode):
     closes at 3), then a last window of 3."""
     sizes = [6, 3, 3]
     batches = token_batches(sum(sizes), seed=32)
-    want, _ = large_batch_run(lambda p: make_opt("adamw", p), windows_of(batches, sizes))
-    model, opt = build("wrap", "adamw", 4)
+    want, _ = large_batch_run(torch_opt("AdamW"), windows_of(batches, sizes))
+    model, opt = build("wrap", "AdamW", 4)
     stepped = []
     for i, (x, y) in enumerate(batches):
         if i == 2:
@@ -143,8 +148,8 @@ def test_bad_values_are_refused_and_change_nothing(value, error, match):
     """Refused mid-window (two micro-batches held); the run then goes on exactly as if the
     assignment had never been tried."""
     batches = token_batches(8, seed=33)
-    want, _ = large_batch_run(lambda p: make_opt("sgd", p), windows_of(batches, [4, 4]))
-    model, opt = build("wrap", "sgd", 4)
+    want, _ = large_batch_run(torch_opt("SGD"), windows_of(batches, [4, 4]))
+    model, opt = build("wrap", "SGD", 4)
     for i, (x, y) in enumerate(batches):
         if i == 2:
             before = snapshot(opt)
@@ -159,8 +164,8 @@ def test_bad_values_are_refused_and_change_nothing(value, error, match):
 @pytest.mark.parametrize("mode", ["step", "backward"])
 def test_refused_while_a_micro_batch_is_in_flight(mode):
     batches = token_batches(4, seed=34)
-    want, _ = large_batch_run(lambda p: make_opt("sgd", p), windows_of(batches, [4]))
-    model, opt = build("wrap", "sgd", 4)
+    want, _ = large_batch_run(torch_opt("SGD"), windows_of(batches, [4]))
+    model, opt = build("wrap", "SGD", 4)
     for i, (x, y) in enumerate(batches):
         loss = mean_loss(model, x, y)
         if mode == "backward":
@@ -180,7 +185,7 @@ def test_refused_while_a_micro_batch_is_in_flight(mode):
 
 def test_setting_the_same_value_in_flight_is_a_no_op():
     """A schedule that assigns K on every micro-batch, mostly unchanged, never trips."""
-    model, opt = build("wrap", "sgd", 3)
+    model, opt = build("wrap", "SGD", 3)
     x, y = token_batches(1, seed=35)[0]
     mean_loss(model, x, y).backward()
     opt.accum_steps = 3
@@ -194,13 +199,13 @@ def test_resume_after_a_change_restores_k_and_continues_bit_identically():
     batches = token_batches(14, seed=36)
 
     def run(stop_at):
-        model, opt = build("wrap", "adamw", 4, max_grad_norm=1.0)
+        model, opt = build("wrap", "AdamW", 4, max_grad_norm=1.0)
         for i, (x, y) in enumerate(batches):
             if i == 4:
                 opt.accum_steps = 6
             if i == stop_at:
                 with pytest.warns(RuntimeWarning, match="accum_steps is now 6, restored"):
-                    model, opt = resume(model, opt, lambda: build("wrap", "adamw", 4, 1.0))
+                    model, opt = resume(model, opt, lambda: build("wrap", "AdamW", 4, 1.0))
                 assert (opt.accum_steps, opt.micro_step) == (6, 2)
             micro_step(model, opt, x, y, "step")
         return model, opt
@@ -215,7 +220,7 @@ def test_resume_after_a_change_restores_k_and_continues_bit_identically():
 
 @pytest.mark.parametrize(("steps", "micro"), [(3, 3), (0, 0), (4.0, 1), (4, -1), (4, None)])
 def test_inconsistent_saved_window_is_refused_and_changes_nothing(steps, micro):
-    model, opt = build("wrap", "sgd", 4)
+    model, opt = build("wrap", "SGD", 4)
     for x, y in token_batches(2, seed=37):
         micro_step(model, opt, x, y, "step")
     sd = opt.state_dict()

@@ -14,6 +14,7 @@ import torch
 import fastaccum
 import fastaccum.optim as fo
 from tests.helpers import (
+    OPTIM_KINDS,
     assert_close_rel,
     large_batch_run,
     make_model,
@@ -23,11 +24,7 @@ from tests.helpers import (
 )
 from tests.helpers import split_windows as windows_of
 
-KINDS = {
-    "SGD": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True},
-    "Adam": {"lr": 1e-2, "weight_decay": 0.1},
-    "AdamW": {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)},
-}
+KINDS = OPTIM_KINDS
 
 
 def torch_run(kind, windows, max_grad_norm=None, make_sched=None):
