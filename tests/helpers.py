@@ -87,23 +87,51 @@ def large_batch_run(
     """The reference: plain torch, one backward per window on the mean loss over every
     token of the window, then clip (optional), step, and the scheduler (optional).
 
-    ``make_opt(params)`` builds the torch optimizer; ``dtype`` is the model's. Returns
+    ``make_opt(params)`` builds the torch optimizer, or a list of them (the native loop
+    with several optimizers: each steps); ``make_sched(opt)`` gets what ``make_opt``
+    returned and gives a scheduler or a list of them; ``dtype`` is the model's. Returns
     (model, optimizer).
     """
     model = make_model(dtype=dtype)
     opt = make_opt(model.parameters())
     sched = make_sched(opt) if make_sched else None
+    large_batch_windows(model, opt, windows, max_grad_norm, sched)
+    return model, opt
+
+
+def large_batch_windows(model, opt, windows: list[list], max_grad_norm=None, sched=None) -> None:
+    """:func:`large_batch_run`'s loop on a given model and optimizer (or list of them),
+    with a scheduler (or list of them) stepped after every window."""
+    opts = opt if isinstance(opt, list) else [opt]
+    scheds = sched if isinstance(sched, list) else [] if sched is None else [sched]
     for window in windows:
         x = torch.cat([b[0] for b in window])
         y = torch.cat([b[1] for b in window])
         mean_loss(model, x, y).backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        opt.step()
-        opt.zero_grad()
-        if sched:
-            sched.step()
-    return model, opt
+        for o in opts:
+            o.step()
+            o.zero_grad()
+        for s in scheds:
+            s.step()
+
+
+def by_shape(params) -> tuple[list, list]:
+    """(2-D weights, the rest): how a model's parameters are split between
+    ``torch.optim.Muon`` and an AdamW beside it."""
+    params = list(params)
+    return [p for p in params if p.ndim == 2], [p for p in params if p.ndim != 2]
+
+
+def sgd_adamw(params) -> list[torch.optim.Optimizer]:
+    """Two optimizers over one model, split :func:`by_shape`: SGD with momentum for the
+    2-D weights, AdamW for LayerNorm and the biases."""
+    matrices, rest = by_shape(params)
+    return [
+        torch.optim.SGD(matrices, lr=0.1, momentum=0.9),
+        torch.optim.AdamW(rest, lr=1e-2, weight_decay=0.1),
+    ]
 
 
 def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, build) -> tuple:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from fastaccum.optim.chained import ChainedOptimizer
 from fastaccum.optim.fused import SGD, Adam, AdamW
 from fastaccum.optim.wrapper import AccumulatingOptimizer
 
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def wrap(
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     accum_steps: int,
     *,
     model: torch.nn.Module | None = None,
@@ -28,7 +30,10 @@ def wrap(
     """Wrap ``optimizer`` so that it steps once per window of ``accum_steps`` micro-batches.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer``; it keeps its param groups and state.
+        optimizer: any ``torch.optim.Optimizer``; it keeps its param groups and state. Or
+            a list of them over disjoint parameters (``[muon, adamw]``), stepped together
+            as one :class:`ChainedOptimizer`: one window, one clip by the norm over all
+            their parameters, one GradScaler decision, one checkpoint.
         accum_steps: micro-batches per window (K >= 1); ``opt.accum_steps = K2`` changes it
             later (a batch-size schedule).
         model: the module whose parameters ``optimizer`` updates; used to check them and
@@ -50,7 +55,8 @@ def wrap(
         The :class:`AccumulatingOptimizer`, usable wherever an optimizer is expected.
 
     Raises:
-        TypeError, ValueError: a non-optimizer, ``accum_steps < 1``, a parameter missing
+        TypeError, ValueError: a non-optimizer, optimizers in a list that share a
+            parameter, ``accum_steps < 1``, a parameter missing
             from ``model``, a bad ``max_grad_norm`` or ``accum_dtype``, or an unsupported
             distributed configuration.
         RuntimeError: a DDP model that already has a communication hook.
@@ -68,4 +74,4 @@ def wrap(
     )
 
 
-__all__ = ["SGD", "AccumulatingOptimizer", "Adam", "AdamW", "wrap"]
+__all__ = ["SGD", "AccumulatingOptimizer", "Adam", "AdamW", "ChainedOptimizer", "wrap"]

@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from typing import Any
 
@@ -49,6 +49,7 @@ from fastaccum.ops.accumulate import (
     sumsq_wide,
 )
 from fastaccum.ops.wgrad import wgrad_accumulate_unchecked
+from fastaccum.optim.chained import ChainedOptimizer
 from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
 
 _CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
@@ -97,6 +98,29 @@ def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     except (TypeError, ValueError):  # no signature to read: assume the usual step()
         return False
     return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _check_wrappable(optimizer: object, what: str) -> None:
+    """Raise TypeError unless ``optimizer`` is a ``torch.optim`` optimizer that a window of
+    micro-batches can drive (``what`` names it in the message)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"{what} must be a torch.optim.Optimizer (or a list of them), got "
+            f"{type(optimizer).__name__}"
+        )
+    if isinstance(optimizer, AccumulatingOptimizer):
+        raise TypeError(f"{what} is already wrapped by fastaccum; wrap the inner optimizer once")
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise TypeError(
+            f"{what} is a SparseAdam, which steps on sparse gradients, and fastaccum "
+            "accumulates dense ones; use torch.optim.Adam (nn.Embedding(sparse=False)) instead"
+        )
+    if _needs_closure(optimizer):
+        raise TypeError(
+            f"{what}: {type(optimizer).__name__}.step needs a closure that re-evaluates the "
+            "loss of the whole batch, which a window of micro-batches cannot give; use it "
+            "without fastaccum, on a batch that fits"
+        )
 
 
 def _check_num_items(num_items: object) -> float | None:
@@ -220,7 +244,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         accum_steps: int,
         *,
         model: torch.nn.Module | None = None,
@@ -231,25 +255,15 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         reduce_scatter_every_micro_step: bool = False,
         activations: Any = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if isinstance(optimizer, AccumulatingOptimizer):
-            raise TypeError(
-                "optimizer is already wrapped by fastaccum; wrap the inner optimizer once"
-            )
-        if isinstance(optimizer, torch.optim.SparseAdam):
-            raise TypeError(
-                "SparseAdam steps on sparse gradients and fastaccum accumulates dense ones; "
-                "wrap torch.optim.Adam (nn.Embedding(sparse=False)) instead"
-            )
-        if _needs_closure(optimizer):
-            raise TypeError(
-                f"{type(optimizer).__name__}.step needs a closure that re-evaluates the loss "
-                "of the whole batch, which a window of micro-batches cannot give; use "
-                "it without fastaccum, on a batch that fits"
-            )
+        if isinstance(optimizer, (list, tuple)):
+            for i, member in enumerate(optimizer):
+                _check_wrappable(member, f"optimizers[{i}]")
+            optimizer = ChainedOptimizer(optimizer)
+        elif isinstance(optimizer, ChainedOptimizer):
+            for i, member in enumerate(optimizer.optimizers):
+                _check_wrappable(member, f"the chain's optimizers[{i}]")
+        else:
+            _check_wrappable(optimizer, "optimizer")
         if isinstance(accum_steps, bool) or not isinstance(accum_steps, int):
             raise TypeError(f"accum_steps must be an int, got {type(accum_steps).__name__}")
         if accum_steps < 1:
@@ -418,6 +432,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             # called from Optimizer.__init__, before the wrapper is set up
             super().add_param_group(param_group)
             return
+        if isinstance(self.optimizer, ChainedOptimizer):
+            raise RuntimeError(
+                "this wrapper steps several optimizers and cannot tell which one a new param "
+                "group belongs to; add the group to that optimizer and wrap again (nothing "
+                "was added)"
+            )
         params = param_group.get("params") if isinstance(param_group, dict) else None
         if isinstance(params, torch.Tensor):
             params = [params]
@@ -473,9 +493,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             return
         master = p.detach().float().clone().requires_grad_(p.requires_grad)
         self._masters[p] = master
-        if p in self.state:
-            self.state[master] = self.state.pop(p)
+        # The group first: a chain's state files an entry under the member holding it.
         group["params"][i] = master
+        if p in self.state:
+            # State from steps taken before wrapping follows the parameter to fp32, as
+            # torch's load_state_dict casts floating state (all but "step") to the param's.
+            self.state[master] = {
+                key: value.float()
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point()
+                else value
+                for key, value in self.state.pop(p).items()
+            }
 
     def _reset_window(self) -> None:
         self._micro_step = 0

@@ -39,6 +39,7 @@ from tests.helpers import (
     large_batch_run,
     make_model,
     mean_loss,
+    sgd_adamw,
 )
 
 SMALL_BUCKETS_MB = 0.001  # splits the test model into 3 DDP buckets
@@ -466,6 +467,29 @@ def accum_steps_schedule(rank: int, world: int) -> None:
     assert_matches(model, want)
 
 
+def chained_optimizers(rank: int, world: int) -> None:
+    """``wrap([sgd, adamw], K)``: two optimizers over one DDP model share the window, one
+    all-reduce per bucket per window, and the clip by the norm over every parameter of
+    both; training equals the native two-optimizer loop on the large batch."""
+    n = K * WINDOWS
+    want, _ = large_batch_run(sgd_adamw, global_windows(world, n), max_grad_norm=0.5)
+    model = fastaccum.fuse_wgrad(make_model())
+    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+    opt = fastaccum.wrap(sgd_adamw(ddp.parameters()), K, model=ddp, max_grad_norm=0.5)
+    norms = []
+    with CollectiveCounter() as calls:
+        for i, (x, y) in enumerate(rank_batches(rank, n)):
+            assert ddp.require_backward_grad_sync == ((i + 1) % K == 0), f"forward {i}"
+            opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+            if opt.step():
+                assert sorted(calls.all_reduce) == ddp_bucket_numels(ddp), f"micro-batch {i}"
+                norms.append(opt.stats()["grad_norm"])
+            calls.reset()
+    assert len(norms) == WINDOWS and min(norms) > 0.5  # every window clipped, globally
+    assert opt._fused_seen  # the Linear weights went through the fused GEMM
+    assert_matches(model, want)
+
+
 SCENARIOS = by_name(
     opt_backward_one_allreduce_per_bucket,
     step_path_and_flush,
@@ -479,6 +503,7 @@ SCENARIOS = by_name(
     dropped_wrapper_leaves_plain_ddp,
     mid_window_resume_per_rank,
     accum_steps_schedule,
+    chained_optimizers,
 )
 
 

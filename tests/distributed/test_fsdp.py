@@ -28,7 +28,14 @@ from tests.distributed.data import (
     windows_of_sizes,
 )
 from tests.distributed.launch import by_name, scenario_test
-from tests.helpers import assert_close_rel, collector_off, large_batch_run, make_model, mean_loss
+from tests.helpers import (
+    assert_close_rel,
+    collector_off,
+    large_batch_run,
+    make_model,
+    mean_loss,
+    sgd_adamw,
+)
 
 
 def sharded_model() -> torch.nn.Module:
@@ -234,6 +241,21 @@ def accum_steps_schedule(rank: int, world: int) -> None:
     assert_matches(model, want)
 
 
+def chained_optimizers(rank: int, world: int) -> None:
+    """``wrap([sgd, adamw], K)`` over an FSDP2 model: one reduce-scatter per module per
+    window, the clip by the norm over both optimizers' shards, and the result of the
+    native two-optimizer loop on the large batch."""
+    n = K * WINDOWS
+    want, _ = large_batch_run(sgd_adamw, global_windows(world, n), max_grad_norm=0.5)
+    model = sharded_model()
+    opt = fastaccum.wrap(sgd_adamw(model.parameters()), K, model=model, max_grad_norm=0.5)
+    with ReduceScatterCounter() as counter:
+        calls = train(model, opt, rank_batches(rank, n), counter)
+    assert calls == [0, 0, 0, 4] * WINDOWS, calls
+    assert opt.stats()["grad_norm"] > 0.5
+    assert_matches(model, want)
+
+
 SCENARIOS = by_name(
     window_mode,
     every_micro_step_mode,
@@ -242,6 +264,7 @@ SCENARIOS = by_name(
     configuration_checks,
     dropped_wrapper_leaves_plain_fsdp,
     accum_steps_schedule,
+    chained_optimizers,
 )
 
 

@@ -150,6 +150,28 @@ def test_master_weights_keep_fp32_copies():
         assert not torch.equal(m, b)
 
 
+def test_master_weights_take_over_state_from_steps_before_wrapping():
+    """An AdamW that already stepped a bf16 model (its state is bf16) is wrapped with
+    master_weights: the state moves to the fp32 masters in fp32 (a bf16 exp_avg would make
+    the first window's step fail) and training continues the step count."""
+    model = make_model(dtype=torch.bfloat16)
+    inner = make_opt("adamw", model.parameters())
+    x, y = token_batches(1, seed=4)[0]
+    mean_loss(model, x, y).backward()
+    inner.step()
+    inner.zero_grad()
+    assert inner.state[model[1].weight]["exp_avg"].dtype == torch.bfloat16
+    opt = fo.wrap(inner, 2, model=model, master_weights=True)
+    for x, y in token_batches(4, seed=6):
+        mean_loss(model, x, y).backward()
+        opt.step()
+    masters = [p for g in opt.param_groups for p in g["params"]]
+    assert len(inner.state) == len(masters)
+    for m in masters:
+        assert {inner.state[m][key].dtype for key in ("exp_avg", "exp_avg_sq")} == {torch.float32}
+        assert int(inner.state[m]["step"]) == 3
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -417,7 +439,7 @@ def test_bad_construction_arguments():
         fo.wrap(sgd, 4, max_grad_norm=-1.0)
     with pytest.raises(TypeError, match=r"LBFGS\.step needs a closure"):
         fo.wrap(torch.optim.LBFGS(model.parameters()), 4)
-    with pytest.raises(TypeError, match="SparseAdam steps on sparse gradients"):
+    with pytest.raises(TypeError, match="is a SparseAdam, which steps on sparse gradients"):
         fo.wrap(torch.optim.SparseAdam(list(model.parameters())), 4)
 
 

@@ -1,0 +1,318 @@
+"""``fastaccum.wrap([opt_a, opt_b], K)``: several optimizers share one window.
+
+The reference is the native multi-optimizer loop on the concatenated batch of each
+window (``large_batch_run`` given a list of optimizers): one backward, ``clip_grad_norm_``
+over all of the model's parameters, then every optimizer steps. The split is the usual
+Muon one: 2-D weights to one optimizer, the rest (LayerNorm, biases) to another.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fastaccum
+from tests.helpers import (
+    assert_close_rel,
+    by_shape,
+    large_batch_run,
+    large_batch_windows,
+    make_model,
+    mean_loss,
+    resume,
+    sgd_adamw,
+    split_windows,
+    token_batches,
+)
+
+K = 4
+CLIP = 0.5  # well below the model's gradient norm: every window is clipped
+
+
+def train(model, opt, batches, mode="step", sched=None):
+    for x, y in batches:
+        loss = mean_loss(model, x, y)
+        if mode == "backward":
+            opt.backward(loss, num_items=len(y))
+            stepped = opt.step()
+        else:
+            loss.backward()
+            stepped = opt.step(num_items=len(y))
+        opt.zero_grad()
+        if stepped and sched is not None:
+            sched.step()
+
+
+@pytest.mark.parametrize("mode", ["step", "backward"])
+@pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fuse_wgrad"])
+def test_one_window_for_all_optimizers_clipped_by_the_global_norm(mode, fuse):
+    batches = token_batches(3 * K + 2)  # 3 full windows and a partial one for flush()
+    want, _ = large_batch_run(sgd_adamw, split_windows(batches, K), CLIP)
+    model = make_model()
+    if fuse:
+        fastaccum.fuse_wgrad(model)
+    opt = fastaccum.wrap(sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP)
+    train(model, opt, batches, mode)
+    assert opt.micro_step == 2
+    assert opt.flush() is True
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+    assert opt.stats()["windows"] == 4
+    assert opt.stats()["grad_norm"] > CLIP  # the clip acted on the global norm
+    if fuse and mode == "backward":
+        assert opt._fused_seen  # the Linear weights were written by the fused GEMM
+
+
+def test_muon_gets_the_native_window_gradient():
+    """torch.optim.Muon orthogonalizes in bf16, which turns float32 rounding into ~1e-3
+    differences in the weights (and so in every later gradient). The exact check is on
+    the first window: the gradient each member is handed must be the native loop's
+    clipped window gradient (rel 1e-6). Later, the weights stay within bf16 distance."""
+    batches = token_batches(2 * K)
+
+    def muon_adamw(params):
+        matrices, rest = by_shape(params)
+        return [torch.optim.Muon(matrices, lr=1e-2), torch.optim.AdamW(rest, lr=1e-2)]
+
+    def grads_seen(opts):
+        """The gradients each member is handed, recorded when it steps."""
+        seen = []
+        for opt in opts:
+            opt.register_step_pre_hook(
+                lambda o, args, kwargs: seen.append(
+                    [p.grad.clone() for g in o.param_groups for p in g["params"]]
+                )
+            )
+        return seen
+
+    ref = make_model()
+    ref_opts = muon_adamw(ref.parameters())
+    want = grads_seen(ref_opts)
+    large_batch_windows(ref, ref_opts, split_windows(batches, K), CLIP)
+
+    model = make_model()
+    members = muon_adamw(model.parameters())
+    got = grads_seen(members)
+    opt = fastaccum.wrap(members, K, model=model, max_grad_norm=CLIP)
+    train(model, opt, batches)
+    assert len(got) == len(want) == 2 * 2  # two windows, each stepping both members
+    assert [len(g) for g in got] == [len(w) for w in want] == [3, 4, 3, 4]
+    for g, w in zip(got[:2], want[:2], strict=True):
+        for a, b in zip(g, w, strict=True):
+            assert_close_rel(a, b, 1e-6)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert_close_rel(p, q, 2e-2)
+
+
+def test_scheduler_on_the_wrapper_drives_every_member():
+    """One LambdaLR on the wrapper equals one per member in the native loop: each group
+    keeps its own base learning rate, and all move once per window."""
+    batches = token_batches(3 * K, seed=3)
+
+    def warmup(step):
+        return min(1.0, (step + 1) / 3)
+
+    want, want_opts = large_batch_run(
+        sgd_adamw,
+        split_windows(batches, K),
+        CLIP,
+        make_sched=lambda opts: [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in opts],
+    )
+    model = make_model()
+    opt = fastaccum.wrap(sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    train(model, opt, batches, sched=sched)
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+    got_lrs = [g["lr"] for o in opt.optimizer.optimizers for g in o.param_groups]
+    assert got_lrs == [g["lr"] for o in want_opts for g in o.param_groups] == [0.1, 1e-2]
+
+
+def test_grad_scaler_skips_the_window_for_every_member():
+    """An inf in the Linear weights (an SGD member's) skips the window for the AdamW member
+    too: both members' state and every parameter stay bitwise as they were, and the next
+    window trains as the native loop's second window."""
+    batches = token_batches(3 * K, seed=5)
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    opt = fastaccum.wrap(
+        sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP, scaler=scaler
+    )
+    for i, (x, y) in enumerate(batches):
+        if i == K:
+            before = copy.deepcopy((model.state_dict(), opt.optimizer.state_dict()))
+        scaler.scale(mean_loss(model, x, y)).backward()
+        if i == K + 1:
+            model[1].weight.grad[0, 0] = math.inf
+        opt.step(num_items=len(y))
+        opt.zero_grad()
+        if i == 2 * K - 1:
+            after = (model.state_dict(), opt.optimizer.state_dict())
+            torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert opt.stats()["skipped_windows"] == 1 and opt.stats()["windows"] == 2
+    assert scaler.get_scale() == 512.0
+    windows = split_windows(batches, K)
+    want, _ = large_batch_run(sgd_adamw, [windows[0], windows[2]], CLIP)
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
+def test_checkpoint_mid_window_resumes_bit_identically():
+    batches = token_batches(3 * K, seed=6)
+
+    def build(seed=0):
+        model = make_model(seed)
+        return model, fastaccum.wrap(
+            sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP
+        )
+
+    model, opt = build()
+    train(model, opt, batches)
+    model2, opt2 = build()
+    train(model2, opt2, batches[: K + 2])
+    model2, opt2 = resume(model2, opt2, lambda: build(seed=99))
+    assert opt2.micro_step == 2
+    train(model2, opt2, batches[K + 2 :])
+    for p, q in zip(model2.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    torch.testing.assert_close(
+        opt2.optimizer.state_dict(), opt.optimizer.state_dict(), rtol=0, atol=0
+    )
+    assert opt2.stats() == opt.stats()
+
+
+def test_master_weights_and_state_reach_the_members():
+    """A bf16 model and its optimizers resumed from an fp32 run's checkpoint (torch casts
+    the optimizer state to bf16), then wrapped with fp32 masters: the state moves to the
+    masters in fp32, each member updates the masters of its own parameters, ``opt.state``
+    finds each parameter's state in its member, and the run follows the fp32 one."""
+    batches = token_batches(3 * K, seed=7)
+    windows = split_windows(batches, K)
+    want, want_opts = large_batch_run(sgd_adamw, windows[:1])
+    model = make_model(dtype=torch.bfloat16)
+    model.load_state_dict(want.state_dict())
+    members = sgd_adamw(model.parameters())
+    for member, saved in zip(members, want_opts, strict=True):
+        member.load_state_dict(copy.deepcopy(saved.state_dict()))
+    sgd, adamw = members
+    assert adamw.state[model[3].weight]["exp_avg"].dtype == torch.bfloat16
+    opt = fastaccum.wrap(members, K, model=model, master_weights=True)
+    train(model, opt, batches[K:])
+    large_batch_windows(want, want_opts, windows[1:])
+    assert all(p.dtype == torch.float32 for g in opt.param_groups for p in g["params"])
+    assert len(opt.state) == len(sgd.state) + len(adamw.state) == 7
+    for group, member, key in (
+        (sgd.param_groups[0], sgd, "momentum_buffer"),
+        (adamw.param_groups[0], adamw, "exp_avg"),
+    ):
+        for master in group["params"]:
+            assert opt.state[master] is member.state[master]
+            assert opt.state[master][key].dtype == torch.float32
+    assert all(int(adamw.state[p]["step"]) == 3 for p in adamw.param_groups[0]["params"])
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        master = opt._masters[p]
+        assert_close_rel(master, q, 2e-2)
+        assert torch.equal(p, master.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    ("members", "error", "match"),
+    [
+        (lambda m: [], ValueError, "optimizers is empty"),
+        (
+            lambda m: [sgd_adamw(m.parameters())[0], "adam"],
+            TypeError,
+            r"optimizers\[1\] must be a torch",
+        ),
+        (
+            lambda m: [torch.optim.SGD(m.parameters(), lr=0.1), sgd_adamw(m.parameters())[1]],
+            ValueError,
+            r"in both optimizers\[0\] and optimizers\[1\]",
+        ),
+        (
+            lambda m: [
+                sgd_adamw(m.parameters())[0],
+                torch.optim.LBFGS(by_shape(m.parameters())[1]),
+            ],
+            TypeError,
+            r"optimizers\[1\]: LBFGS\.step needs a closure",
+        ),
+        (
+            lambda m: [fastaccum.optim.AdamW(m.parameters(), accum_steps=2)],
+            TypeError,
+            r"optimizers\[0\] is already wrapped",
+        ),
+    ],
+    ids=["empty", "not-an-optimizer", "shared-parameter", "closure", "wrapped"],
+)
+def test_bad_member_lists_are_refused(members, error, match):
+    model = make_model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        fastaccum.wrap(members(model), K, model=model)
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+
+
+def test_same_optimizer_twice_is_refused():
+    model = make_model()
+    sgd, _ = sgd_adamw(model.parameters())
+    with pytest.raises(ValueError, match=r"optimizers\[1\] appears twice"):
+        fastaccum.wrap([sgd, sgd], K, model=model)
+
+
+def test_add_param_group_is_refused_and_changes_nothing():
+    model = make_model()
+    matrices, rest = by_shape(model.parameters())
+    sgd = torch.optim.SGD(matrices, lr=0.1)
+    opt = fastaccum.wrap([sgd, torch.optim.AdamW(rest[:2], lr=1e-2)], K, model=model)
+    with pytest.raises(RuntimeError, match="cannot tell which one a new param group"):
+        opt.add_param_group({"params": rest[2:]})
+    with pytest.raises(RuntimeError, match="cannot tell which of its optimizers"):
+        opt.optimizer.add_param_group({"params": rest[2:]})
+    assert len(opt.param_groups) == 2 and len(sgd.param_groups) == 1
+    assert opt.state_dict()["fastaccum"]["param_shapes"] == [
+        tuple(p.shape) for p in [*matrices, *rest[:2]]
+    ]
+
+
+def test_a_refused_member_state_leaves_every_member_unchanged():
+    """The second member's entry does not fit: the first member, which had already loaded
+    its own, is put back, and the wrapper carries on as if nothing had been tried."""
+    batches = token_batches(2 * K, seed=8)
+    model = make_model()
+    opt = fastaccum.wrap(sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP)
+    train(model, opt, batches[:K])
+    other = make_model(1)
+    donor = fastaccum.wrap(sgd_adamw(other.parameters()), K, model=other, max_grad_norm=CLIP)
+    train(other, donor, batches[K:])
+    bad = donor.state_dict()
+    bad["optimizer"]["optimizers"][1]["param_groups"][0]["params"].pop()
+    before = copy.deepcopy(opt.optimizer.state_dict())
+    with pytest.raises(ValueError, match="refused its state; no optimizer of the chain"):
+        opt.load_state_dict(bad)
+    torch.testing.assert_close(opt.optimizer.state_dict(), before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="holds 1 optimizers' states and this chain has 2"):
+        opt.load_state_dict(
+            {**bad, "optimizer": {"optimizers": bad["optimizer"]["optimizers"][:1]}}
+        )
+    train(model, opt, batches[K:])
+    want, _ = large_batch_run(sgd_adamw, split_windows(batches, K), CLIP)
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
+def test_one_cycle_sees_only_the_shared_defaults():
+    """OneCycleLR cycles momentum only when the optimizer's defaults name it: two Adam-like
+    members with equal betas expose them, SGD + AdamW expose no momentum key."""
+    model = make_model()
+    matrices, rest = by_shape(model.parameters())
+    both_adam = fastaccum.optim.ChainedOptimizer(
+        [torch.optim.Adam(matrices, lr=1e-3), torch.optim.AdamW(rest, lr=1e-3)]
+    )
+    assert both_adam.defaults["betas"] == (0.9, 0.999) and "weight_decay" not in both_adam.defaults
+    torch.optim.lr_scheduler.OneCycleLR(both_adam, max_lr=1e-2, total_steps=10)
+    assert [g["betas"][0] for g in both_adam.param_groups] == [0.95, 0.95]
+    mixed = fastaccum.optim.ChainedOptimizer(sgd_adamw(make_model().parameters()))
+    with pytest.raises(ValueError, match="momentum"):
+        torch.optim.lr_scheduler.OneCycleLR(mixed, max_lr=1e-2, total_steps=10)
