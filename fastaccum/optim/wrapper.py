@@ -179,13 +179,14 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _is_plain_optimizer_state(state_dict: object) -> bool:
-    """Whether ``state_dict`` is a ``torch.optim.Optimizer.state_dict()`` (not a wrapper's)."""
-    return (
-        isinstance(state_dict, dict)
-        and "fastaccum" not in state_dict
-        and {"state", "param_groups"} <= set(state_dict)
-    )
+def _is_plain_optimizer_state(state_dict: object, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``state_dict`` is a ``torch.optim.Optimizer.state_dict()`` (not a wrapper's),
+    or, when ``optimizer`` is a chain, a ``ChainedOptimizer.state_dict()``."""
+    if not isinstance(state_dict, dict) or "fastaccum" in state_dict:
+        return False
+    if isinstance(optimizer, ChainedOptimizer):
+        return "optimizers" in state_dict
+    return {"state", "param_groups"} <= set(state_dict)
 
 
 def _remove_handles(handles: list[Any]) -> None:
@@ -1526,8 +1527,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """Restore a :meth:`state_dict`, accumulation state included.
 
         A plain ``torch.optim`` state dict (a checkpoint saved before the optimizer was
-        wrapped) is loaded into the wrapped optimizer, fp32 masters are refreshed from the
-        parameters, and a new window starts.
+        wrapped; for a list of optimizers, ``{"optimizers": [one per member]}``) is loaded
+        into the wrapped optimizer, fp32 masters are refreshed from the parameters, and a
+        new window starts.
 
         Raises:
             ValueError: the state dict is not a fastaccum one, or comes from another
@@ -1543,14 +1545,18 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 layers (their window restarts empty), or a torch.optim state dict loaded
                 mid-window (the window is discarded).
         """
-        if _is_plain_optimizer_state(state_dict):
+        if _is_plain_optimizer_state(state_dict, self.optimizer):
             self._load_plain_state_dict(state_dict)
             return
         if not isinstance(state_dict, dict) or "fastaccum" not in state_dict:
             got = list(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            inner = (
+                "a ChainedOptimizer one ('optimizers')"
+                if isinstance(self.optimizer, ChainedOptimizer)
+                else "a torch.optim one ('state' and 'param_groups')"
+            )
             raise ValueError(
-                "not a fastaccum state dict (no 'fastaccum' entry) nor a torch.optim one "
-                f"('state' and 'param_groups'); got {got}"
+                f"not a fastaccum state dict (no 'fastaccum' entry) nor {inner}; got {got}"
             )
         saved = state_dict["fastaccum"]
         for key, here in self._config().items():

@@ -182,6 +182,26 @@ def test_checkpoint_mid_window_resumes_bit_identically():
     assert opt2.stats() == opt.stats()
 
 
+def test_checkpoint_of_the_native_optimizers_loads_into_the_wrapper():
+    """A native two-optimizer run checkpointed after one window (each optimizer's own
+    state dict), resumed under the wrapper as ``{"optimizers": [...]}``: the run goes on
+    as the native one does."""
+    batches = token_batches(3 * K, seed=9)
+    windows = split_windows(batches, K)
+    want, want_opts = large_batch_run(sgd_adamw, windows[:1], CLIP)
+    saved = copy.deepcopy({"model": want.state_dict(), "opts": [o.state_dict() for o in want_opts]})
+    large_batch_windows(want, want_opts, windows[1:], CLIP)
+    model = make_model(seed=99)
+    model.load_state_dict(saved["model"])
+    opt = fastaccum.wrap(sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP)
+    with pytest.raises(ValueError, match=r"nor a ChainedOptimizer one \('optimizers'\)"):
+        opt.load_state_dict(saved["opts"][0])
+    opt.load_state_dict({"optimizers": saved["opts"]})
+    train(model, opt, batches[K:])
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
 def test_master_weights_and_state_reach_the_members():
     """A bf16 model and its optimizers resumed from an fp32 run's checkpoint (torch casts
     the optimizer state to bf16), then wrapped with fp32 masters: the state moves to the
