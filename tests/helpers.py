@@ -134,6 +134,21 @@ def sgd_adamw(params) -> list[torch.optim.Optimizer]:
     ]
 
 
+def micro_step(model, opt, x, y, mode: str = "step") -> bool:
+    """One micro-batch through a wrapper, with its item count: ``"step"`` is
+    ``loss.backward(); opt.step(num_items=n)``, ``"backward"`` is
+    ``opt.backward(loss, num_items=n); opt.step()``. Returns what ``step()`` returned."""
+    loss = mean_loss(model, x, y)
+    if mode == "backward":
+        opt.backward(loss, num_items=len(y))
+        stepped = opt.step()
+    else:
+        loss.backward()
+        stepped = opt.step(num_items=len(y))
+    opt.zero_grad()
+    return stepped
+
+
 def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, build) -> tuple:
     """Checkpoint ``model`` and ``opt`` through ``torch.save`` / ``torch.load`` (bytes),
     then load both into a fresh ``(model, opt) = build()``, which is returned."""

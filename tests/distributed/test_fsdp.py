@@ -100,10 +100,15 @@ def train(model, opt, batches, counter=None) -> list[int]:
 def window_mode(rank: int, world: int) -> None:
     """Default mode: gradient sync off inside a window, FSDP2 reduce-scatters only the
     boundary backward (one per FSDP module), and training equals the large-batch run."""
+    check_window_mode(rank, world, adamw)
+
+
+def check_window_mode(rank: int, world: int, make_opt) -> None:
+    """window_mode's run and checks, for the optimizer (or list) ``make_opt(params)``."""
     n = K * WINDOWS
-    want, _ = large_batch_run(adamw, global_windows(world, n), max_grad_norm=0.5)
+    want, _ = large_batch_run(make_opt, global_windows(world, n), max_grad_norm=0.5)
     model = sharded_model()
-    opt = fastaccum.wrap(adamw(model.parameters()), K, model=model, max_grad_norm=0.5)
+    opt = fastaccum.wrap(make_opt(model.parameters()), K, model=model, max_grad_norm=0.5)
     with ReduceScatterCounter() as counter:
         calls = train(model, opt, rank_batches(rank, n), counter)
     groups = 4  # the embedding, two linears and the layer norm each have an FSDP module
@@ -242,18 +247,9 @@ def accum_steps_schedule(rank: int, world: int) -> None:
 
 
 def chained_optimizers(rank: int, world: int) -> None:
-    """``wrap([sgd, adamw], K)`` over an FSDP2 model: one reduce-scatter per module per
-    window, the clip by the norm over both optimizers' shards, and the result of the
-    native two-optimizer loop on the large batch."""
-    n = K * WINDOWS
-    want, _ = large_batch_run(sgd_adamw, global_windows(world, n), max_grad_norm=0.5)
-    model = sharded_model()
-    opt = fastaccum.wrap(sgd_adamw(model.parameters()), K, model=model, max_grad_norm=0.5)
-    with ReduceScatterCounter() as counter:
-        calls = train(model, opt, rank_batches(rank, n), counter)
-    assert calls == [0, 0, 0, 4] * WINDOWS, calls
-    assert opt.stats()["grad_norm"] > 0.5
-    assert_matches(model, want)
+    """``wrap([sgd, adamw], K)`` over an FSDP2 model: as window_mode, with the clip by the
+    norm over both optimizers' shards and the native two-optimizer loop as reference."""
+    check_window_mode(rank, world, sgd_adamw)
 
 
 SCENARIOS = by_name(

@@ -16,6 +16,7 @@ from tests.helpers import (
     large_batch_run,
     make_model,
     mean_loss,
+    micro_step,
     resume,
     token_batches,
 )
@@ -56,18 +57,6 @@ def build(setup: str, kind: str, k: int, max_grad_norm=None):
 def torch_opt(kind: str):
     """params -> torch.optim's ``kind`` with the shared test hyperparameters."""
     return lambda params: getattr(torch.optim, kind)(params, **OPTIM_KINDS[kind])
-
-
-def micro_step(model, opt, x, y, mode: str) -> bool:
-    loss = mean_loss(model, x, y)
-    if mode == "backward":
-        opt.backward(loss, num_items=len(y))
-        stepped = opt.step()
-    else:
-        loss.backward()
-        stepped = opt.step(num_items=len(y))
-    opt.zero_grad()
-    return stepped
 
 
 @pytest.mark.parametrize("setup", ["wrap", "fused_class", "fuse_wgrad"])

@@ -20,6 +20,7 @@ from tests.helpers import (
     large_batch_windows,
     make_model,
     mean_loss,
+    micro_step,
     resume,
     sgd_adamw,
     split_windows,
@@ -32,15 +33,7 @@ CLIP = 0.5  # well below the model's gradient norm: every window is clipped
 
 def train(model, opt, batches, mode="step", sched=None):
     for x, y in batches:
-        loss = mean_loss(model, x, y)
-        if mode == "backward":
-            opt.backward(loss, num_items=len(y))
-            stepped = opt.step()
-        else:
-            loss.backward()
-            stepped = opt.step(num_items=len(y))
-        opt.zero_grad()
-        if stepped and sched is not None:
+        if micro_step(model, opt, x, y, mode) and sched is not None:
             sched.step()
 
 
