@@ -134,11 +134,36 @@ class ChainedOptimizer(torch.optim.Optimizer):
         # then replaced by the members' own dicts so that changes reach the members.
         super().__init__(groups, _common_defaults(members))
         self.optimizers = members
-        self._share_members()
+        self._member_states = _MemberStates(self)
 
-    def _share_members(self) -> None:
-        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
-        self.state = _MemberStates(self)  # type: ignore[assignment]
+    # Read through to the members at every access, so that a member's own
+    # load_state_dict (which replaces its group and state objects) is seen at once.
+    # Before the members are set (Optimizer.__init__), they are the chain's own.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        if "optimizers" not in self.__dict__:
+            return self.__dict__["_own_param_groups"]
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if "optimizers" in self.__dict__:
+            raise AttributeError(
+                "a ChainedOptimizer's param_groups are its members'; set them on a member"
+            )
+        self.__dict__["_own_param_groups"] = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        if "optimizers" not in self.__dict__:
+            return self.__dict__["_own_state"]
+        return self._member_states
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if "optimizers" in self.__dict__:
+            raise AttributeError("a ChainedOptimizer's state is its members'; set it on a member")
+        self.__dict__["_own_state"] = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused once built: the chain cannot tell which member a new group belongs to.
@@ -210,13 +235,11 @@ class ChainedOptimizer(torch.optim.Optimizer):
             # A later member refused its entry: put the earlier ones back as they were.
             for opt, previous in zip(self.optimizers[:done], before, strict=False):
                 opt.load_state_dict(previous)
-            self._share_members()
             err.add_note(
                 f"fastaccum: optimizers[{done}] of the chain refused its state; no "
                 "optimizer of the chain was changed"
             )
             raise
-        self._share_members()
 
     def __repr__(self) -> str:
         inner = "".join(f"  {opt!r}".replace("\n", "\n  ") + ",\n" for opt in self.optimizers)

@@ -304,11 +304,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._names = self._param_names(params, model)
 
         # Optimizer.__init__ sets up the hook dictionaries and the step patching that
-        # schedulers and profilers rely on; its own copies of the groups are then replaced
-        # by the wrapped optimizer's, so both see the same learning rates and state.
+        # schedulers and profilers rely on; its own copies of the groups are then left
+        # behind: param_groups and state read the wrapped optimizer's (see below).
         super().__init__(optimizer.param_groups, optimizer.defaults)
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
         self.optimizer = optimizer
         self.model = model
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -369,6 +367,37 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             weakref.finalize(self, self._activation_handle.remove)
 
     # ------------------------------------------------------------------ properties
+
+    # param_groups and state are the wrapped optimizer's, read at every access: its own
+    # load_state_dict (called directly, or by torch.distributed.checkpoint) replaces both
+    # objects, and a wrapper holding the old ones would drive learning rates that no
+    # longer reach it. Before the wrapped optimizer is set (Optimizer.__init__), they are
+    # the wrapper's own.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        inner = self.__dict__.get("optimizer")
+        return self.__dict__["_own_param_groups"] if inner is None else inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is None:
+            self.__dict__["_own_param_groups"] = value
+        else:
+            inner.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        inner = self.__dict__.get("optimizer")
+        return self.__dict__["_own_state"] if inner is None else inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is None:
+            self.__dict__["_own_state"] = value
+        else:
+            inner.state = value
 
     @property
     def accum_steps(self) -> int:
@@ -1599,10 +1628,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if batchnorm is not None and self.model is not None:
             check_window_states(self.model, batchnorm)
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        # torch's load_state_dict replaces both objects: share the new ones again, or LR
-        # schedulers on this wrapper would stop reaching the wrapped optimizer.
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
         self._accums = {}
         for p, acc in zip(self._params, saved["accums"], strict=True):
             if acc is not None:
@@ -1655,8 +1680,6 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         wrapped optimizer and start a fresh window, as at a boundary."""
         in_progress = self._micro_step
         self.optimizer.load_state_dict(state_dict)  # validates before it changes anything
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
         with torch.no_grad():  # masters follow the (just loaded) model parameters
             for p, master in self._masters.items():
                 master.copy_(p)

@@ -122,6 +122,23 @@ def test_scheduler_on_the_wrapper_drives_every_member():
     assert got_lrs == [g["lr"] for o in want_opts for g in o.param_groups] == [0.1, 1e-2]
 
 
+def test_a_member_loaded_directly_stays_in_the_chain():
+    """A member's own load_state_dict replaces its group dicts: the chain's param_groups
+    and state read the members live, so the scheduler on the wrapper still drives it."""
+    model = make_model()
+    members = sgd_adamw(model.parameters())
+    opt = fastaccum.wrap(members, K, model=model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    train(model, opt, token_batches(K, seed=4), sched=sched)
+    members[0].load_state_dict(copy.deepcopy(members[0].state_dict()))
+    assert opt.param_groups[0] is members[0].param_groups[0]
+    assert opt.state[members[0].param_groups[0]["params"][0]] is next(
+        iter(members[0].state.values())
+    )
+    sched.step()
+    assert [g["lr"] for m in members for g in m.param_groups] == [0.1 * 0.25, 1e-2 * 0.25]
+
+
 def test_grad_scaler_skips_the_window_for_every_member():
     """An inf in the Linear weights (an SGD member's) skips the window for the AdamW member
     too: both members' state and every parameter stay bitwise as they were, and the next

@@ -172,6 +172,32 @@ def test_master_weights_take_over_state_from_steps_before_wrapping():
         assert int(inner.state[m]["step"]) == 3
 
 
+def test_loading_the_wrapped_optimizer_directly_keeps_the_scheduler_reaching_it():
+    """``inner.load_state_dict`` after wrapping (an inner checkpoint, or
+    torch.distributed.checkpoint given ``opt.optimizer``) replaces the inner optimizer's
+    param_groups and state objects. The wrapper reads them live, so an LR scheduler on it
+    still drives the learning rates: the run equals one without the reload, bitwise."""
+    batches = token_batches(12, seed=12)
+
+    def run(reload: bool) -> torch.nn.Module:
+        model = make_model()
+        inner = make_opt("adamw", model.parameters())
+        opt = fo.wrap(inner, 2, model=model)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+        for i, (x, y) in enumerate(batches):
+            mean_loss(model, x, y).backward()
+            if opt.step(num_items=len(y)):
+                sched.step()
+            if reload and i == 3:  # at a boundary
+                inner.load_state_dict(copy.deepcopy(inner.state_dict()))
+                assert opt.param_groups is inner.param_groups and opt.state is inner.state
+        assert inner.param_groups[0]["lr"] == 1e-2 * 0.5**6
+        return model
+
+    for p, q in zip(run(True).parameters(), run(False).parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 # --------------------------------------------------------------------------- resume
 
 
