@@ -85,7 +85,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
     ``fastaccum.wrap`` builds it when given a list of optimizers; it can also be built
     directly and passed to ``wrap``. ``param_groups`` is the members' groups in order (the
     same dicts), ``state`` reaches the members' states, ``step()`` steps each member in
-    order, and ``state_dict()`` is ``{"optimizers": [member state dicts]}``.
+    order, and ``state_dict()`` is one ``torch.optim`` state dict over all of them.
 
     Args:
         optimizers: two or more ``torch.optim.Optimizer`` (one is allowed too) whose
@@ -203,32 +203,62 @@ class ChainedOptimizer(torch.optim.Optimizer):
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"optimizers": [each member's state_dict()]}``, in member order."""
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load each member's entry of a :meth:`state_dict` into it.
+        """One ``torch.optim`` state dict over all members: their param groups in order,
+        parameters numbered across them (what ``torch.distributed.checkpoint`` expects).
 
         Raises:
-            ValueError: not a chain state dict, or one with another number of optimizers;
+            TypeError: a member's state dict has entries beyond "state" and
+                "param_groups", which one flat state dict cannot hold.
+        """
+        state: dict[Any, Any] = {}
+        groups: list[dict[str, Any]] = []
+        offset = 0
+        for i, opt in enumerate(self.optimizers):
+            member = opt.state_dict()
+            extra = set(member) - {"state", "param_groups"}
+            if extra:
+                raise TypeError(
+                    f"optimizers[{i}]'s state dict has entries {sorted(extra)} beyond 'state' "
+                    "and 'param_groups'; save each member's state_dict() instead"
+                )
+            local = [pid for group in member["param_groups"] for pid in group["params"]]
+            number = {pid: offset + n for n, pid in enumerate(local)}
+            state.update({number[pid]: value for pid, value in member["state"].items()})
+            groups += [
+                {**group, "params": [number[pid] for pid in group["params"]]}
+                for group in member["param_groups"]
+            ]
+            offset += len(local)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (its groups go back to the members in order), or
+        ``{"optimizers": [one torch.optim state dict per member]}``.
+
+        Raises:
+            ValueError: neither form, or another number of param groups or optimizers;
                 a member's own load error (e.g. another number of parameters). All
                 members are left as they were then.
         """
-        saved = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
-        if not isinstance(saved, (list, tuple)):
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("optimizers"), list):
+            members = state_dict["optimizers"]
+            if len(members) != len(self.optimizers):
+                raise ValueError(
+                    f"the state dict holds {len(members)} optimizers' states and this chain "
+                    f"has {len(self.optimizers)} optimizers"
+                )
+        elif isinstance(state_dict, dict) and {"state", "param_groups"} <= set(state_dict):
+            members = self._split(state_dict)
+        else:
             got = list(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(
-                f"not a ChainedOptimizer state dict (expected {{'optimizers': [...]}}), got {got}"
-            )
-        if len(saved) != len(self.optimizers):
-            raise ValueError(
-                f"the state dict holds {len(saved)} optimizers' states and this chain has "
-                f"{len(self.optimizers)} optimizers"
+                "not a state dict of this chain (expected 'state' and 'param_groups', or "
+                f"'optimizers'), got {got}"
             )
         before = [opt.state_dict() for opt in self.optimizers]
         done = 0
         try:
-            for opt, member in zip(self.optimizers, saved, strict=True):
+            for opt, member in zip(self.optimizers, members, strict=True):
                 opt.load_state_dict(member)
                 done += 1
         except Exception as err:
@@ -240,6 +270,33 @@ class ChainedOptimizer(torch.optim.Optimizer):
                 "optimizer of the chain was changed"
             )
             raise
+
+    def _split(self, state_dict: dict[str, Any]) -> list[dict[str, Any]]:
+        """A flat state dict cut back into one per member, by each member's group count.
+        Parameter keys may be numbers or names (torch.distributed.checkpoint's)."""
+        counts = [len(opt.param_groups) for opt in self.optimizers]
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        if len(groups) != sum(counts):
+            raise ValueError(
+                f"the state dict holds {len(groups)} param groups and this chain's "
+                f"optimizers have {sum(counts)} ({' + '.join(map(str, counts))})"
+            )
+        members, start = [], 0
+        for count in counts:
+            mine = groups[start : start + count]
+            start += count
+            local = [pid for group in mine for pid in group["params"]]
+            number = {pid: n for n, pid in enumerate(local)}
+            members.append(
+                {
+                    "state": {number[pid]: state[pid] for pid in local if pid in state},
+                    "param_groups": [
+                        {**group, "params": [number[pid] for pid in group["params"]]}
+                        for group in mine
+                    ],
+                }
+            )
+        return members
 
     def __repr__(self) -> str:
         inner = "".join(f"  {opt!r}".replace("\n", "\n  ") + ",\n" for opt in self.optimizers)

@@ -78,6 +78,21 @@ def _user_stacklevel() -> int:
     return level
 
 
+def _called_by_distributed_checkpoint(frames: int = 6) -> bool:
+    """Whether one of the few frames above the caller belongs to
+    ``torch.distributed.checkpoint``, whose ``get_state_dict`` / ``set_state_dict`` treat
+    the wrapper as a plain optimizer: they create missing state with a ``step()`` on zero
+    gradients at lr 0 and read a ``torch.optim``-format ``state_dict()``."""
+    frame = sys._getframe(2)
+    for _ in range(frames):
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def bucket_bytes(device: torch.device) -> int:
     """:data:`BUCKET_BYTES` for tensors on ``device``."""
     return BUCKET_BYTES.get(device.type, BUCKET_BYTES["default"])
@@ -184,8 +199,8 @@ def _is_plain_optimizer_state(state_dict: object, optimizer: torch.optim.Optimiz
     or, when ``optimizer`` is a chain, a ``ChainedOptimizer.state_dict()``."""
     if not isinstance(state_dict, dict) or "fastaccum" in state_dict:
         return False
-    if isinstance(optimizer, ChainedOptimizer):
-        return "optimizers" in state_dict
+    if isinstance(optimizer, ChainedOptimizer) and "optimizers" in state_dict:
+        return True
     return {"state", "param_groups"} <= set(state_dict)
 
 
@@ -701,6 +716,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             RuntimeError: no parameter has a gradient (no backward on this micro-batch).
             Nothing is folded or changed when it raises.
         """
+        if not self.optimizer.state and _called_by_distributed_checkpoint():
+            # torch.distributed.checkpoint creating missing state (zero gradients, lr 0):
+            # that is the wrapped optimizer's step, not a micro-batch of the window.
+            self.optimizer.step()
+            return False
         self._check_not_unscaled()
         if closure is not None:
             with torch.enable_grad():
@@ -1513,13 +1533,29 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         telemetry and, with ``model=``, the AccumBatchNorm window statistics, so a run
         saved mid-window resumes exactly.
 
+        Called by ``torch.distributed.checkpoint`` (``get_state_dict``), it returns the
+        wrapped optimizer's own state dict, which holds all the state at a boundary.
+
         Raises:
-            RuntimeError: between ``opt.backward()`` and ``opt.step()``.
+            RuntimeError: between ``opt.backward()`` and ``opt.step()``; from
+                torch.distributed.checkpoint, inside a window.
         """
         if self._hook_weight is not None:
             raise RuntimeError(
                 "state_dict() between opt.backward() and opt.step(); call step() first"
             )
+        if _called_by_distributed_checkpoint():
+            # torch.distributed.checkpoint keeps only a torch.optim-format state dict: the
+            # wrapped optimizer's, which is all the state there is at a window boundary.
+            if self._micro_step:
+                raise RuntimeError(
+                    "torch.distributed.checkpoint saves the wrapped optimizer's state, not a "
+                    f"window in progress ({self._micro_step} of {self._accum_steps} "
+                    "micro-batches folded): save at a boundary (when opt.step() returned "
+                    "True), or flush() first, or save opt.state_dict() with torch.save. "
+                    "Nothing was changed"
+                )
+            return self.optimizer.state_dict()
         window_bad = (
             torch.stack([b.cpu() for b in self._window_bad]).any() if self._window_bad else None
         )
@@ -1579,11 +1615,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             return
         if not isinstance(state_dict, dict) or "fastaccum" not in state_dict:
             got = list(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-            inner = (
-                "a ChainedOptimizer one ('optimizers')"
-                if isinstance(self.optimizer, ChainedOptimizer)
-                else "a torch.optim one ('state' and 'param_groups')"
-            )
+            inner = "a torch.optim one ('state' and 'param_groups')"
+            if isinstance(self.optimizer, ChainedOptimizer):
+                inner += " or a list of them ('optimizers')"
             raise ValueError(
                 f"not a fastaccum state dict (no 'fastaccum' entry) nor {inner}; got {got}"
             )
