@@ -9,6 +9,8 @@ default reduce-scatter calls) through a counter.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import warnings
 import weakref
 
@@ -38,9 +40,9 @@ from tests.helpers import (
 )
 
 
-def sharded_model() -> torch.nn.Module:
+def sharded_model(seed: int = 0) -> torch.nn.Module:
     """The token model with each layer that has parameters, and the whole, fully_shard-ed."""
-    model = make_model()
+    model = make_model(seed)
     for layer in model:
         if any(True for _ in layer.parameters()):
             fully_shard(layer)
@@ -252,6 +254,43 @@ def chained_optimizers(rank: int, world: int) -> None:
     check_window_mode(rank, world, sgd_adamw)
 
 
+def distributed_checkpoint(rank: int, world: int) -> None:
+    """dcp.save of get_state_dict(model, opt) after one window, then dcp.load and
+    set_state_dict into a new sharded model and wrapper (which never stepped): the run
+    goes on bit-identically to one without the checkpoint, on every shard."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    batches = rank_batches(rank, K * WINDOWS)
+    straight = sharded_model()
+    straight_opt = fastaccum.wrap(adamw(straight.parameters()), K, model=straight)
+    train(straight, straight_opt, batches)
+
+    where = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(where, src=0)
+    try:
+        model = sharded_model()
+        opt = fastaccum.wrap(adamw(model.parameters()), K, model=model)
+        train(model, opt, batches[:K])
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=where[0])
+
+        model = sharded_model(seed=99)
+        opt = fastaccum.wrap(adamw(model.parameters()), K, model=model)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        assert opt.micro_step == 0
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=where[0])
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        train(model, opt, batches[K:])
+    finally:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(where[0])
+    for p, q in zip(model.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(p.to_local(), q.to_local())
+
+
 SCENARIOS = by_name(
     window_mode,
     every_micro_step_mode,
@@ -261,6 +300,7 @@ SCENARIOS = by_name(
     dropped_wrapper_leaves_plain_fsdp,
     accum_steps_schedule,
     chained_optimizers,
+    distributed_checkpoint,
 )
 
 
