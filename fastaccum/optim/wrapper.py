@@ -245,6 +245,31 @@ class _ScalerUpdateGuard:
             scaler.update = _ScalerUpdateGuard(scaler)
 
 
+class _FromWrapped:
+    """An attribute of the wrapper that is the wrapped optimizer's attribute of the same
+    name, read at every access (``param_groups``, ``state``). The wrapped optimizer's own
+    ``load_state_dict`` (called directly, or by torch.distributed.checkpoint) replaces
+    both objects, and a wrapper holding the old ones would drive learning rates that no
+    longer reach it. Before the wrapped optimizer is set (in ``Optimizer.__init__``) the
+    wrapper keeps its own."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.own = name, f"_own_{name}"
+
+    def __get__(self, wrapper: Any, owner: type | None = None) -> Any:
+        if wrapper is None:
+            return self
+        inner = wrapper.__dict__.get("optimizer")
+        return wrapper.__dict__[self.own] if inner is None else getattr(inner, self.name)
+
+    def __set__(self, wrapper: Any, value: Any) -> None:
+        inner = wrapper.__dict__.get("optimizer")
+        if inner is None:
+            wrapper.__dict__[self.own] = value
+        else:
+            setattr(inner, self.name, value)
+
+
 class AccumulatingOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that steps its wrapped optimizer once per window.
 
@@ -383,36 +408,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ properties
 
-    # param_groups and state are the wrapped optimizer's, read at every access: its own
-    # load_state_dict (called directly, or by torch.distributed.checkpoint) replaces both
-    # objects, and a wrapper holding the old ones would drive learning rates that no
-    # longer reach it. Before the wrapped optimizer is set (Optimizer.__init__), they are
-    # the wrapper's own.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        inner = self.__dict__.get("optimizer")
-        return self.__dict__["_own_param_groups"] if inner is None else inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        inner = self.__dict__.get("optimizer")
-        if inner is None:
-            self.__dict__["_own_param_groups"] = value
-        else:
-            inner.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        inner = self.__dict__.get("optimizer")
-        return self.__dict__["_own_state"] if inner is None else inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        inner = self.__dict__.get("optimizer")
-        if inner is None:
-            self.__dict__["_own_state"] = value
-        else:
-            inner.state = value
+    # The wrapped optimizer's, read at every access (see _FromWrapped).
+    param_groups = _FromWrapped()
+    state = _FromWrapped()
 
     @property
     def accum_steps(self) -> int:
