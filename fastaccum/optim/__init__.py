@@ -1,4 +1,5 @@
-"""Optimizer-side API: :func:`wrap` and :class:`AccumulatingOptimizer`."""
+"""Optimizer-side API: :func:`wrap`, :class:`AccumulatingOptimizer`, the fused classes and
+:class:`ChainedOptimizer`."""
 
 from __future__ import annotations
 
