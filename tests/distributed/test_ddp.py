@@ -490,6 +490,34 @@ def chained_optimizers(rank: int, world: int) -> None:
     assert_matches(model, want)
 
 
+def zero_redundancy_optimizer(rank: int, world: int) -> None:
+    """``wrap(ZeroRedundancyOptimizer(...), K, model=ddp)``: the optimizer state is
+    sharded over the ranks (ZeRO-1) while the window is fastaccum's; training equals the
+    large-batch run, and after ``consolidate_state_dict`` rank 0's ``opt.state_dict()``
+    holds every parameter's state."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    n = K * WINDOWS
+    want, _ = large_batch_run(adamw, global_windows(world, n), max_grad_norm=0.5)
+    model = make_model()
+    ddp = DDP(model)
+    zero = ZeroRedundancyOptimizer(
+        ddp.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2, weight_decay=0.1
+    )
+    opt = fastaccum.wrap(zero, K, model=ddp, max_grad_norm=0.5)
+    for x, y in rank_batches(rank, n):
+        opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+        opt.step()
+    assert_matches(model, want)
+    params = len(list(model.parameters()))
+    shard = torch.tensor([len(zero.optim.state)])
+    dist.all_reduce(shard)
+    assert 0 < len(zero.optim.state) < params and int(shard) == params
+    zero.consolidate_state_dict(to=0)
+    if rank == 0:
+        assert len(opt.state_dict()["optimizer"]["state"]) == params
+
+
 SCENARIOS = by_name(
     opt_backward_one_allreduce_per_bucket,
     step_path_and_flush,
@@ -504,6 +532,7 @@ SCENARIOS = by_name(
     mid_window_resume_per_rank,
     accum_steps_schedule,
     chained_optimizers,
+    zero_redundancy_optimizer,
 )
 
 
