@@ -79,6 +79,18 @@ def _common_defaults(optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, A
     return common
 
 
+def _renumber(
+    groups: list[dict[str, Any]], first: int
+) -> tuple[dict[Any, int], list[dict[str, Any]]]:
+    """State-dict param groups with their parameter keys renumbered from ``first`` in
+    order: (old key -> new number, the renumbered groups)."""
+    number: dict[Any, int] = {}
+    for group in groups:
+        for pid in group["params"]:
+            number[pid] = first + len(number)
+    return number, [{**g, "params": [number[pid] for pid in g["params"]]} for g in groups]
+
+
 class ChainedOptimizer(torch.optim.Optimizer):
     """Several optimizers over disjoint parameters, stepped, zeroed and checkpointed as one.
 
@@ -131,7 +143,7 @@ class ChainedOptimizer(torch.optim.Optimizer):
         members = list(optimizers)
         groups = [g for opt in members for g in opt.param_groups]
         # Optimizer.__init__ sets up the hook dictionaries; its copies of the groups are
-        # then replaced by the members' own dicts so that changes reach the members.
+        # left behind once the members are set (param_groups and state read theirs).
         super().__init__(groups, _common_defaults(members))
         self.optimizers = members
         self._member_states = _MemberStates(self)
@@ -221,14 +233,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
                     f"optimizers[{i}]'s state dict has entries {sorted(extra)} beyond 'state' "
                     "and 'param_groups'; save each member's state_dict() instead"
                 )
-            local = [pid for group in member["param_groups"] for pid in group["params"]]
-            number = {pid: offset + n for n, pid in enumerate(local)}
+            number, renumbered = _renumber(member["param_groups"], offset)
             state.update({number[pid]: value for pid, value in member["state"].items()})
-            groups += [
-                {**group, "params": [number[pid] for pid in group["params"]]}
-                for group in member["param_groups"]
-            ]
-            offset += len(local)
+            groups += renumbered
+            offset += len(number)
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -285,15 +293,11 @@ class ChainedOptimizer(torch.optim.Optimizer):
         for count in counts:
             mine = groups[start : start + count]
             start += count
-            local = [pid for group in mine for pid in group["params"]]
-            number = {pid: n for n, pid in enumerate(local)}
+            number, renumbered = _renumber(mine, 0)
             members.append(
                 {
-                    "state": {number[pid]: state[pid] for pid in local if pid in state},
-                    "param_groups": [
-                        {**group, "params": [number[pid] for pid in group["params"]]}
-                        for group in mine
-                    ],
+                    "state": {n: state[pid] for pid, n in number.items() if pid in state},
+                    "param_groups": renumbered,
                 }
             )
         return members

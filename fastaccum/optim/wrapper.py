@@ -297,12 +297,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         activations: Any = None,
     ) -> None:
         if isinstance(optimizer, (list, tuple)):
-            for i, member in enumerate(optimizer):
-                _check_wrappable(member, f"optimizers[{i}]")
-            optimizer = ChainedOptimizer(optimizer)
-        elif isinstance(optimizer, ChainedOptimizer):
+            optimizer = ChainedOptimizer(optimizer)  # checks the list; changes no member
+        if isinstance(optimizer, ChainedOptimizer):
             for i, member in enumerate(optimizer.optimizers):
-                _check_wrappable(member, f"the chain's optimizers[{i}]")
+                _check_wrappable(member, f"optimizers[{i}]")
         else:
             _check_wrappable(optimizer, "optimizer")
         if isinstance(accum_steps, bool) or not isinstance(accum_steps, int):

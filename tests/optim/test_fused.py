@@ -24,13 +24,11 @@ from tests.helpers import (
 )
 from tests.helpers import split_windows as windows_of
 
-KINDS = OPTIM_KINDS
-
 
 def torch_run(kind, windows, max_grad_norm=None, make_sched=None):
     """torch.optim's own class, one big batch per window. Returns (model, optimizer)."""
     return large_batch_run(
-        lambda params: getattr(torch.optim, kind)(params, **KINDS[kind]),
+        lambda params: getattr(torch.optim, kind)(params, **OPTIM_KINDS[kind]),
         windows,
         max_grad_norm,
         make_sched,
@@ -41,7 +39,11 @@ def fused_run(kind, batches, k, max_grad_norm=None, model=None):
     """fastaccum's class, one micro-batch per step(); flush() on a partial last window."""
     model = model or make_model()
     opt = getattr(fo, kind)(
-        model.parameters(), accum_steps=k, max_grad_norm=max_grad_norm, model=model, **KINDS[kind]
+        model.parameters(),
+        accum_steps=k,
+        max_grad_norm=max_grad_norm,
+        model=model,
+        **OPTIM_KINDS[kind],
     )
     stepped = []
     for x, y in batches:
@@ -51,7 +53,7 @@ def fused_run(kind, batches, k, max_grad_norm=None, model=None):
     return model, opt, stepped
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(OPTIM_KINDS))
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5])
 def test_matches_torch_optim_on_the_big_batch(kind, max_grad_norm):
     k = 4
@@ -180,14 +182,14 @@ def test_state_dict_round_trip_mid_window_is_bit_identical():
     straight, s_opt, _ = fused_run("AdamW", batches, 3, max_grad_norm=1.0)
 
     model = make_model()
-    opt = fo.AdamW(model.parameters(), accum_steps=3, max_grad_norm=1.0, **KINDS["AdamW"])
+    opt = fo.AdamW(model.parameters(), accum_steps=3, max_grad_norm=1.0, **OPTIM_KINDS["AdamW"])
     for i, (x, y) in enumerate(batches):
         if i == 5:  # two micro-batches into window 2
 
             def build():
                 model = make_model(seed=99)
                 return model, fo.AdamW(
-                    model.parameters(), accum_steps=3, max_grad_norm=1.0, **KINDS["AdamW"]
+                    model.parameters(), accum_steps=3, max_grad_norm=1.0, **OPTIM_KINDS["AdamW"]
                 )
 
             model, opt = resume(model, opt, build)
@@ -206,9 +208,9 @@ def test_inner_state_loads_into_torch_optim():
     twin = make_model()
     twin.load_state_dict(model.state_dict())
     # torch's load_state_dict keeps the tensors it is given: each load gets its own copy.
-    torch_opt = torch.optim.AdamW(twin.parameters(), **KINDS["AdamW"])
+    torch_opt = torch.optim.AdamW(twin.parameters(), **OPTIM_KINDS["AdamW"])
     torch_opt.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
-    fused_next = fo.AdamW(model.parameters(), accum_steps=1, **KINDS["AdamW"])
+    fused_next = fo.AdamW(model.parameters(), accum_steps=1, **OPTIM_KINDS["AdamW"])
     fused_next.optimizer.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
     x, y = token_batches(1, seed=10)[0]
     for m, o in ((model, fused_next), (twin, torch_opt)):
@@ -231,7 +233,7 @@ def test_lr_scheduler_drives_the_fused_step():
 
     want, _ = torch_run("SGD", windows_of(batches, k), make_sched=make_sched)
     model = make_model()
-    opt = fo.SGD(model.parameters(), accum_steps=k, **KINDS["SGD"])
+    opt = fo.SGD(model.parameters(), accum_steps=k, **OPTIM_KINDS["SGD"])
     sched = make_sched(opt)
     lrs = []
     for x, y in batches:
@@ -265,7 +267,7 @@ def test_grad_scaler_is_unscaled_in_the_fused_step():
     want, _ = torch_run("SGD", windows_of(batches, k))
     model = make_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    opt = fo.SGD(model.parameters(), accum_steps=k, scaler=scaler, **KINDS["SGD"])
+    opt = fo.SGD(model.parameters(), accum_steps=k, scaler=scaler, **OPTIM_KINDS["SGD"])
     for x, y in batches:
         scaler.scale(mean_loss(model, x, y)).backward()
         opt.step(num_items=len(y))
