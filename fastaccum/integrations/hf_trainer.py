@@ -1,0 +1,274 @@
+"""The Hugging Face ``transformers`` Trainer with fastaccum doing its gradient accumulation.
+
+:class:`FastaccumTrainer` is a drop-in ``Trainer``: the same arguments, the same data
+order, logging, evaluation, checkpoints and LR schedule, and the same update at every
+optimizer step. What changes is how a window of ``args.gradient_accumulation_steps``
+micro-batches becomes that update:
+
+- each micro-batch's gradients are folded into fp32 accumulators as autograd produces them
+  (``opt.backward``) and freed, so no ``.grad`` set stays alive across the window, and
+  bf16 parameters accumulate in fp32 instead of in their own ``.grad``;
+- the clip norm (``args.max_grad_norm``) comes out of the accumulation pass, and a window
+  with a non-finite gradient is skipped with a warning instead of stepping NaNs;
+- with ``fuse_wgrad=True`` the weight gradients of the model's Linear, Embedding and
+  ``Conv1D`` layers are accumulated by their GEMMs, with no dW tensor made at all.
+
+The micro-batch losses are Trainer's own (divided by the window's item count when the
+model takes ``num_items_in_batch``, else by the number of micro-batches in the window), so
+the window gradient is their sum, as in Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+import fastaccum
+from fastaccum.optim.wrapper import AccumulatingOptimizer
+
+__all__ = ["FastaccumTrainer"]
+
+# Trainer methods this class overrides to hand clipping and the norm to the wrapper.
+_TRAINER_HOOKS = ("_clip_grad_norm", "_get_grad_norm", "training_step", "create_optimizer")
+
+
+def _unaccelerated(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's AcceleratedOptimizer (a second ``train()`` finds
+    Trainer's optimizer already prepared), else ``optimizer`` itself."""
+    inner = getattr(optimizer, "optimizer", None)
+    if type(optimizer).__name__ == "AcceleratedOptimizer" and inner is not None:
+        return inner
+    return optimizer
+
+
+class FastaccumTrainer(Trainer):
+    """``transformers.Trainer`` whose gradient accumulation runs through fastaccum.
+
+    Takes every ``Trainer`` argument, plus these keyword-only options:
+
+    Args:
+        fuse_wgrad: first swap the model's ``nn.Linear``, ``nn.Embedding`` and Hugging Face
+            ``Conv1D`` layers for fastaccum's fused ones (:func:`fastaccum.fuse_wgrad`);
+            same parameters, ``state_dict`` keys and outputs.
+        accum_dtype, master_weights, activations: as in :func:`fastaccum.wrap`.
+
+    The optimizer Trainer builds (``args.optim``, its weight-decay groups) is wrapped with
+    ``fastaccum.wrap(opt, args.gradient_accumulation_steps, model=model,
+    max_grad_norm=args.max_grad_norm)``. An optimizer passed as ``optimizers=(opt, sched)``
+    is wrapped the same way; one that is already fastaccum's (``fastaccum.wrap(...)`` or
+    ``fastaccum.optim.AdamW(..., accum_steps=K)``) is used as it is, and must have
+    ``accum_steps == args.gradient_accumulation_steps`` and the same ``max_grad_norm``.
+    The wrapper is ``trainer.fastaccum_optimizer`` once training starts (its ``stats()``
+    has the noise scale). ``grad_norm`` in the logs is the wrapper's window norm, NaN for a
+    skipped window. Callbacks see no ``.grad``: the gradients live in the accumulators.
+
+    Raises:
+        ValueError: ``fp16=True`` (accelerate's scaler would unscale gradients fastaccum
+            has folded away: use ``bf16=True``, or the explicit loop with
+            ``fastaccum.wrap(..., scaler=)``), more than one
+            process or GPU, DeepSpeed or FSDP (use the explicit loop of the README's
+            distributed section), options given with an optimizer that is already
+            fastaccum's, or such an optimizer with another ``accum_steps`` or
+            ``max_grad_norm``. Nothing of the model or optimizer is changed when it raises.
+        NotImplementedError: the installed ``transformers`` lacks a Trainer method this
+            class relies on.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        fuse_wgrad: bool = False,
+        accum_dtype: torch.dtype = torch.float32,
+        master_weights: bool = False,
+        activations: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        missing = [name for name in _TRAINER_HOOKS if not hasattr(Trainer, name)]
+        if missing:
+            raise NotImplementedError(
+                f"this transformers Trainer has no {missing}, which FastaccumTrainer "
+                "overrides; it is tested with transformers 5.25"
+            )
+        super().__init__(*args, **kwargs)
+        self._check_supported()
+        self._wrap_options = {
+            "accum_dtype": accum_dtype,
+            "master_weights": master_weights,
+            "activations": activations,
+        }
+        self._custom_options = (
+            accum_dtype != torch.float32 or master_weights or activations is not None
+        )
+        given = _unaccelerated(self.optimizer)
+        if isinstance(given, AccumulatingOptimizer):
+            self._check_prebuilt(given)
+        if fuse_wgrad:
+            fastaccum.fuse_wgrad(self.model)
+        self.fastaccum_optimizer: AccumulatingOptimizer | None = None
+        self._norm_box = torch.full((), math.nan)
+        self._norm_hook: Any = None
+
+    def _check_supported(self) -> None:
+        args = self.args
+        if args.fp16:
+            raise ValueError(
+                "FastaccumTrainer does not take fp16=True: its GradScaler belongs to "
+                "accelerate, which would unscale .grad tensors that fastaccum has already "
+                "folded into its accumulators. Use bf16=True, or the explicit loop with "
+                "fastaccum.wrap(opt, K, scaler=torch.amp.GradScaler())"
+            )
+        if args.world_size > 1 or args.n_gpu > 1:
+            raise ValueError(
+                f"FastaccumTrainer runs in one process on one device (this run has "
+                f"world_size={args.world_size}, n_gpu={args.n_gpu}); for DDP or FSDP2 use "
+                "the explicit loop with fastaccum.wrap(opt, K, model=ddp_model) (README, "
+                "Distributed training), or limit the run to one device "
+                "(CUDA_VISIBLE_DEVICES=0)"
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "FastaccumTrainer does not combine with DeepSpeed or FSDP: those engines own "
+                "the gradient buffers fastaccum accumulates into"
+            )
+
+    def _check_prebuilt(self, opt: AccumulatingOptimizer) -> None:
+        """Raise ValueError when an optimizer that is already fastaccum's disagrees with
+        the Trainer arguments, or options were given that only apply when Trainer wraps."""
+        k = self.args.gradient_accumulation_steps
+        clip = self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
+        if self._custom_options:
+            raise ValueError(
+                "accum_dtype, master_weights and activations apply when FastaccumTrainer "
+                "wraps the optimizer; this one is already fastaccum's: give them to "
+                "fastaccum.wrap instead"
+            )
+        if opt.accum_steps != k:
+            raise ValueError(
+                f"the optimizer accumulates accum_steps={opt.accum_steps} micro-batches but "
+                f"TrainingArguments has gradient_accumulation_steps={k}; make them equal"
+            )
+        if opt.max_grad_norm != clip:
+            raise ValueError(
+                f"the optimizer clips at max_grad_norm={opt.max_grad_norm} but "
+                f"TrainingArguments has max_grad_norm={self.args.max_grad_norm} (0 means "
+                f"no clipping, max_grad_norm=None); make them agree (Trainer's default is "
+                "1.0)"
+            )
+
+    # ------------------------------------------------------------------ optimizer
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer (``args.optim`` or the one passed in), wrapped by fastaccum.
+
+        Returns:
+            The :class:`~fastaccum.optim.AccumulatingOptimizer`, also stored as
+            ``self.optimizer`` (until Trainer prepares it) and ``self.fastaccum_optimizer``.
+        """
+        current = _unaccelerated(self.optimizer)
+        if isinstance(current, AccumulatingOptimizer):
+            if current is not self.fastaccum_optimizer:  # not ours from an earlier train()
+                self._check_prebuilt(current)
+            self.optimizer = current
+        else:
+            self.optimizer = current
+            inner = super().create_optimizer(model)
+            clip = self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
+            self.optimizer = fastaccum.wrap(
+                inner,
+                self.args.gradient_accumulation_steps,
+                model=self.model,
+                max_grad_norm=clip,
+                **self._wrap_options,
+            )
+        opt = self.optimizer
+        if opt is not self.fastaccum_optimizer:
+            if self._norm_hook is not None:
+                self._norm_hook.remove()
+            self._norm_hook = opt.register_step_post_hook(self._record_norm)
+            # Trainer's loss is already divided for the window (by its item count or by
+            # the number of micro-batches); the wrapper's hint that a loss looks divided
+            # by accum_steps would be a false alarm here.
+            opt._warned_divided = True
+            self.fastaccum_optimizer = opt
+        return opt
+
+    def _record_norm(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        norm = self.fastaccum_optimizer.stats()["grad_norm"]
+        self._norm_box.fill_(math.nan if norm is None else norm)
+
+    # ------------------------------------------------------------------ the micro-batch
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Trainer's training step, with the backward folded into the accumulators.
+
+        The last micro-batch of a window is left for Trainer's ``optimizer.step()``, which
+        reaches the wrapper's ``step()`` and so closes the window (a short last window of
+        an epoch included).
+
+        Raises:
+            RuntimeError: the wrapper's window no longer lines up with Trainer's (its
+                ``accum_steps`` was changed by hand).
+        """
+        opt = self.fastaccum_optimizer
+        if opt is None:
+            raise RuntimeError(
+                "FastaccumTrainer.training_step runs inside train(), which creates the "
+                "fastaccum optimizer first"
+            )
+        last = self.accelerator.sync_gradients
+        closes = opt.micro_step + 1 >= opt.accum_steps
+        if closes and not last:
+            raise RuntimeError(
+                f"the fastaccum window (accum_steps={opt.accum_steps}) would close before "
+                "Trainer's (gradient_accumulation_steps="
+                f"{self.args.gradient_accumulation_steps}); do not change accum_steps "
+                "inside FastaccumTrainer"
+            )
+        if last and not closes:
+            with opt.accumulate(last=True):  # a short last window: close it on this one
+                pass
+        # Trainer's losses sum to the window's; the wrapper averages over the window's
+        # micro-batches, so each backward is seeded with their number.
+        count = float(self.current_gradient_accumulation_steps)
+
+        def backward(loss: torch.Tensor, **kwargs: Any) -> None:
+            if kwargs:
+                raise ValueError(
+                    f"FastaccumTrainer cannot pass {sorted(kwargs)} to backward (LOMO-style "
+                    "optimizers update inside backward; they cannot accumulate)"
+                )
+            opt.backward(loss, gradient=torch.full_like(loss, count))
+
+        accelerator = self.accelerator
+        patched = accelerator.__dict__.get("backward")  # someone else's, kept for after
+        accelerator.backward = backward  # this micro-batch's backward, this instance only
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if patched is None:
+                del accelerator.backward
+            else:
+                accelerator.backward = patched
+        if not last:
+            opt.step()
+        return loss
+
+    # ------------------------------------------------------------------ the boundary
+
+    def _clip_grad_norm(self, model: torch.nn.Module) -> None:
+        # The wrapper clips the window gradient at its boundary (max_grad_norm=).
+        return None
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> torch.Tensor:
+        # Called before Trainer's optimizer.step(), read (.item()) when the step is logged,
+        # after it: the step post hook fills this box with the window's norm.
+        self._norm_box = torch.full((), math.nan)
+        return self._norm_box

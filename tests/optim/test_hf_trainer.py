@@ -1,0 +1,405 @@
+"""FastaccumTrainer: the Hugging Face Trainer with fastaccum's accumulation.
+
+The reference is Trainer itself on the large batch: ``gradient_accumulation_steps=1`` with
+a per-device batch of b·K sequences, which holds the same sequences as each window of K
+micro-batches of b (sequential sampling, 10 micro-batches per epoch: windows of 4, 4, 2).
+Sequences have different numbers of labelled tokens, so the micro-batches weigh differently.
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import fastaccum  # noqa: E402
+from fastaccum.integrations import FastaccumTrainer  # noqa: E402
+from tests.helpers import assert_close_rel  # noqa: E402
+
+B, K, N, T = 2, 4, 20, 12
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=48,
+        n_positions=T,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def dataset(seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """N sequences of T tokens; each labels only its first 3..T tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 48, (N, T), generator=g)
+    lengths = torch.randint(3, T + 1, (N,), generator=g)
+    rows = []
+    for i in range(N):
+        labels = ids[i].clone()
+        labels[lengths[i] :] = -100
+        rows.append({"input_ids": ids[i], "labels": labels})
+    return rows
+
+
+class Sequential:
+    """Trainer sampling in dataset order, so a window of K micro-batches of B holds the
+    same sequences as one batch of B·K."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+class SequentialTrainer(Sequential, Trainer):
+    pass
+
+
+class SequentialFastaccumTrainer(Sequential, FastaccumTrainer):
+    pass
+
+
+def arguments(tmp_path, batch: int, accum: int, **overrides) -> TrainingArguments:
+    settings = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accum,
+        "num_train_epochs": 2,
+        "learning_rate": 0.05,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 1,
+        "weight_decay": 0.1,
+        "max_grad_norm": 0.8,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def train(cls, tmp_path, batch: int, accum: int, model=None, trainer_kwargs=None, **overrides):
+    model = tiny_gpt2() if model is None else model
+    trainer = cls(
+        model=model,
+        args=arguments(tmp_path, batch, accum, **overrides),
+        train_dataset=dataset(),
+        **(trainer_kwargs or {}),
+    )
+    trainer.train()
+    return model, trainer
+
+
+def logged(trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if "grad_norm" in entry]
+
+
+def assert_same_training(model, trainer, ref_model, ref_trainer, rtol: float = 1e-5) -> None:
+    assert trainer.state.global_step == ref_trainer.state.global_step == 6
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert_close_rel(p, q, rtol)
+    for key in ("grad_norm", "loss"):
+        ours, theirs = logged(trainer, key), logged(ref_trainer, key)
+        assert len(ours) == len(theirs) == 6
+        for a, b in zip(ours, theirs, strict=True):
+            assert math.isclose(a, b, rel_tol=rtol), (key, ours, theirs)
+
+
+# SGD with momentum, and AdamW with an epsilon large enough that Adam's division does not
+# magnify the last bit of a near-zero gradient (the native Trainer's own accumulation
+# lands 4e-4 from the large batch at eps=1e-8 on this model).
+OPTIMS = {
+    "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"},
+    "adamw": {"optim": "adamw_torch", "adam_epsilon": 1e-3, "learning_rate": 0.01},
+}
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["wrap", "fuse_wgrad"])
+@pytest.mark.parametrize("optim", sorted(OPTIMS))
+def test_equals_trainer_on_the_large_batch(tmp_path, optim, fuse):
+    """Parameters, logged grad norms and losses equal Trainer's at one batch of B·K, over
+    two epochs with a short last window each; with clipping, weight decay groups and a
+    cosine schedule."""
+    ref_model, ref = train(SequentialTrainer, tmp_path / "ref", B * K, 1, **OPTIMS[optim])
+    model, ours = train(
+        SequentialFastaccumTrainer,
+        tmp_path / "fa",
+        B,
+        K,
+        trainer_kwargs={"fuse_wgrad": fuse},
+        **OPTIMS[optim],
+    )
+    assert_same_training(model, ours, ref_model, ref)
+    stats = ours.fastaccum_optimizer.stats()
+    assert stats["windows"] == 6 and stats["micro_step"] == 0
+    fused = [m for m in model.modules() if type(m).__module__.startswith("fastaccum.nn")]
+    assert len(fused) == (11 if fuse else 0)  # wte, wpe, 4 Conv1D per block, tied lm_head
+
+
+def test_matches_the_native_trainer_accumulating(tmp_path):
+    """The same arguments with Trainer's own accumulation give the same run."""
+    ref_model, ref = train(SequentialTrainer, tmp_path / "ref", B, K, **OPTIMS["sgd"])
+    model, ours = train(SequentialFastaccumTrainer, tmp_path / "fa", B, K, **OPTIMS["sgd"])
+    assert_same_training(model, ours, ref_model, ref)
+
+
+def relative_distance(model, ref_model) -> float:
+    return max(
+        (torch.linalg.vector_norm(p - q) / torch.linalg.vector_norm(q)).item()
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True)
+    )
+
+
+def test_bf16_autocast(tmp_path):
+    """``bf16=True`` (CPU autocast, fp32 parameters): the wrapped run equals Trainer's own
+    accumulation, and with ``fuse_wgrad`` (weight gradients from bf16 GEMMs into fp32
+    accumulators) it stays as close to the large batch as Trainer's own accumulation."""
+    settings = {"bf16": True, **OPTIMS["sgd"]}
+    big_model, _ = train(SequentialTrainer, tmp_path / "big", B * K, 1, **settings)
+    native_model, _ = train(SequentialTrainer, tmp_path / "native", B, K, **settings)
+    wrapped, _ = train(SequentialFastaccumTrainer, tmp_path / "wrap", B, K, **settings)
+    fused, _ = train(
+        SequentialFastaccumTrainer,
+        tmp_path / "fused",
+        B,
+        K,
+        trainer_kwargs={"fuse_wgrad": True},
+        **settings,
+    )
+    assert relative_distance(wrapped, native_model) <= 1e-6
+    native = relative_distance(native_model, big_model)
+    assert 0 < native < 1e-2  # autocast rounds: the micro-batches are not the large batch
+    assert relative_distance(fused, big_model) <= 1.5 * native
+
+
+class GradSeen(TrainerCallback):
+    """Records whether any parameter holds a ``.grad`` before each optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.seen.append(any(p.grad is not None for p in self.model.parameters()))
+
+
+def test_no_gradient_set_is_held_between_micro_batches(tmp_path):
+    """With opt.backward folding as autograd produces them, no parameter holds a .grad
+    when Trainer reaches its optimizer step (the native Trainer holds all of them)."""
+    model = tiny_gpt2()
+    seen = GradSeen(model)
+    train(FastaccumTrainer, tmp_path, B, K, model=model, trainer_kwargs={"callbacks": [seen]})
+    native = tiny_gpt2()
+    native_seen = GradSeen(native)
+    train(Trainer, tmp_path, B, K, model=native, trainer_kwargs={"callbacks": [native_seen]})
+    assert seen.seen == [False] * 6 and native_seen.seen == [True] * 6
+
+
+def test_prebuilt_fused_optimizer(tmp_path):
+    """``optimizers=(fastaccum.optim.AdamW(..., accum_steps=K), None)`` is used as it is
+    (fused update kernel) and equals Trainer with torch's AdamW on the large batch."""
+    settings = {"adam_epsilon": 1e-3, "max_grad_norm": 0.8}
+
+    def adamw(net, cls, **extra):
+        return cls(net.parameters(), lr=0.01, eps=1e-3, weight_decay=0.1, **extra)
+
+    ref_model = tiny_gpt2()
+    ref_opt = adamw(ref_model, torch.optim.AdamW)
+    _, ref = train(
+        SequentialTrainer,
+        tmp_path / "ref",
+        B * K,
+        1,
+        model=ref_model,
+        trainer_kwargs={"optimizers": (ref_opt, None)},
+        **settings,
+    )
+    model = fastaccum.fuse_wgrad(tiny_gpt2())
+    opt = adamw(model, fastaccum.optim.AdamW, accum_steps=K, max_grad_norm=0.8, model=model)
+    _, ours = train(
+        SequentialFastaccumTrainer,
+        tmp_path / "fa",
+        B,
+        K,
+        model=model,
+        trainer_kwargs={"optimizers": (opt, None)},
+        **settings,
+    )
+    assert ours.fastaccum_optimizer is opt
+    assert_same_training(model, ours, ref_model, ref)
+
+
+def test_bf16_model_with_master_weights_accumulates_in_fp32(tmp_path):
+    """A bf16 model, one window of 8 micro-batches: the window gradient the inner optimizer
+    receives (the fp32 masters', from the fp32 accumulator) is at least 10x closer to the
+    float64 sum of the micro-batches' own bf16 gradients than the native Trainer's bf16
+    ``.grad`` sum. Trainer is told the model takes no loss kwargs, so that each micro-batch
+    loss is its mean over its own tokens divided by the 8 micro-batches."""
+    base = tiny_gpt2().to(torch.bfloat16)
+    rows = dataset()[: B * 8]
+    model = copy.deepcopy(base)
+    expected = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
+    for i in range(0, len(rows), B):
+        batch = {k: torch.stack([r[k] for r in rows[i : i + B]]) for k in rows[0]}
+        model.zero_grad()
+        (model(**batch).loss / 8).backward()
+        for e, p in zip(expected, model.parameters(), strict=True):
+            e += p.grad.double()
+
+    def window_gradient(cls, **kwargs) -> list[torch.Tensor]:
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # one group, in parameter order
+        captured = []
+
+        def capture(optimizer, args, kw):
+            if not captured:
+                captured.extend(
+                    p.grad.double() for g in optimizer.param_groups for p in g["params"]
+                )
+
+        handle = register_optimizer_step_pre_hook(capture)
+        try:
+            trainer = cls(
+                model=model,
+                args=arguments(tmp_path, B, 8, max_steps=1, max_grad_norm=0.0),
+                train_dataset=rows,
+                optimizers=(opt, None),
+                **kwargs,
+            )
+            trainer.model_accepts_loss_kwargs = False
+            trainer.train()
+        finally:
+            handle.remove()
+        return captured
+
+    def error(grads: list[torch.Tensor]) -> float:
+        assert len(grads) == len(expected)
+        return math.sqrt(
+            sum(((g - e) ** 2).sum().item() for g, e in zip(grads, expected, strict=True))
+        )
+
+    native = error(window_gradient(SequentialTrainer))
+    ours = error(window_gradient(SequentialFastaccumTrainer, master_weights=True))
+    assert ours * 10 <= native, (ours, native)
+
+
+class PoisonOnce(Sequential, FastaccumTrainer):
+    """Turns the loss of the 6th micro-batch (second window) into NaN."""
+
+    calls = 0
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        type(self).calls += 1
+        return loss * math.nan if type(self).calls == 6 else loss
+
+
+class ParamsAtStepEnd(TrainerCallback):
+    def __init__(self, model):
+        self.model, self.after = model, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after.append([p.detach().clone() for p in self.model.parameters()])
+
+
+def test_non_finite_window_is_skipped_and_logged_as_nan(tmp_path):
+    """A NaN in one micro-batch skips its window with a warning: the parameters are those
+    of the step before, the logged grad norm is NaN, the next windows train."""
+    model = tiny_gpt2()
+    watch = ParamsAtStepEnd(model)
+    with pytest.warns(RuntimeWarning, match="non-finite|skipp"):
+        _, trainer = train(
+            PoisonOnce, tmp_path, B, K, model=model, trainer_kwargs={"callbacks": [watch]}
+        )
+    norms = logged(trainer, "grad_norm")
+    assert math.isnan(norms[1]) and all(math.isfinite(n) for i, n in enumerate(norms) if i != 1)
+    for p, q in zip(watch.after[1], watch.after[0], strict=True):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, q) for p, q in zip(watch.after[2], watch.after[1], strict=True))
+    assert trainer.fastaccum_optimizer.stats()["skipped_windows"] == 1
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    """Trainer's checkpoint (saved at a window boundary, with the wrapper's state_dict)
+    resumes to the same parameters as a run that never stopped."""
+    whole, _ = train(SequentialFastaccumTrainer, tmp_path / "whole", B, K, **OPTIMS["adamw"])
+    train(
+        SequentialFastaccumTrainer,
+        tmp_path / "parts",
+        B,
+        K,
+        save_strategy="steps",
+        save_steps=2,
+        **OPTIMS["adamw"],
+    )
+    resumed = tiny_gpt2(seed=5)  # other weights: the checkpoint must bring them back
+    trainer = SequentialFastaccumTrainer(
+        model=resumed,
+        args=arguments(tmp_path / "parts", B, K, **OPTIMS["adamw"]),
+        train_dataset=dataset(),
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-2"))
+    for p, q in zip(resumed.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def check_refused(tmp_path, match, model=None, trainer_kwargs=None, **overrides):
+    model = tiny_gpt2() if model is None else model
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=match):
+        FastaccumTrainer(
+            model=model,
+            args=arguments(tmp_path, B, K, **overrides),
+            train_dataset=dataset(),
+            fuse_wgrad=True,
+            **(trainer_kwargs or {}),
+        )
+    assert [type(m) for m in model.modules()] == before  # fuse_wgrad did not run
+
+
+def test_refuses_fp16(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            arguments(tmp_path, B, K, fp16=True)
+        except ValueError as err:  # a transformers that refuses fp16 on the CPU itself
+            pytest.skip(f"TrainingArguments refuses fp16 here: {err}")
+    check_refused(tmp_path, "fp16", fp16=True)
+
+
+def test_refuses_a_prebuilt_wrapper_that_disagrees(tmp_path):
+    model = tiny_gpt2()
+    other_k = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), K + 1, max_grad_norm=0.8)
+    check_refused(
+        tmp_path, "accum_steps=5", model=model, trainer_kwargs={"optimizers": (other_k, None)}
+    )
+    no_clip = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), K)
+    check_refused(
+        tmp_path, "max_grad_norm", model=model, trainer_kwargs={"optimizers": (no_clip, None)}
+    )
+    same = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), K, max_grad_norm=0.8)
+    check_refused(
+        tmp_path,
+        "master_weights",
+        model=model,
+        trainer_kwargs={"optimizers": (same, None), "master_weights": True},
+    )
