@@ -98,7 +98,10 @@ def run(name: str, base: GPT2LMHeadModel, rows, opts, steps: int, out: str, call
 def commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
         )
         return out.stdout.strip() or "unknown"
     except OSError:
