@@ -31,6 +31,9 @@ from fastaccum.optim.wrapper import AccumulatingOptimizer
 
 __all__ = ["FastaccumTrainer"]
 
+# FastaccumTrainer's options for fastaccum.wrap, at their defaults.
+_WRAP_DEFAULTS = {"accum_dtype": torch.float32, "master_weights": False, "activations": None}
+
 # Trainer methods this class overrides to hand clipping and the norm to the wrapper.
 _TRAINER_HOOKS = ("_clip_grad_norm", "_get_grad_norm", "training_step", "create_optimizer")
 
@@ -99,9 +102,6 @@ class FastaccumTrainer(Trainer):
             "master_weights": master_weights,
             "activations": activations,
         }
-        self._custom_options = (
-            accum_dtype != torch.float32 or master_weights or activations is not None
-        )
         given = _unaccelerated(self.optimizer)
         if isinstance(given, AccumulatingOptimizer):
             self._check_prebuilt(given)
@@ -134,12 +134,16 @@ class FastaccumTrainer(Trainer):
                 "the gradient buffers fastaccum accumulates into"
             )
 
+    def _max_grad_norm(self) -> float | None:
+        """The window clip: ``args.max_grad_norm``, where Trainer's 0 means none."""
+        return self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
+
     def _check_prebuilt(self, opt: AccumulatingOptimizer) -> None:
         """Raise ValueError when an optimizer that is already fastaccum's disagrees with
         the Trainer arguments, or options were given that only apply when Trainer wraps."""
         k = self.args.gradient_accumulation_steps
-        clip = self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
-        if self._custom_options:
+        clip = self._max_grad_norm()
+        if self._wrap_options != _WRAP_DEFAULTS:
             raise ValueError(
                 "accum_dtype, master_weights and activations apply when FastaccumTrainer "
                 "wraps the optimizer; this one is already fastaccum's: give them to "
@@ -175,12 +179,11 @@ class FastaccumTrainer(Trainer):
         else:
             self.optimizer = current
             inner = super().create_optimizer(model)
-            clip = self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
             self.optimizer = fastaccum.wrap(
                 inner,
                 self.args.gradient_accumulation_steps,
                 model=self.model,
-                max_grad_norm=clip,
+                max_grad_norm=self._max_grad_norm(),
                 **self._wrap_options,
             )
         opt = self.optimizer
