@@ -15,7 +15,10 @@ micro-batches becomes that update:
 
 The micro-batch losses are Trainer's own (divided by the window's item count when the
 model takes ``num_items_in_batch``, else by the number of micro-batches in the window), so
-the window gradient is their sum, as in Trainer.
+the window gradient is their sum, as in Trainer. Under DDP, Trainer scales each rank's
+loss for DDP's average over ranks (by the number of processes when it divides by the
+global item count); the wrapper averages over the micro-batches of every rank, which is
+the same division.
 """
 
 from __future__ import annotations
@@ -68,14 +71,20 @@ class FastaccumTrainer(Trainer):
     has the noise scale). ``grad_norm`` in the logs is the wrapper's window norm, NaN for a
     skipped window. Callbacks see no ``.grad``: the gradients live in the accumulators.
 
+    Several processes (``torchrun``, ``accelerate launch``): accelerate wraps the model in
+    DDP after the optimizer is built, and the wrapper takes that DDP over at the first
+    micro-batch (its sync, one all-reduce per DDP bucket per window from a communication
+    hook, the counts summed over ranks), as ``fastaccum.wrap(opt, K, model=ddp)`` does.
+
     Raises:
         ValueError: ``fp16=True`` (accelerate's scaler would unscale gradients fastaccum
             has folded away: use ``bf16=True``, or the explicit loop with
-            ``fastaccum.wrap(..., scaler=)``), more than one
-            process or GPU, DeepSpeed or FSDP (use the explicit loop of the README's
-            distributed section), options given with an optimizer that is already
-            fastaccum's, or such an optimizer with another ``accum_steps`` or
-            ``max_grad_norm``. Nothing of the model or optimizer is changed when it raises.
+            ``fastaccum.wrap(..., scaler=)``), several GPUs in one process
+            (DataParallel), DeepSpeed, FSDP or a model sharded when loaded (use the
+            explicit loop of the README's distributed section for FSDP2), options given
+            with an optimizer that is already fastaccum's, or such an optimizer with
+            another ``accum_steps`` or ``max_grad_norm``. Nothing of the model or
+            optimizer is changed when it raises.
         NotImplementedError: the installed ``transformers`` lacks a Trainer method this
             class relies on.
     """
@@ -120,19 +129,28 @@ class FastaccumTrainer(Trainer):
                 "folded into its accumulators. Use bf16=True, or the explicit loop with "
                 "fastaccum.wrap(opt, K, scaler=torch.amp.GradScaler())"
             )
-        if args.world_size > 1 or args.n_gpu > 1:
+        if args.n_gpu > 1:
             raise ValueError(
-                f"FastaccumTrainer runs in one process on one device (this run has "
-                f"world_size={args.world_size}, n_gpu={args.n_gpu}); for DDP or FSDP2 use "
-                "the explicit loop with fastaccum.wrap(opt, K, model=ddp_model) (README, "
-                "Distributed training), or limit the run to one device "
-                "(CUDA_VISIBLE_DEVICES=0)"
+                f"FastaccumTrainer runs one device per process (this process drives "
+                f"n_gpu={args.n_gpu} GPUs through DataParallel); launch one process per GPU "
+                "(torchrun --nproc_per_node N), which trains with DDP, or limit the run to "
+                "one device (CUDA_VISIBLE_DEVICES=0)"
             )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "FastaccumTrainer does not combine with DeepSpeed or FSDP: those engines own "
-                "the gradient buffers fastaccum accumulates into"
-            )
+        kind = getattr(self.accelerator.distributed_type, "value", "")
+        if self.is_deepspeed_enabled:
+            engine = "DeepSpeed"
+        elif self.is_fsdp_enabled:
+            engine = "FSDP (for FSDP2 use the explicit loop of the README's Distributed training)"
+        elif getattr(self, "is_distributed_loading_by_transformers", False):
+            engine = "a model sharded when loaded (tensor parallelism)"
+        elif args.world_size > 1 and not kind.startswith("MULTI_"):
+            engine = kind
+        else:
+            return
+        raise ValueError(
+            "FastaccumTrainer trains on one device, or with DDP across processes; this run "
+            f"uses {engine}, which owns the gradient buffers fastaccum accumulates into"
+        )
 
     def _max_grad_norm(self) -> float | None:
         """The window clip: ``args.max_grad_norm``, where Trainer's 0 means none."""
@@ -235,9 +253,10 @@ class FastaccumTrainer(Trainer):
                 f"{self.args.gradient_accumulation_steps}); do not change accum_steps "
                 "inside FastaccumTrainer"
             )
-        if last and not closes:
-            with opt.accumulate(last=True):  # a short last window: close it on this one
-                pass
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # accelerate wrapped the model in DDP after the optimizer was built: the
+            # wrapper takes the sync and the window's reduction over from here on.
+            opt._bind_ddp(model)
         # Trainer's losses sum to the window's; the wrapper averages over the window's
         # micro-batches, so each backward is seeded with their number.
         count = float(self.current_gradient_accumulation_steps)
@@ -254,7 +273,11 @@ class FastaccumTrainer(Trainer):
         patched = accelerator.__dict__.get("backward")  # someone else's, kept for after
         accelerator.backward = backward  # this micro-batch's backward, this instance only
         try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            # Sets DDP's gradient sync for this micro-batch, on only for the window's last
+            # (the wrapper's step() set it for the next one, but Trainer's no_sync() then
+            # restored the previous flag on exit), and closes a short last window on it.
+            with opt.accumulate(last=last and not closes):
+                loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             if patched is None:
                 del accelerator.backward

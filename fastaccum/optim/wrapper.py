@@ -1139,6 +1139,47 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ boundary
 
+    def _bind_ddp(self, ddp: torch.nn.Module) -> None:
+        """Drive ``ddp``, a ``DistributedDataParallel`` made around this wrapper's local
+        model after the wrapper was built (the Hugging Face Trainer builds the optimizer
+        first and lets accelerate wrap the model in DDP later), as if it had been passed
+        as ``model=``. A no-op when the wrapper already drives ``ddp``.
+
+        Raises:
+            TypeError: ``ddp`` is not a DistributedDataParallel, or a parameter's dtype
+                cannot be reduced (float64, complex).
+            ValueError: ``ddp`` wraps another module than ``model=``, or lacks a
+                parameter of the optimizer.
+            RuntimeError: a window is in progress, the wrapper already drives another
+                distributed model, or DDP already has a communication hook.
+            Nothing changes when it raises.
+        """
+        if self._dist is not None and self._dist.model is ddp:
+            return
+        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            raise TypeError(f"expected a DistributedDataParallel, got {type(ddp).__name__}")
+        if self._dist is not None:
+            raise RuntimeError("this wrapper already drives another distributed model")
+        if self.model is not None and ddp.module is not self.model:
+            raise ValueError("the DistributedDataParallel wraps another module than model=")
+        if self._micro_step or self._pending or self._folded_in_this_micro_step():
+            raise RuntimeError(
+                "a DDP model can only be taken over between windows; this one holds "
+                f"{self._micro_step} micro-batch(es)"
+            )
+        from fastaccum.distributed import attach
+
+        names = self._param_names(self._params, ddp)
+        local_names, self._names = self._names, names
+        try:
+            window = attach(self, ddp, False)
+        except BaseException:
+            self._names = local_names
+            raise
+        self._dist = window
+        self.model = ddp
+        self._sync_next()
+
     def flush(self) -> bool:
         """Step on a partial window (end of an epoch), normalized by what it actually held.
 

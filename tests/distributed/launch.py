@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import socket
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -74,6 +75,35 @@ def run_scenarios(scenarios: dict[str, Scenario], out: Path, world: int = WORLD)
     mp.spawn(_entry, args=(world, free_port(), scenarios, str(out)), nprocs=world, join=True)
     per_rank = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     return {name: [ranks[name] for ranks in per_rank] for name in scenarios}
+
+
+def torchrun(script: Path, *args: str, world: int = WORLD) -> list[dict]:
+    """Run ``script`` under ``python -m torch.distributed.run --standalone`` with ``world``
+    processes of one thread each; the JSON objects it printed, one per line. Fails the test
+    with the end of its output when it exits non-zero."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(world),
+        "--standalone",
+        str(script),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command,
+        cwd=Path(script).parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    # JSON objects only: Trainer prints its logs as Python dicts ("{'loss': ...}").
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')]
 
 
 def by_name(*scenarios: Scenario) -> dict[str, Scenario]:

@@ -5,15 +5,12 @@ of the window)."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from tests.distributed.launch import torchrun
 from tests.helpers import assert_close_rel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,25 +50,7 @@ def reference(example) -> tuple[dict[str, torch.Tensor], int]:
 
 def test_example_matches_single_process_training(tmp_path: Path) -> None:
     saved = tmp_path / "model.pt"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(WORLD),
-        "--standalone",
-        str(EXAMPLE),
-        "--steps",
-        str(STEPS),
-        "--save",
-        str(saved),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    lines = torchrun(EXAMPLE, "--steps", str(STEPS), "--save", str(saved), world=WORLD)
     want, tokens = reference(load_example())
     assert [line["step"] for line in lines[:-1]] == [1, 2, 3]
     assert lines[-1]["summary"] == {

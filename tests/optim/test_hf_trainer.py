@@ -15,123 +15,24 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
-    GPT2Config,
-    GPT2LMHeadModel,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import fastaccum  # noqa: E402
 from fastaccum.integrations import FastaccumTrainer  # noqa: E402
-from tests.helpers import assert_close_rel  # noqa: E402
-
-B, K, N, T = 2, 4, 20, 12
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=48,
-        n_positions=T,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg)
-
-
-def dataset(seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    """N sequences of T tokens; each labels only its first 3..T tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 48, (N, T), generator=g)
-    lengths = torch.randint(3, T + 1, (N,), generator=g)
-    rows = []
-    for i in range(N):
-        labels = ids[i].clone()
-        labels[lengths[i] :] = -100
-        rows.append({"input_ids": ids[i], "labels": labels})
-    return rows
-
-
-class Sequential:
-    """Trainer sampling in dataset order, so a window of K micro-batches of B holds the
-    same sequences as one batch of B·K."""
-
-    def _get_train_sampler(self, *args, **kwargs):
-        return torch.utils.data.SequentialSampler(self.train_dataset)
-
-
-class SequentialTrainer(Sequential, Trainer):
-    pass
-
-
-class SequentialFastaccumTrainer(Sequential, FastaccumTrainer):
-    pass
-
-
-def arguments(tmp_path, batch: int, accum: int, **overrides) -> TrainingArguments:
-    settings = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": batch,
-        "gradient_accumulation_steps": accum,
-        "num_train_epochs": 2,
-        "learning_rate": 0.05,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 1,
-        "weight_decay": 0.1,
-        "max_grad_norm": 0.8,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "seed": 0,
-        "disable_tqdm": True,
-    }
-    settings.update(overrides)
-    return TrainingArguments(**settings)
-
-
-def train(cls, tmp_path, batch: int, accum: int, model=None, trainer_kwargs=None, **overrides):
-    model = tiny_gpt2() if model is None else model
-    trainer = cls(
-        model=model,
-        args=arguments(tmp_path, batch, accum, **overrides),
-        train_dataset=dataset(),
-        **(trainer_kwargs or {}),
-    )
-    trainer.train()
-    return model, trainer
-
-
-def logged(trainer, key: str) -> list[float]:
-    return [entry[key] for entry in trainer.state.log_history if "grad_norm" in entry]
-
-
-def assert_same_training(model, trainer, ref_model, ref_trainer, rtol: float = 1e-5) -> None:
-    assert trainer.state.global_step == ref_trainer.state.global_step == 6
-    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
-        assert_close_rel(p, q, rtol)
-    for key in ("grad_norm", "loss"):
-        ours, theirs = logged(trainer, key), logged(ref_trainer, key)
-        assert len(ours) == len(theirs) == 6
-        for a, b in zip(ours, theirs, strict=True):
-            assert math.isclose(a, b, rel_tol=rtol), (key, ours, theirs)
-
-
-# SGD with momentum, and AdamW with an epsilon large enough that Adam's division does not
-# magnify the last bit of a near-zero gradient (the native Trainer's own accumulation
-# lands 4e-4 from the large batch at eps=1e-8 on this model).
-OPTIMS = {
-    "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"},
-    "adamw": {"optim": "adamw_torch", "adam_epsilon": 1e-3, "learning_rate": 0.01},
-}
+from tests.hf_helpers import (  # noqa: E402
+    OPTIMS,
+    B,
+    K,
+    Sequential,
+    SequentialFastaccumTrainer,
+    SequentialTrainer,
+    arguments,
+    assert_same_training,
+    dataset,
+    logged,
+    tiny_gpt2,
+    train,
+)
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["wrap", "fuse_wgrad"])
