@@ -137,6 +137,21 @@ def trainer_ddp_equals_the_large_batch(rank: int, world: int) -> None:
                 assert ours.fastaccum_optimizer.stats()["items_seen"] == 4 * K * world
 
 
+def trainer_ddp_tokens_averaged_per_rank(rank: int, world: int) -> None:
+    """``average_tokens_across_devices=False``: each rank divides by its own window's token
+    count and DDP averages the ranks. The same run as Trainer's own DDP accumulation with
+    that setting (rel 1e-5); the ranks hold other sequences than at B·K per rank, so the
+    large batch is no reference here, and the global token mean differs."""
+    settings = {**OPTIMS["sgd"], "average_tokens_across_devices": False}
+    with trainer_ranks(rank, world) as out:
+        ref_model, ref = run(SequentialTrainer, out / "ref", B, K, WHOLE, **settings)
+        model, ours = run(SequentialFastaccumTrainer, out / "fa", B, K, WHOLE, **settings)
+        assert_same_training(model, ours, ref_model, ref, steps=4)
+        assert_drives_the_ddp(ours, windows=4)
+        global_mean, _ = run(SequentialTrainer, out / "global", B * K, 1, WHOLE, **OPTIMS["sgd"])
+        assert not torch.allclose(model.lm_head.weight, global_mean.lm_head.weight, rtol=1e-3)
+
+
 def trainer_ddp_short_windows_and_fused_adamw(rank: int, world: int) -> None:
     """Short last windows (4, 2 micro-batches per rank) with a prebuilt fused
     ``fastaccum.optim.AdamW``: the same run as Trainer's own DDP accumulation with torch's
@@ -220,6 +235,7 @@ def bind_ddp_refusals(rank: int, world: int) -> None:
 
 SCENARIOS = by_name(
     trainer_ddp_equals_the_large_batch,
+    trainer_ddp_tokens_averaged_per_rank,
     trainer_ddp_short_windows_and_fused_adamw,
     trainer_ddp_resume_is_bit_identical,
     bind_ddp_refusals,

@@ -57,6 +57,50 @@ def test_equals_trainer_on_the_large_batch(tmp_path, optim, fuse):
     assert len(fused) == (11 if fuse else 0)  # wte, wpe, 4 Conv1D per block, tied lm_head
 
 
+def partly_frozen() -> torch.nn.Module:
+    """The tiny GPT-2 with its position embedding and first block frozen (so Trainer's
+    optimizer holds only the rest, as with adapters)."""
+    model = tiny_gpt2()
+    model.transformer.wpe.weight.requires_grad_(False)
+    model.transformer.h[0].requires_grad_(False)
+    return model
+
+
+TRAINER_FEATURES = {
+    "checkpointing": {
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": {"use_reentrant": True},
+    },
+    "frozen": {},
+    "compiled": {"torch_compile": True},
+}
+
+
+@pytest.mark.parametrize("feature", sorted(TRAINER_FEATURES))
+def test_trainer_features_with_fuse_wgrad(tmp_path, feature):
+    """Trainer's activation checkpointing (reentrant: the fused layers run again in
+    backward), a partly frozen model and ``torch_compile=True``, each with every weight
+    fused: the large batch's training, where the reference runs uncompiled."""
+    settings = {**OPTIMS["sgd"], **TRAINER_FEATURES[feature]}
+    reference = {k: v for k, v in settings.items() if k != "torch_compile"}
+    build = partly_frozen if feature == "frozen" else tiny_gpt2
+    ref_model, ref = train(SequentialTrainer, tmp_path / "ref", B * K, 1, build(), **reference)
+    model, ours = train(
+        SequentialFastaccumTrainer,
+        tmp_path / "fa",
+        B,
+        K,
+        build(),
+        trainer_kwargs={"fuse_wgrad": True},
+        **settings,
+    )
+    assert_same_training(model, ours, ref_model, ref)
+    if feature == "frozen":
+        assert model.transformer.h[0].attn.c_attn.weight.equal(
+            tiny_gpt2().transformer.h[0].attn.c_attn.weight
+        )
+
+
 def test_matches_the_native_trainer_accumulating(tmp_path):
     """The same arguments with Trainer's own accumulation give the same run."""
     ref_model, ref = train(SequentialTrainer, tmp_path / "ref", B, K, **OPTIMS["sgd"])
