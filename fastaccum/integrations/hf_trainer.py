@@ -24,6 +24,7 @@ the same division.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -205,6 +206,17 @@ class FastaccumTrainer(Trainer):
                 **self._wrap_options,
             )
         opt = self.optimizer
+        if opt.micro_step or opt._folded_in_this_micro_step():
+            # Trainer zeroes the gradients when training starts; a window left partial by
+            # a train() that raised (Ctrl-C, a failed batch) goes the same way.
+            warnings.warn(
+                f"fastaccum: discarding a partial window of {opt.micro_step} micro-batch(es) "
+                "left by an earlier train() that stopped inside it; training starts on a "
+                "clean window, as Trainer's zeroed gradients do",
+                UserWarning,
+                stacklevel=3,
+            )
+            opt._drop_window()
         if opt is not self.fastaccum_optimizer:
             if self._norm_hook is not None:
                 self._norm_hook.remove()

@@ -283,6 +283,52 @@ def test_non_finite_window_is_skipped_and_logged_as_nan(tmp_path):
     assert trainer.fastaccum_optimizer.stats()["skipped_windows"] == 1
 
 
+class Interrupt(RuntimeError):
+    pass
+
+
+class InterruptedOnce:
+    """Raises from the loss of the 6th micro-batch (the second window's second), once: a
+    run stopped inside a window, as by Ctrl-C in a notebook."""
+
+    calls = 0
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 6:
+            raise Interrupt("stopped inside a window")
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+class NativeInterrupted(InterruptedOnce, SequentialTrainer):
+    pass
+
+
+class FastaccumInterrupted(InterruptedOnce, SequentialFastaccumTrainer):
+    pass
+
+
+def test_train_again_after_an_interrupted_window(tmp_path):
+    """``train()`` called again after a run stopped inside a window starts on clean
+    windows, as Trainer does (it zeroes the gradients when training starts): the partial
+    window is discarded with a warning, and the second run equals Trainer's."""
+
+    def interrupted_then_again(cls, out):
+        model = tiny_gpt2()
+        trainer = cls(
+            model=model, args=arguments(out, B, K, **OPTIMS["sgd"]), train_dataset=dataset()
+        )
+        with pytest.raises(Interrupt):
+            trainer.train()
+        trainer.train()
+        return model, trainer
+
+    ref_model, ref = interrupted_then_again(NativeInterrupted, tmp_path / "ref")
+    with pytest.warns(UserWarning, match="partial window of 1 micro-batch"):
+        model, ours = interrupted_then_again(FastaccumInterrupted, tmp_path / "fa")
+    assert_same_training(model, ours, ref_model, ref)
+
+
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     """Trainer's checkpoint (saved at a window boundary, with the wrapper's state_dict)
     resumes to the same parameters as a run that never stopped."""
