@@ -39,7 +39,13 @@ __all__ = ["FastaccumTrainer"]
 _WRAP_DEFAULTS = {"accum_dtype": torch.float32, "master_weights": False, "activations": None}
 
 # Trainer methods this class overrides to hand clipping and the norm to the wrapper.
-_TRAINER_HOOKS = ("_clip_grad_norm", "_get_grad_norm", "training_step", "create_optimizer")
+_TRAINER_HOOKS = (
+    "_clip_grad_norm",
+    "_get_grad_norm",
+    "_update_auto_batch_size",
+    "training_step",
+    "create_optimizer",
+)
 
 
 def _unaccelerated(optimizer: Any) -> Any:
@@ -71,6 +77,10 @@ class FastaccumTrainer(Trainer):
     The wrapper is ``trainer.fastaccum_optimizer`` once training starts (its ``stats()``
     has the noise scale). ``grad_norm`` in the logs is the wrapper's window norm, NaN for a
     skipped window. Callbacks see no ``.grad``: the gradients live in the accumulators.
+
+    ``auto_find_batch_size=True``: each retry after an out-of-memory error raises K as the
+    micro-batch shrinks, so that a step keeps its number of sequences (it updates
+    ``args.gradient_accumulation_steps``).
 
     Several processes (``torchrun``, ``accelerate launch``): accelerate wraps the model in
     DDP after the optimizer is built, and the wrapper takes that DDP over at the first
@@ -120,6 +130,8 @@ class FastaccumTrainer(Trainer):
         self.fastaccum_optimizer: AccumulatingOptimizer | None = None
         self._norm_box = torch.full((), math.nan)
         self._norm_hook: Any = None
+        # Sequences per device and optimizer step: auto_find_batch_size keeps it (below).
+        self._window_rows = self.args.train_batch_size * self.args.gradient_accumulation_steps
 
     def _check_supported(self) -> None:
         args = self.args
@@ -217,6 +229,7 @@ class FastaccumTrainer(Trainer):
                 stacklevel=3,
             )
             opt._drop_window()
+        opt.accum_steps = self.args.gradient_accumulation_steps  # changed by a retry
         if opt is not self.fastaccum_optimizer:
             if self._norm_hook is not None:
                 self._norm_hook.remove()
@@ -227,6 +240,35 @@ class FastaccumTrainer(Trainer):
             opt._warned_divided = True
             self.fastaccum_optimizer = opt
         return opt
+
+    def _update_auto_batch_size(self, batch_size: int) -> None:
+        """``auto_find_batch_size``: each retry after an out-of-memory error gets a smaller
+        micro-batch, and K grows so that an optimizer step still takes the same number of
+        sequences (Trainer alone lets the effective batch shrink). The micro-batch is the
+        largest divisor of that number no larger than accelerate's proposal.
+
+        Raises:
+            RuntimeError: no smaller micro-batch is left.
+        """
+        current = self._train_batch_size
+        rows = self._window_rows
+        if batch_size < current:  # a retry: accelerate proposes a smaller batch
+            fits = [d for d in range(1, min(batch_size, current - 1) + 1) if rows % d == 0]
+            if not fits:
+                raise RuntimeError(
+                    f"out of memory at a micro-batch of {current}, the smallest there is"
+                )
+            batch_size = fits[-1]
+            warnings.warn(
+                f"fastaccum: out of memory at a micro-batch of {current}; retrying with "
+                f"{batch_size} x {rows // batch_size} micro-batches per optimizer step, "
+                f"the same {rows} sequences per device",
+                UserWarning,
+                stacklevel=2,
+            )
+        if rows % batch_size == 0:  # a retry, or a resume from one (the checkpoint's size)
+            self.args.gradient_accumulation_steps = rows // batch_size
+        super()._update_auto_batch_size(batch_size)
 
     def _record_norm(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         norm = self.fastaccum_optimizer.stats()["grad_norm"]

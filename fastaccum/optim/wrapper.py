@@ -1142,25 +1142,29 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     def _bind_ddp(self, ddp: torch.nn.Module) -> None:
         """Drive ``ddp``, a ``DistributedDataParallel`` made around this wrapper's local
         model after the wrapper was built (the Hugging Face Trainer builds the optimizer
-        first and lets accelerate wrap the model in DDP later), as if it had been passed
-        as ``model=``. A no-op when the wrapper already drives ``ddp``.
+        first and lets accelerate wrap the model in DDP later, and makes a new DDP when it
+        retries with a smaller batch), as if it had been passed as ``model=``. A no-op
+        when the wrapper already drives ``ddp``; a DDP it drove before is left syncing
+        every backward, as DDP does alone.
 
         Raises:
             TypeError: ``ddp`` is not a DistributedDataParallel, or a parameter's dtype
                 cannot be reduced (float64, complex).
             ValueError: ``ddp`` wraps another module than ``model=``, or lacks a
                 parameter of the optimizer.
-            RuntimeError: a window is in progress, the wrapper already drives another
-                distributed model, or DDP already has a communication hook.
+            RuntimeError: a window is in progress, the wrapper drives an FSDP2 model, or
+                DDP already has a communication hook.
             Nothing changes when it raises.
         """
+        ddp_type = torch.nn.parallel.DistributedDataParallel
         if self._dist is not None and self._dist.model is ddp:
             return
-        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        if not isinstance(ddp, ddp_type):
             raise TypeError(f"expected a DistributedDataParallel, got {type(ddp).__name__}")
-        if self._dist is not None:
-            raise RuntimeError("this wrapper already drives another distributed model")
-        if self.model is not None and ddp.module is not self.model:
+        if self._dist is not None and not isinstance(self._dist.model, ddp_type):
+            raise RuntimeError("this wrapper drives an FSDP2 model, not a DDP one")
+        local = self.model.module if isinstance(self.model, ddp_type) else self.model
+        if local is not None and ddp.module is not local:
             raise ValueError("the DistributedDataParallel wraps another module than model=")
         if self._micro_step or self._pending or self._folded_in_this_micro_step():
             raise RuntimeError(
@@ -1170,11 +1174,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         from fastaccum.distributed import attach
 
         names = self._param_names(self._params, ddp)
-        local_names, self._names = self._names, names
+        before = self._names, self._dist
+        self._names, self._dist = names, None  # attach() builds a window of its own
         try:
             window = attach(self, ddp, False)
         except BaseException:
-            self._names = local_names
+            self._names, self._dist = before
             raise
         self._dist = window
         self.model = ddp

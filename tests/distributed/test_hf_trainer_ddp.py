@@ -207,7 +207,8 @@ def trainer_ddp_resume_is_bit_identical(rank: int, world: int) -> None:
 
 def bind_ddp_refusals(rank: int, world: int) -> None:
     """``_bind_ddp`` refuses another module's DDP, a window in progress and a non-DDP,
-    changing nothing; binding the same DDP twice is a no-op."""
+    changing nothing; binding the same DDP twice is a no-op, and a new DDP of the same
+    module takes the old one's place."""
     model = tiny_gpt2()
     opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), K, model=model)
     names = dict(opt._names)
@@ -231,6 +232,13 @@ def bind_ddp_refusals(rank: int, world: int) -> None:
     opt._bind_ddp(ddp)
     assert opt.model is ddp and opt._names[id(next(model.parameters()))].startswith("module.")
     assert [hook for hook, _ in ddp._comm_hooks] == [_window_comm_hook]
+    # Trainer's auto_find_batch_size makes a new DDP around the same module on a retry
+    again = torch.nn.parallel.DistributedDataParallel(model)
+    opt._bind_ddp(again)
+    assert opt.model is again and opt._dist.model is again
+    assert [hook for hook, _ in again._comm_hooks] == [_window_comm_hook]
+    with pytest.raises(ValueError, match="another module"):
+        opt._bind_ddp(other)
 
 
 SCENARIOS = by_name(

@@ -23,6 +23,7 @@ from tests.hf_helpers import (  # noqa: E402
     OPTIMS,
     B,
     K,
+    N,
     Sequential,
     SequentialFastaccumTrainer,
     SequentialTrainer,
@@ -327,6 +328,43 @@ def test_train_again_after_an_interrupted_window(tmp_path):
     with pytest.warns(UserWarning, match="partial window of 1 micro-batch"):
         model, ours = interrupted_then_again(FastaccumInterrupted, tmp_path / "fa")
     assert_same_training(model, ours, ref_model, ref)
+
+
+class MemoryLimit:
+    """Raises torch's out-of-memory error from any forward over more than 2 sequences, as
+    a GPU that fits only micro-batches of 2 would (the error accelerate's batch finder
+    catches)."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        rows = inputs["input_ids"].shape[0]
+        if rows > 2:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried a micro-batch of {rows}")
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+class NativeLimited(MemoryLimit, SequentialTrainer):
+    pass
+
+
+class FastaccumLimited(MemoryLimit, SequentialFastaccumTrainer):
+    pass
+
+
+def test_auto_find_batch_size_keeps_the_effective_batch(tmp_path):
+    """``auto_find_batch_size`` with 4 x 2 asked for and room for 2: fastaccum retries at
+    2 x 4, the same 8 sequences per step, and trains as Trainer does at one batch of 8.
+    Trainer alone retries at 3, then 2, keeping K=2: 4 sequences per step."""
+    settings = {**OPTIMS["sgd"], "auto_find_batch_size": True}
+    ref_model, ref = train(SequentialTrainer, tmp_path / "ref", 8, 1, **OPTIMS["sgd"])
+    with pytest.warns(UserWarning, match="retrying with 2 x 4 micro-batches") as caught:
+        model, ours = train(FastaccumLimited, tmp_path / "fa", 4, 2, **settings)
+    assert sum("out of memory" in str(w.message) for w in caught) == 1  # 4 -> 2 at once
+    assert_same_training(model, ours, ref_model, ref)
+    assert ours.args.gradient_accumulation_steps == 4 and ours.fastaccum_optimizer.accum_steps == 4
+    assert ours.state.train_batch_size == 2
+    _, native = train(NativeLimited, tmp_path / "native", 4, 2, **settings)
+    assert native.state.train_batch_size == 2 and native.args.gradient_accumulation_steps == 2
+    assert native.state.global_step == 2 * N // 4  # 2 epochs of N sequences, 4 per step
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
