@@ -367,6 +367,31 @@ def test_auto_find_batch_size_keeps_the_effective_batch(tmp_path):
     assert native.state.global_step == 2 * N // 4  # 2 epochs of N sequences, 4 per step
 
 
+def test_auto_find_batch_size_resume(tmp_path):
+    """A checkpoint of the retried run (2 x 4) resumes at 2 x 4 to the parameters of the
+    run that never stopped."""
+    settings = {**OPTIMS["sgd"], "auto_find_batch_size": True}
+    with pytest.warns(UserWarning, match="retrying"):
+        whole, _ = train(FastaccumLimited, tmp_path / "whole", 4, 2, **settings)
+        train(
+            FastaccumLimited,
+            tmp_path / "parts",
+            4,
+            2,
+            save_strategy="steps",
+            save_steps=2,
+            **settings,
+        )
+    resumed = tiny_gpt2(seed=5)
+    trainer = FastaccumLimited(
+        model=resumed, args=arguments(tmp_path / "parts", 4, 2, **settings), train_dataset=dataset()
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-2"))
+    assert trainer.args.gradient_accumulation_steps == 4 and trainer.state.global_step == 6
+    for p, q in zip(resumed.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     """Trainer's checkpoint (saved at a window boundary, with the wrapper's state_dict)
     resumes to the same parameters as a run that never stopped."""
