@@ -18,6 +18,10 @@ during training (the optimizer state included, the model's weights not). The lar
 relative parameter difference from ``trainer`` after the timed steps is printed too.
 
 Run: python benchmarks/cpu_hf_trainer.py [--rounds 3] [--steps 4] [--out FILE]
+
+Under DDP (Trainer's own, on gloo processes; rank 0 reports, its peak is per process):
+    python -m torch.distributed.run --nproc_per_node 2 --standalone \
+        benchmarks/cpu_hf_trainer.py --threads 1 [--out FILE]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -147,7 +152,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         attn_pdrop=0.0,
     )
     base = GPT2LMHeadModel(config)
-    rows = dataset(opts.steps * opts.micro_batch * opts.accum_steps, opts.seq, config.vocab_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    n_rows = opts.steps * opts.micro_batch * opts.accum_steps * world
+    rows = dataset(n_rows, opts.seq, config.vocab_size)
     names = list(PROVIDERS)
     times: dict[str, list[float]] = {name: [] for name in names}
     finals: dict[str, tuple[GPT2LMHeadModel, list[float]]] = {}
@@ -158,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 clock = StepTimes()
                 finals[name] = run(name, base, rows, opts, opts.steps, out, [clock])
                 times[name].extend(clock.times[1:])
-            print(f"round {r + 1}/{opts.rounds} done", flush=True)
+            if main_rank:
+                print(f"round {r + 1}/{opts.rounds} done", flush=True)
         peaks = {}
         for name in names:
             with LiveTensorBytes("cpu") as live:
@@ -173,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         f"transformers {__import__('transformers').__version__}. GPT2LMHeadModel, "
         f"{opts.layers} layers at GPT-2-small widths, vocabulary {config.vocab_size}; "
         f"micro-batch {opts.micro_batch} x {opts.seq} tokens, K={opts.accum_steps}; "
-        f"{opts.rounds} rounds of {opts.steps} steps per provider.",
+        f"{opts.rounds} rounds of {opts.steps} steps per provider"
+        + (f"; DDP over {world} gloo processes (peak per process)." if world > 1 else "."),
         "",
         "| provider | step speed vs trainer (median) | peak tensor MiB | vs trainer | "
         "first logged grad_norm, rel. diff vs trainer | parameters, max rel. diff vs trainer |",
@@ -200,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             f"{norm_diff:.1e} | {diff:.1e} |"
         )
     report = "\n".join(lines) + "\n"
+    if not main_rank:
+        return results
     print(report)
     if opts.out is not None:
         with opts.out.open("a") as f:

@@ -117,6 +117,12 @@ class FastaccumTrainer(Trainer):
             )
         super().__init__(*args, **kwargs)
         self._check_supported()
+        handler = getattr(self.accelerator, "ddp_handler", None)
+        if handler is not None and hasattr(handler, "gradient_as_bucket_view"):
+            # The DDP accelerate makes then writes the window's last reduction into .grad
+            # views of its buckets instead of allocating a gradient set for it (fastaccum's
+            # window lives in its accumulators; DDP's buckets exist either way).
+            handler.gradient_as_bucket_view = True
         self._wrap_options = {
             "accum_dtype": accum_dtype,
             "master_weights": master_weights,

@@ -101,13 +101,14 @@ def boundary_reductions() -> Iterator[list[bool]]:
 
 
 def assert_drives_the_ddp(trainer, windows: int) -> None:
-    """The wrapper took over the DDP accelerate made: its communication hook is the
-    wrapper's and the window counts are global."""
+    """The wrapper took over the DDP accelerate made (with .grad as views of DDP's
+    buckets): its communication hook is the wrapper's and the window counts are global."""
     opt = trainer.fastaccum_optimizer
     ddp = trainer.model_wrapped
     assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
     assert opt.model is ddp and opt._dist is not None and opt._dist.model is ddp
     assert [hook for hook, _ in ddp._comm_hooks] == [_window_comm_hook]
+    assert ddp.gradient_as_bucket_view  # no gradient set allocated at the boundary
     stats = opt.stats()
     assert stats["windows"] == windows and stats["micro_step"] == 0
     assert stats["skipped_windows"] == 0
