@@ -61,7 +61,11 @@ class SequentialFastaccumTrainer(Sequential, FastaccumTrainer):
     pass
 
 
-def arguments(tmp_path, batch: int, accum: int, **overrides) -> TrainingArguments:
+def arguments(
+    tmp_path, batch: int, accum: int, config_class=TrainingArguments, **overrides
+) -> TrainingArguments:
+    """The tests' TrainingArguments (or ``config_class``, a subclass such as TRL's
+    SFTConfig): 2 epochs, cosine schedule with warm-up, weight decay, clipping at 0.8."""
     settings = {
         "output_dir": str(tmp_path),
         "per_device_train_batch_size": batch,
@@ -80,7 +84,7 @@ def arguments(tmp_path, batch: int, accum: int, **overrides) -> TrainingArgument
         "disable_tqdm": True,
     }
     settings.update(overrides)
-    return TrainingArguments(**settings)
+    return config_class(**settings)
 
 
 def train(cls, tmp_path, batch: int, accum: int, model=None, trainer_kwargs=None, **overrides):
