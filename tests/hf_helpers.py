@@ -123,3 +123,15 @@ OPTIMS = {
     "sgd": {"optim": "sgd", "optim_args": "momentum=0.9"},
     "adamw": {"optim": "adamw_torch", "adam_epsilon": 1e-3, "learning_rate": 0.01},
 }
+
+
+class MemoryLimit:
+    """Raises torch's out-of-memory error from any forward over more than 2 sequences, as
+    a GPU that fits only micro-batches of 2 would (the error accelerate's batch finder
+    catches)."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        rows = inputs["input_ids"].shape[0]
+        if rows > 2:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried a micro-batch of {rows}")
+        return super().compute_loss(model, inputs, *args, **kwargs)

@@ -33,6 +33,7 @@ from tests.hf_helpers import (
     OPTIMS,
     B,
     K,
+    MemoryLimit,
     SequentialFastaccumTrainer,
     SequentialTrainer,
     arguments,
@@ -187,6 +188,30 @@ def trainer_ddp_short_windows_and_fused_adamw(rank: int, world: int) -> None:
         assert_drives_the_ddp(ours, windows=4)
 
 
+class FastaccumLimited(MemoryLimit, SequentialFastaccumTrainer):
+    pass
+
+
+def trainer_ddp_auto_find_batch_size(rank: int, world: int) -> None:
+    """``auto_find_batch_size`` under DDP, 4 x 2 asked for and room for 2 on both ranks:
+    the retry wraps the model in a new DDP, which the wrapper takes over, and trains at
+    2 x 4 as Trainer's DDP does at 8 per rank."""
+    with trainer_ranks(rank, world) as out:
+        ref_model, ref = run(SequentialTrainer, out / "ref", B * K, 1, WHOLE, **OPTIMS["sgd"])
+        with pytest.warns(UserWarning, match="retrying with 2 x 4"):
+            model, ours = run(
+                FastaccumLimited,
+                out / "fa",
+                4,
+                2,
+                WHOLE,
+                auto_find_batch_size=True,
+                **OPTIMS["sgd"],
+            )
+        assert_same_training(model, ours, ref_model, ref, steps=4)
+        assert_drives_the_ddp(ours, windows=4)
+
+
 def trainer_ddp_resume_is_bit_identical(rank: int, world: int) -> None:
     """A Trainer checkpoint of the DDP run (saved by rank 0 at a window boundary) resumes
     on both ranks to the parameters of the run that never stopped."""
@@ -247,6 +272,7 @@ SCENARIOS = by_name(
     trainer_ddp_tokens_averaged_per_rank,
     trainer_ddp_short_windows_and_fused_adamw,
     trainer_ddp_resume_is_bit_identical,
+    trainer_ddp_auto_find_batch_size,
     bind_ddp_refusals,
 )
 test_scenario = scenario_test(SCENARIOS)

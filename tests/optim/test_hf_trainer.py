@@ -23,6 +23,7 @@ from tests.hf_helpers import (  # noqa: E402
     OPTIMS,
     B,
     K,
+    MemoryLimit,
     N,
     Sequential,
     SequentialFastaccumTrainer,
@@ -328,18 +329,6 @@ def test_train_again_after_an_interrupted_window(tmp_path):
     with pytest.warns(UserWarning, match="partial window of 1 micro-batch"):
         model, ours = interrupted_then_again(FastaccumInterrupted, tmp_path / "fa")
     assert_same_training(model, ours, ref_model, ref)
-
-
-class MemoryLimit:
-    """Raises torch's out-of-memory error from any forward over more than 2 sequences, as
-    a GPU that fits only micro-batches of 2 would (the error accelerate's batch finder
-    catches)."""
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        rows = inputs["input_ids"].shape[0]
-        if rows > 2:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried a micro-batch of {rows}")
-        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 class NativeLimited(MemoryLimit, SequentialTrainer):
