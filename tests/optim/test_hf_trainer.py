@@ -103,6 +103,47 @@ def test_trainer_features_with_fuse_wgrad(tmp_path, feature):
         )
 
 
+def lora_gpt2():
+    """The tiny GPT-2 with rank-4 LoRA adapters on every Conv1D projection (random B, so
+    that the adapters' gradients are not zero), the rest frozen."""
+    peft = pytest.importorskip("peft")
+    model = tiny_gpt2()
+    torch.manual_seed(3)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
+    return peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["wrap", "fuse_wgrad"])
+def test_peft_lora(tmp_path, fuse):
+    """A PEFT LoRA model: only the 16 adapter matrices train, and with ``fuse_wgrad`` their
+    Linear layers accumulate by their GEMMs (the frozen base layers are fused too, with no
+    weight gradient); the large batch's training."""
+    ref_model, ref = train(
+        SequentialTrainer, tmp_path / "ref", B * K, 1, lora_gpt2(), **OPTIMS["sgd"]
+    )
+    model, ours = train(
+        SequentialFastaccumTrainer,
+        tmp_path / "fa",
+        B,
+        K,
+        lora_gpt2(),
+        trainer_kwargs={"fuse_wgrad": fuse},
+        **OPTIMS["sgd"],
+    )
+    assert_same_training(model, ours, ref_model, ref)
+    opt = ours.fastaccum_optimizer
+    assert len(opt._params) == 16 and all("lora_" in opt._names[id(p)] for p in opt._params)
+    sinks = [m for m in model.modules() if getattr(m, "_wgrad_sink", None) is opt]
+    assert len(sinks) == (16 if fuse else 0)
+
+
 def test_matches_the_native_trainer_accumulating(tmp_path):
     """The same arguments with Trainer's own accumulation give the same run."""
     ref_model, ref = train(SequentialTrainer, tmp_path / "ref", B, K, **OPTIMS["sgd"])
