@@ -68,6 +68,26 @@ def partly_frozen() -> torch.nn.Module:
     return model
 
 
+def large_batch_and_ours(tmp_path, build, fuse: bool, reference=None, **settings):
+    """Trainer at one batch of B·K and FastaccumTrainer at K micro-batches of B, each on a
+    fresh ``build()`` model (the reference with ``reference`` settings when given); asserts
+    the same training and returns our (model, trainer)."""
+    ref_model, ref = train(
+        SequentialTrainer, tmp_path / "ref", B * K, 1, build(), **(reference or settings)
+    )
+    model, ours = train(
+        SequentialFastaccumTrainer,
+        tmp_path / "fa",
+        B,
+        K,
+        build(),
+        trainer_kwargs={"fuse_wgrad": fuse},
+        **settings,
+    )
+    assert_same_training(model, ours, ref_model, ref)
+    return model, ours
+
+
 TRAINER_FEATURES = {
     "checkpointing": {
         "activation_checkpointing": True,
@@ -86,17 +106,7 @@ def test_trainer_features_with_fuse_wgrad(tmp_path, feature):
     settings = {**OPTIMS["sgd"], **TRAINER_FEATURES[feature]}
     reference = {k: v for k, v in settings.items() if k != "torch_compile"}
     build = partly_frozen if feature == "frozen" else tiny_gpt2
-    ref_model, ref = train(SequentialTrainer, tmp_path / "ref", B * K, 1, build(), **reference)
-    model, ours = train(
-        SequentialFastaccumTrainer,
-        tmp_path / "fa",
-        B,
-        K,
-        build(),
-        trainer_kwargs={"fuse_wgrad": True},
-        **settings,
-    )
-    assert_same_training(model, ours, ref_model, ref)
+    model, _ = large_batch_and_ours(tmp_path, build, True, reference, **settings)
     if feature == "frozen":
         assert model.transformer.h[0].attn.c_attn.weight.equal(
             tiny_gpt2().transformer.h[0].attn.c_attn.weight
@@ -125,19 +135,7 @@ def test_peft_lora(tmp_path, fuse):
     """A PEFT LoRA model: only the 16 adapter matrices train, and with ``fuse_wgrad`` their
     Linear layers accumulate by their GEMMs (the frozen base layers are fused too, with no
     weight gradient); the large batch's training."""
-    ref_model, ref = train(
-        SequentialTrainer, tmp_path / "ref", B * K, 1, lora_gpt2(), **OPTIMS["sgd"]
-    )
-    model, ours = train(
-        SequentialFastaccumTrainer,
-        tmp_path / "fa",
-        B,
-        K,
-        lora_gpt2(),
-        trainer_kwargs={"fuse_wgrad": fuse},
-        **OPTIMS["sgd"],
-    )
-    assert_same_training(model, ours, ref_model, ref)
+    model, ours = large_batch_and_ours(tmp_path, lora_gpt2, fuse, **OPTIMS["sgd"])
     opt = ours.fastaccum_optimizer
     assert len(opt._params) == 16 and all("lora_" in opt._names[id(p)] for p in opt._params)
     sinks = [m for m in model.modules() if getattr(m, "_wgrad_sink", None) is opt]
