@@ -40,6 +40,7 @@ _WRAP_DEFAULTS = {"accum_dtype": torch.float32, "master_weights": False, "activa
 
 # Trainer methods this class overrides to hand clipping and the norm to the wrapper.
 _TRAINER_HOOKS = (
+    "log",
     "_clip_grad_norm",
     "_get_grad_norm",
     "_update_auto_batch_size",
@@ -275,6 +276,18 @@ class FastaccumTrainer(Trainer):
         if rows % batch_size == 0:  # a retry, or a resume from one (the checkpoint's size)
             self.args.gradient_accumulation_steps = rows // batch_size
         super()._update_auto_batch_size(batch_size)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's ``log``; training logs also get ``noise_scale``, the gradient noise
+        scale of fastaccum's windows (B_simple, :mod:`fastaccum.stats`) in sequences over
+        all processes, once it can be estimated: steps at a batch well below it use data
+        efficiently, well above it they mostly cost compute."""
+        opt = self.fastaccum_optimizer
+        if opt is not None and "grad_norm" in logs:
+            stats = opt.stats()
+            if stats["noise_scale"] is not None and stats["noise_scale_units"] == "micro-batches":
+                logs["noise_scale"] = stats["noise_scale"] * self._train_batch_size
+        super().log(logs, start_time)
 
     def _record_norm(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         norm = self.fastaccum_optimizer.stats()["grad_norm"]

@@ -188,6 +188,44 @@ class GradSeen(TrainerCallback):
         self.seen.append(any(p.grad is not None for p in self.model.parameters()))
 
 
+class StatsAtLog(TrainerCallback):
+    """The fastaccum optimizer's stats() at every training log."""
+
+    def __init__(self):
+        self.trainer, self.stats = None, []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "grad_norm" in logs:
+            self.stats.append(self.trainer.fastaccum_optimizer.stats())
+
+
+def test_logs_the_noise_scale_in_sequences(tmp_path):
+    """Training logs carry the wrapper's gradient noise scale, converted from micro-batches
+    of B sequences to sequences, wherever it could be estimated."""
+    seen = StatsAtLog()
+    model = tiny_gpt2()
+    trainer = SequentialFastaccumTrainer(
+        model=model,
+        args=arguments(tmp_path, B, K, **OPTIMS["sgd"]),
+        train_dataset=dataset(),
+        callbacks=[seen],
+    )
+    seen.trainer = trainer
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "grad_norm" in e]
+    assert len(logs) == len(seen.stats) == 6
+    estimated = 0
+    for entry, stats in zip(logs, seen.stats, strict=True):
+        assert stats["noise_scale_units"] == "micro-batches"
+        if stats["noise_scale"] is None:
+            assert "noise_scale" not in entry
+        else:
+            estimated += 1
+            assert entry["noise_scale"] == pytest.approx(stats["noise_scale"] * B, rel=1e-12)
+            assert 0 < entry["noise_scale"] < math.inf
+    assert estimated >= 3
+
+
 def test_no_gradient_set_is_held_between_micro_batches(tmp_path):
     """With opt.backward folding as autograd produces them, no parameter holds a .grad
     when Trainer reaches its optimizer step (the native Trainer holds all of them)."""
