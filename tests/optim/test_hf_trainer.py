@@ -113,6 +113,30 @@ def test_trainer_features_with_fuse_wgrad(tmp_path, feature):
         )
 
 
+def test_one_micro_batch_per_step_with_evaluation(tmp_path):
+    """``gradient_accumulation_steps=1`` (every micro-batch closes its window) with
+    evaluation every 2 steps, fused: Trainer's training and evaluation losses."""
+    settings = {**OPTIMS["sgd"], "eval_strategy": "steps", "eval_steps": 2}
+    evaluated = {"eval_dataset": dataset(seed=7)}
+    ref_model, ref = train(
+        SequentialTrainer, tmp_path / "ref", B, 1, trainer_kwargs=evaluated, **settings
+    )
+    model, ours = train(
+        SequentialFastaccumTrainer,
+        tmp_path / "fa",
+        B,
+        1,
+        trainer_kwargs={"fuse_wgrad": True, **evaluated},
+        **settings,
+    )
+    assert_same_training(model, ours, ref_model, ref, steps=20)
+    ours_eval, ref_eval = (
+        [e["eval_loss"] for e in t.state.log_history if "eval_loss" in e] for t in (ours, ref)
+    )
+    assert len(ours_eval) == len(ref_eval) == 10
+    assert ours_eval == pytest.approx(ref_eval, rel=1e-5)
+
+
 def lora_gpt2():
     """The tiny GPT-2 with rank-4 LoRA adapters on every Conv1D projection (random B, so
     that the adapters' gradients are not zero), the rest frozen."""
