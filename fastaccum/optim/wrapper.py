@@ -1573,7 +1573,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         ``"fastaccum"`` holds the configuration, the accumulators (None for parameters that
         have none yet), fp32 masters, the micro-step, the window's item weights, the
         telemetry and, with ``model=``, the AccumBatchNorm window statistics, so a run
-        saved mid-window resumes exactly.
+        saved mid-window resumes exactly. ``"optimizer"`` is the wrapped optimizer's state
+        dict, whose entries (``"state"`` and ``"param_groups"``) are also at the top level:
+        the wrapped optimizer loads the dict on its own, at a window boundary all the state
+        there is (a window in progress is not part of it).
 
         Called by ``torch.distributed.checkpoint`` (``get_state_dict``), it returns the
         wrapped optimizer's own state dict, which holds all the state at a boundary.
@@ -1601,8 +1604,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         window_bad = (
             torch.stack([b.cpu() for b in self._window_bad]).any() if self._window_bad else None
         )
+        inner = self.optimizer.state_dict()
         return {
-            "optimizer": self.optimizer.state_dict(),
+            # The wrapped optimizer's entries at the top level too (the same objects, saved
+            # once), so that the optimizer loads this without the wrapper: a run can go back
+            # to plain torch.optim (or Trainer) from a fastaccum checkpoint.
+            **inner,
+            "optimizer": inner,
             "fastaccum": {
                 **self._config(),
                 "accum_steps": self._accum_steps,

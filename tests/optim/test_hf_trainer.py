@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import fastaccum  # noqa: E402
 from fastaccum.integrations import FastaccumTrainer  # noqa: E402
+from tests.helpers import assert_close_rel  # noqa: E402
 from tests.hf_helpers import (  # noqa: E402
     OPTIMS,
     B,
@@ -504,6 +505,26 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     trainer.train(resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-2"))
     for p, q in zip(resumed.parameters(), whole.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("first", ["trainer", "fastaccum"])
+def test_checkpoints_switch_between_trainer_and_fastaccum(tmp_path, first):
+    """A checkpoint of Trainer resumes under FastaccumTrainer, and one of FastaccumTrainer
+    under Trainer (the wrapper's state dict loads into the plain optimizer): either way the
+    run that never stopped (rel 1e-5)."""
+    classes = {"trainer": SequentialTrainer, "fastaccum": SequentialFastaccumTrainer}
+    then = classes["fastaccum" if first == "trainer" else "trainer"]
+    settings = {**OPTIMS["adamw"], "save_strategy": "steps", "save_steps": 2}
+    whole, _ = train(SequentialTrainer, tmp_path / "whole", B, K, **OPTIMS["adamw"])
+    train(classes[first], tmp_path / "parts", B, K, **settings)
+    resumed = tiny_gpt2(seed=5)
+    trainer = then(
+        model=resumed, args=arguments(tmp_path / "parts", B, K, **settings), train_dataset=dataset()
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-2"))
+    assert trainer.state.global_step == 6
+    for p, q in zip(resumed.parameters(), whole.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
 
 
 def check_refused(tmp_path, match, model=None, trainer_kwargs=None, **overrides):

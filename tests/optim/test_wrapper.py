@@ -248,6 +248,43 @@ def test_torch_optim_state_dict_from_before_wrapping_loads_and_continues_exactly
         assert_close_rel(p, q, 1e-5)
 
 
+def test_wrapper_state_dict_loads_into_plain_torch_optim_and_continues_exactly():
+    """The reverse: a wrapper checkpoint after two windows loads into a plain AdamW (no
+    wrapper), which trains the remaining windows as the large batch does. The wrapped
+    optimizer's state is saved once, not twice, in that checkpoint."""
+    k = 4
+    windows = split_windows(token_batches(4 * k, seed=21), k)
+    want, _ = large_batch_run(lambda p: make_opt("adamw", p), windows)
+    model = make_model()
+    opt = fo.wrap(make_opt("adamw", model.parameters()), k, model=model)
+    for x, y in [b for w in windows[:2] for b in w]:
+        mean_loss(model, x, y).backward()
+        opt.step(num_items=len(y))
+    sizes = []
+    for state in (opt.state_dict(), opt.optimizer.state_dict()):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        sizes.append(buf.tell())
+    inner_bytes = sum(
+        t.numel() * t.element_size()
+        for st in opt.optimizer.state.values()
+        for t in st.values()
+        if torch.is_tensor(t)
+    )
+    assert sizes[0] - sizes[1] < inner_bytes  # the accumulators and counters, not a copy
+    plain_model = make_model(seed=5)
+    plain_model.load_state_dict(model.state_dict())
+    plain = make_opt("adamw", plain_model.parameters())
+    plain.load_state_dict(opt.state_dict())
+    for batches in windows[2:]:
+        total = sum(len(y) for _, y in batches)
+        sum(mean_loss(plain_model, x, y) * len(y) / total for x, y in batches).backward()
+        plain.step()
+        plain.zero_grad()
+    for p, q in zip(plain_model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+
+
 def test_torch_optim_state_dict_refreshes_masters_and_drops_the_open_window():
     model = make_model(dtype=torch.bfloat16)
     opt = fo.wrap(make_opt("sgd", model.parameters()), 4, master_weights=True)
