@@ -1,5 +1,10 @@
 """Smoke test of benchmarks/cpu_hf_trainer.py (one layer, small vocabulary, 2 steps)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -17,3 +22,29 @@ def test_cpu_hf_trainer_script_runs(capsys):
         assert results[name]["grad_norm_diff"] < 1e-4
     assert results["fastaccum.fused"]["peak"] < 1.0  # no dW tensor, no .grad set
     assert "| fastaccum.fused |" in capsys.readouterr().out
+
+
+def test_cpu_hf_trainer_script_runs_under_torchrun(tmp_path):
+    """The same, as Trainer's DDP on 2 gloo processes (the script's torchrun mode): rank 0
+    appends the report."""
+    out = tmp_path / "report.md"
+    script = Path(cpu_hf_trainer.__file__)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(script),
+        *["--threads", "1", "--rounds", "1", "--steps", "2", "--layers", "1"],
+        *["--vocab", "512", "--seq", "16", "--accum-steps", "2", "--out", str(out)],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, cwd=script.parents[1], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    report = out.read_text()
+    assert "DDP over 2 gloo processes" in report
+    assert report.count("| fastaccum") == 2 and "| trainer |" in report
