@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 import fastaccum
 from fastaccum.optim.wrapper import AccumulatingOptimizer
@@ -58,6 +59,19 @@ def _unaccelerated(optimizer: Any) -> Any:
     return optimizer
 
 
+class _AfterOptimizerStep(TrainerCallback):
+    """Runs the trainer's :meth:`FastaccumTrainer._report_skip` after each optimizer step
+    (before Trainer decides whether to step the LR schedule)."""
+
+    def __init__(self, trainer: FastaccumTrainer) -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._report_skip()
+
+
 class FastaccumTrainer(Trainer):
     """``transformers.Trainer`` whose gradient accumulation runs through fastaccum.
 
@@ -79,6 +93,11 @@ class FastaccumTrainer(Trainer):
     has the noise scale). ``grad_norm`` in the logs is the wrapper's window norm, NaN for a
     skipped window. Callbacks see no ``.grad``: the gradients live in the accumulators.
 
+    ``fp16=True``: the wrapper takes accelerate's GradScaler (``scaler=``). Each
+    micro-batch loss is scaled, the window is unscaled and checked once at its boundary,
+    and a window with an inf/NaN is skipped with the scale lowered; Trainer then leaves
+    the LR schedule where it was, as for a GradScaler skip.
+
     ``auto_find_batch_size=True``: each retry after an out-of-memory error raises K as the
     micro-batch shrinks, so that a step keeps its number of sequences (it updates
     ``args.gradient_accumulation_steps``).
@@ -89,14 +108,13 @@ class FastaccumTrainer(Trainer):
     hook, the counts summed over ranks), as ``fastaccum.wrap(opt, K, model=ddp)`` does.
 
     Raises:
-        ValueError: ``fp16=True`` (accelerate's scaler would unscale gradients fastaccum
-            has folded away: use ``bf16=True``, or the explicit loop with
-            ``fastaccum.wrap(..., scaler=)``), several GPUs in one process
+        ValueError: several GPUs in one process
             (DataParallel), DeepSpeed, FSDP or a model sharded when loaded (use the
             explicit loop of the README's distributed section for FSDP2), options given
             with an optimizer that is already fastaccum's, or such an optimizer with
-            another ``accum_steps`` or ``max_grad_norm``. Nothing of the model or
-            optimizer is changed when it raises.
+            another ``accum_steps`` or ``max_grad_norm`` (or, under fp16, without
+            accelerate's GradScaler). Nothing of the model or optimizer is changed when it
+            raises.
         NotImplementedError: the installed ``transformers`` lacks a Trainer method this
             class relies on.
     """
@@ -137,18 +155,13 @@ class FastaccumTrainer(Trainer):
         self.fastaccum_optimizer: AccumulatingOptimizer | None = None
         self._norm_box = torch.full((), math.nan)
         self._norm_hook: Any = None
+        self._skipped_before = 0
+        self.add_callback(_AfterOptimizerStep(self))
         # Sequences per device and optimizer step: auto_find_batch_size keeps it (below).
         self._window_rows = self.args.train_batch_size * self.args.gradient_accumulation_steps
 
     def _check_supported(self) -> None:
         args = self.args
-        if args.fp16:
-            raise ValueError(
-                "FastaccumTrainer does not take fp16=True: its GradScaler belongs to "
-                "accelerate, which would unscale .grad tensors that fastaccum has already "
-                "folded into its accumulators. Use bf16=True, or the explicit loop with "
-                "fastaccum.wrap(opt, K, scaler=torch.amp.GradScaler())"
-            )
         if args.n_gpu > 1:
             raise ValueError(
                 f"FastaccumTrainer runs one device per process (this process drives "
@@ -187,6 +200,13 @@ class FastaccumTrainer(Trainer):
                 "wraps the optimizer; this one is already fastaccum's: give them to "
                 "fastaccum.wrap instead"
             )
+        scaler = self.accelerator.scaler
+        if scaler is not None and opt.scaler is not scaler:
+            raise ValueError(
+                "fp16=True: the optimizer must unscale with accelerate's GradScaler; let "
+                "FastaccumTrainer wrap a torch.optim optimizer, or build this one with "
+                "scaler=trainer.accelerator.scaler"
+            )
         if opt.accum_steps != k:
             raise ValueError(
                 f"the optimizer accumulates accum_steps={opt.accum_steps} micro-batches but "
@@ -222,6 +242,7 @@ class FastaccumTrainer(Trainer):
                 self.args.gradient_accumulation_steps,
                 model=self.model,
                 max_grad_norm=self._max_grad_norm(),
+                scaler=self.accelerator.scaler,
                 **self._wrap_options,
             )
         opt = self.optimizer
@@ -330,6 +351,12 @@ class FastaccumTrainer(Trainer):
             # accelerate wrapped the model in DDP after the optimizer was built: the
             # wrapper takes the sync and the window's reduction over from here on.
             opt._bind_ddp(model)
+        scaler = opt.scaler
+        prepared = self.optimizer
+        if scaler is not None and getattr(prepared, "scaler", None) is not None:
+            # fp16: the wrapper unscales, checks and updates the scale once per window;
+            # accelerate's optimizer would do it on .grad tensors the wrapper has folded.
+            prepared.scaler = None
         # Trainer's losses sum to the window's; the wrapper averages over the window's
         # micro-batches, so each backward is seeded with their number.
         count = float(self.current_gradient_accumulation_steps)
@@ -340,6 +367,8 @@ class FastaccumTrainer(Trainer):
                     f"FastaccumTrainer cannot pass {sorted(kwargs)} to backward (LOMO-style "
                     "optimizers update inside backward; they cannot accumulate)"
                 )
+            if scaler is not None:
+                loss = scaler.scale(loss)
             opt.backward(loss, gradient=torch.full_like(loss, count))
 
         accelerator = self.accelerator
@@ -370,4 +399,15 @@ class FastaccumTrainer(Trainer):
         # Called before Trainer's optimizer.step(), read (.item()) when the step is logged,
         # after it: the step post hook fills this box with the window's norm.
         self._norm_box = torch.full((), math.nan)
+        self._skipped_before = self.fastaccum_optimizer.stats()["skipped_windows"]
         return self._norm_box
+
+    def _report_skip(self) -> None:
+        """After Trainer's optimizer step under fp16: tell accelerate whether the wrapper
+        skipped the window for an inf/NaN (as its GradScaler step would), so that Trainer
+        leaves the LR schedule where it was, as it does for a GradScaler skip."""
+        opt = self.fastaccum_optimizer
+        if opt is None or opt.scaler is None or not hasattr(self.optimizer, "_is_overflow"):
+            return
+        skipped = opt.stats()["skipped_windows"] > self._skipped_before
+        self.optimizer._is_overflow = skipped

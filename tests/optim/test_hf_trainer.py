@@ -8,7 +8,6 @@ Sequences have different numbers of labelled tokens, so the micro-batches weigh 
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -541,14 +540,49 @@ def check_refused(tmp_path, match, model=None, trainer_kwargs=None, **overrides)
     assert [type(m) for m in model.modules()] == before  # fuse_wgrad did not run
 
 
-def test_refuses_fp16(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            arguments(tmp_path, B, K, fp16=True)
-        except ValueError as err:  # a transformers that refuses fp16 on the CPU itself
-            pytest.skip(f"TrainingArguments refuses fp16 here: {err}")
-    check_refused(tmp_path, "fp16", fp16=True)
+class Fp16Scaled(SequentialFastaccumTrainer):
+    """fp16's loss scaling as accelerate sets it up on a GPU, here with torch's CPU
+    GradScaler (accelerate makes none on the CPU): the wrapper gets the scaler, and so does
+    the optimizer accelerate prepares. Growth every 2 windows, so the scale changes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+
+
+class Fp16ScaledPoisoned(PoisonOnce, Fp16Scaled):
+    pass
+
+
+def test_fp16_grad_scaler_equals_the_large_batch(tmp_path):
+    """With a GradScaler (fp16): loss scaled per micro-batch, unscaled once per window by
+    the wrapper (accelerate's optimizer no longer steps the scaler); power-of-two scales
+    cancel exactly, so the training is the large batch's in float32."""
+    ref_model, ref = train(SequentialTrainer, tmp_path / "ref", B * K, 1, **OPTIMS["sgd"])
+    model, ours = train(Fp16Scaled, tmp_path / "fa", B, K, **OPTIMS["sgd"])
+    assert_same_training(model, ours, ref_model, ref)
+    scaler = ours.accelerator.scaler
+    assert ours.fastaccum_optimizer.scaler is scaler
+    assert scaler.get_scale() == 2.0**15  # grown after windows 2, 4 and 6
+
+
+def test_fp16_inf_window_is_skipped_and_the_schedule_waits(tmp_path):
+    """An inf/NaN micro-batch under the GradScaler: its window is skipped, the scale halves,
+    the parameters stay, and Trainer leaves the LR schedule where it was (as for a
+    GradScaler skip); the next windows train."""
+    model = tiny_gpt2()
+    watch = ParamsAtStepEnd(model)
+    _, trainer = train(
+        Fp16ScaledPoisoned, tmp_path, B, K, model=model, trainer_kwargs={"callbacks": [watch]}
+    )
+    assert trainer.fastaccum_optimizer.stats()["skipped_windows"] == 1
+    for p, q in zip(watch.after[1], watch.after[0], strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(watch.after[2][0], watch.after[1][0])
+    rates = logged(trainer, "learning_rate")
+    assert rates[2] == rates[1] and rates[3] != rates[2]  # step 2 did not advance it
+    # 2^12: window 2 halves it, then windows 3-4 and 5-6 grow it once each (interval 2)
+    assert trainer.accelerator.scaler.get_scale() == 2.0**13
 
 
 def test_refuses_a_prebuilt_wrapper_that_disagrees(tmp_path):
