@@ -570,6 +570,7 @@ def test_fp16_inf_window_is_skipped_and_the_schedule_waits(tmp_path):
     """An inf/NaN micro-batch under the GradScaler: its window is skipped, the scale halves,
     the parameters stay, and Trainer leaves the LR schedule where it was (as for a
     GradScaler skip); the next windows train."""
+    Fp16ScaledPoisoned.calls = 0  # its own count, not the one PoisonOnce's test left
     model = tiny_gpt2()
     watch = ParamsAtStepEnd(model)
     _, trainer = train(
