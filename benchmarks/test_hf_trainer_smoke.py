@@ -1,8 +1,5 @@
 """Smoke test of benchmarks/cpu_hf_trainer.py (one layer, small vocabulary, 2 steps)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +7,8 @@ import pytest
 pytest.importorskip("transformers")
 
 import cpu_hf_trainer
+
+from tests.distributed.launch import torchrun
 
 
 def test_cpu_hf_trainer_script_runs(capsys):
@@ -28,23 +27,11 @@ def test_cpu_hf_trainer_script_runs_under_torchrun(tmp_path):
     """The same, as Trainer's DDP on 2 gloo processes (the script's torchrun mode): rank 0
     appends the report."""
     out = tmp_path / "report.md"
-    script = Path(cpu_hf_trainer.__file__)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(script),
+    torchrun(
+        Path(cpu_hf_trainer.__file__),
         *["--threads", "1", "--rounds", "1", "--steps", "2", "--layers", "1"],
         *["--vocab", "512", "--seq", "16", "--accum-steps", "2", "--out", str(out)],
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        command, cwd=script.parents[1], env=env, capture_output=True, text=True, timeout=300
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     report = out.read_text()
     assert "DDP over 2 gloo processes" in report
     assert report.count("| fastaccum") == 2 and "| trainer |" in report

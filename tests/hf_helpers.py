@@ -87,12 +87,16 @@ def arguments(
     return config_class(**settings)
 
 
-def train(cls, tmp_path, batch: int, accum: int, model=None, trainer_kwargs=None, **overrides):
+def train(
+    cls, tmp_path, batch: int, accum: int, model=None, trainer_kwargs=None, n: int = N, **overrides
+):
+    """Train ``model`` (a fresh tiny GPT-2 by default) with ``cls`` on ``n`` sequences of
+    :func:`dataset`; returns (model, trainer)."""
     model = tiny_gpt2() if model is None else model
     trainer = cls(
         model=model,
         args=arguments(tmp_path, batch, accum, **overrides),
-        train_dataset=dataset(),
+        train_dataset=dataset(n=n),
         **(trainer_kwargs or {}),
     )
     trainer.train()

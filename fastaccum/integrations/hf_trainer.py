@@ -155,7 +155,6 @@ class FastaccumTrainer(Trainer):
         self.fastaccum_optimizer: AccumulatingOptimizer | None = None
         self._norm_box = torch.full((), math.nan)
         self._norm_hook: Any = None
-        self._skipped_before = 0
         self.add_callback(_AfterOptimizerStep(self))
         # Sequences per device and optimizer step: auto_find_batch_size keeps it (below).
         self._window_rows = self.args.train_batch_size * self.args.gradient_accumulation_steps
@@ -399,7 +398,6 @@ class FastaccumTrainer(Trainer):
         # Called before Trainer's optimizer.step(), read (.item()) when the step is logged,
         # after it: the step post hook fills this box with the window's norm.
         self._norm_box = torch.full((), math.nan)
-        self._skipped_before = self.fastaccum_optimizer.stats()["skipped_windows"]
         return self._norm_box
 
     def _report_skip(self) -> None:
@@ -409,5 +407,6 @@ class FastaccumTrainer(Trainer):
         opt = self.fastaccum_optimizer
         if opt is None or opt.scaler is None or not hasattr(self.optimizer, "_is_overflow"):
             return
-        skipped = opt.stats()["skipped_windows"] > self._skipped_before
-        self.optimizer._is_overflow = skipped
+        # The norm box stays NaN unless the step post hook ran, i.e. the window stepped
+        # (a stepped window's norm is finite).
+        self.optimizer._is_overflow = math.isnan(self._norm_box.item())

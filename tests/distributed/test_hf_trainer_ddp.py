@@ -40,6 +40,7 @@ from tests.hf_helpers import (
     assert_same_training,
     dataset,
     tiny_gpt2,
+    train,
 )
 
 WHOLE = 32  # sequences: 16 micro-batches, 2 full windows per rank and epoch
@@ -65,20 +66,15 @@ def trainer_ranks(rank: int, world: int) -> Iterator[Path]:
         os.environ.update(saved)
 
 
-def run(cls, out: Path, batch: int, accum: int, n: int, model=None, opt=None, **overrides):
-    """Train ``model`` (a fresh tiny GPT-2 by default) on ``n`` sequences with ``cls``;
-    ``fuse=True`` passes ``fuse_wgrad=True`` to a FastaccumTrainer."""
-    model = tiny_gpt2() if model is None else model
-    extra = {"fuse_wgrad": True} if overrides.pop("fuse", False) else {}
-    trainer = cls(
-        model=model,
-        args=arguments(out, batch, accum, **overrides),
-        train_dataset=dataset(n=n),
-        optimizers=(opt, None),
-        **extra,
-    )
+def run(
+    cls, out: Path, batch: int, accum: int, n: int, model=None, opt=None, fuse=False, **overrides
+):
+    """:func:`tests.hf_helpers.train` on ``n`` sequences, on both ranks, with ``opt`` as
+    the optimizer when given; ``fuse=True`` passes ``fuse_wgrad=True`` to a
+    FastaccumTrainer."""
+    extra = {"optimizers": (opt, None), **({"fuse_wgrad": True} if fuse else {})}
+    model, trainer = train(cls, out, batch, accum, model, extra, n=n, **overrides)
     assert trainer.args.world_size == 2
-    trainer.train()
     return model, trainer
 
 
