@@ -1,4 +1,4 @@
-"""Time per window of DDP gradient accumulation on 2 CPU processes (gloo), as ratios.
+"""Time per window of DDP (or FSDP2) gradient accumulation on 2 CPU processes (gloo), as ratios.
 
 Providers, each on its own DDP copy of the same MLP, accumulating K micro-batches per
 optimizer step (AdamW):
@@ -15,13 +15,25 @@ optimizer step (AdamW):
 - ``fastaccum.fused``: ``fastaccum.fuse_wgrad(model)`` and ``fastaccum.optim.AdamW`` with
   ``opt.backward``: weight gradients go straight into the accumulators, fused update.
 
+With ``--fsdp`` the same MLP is sharded with ``fully_shard`` (each Linear, then the whole)
+and the providers are:
+
+- ``fsdp.every_step``: the native loop with gradient sync on: ``(loss / K).backward()``
+  reduce-scatters every micro-batch;
+- ``fsdp.no_sync``: the native loop with ``set_requires_gradient_sync(False)`` for the
+  first K-1 micro-batches: FSDP2 keeps unsharded gradients and reduce-scatters once;
+- ``fastaccum``: ``fastaccum.wrap(torch.optim.AdamW(...), K, model=fsdp_model)`` with
+  ``opt.backward``: one reduce-scatter per window, torch's AdamW on the DTensors;
+- ``fastaccum.fused``: ``fastaccum.optim.AdamW(..., model=fsdp_model)``: the same window,
+  and the update as one fused pass over the local shards.
+
 The providers run round-robin (one window each per round, the order rotated every round)
 so that the load drift of a shared machine hits all alike. Each window is timed on rank 0
 between two barriers. The report gives, per provider, the median over rounds of its time
 divided by ``ddp.no_sync``'s time in the same round (and the 20th/80th percentiles), and
 the same against ``ddp.every_step``. No absolute times are printed.
 
-Run: python benchmarks/ddp_window.py [--rounds 20] [--accum-steps 8] [--width 1024]
+Run: python benchmarks/ddp_window.py [--fsdp] [--rounds 20] [--accum-steps 8] [--width 1024]
 """
 
 from __future__ import annotations
@@ -43,6 +55,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fastaccum
 
 PROVIDERS = ["ddp.every_step", "ddp.no_sync", "fastaccum", "fastaccum.step", "fastaccum.fused"]
+FSDP_PROVIDERS = ["fsdp.every_step", "fsdp.no_sync", "fastaccum", "fastaccum.fused"]
+
+
+def providers(fsdp: bool) -> list[str]:
+    return FSDP_PROVIDERS if fsdp else PROVIDERS
 
 
 def make_model(width: int) -> torch.nn.Sequential:
@@ -64,18 +81,57 @@ def mse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.mse_loss(model(x), y)
 
 
+def fastaccum_optimizer(
+    provider: str, model: torch.nn.Module, k: int
+) -> fastaccum.AccumulatingOptimizer:
+    """The fused AdamW class for ``fastaccum.fused``, else ``fastaccum.wrap`` of torch's
+    AdamW, over the distributed ``model``."""
+    if provider == "fastaccum.fused":
+        return fastaccum.optim.AdamW(model.parameters(), lr=1e-4, accum_steps=k, model=model)
+    return fastaccum.wrap(torch.optim.AdamW(model.parameters(), lr=1e-4), k, model=model)
+
+
+def fsdp_window_runner(provider: str, rank: int, k: int, width: int) -> Callable[[], None]:
+    """A callable that trains one window of K micro-batches with the FSDP2 ``provider``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(width)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    batches = micro_batches(rank, k, width)
+    if provider.startswith("fastaccum"):
+        opt = fastaccum_optimizer(provider, model, k)
+
+        def fastaccum_window() -> None:
+            for x, y in batches:
+                opt.backward(mse(model, x, y), num_items=len(y))
+                opt.step()
+
+        return fastaccum_window
+
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def native_window() -> None:
+        for i, (x, y) in enumerate(batches):
+            model.set_requires_gradient_sync(provider == "fsdp.every_step" or i == k - 1)
+            (mse(model, x, y) / k).backward()
+        inner.step()
+        inner.zero_grad()
+
+    return native_window
+
+
 def window_runner(provider: str, rank: int, k: int, width: int) -> Callable[[], None]:
-    """A callable that trains one window of K micro-batches with ``provider``."""
+    """A callable that trains one window of K micro-batches with the DDP ``provider``."""
     model = make_model(width)
     if provider == "fastaccum.fused":
         fastaccum.fuse_wgrad(model)
     ddp = DDP(model)
     batches = micro_batches(rank, k, width)
     if provider.startswith("fastaccum"):
-        if provider == "fastaccum.fused":
-            opt = fastaccum.optim.AdamW(ddp.parameters(), lr=1e-4, accum_steps=k, model=ddp)
-        else:
-            opt = fastaccum.wrap(torch.optim.AdamW(ddp.parameters(), lr=1e-4), k, model=ddp)
+        opt = fastaccum_optimizer(provider, ddp, k)
 
         def fastaccum_window() -> None:
             for x, y in batches:
@@ -108,13 +164,15 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    runners = {p: window_runner(p, rank, args.accum_steps, args.width) for p in PROVIDERS}
+    names = providers(args.fsdp)
+    make = fsdp_window_runner if args.fsdp else window_runner
+    runners = {p: make(p, rank, args.accum_steps, args.width) for p in names}
     for run in runners.values():
         run()  # warm-up: optimizer state, accumulators, DDP's bucket rebuild
         run()
-    times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+    times: dict[str, list[float]] = {p: [] for p in names}
     for r in range(args.rounds):
-        for p in PROVIDERS[r % len(PROVIDERS) :] + PROVIDERS[: r % len(PROVIDERS)]:
+        for p in names[r % len(names) :] + names[: r % len(names)]:
             dist.barrier()
             t0 = time.perf_counter()
             runners[p]()
@@ -135,13 +193,14 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
 
 def report(times: dict[str, list[float]], args: argparse.Namespace) -> None:
     params = sum(p.numel() for p in make_model(args.width).parameters())
+    kind = "fsdp" if args.fsdp else "ddp"
     print(
-        f"DDP window time ratios, 2 gloo processes on CPU, K={args.accum_steps}, "
+        f"{kind.upper()} window time ratios, 2 gloo processes on CPU, K={args.accum_steps}, "
         f"{params / 1e6:.2f}M fp32 parameters, {args.rounds} rounds, torch {torch.__version__}"
     )
-    for base in ("ddp.no_sync", "ddp.every_step"):
+    for base in (f"{kind}.no_sync", f"{kind}.every_step"):
         print(f"\nper-round time / {base}: median (p20, p80)")
-        for p in PROVIDERS:
+        for p in providers(args.fsdp):
             ratios = [t / b for t, b in zip(times[p], times[base], strict=True)]
             med, p20, p80 = _quantiles(ratios)
             print(f"  {p:<16} {med:6.3f} ({p20:.3f}, {p80:.3f})")
@@ -158,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="windows per provider")
     parser.add_argument("--accum-steps", type=int, default=8, help="micro-batches per window")
     parser.add_argument("--width", type=int, default=1024, help="MLP width (5 layers)")
+    parser.add_argument("--fsdp", action="store_true", help="shard the MLP with FSDP2")
     args = parser.parse_args(argv)
     if args.rounds < 3 or args.accum_steps < 2:
         print("error: --rounds must be >= 3 and --accum-steps >= 2", file=sys.stderr)

@@ -68,8 +68,10 @@ back, so it normalizes by the global item count itself. Two modes:
   fastaccum adds each shard into its fp32 shard accumulator. Memory: the fp32 shard only
   (1/world of the parameters). Communication: K reduce-scatters per window.
 
-Fused-wgrad layers are not fused under FSDP2 (their weight is FSDP's unsharded copy) and
-the fused optimizer classes do not take DTensor parameters: use ``fastaccum.wrap``.
+Fused-wgrad layers are not fused under FSDP2 (their weight is FSDP's unsharded copy). The
+fused optimizer classes take FSDP2 models (``model=``): their window update runs on each
+rank's local shards of the parameters, accumulators and states, with the clip by the
+norm over all ranks' shards; the state stays torch's, as sharded DTensors.
 
 Dropping the wrapper
 --------------------

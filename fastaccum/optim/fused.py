@@ -34,12 +34,20 @@ from fastaccum.optim.wrapper import AccumulatingOptimizer, _memory_order, _same_
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a sharded (FSDP2 / DTensor) tensor, the same memory; ``t`` itself
+    otherwise."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # imported once DTensors exist
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
+
+
 def _window_step(
     name: str, lists: tuple[list[torch.Tensor], ...], factor: float, options: dict[str, Any]
 ) -> None:
     """``window_step_unchecked`` on tensors that share their parameter's memory layout,
-    passed in memory order: channels_last tensors go in as the same memory, uncopied."""
-    dense = tuple([_memory_order(t) for t in tensors] for tensors in lists)
+    passed in memory order: channels_last tensors go in as the same memory, uncopied.
+    Sharded parameters and their states go in as their local shards."""
+    dense = tuple([_memory_order(_local(t)) for t in tensors] for tensors in lists)
     window_step_unchecked(name, dense, factor, options)
 
 
@@ -47,7 +55,7 @@ def _state_like(state: dict[str, Any], key: str, p: torch.Tensor) -> torch.Tenso
     """``state[key]`` in ``p``'s memory layout (copied once, and kept, when it is not:
     loaded from a checkpoint of another format, or the model's format changed)."""
     value = state[key]
-    if not _same_layout(value, p):
+    if not _same_layout(_local(value), _local(p)):
         value = state[key] = torch.empty_like(p).copy_(value)
     return value
 
@@ -75,6 +83,7 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         scaler: torch.amp.GradScaler | None,
         model: torch.nn.Module | None,
         activations: Any = None,
+        reduce_scatter_every_micro_step: bool = False,
     ) -> None:
         for group in optimizer.param_groups:
             self._check_params(group["params"])
@@ -85,35 +94,30 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
             max_grad_norm=max_grad_norm,
             scaler=scaler,
             activations=activations,
+            reduce_scatter_every_micro_step=reduce_scatter_every_micro_step,
         )
 
     def _check_params(self, params: list[torch.Tensor]) -> None:
-        """Raise TypeError (not float32, or sharded) or ValueError (not dense: a view with
-        gaps) for any parameter."""
-        dtensor = sys.modules.get("torch.distributed.tensor")  # imported once DTensors exist
+        """Raise TypeError (not float32) or ValueError (not dense: a view with gaps) for any
+        parameter; a sharded (FSDP2) parameter is checked by its local shard."""
+        name = type(self).__name__
         for p in params:
-            if dtensor is not None and isinstance(p, dtensor.DTensor):
-                raise TypeError(
-                    f"{type(self).__name__} does not take sharded (FSDP2 / DTensor) "
-                    f"parameters; use fastaccum.wrap(torch.optim.{type(self).__name__}(...), "
-                    "K, model=fsdp_model)"
-                )
-            name = type(self).__name__
-            if p.dtype != torch.float32:
-                if p.dtype in (torch.bfloat16, torch.float16):
+            local = _local(p)
+            if local.dtype != torch.float32:
+                if local.dtype in (torch.bfloat16, torch.float16):
                     hint = f"fastaccum.wrap(torch.optim.{name}(...), K, master_weights=True)"
                 else:
                     hint = f"fastaccum.wrap(torch.optim.{name}(...), K)"
                 raise TypeError(
-                    f"{name} needs float32 parameters, got one of dtype {p.dtype} (shape "
-                    f"{tuple(p.shape)}); for {p.dtype} parameters use {hint}"
+                    f"{name} needs float32 parameters, got one of dtype {local.dtype} (shape "
+                    f"{tuple(p.shape)}); for {local.dtype} parameters use {hint}"
                 )
-            if not _memory_order(p).is_contiguous():
+            if not _memory_order(local).is_contiguous():
                 raise ValueError(
                     f"{name} needs dense parameters (contiguous or in a memory format such "
-                    f"as channels_last), got one of shape {tuple(p.shape)} and stride "
-                    f"{tuple(p.stride())} (a view with gaps); make it a parameter of its own "
-                    f"with .contiguous(), or use fastaccum.wrap(torch.optim.{name}(...), K)"
+                    f"as channels_last), got one of shape {tuple(local.shape)} and stride "
+                    f"{tuple(local.stride())} (a view with gaps); make it a parameter of its "
+                    f"own with .contiguous(), or use fastaccum.wrap(torch.optim.{name}(...), K)"
                 )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -131,8 +135,9 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         zeroed."""
         window = self.window_accums()
         for p, acc in window.items():
-            if not _same_layout(acc, p):  # the parameter's memory format changed mid-run
-                window[p] = self._accums[p] = torch.empty_like(p).copy_(acc)
+            local = _local(p)
+            if not _same_layout(acc, local):  # the parameter's memory format changed mid-run
+                window[p] = self._accums[p] = torch.empty_like(local).copy_(acc)
         for group in self.optimizer.param_groups:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:
@@ -163,16 +168,19 @@ class SGD(_FusedWindowOptimizer):
         accum_steps: micro-batches per optimizer step (K >= 1).
         max_grad_norm: clip the window gradient to this global L2 norm (None: no clip).
         scaler: a ``torch.amp.GradScaler``, unscaled and checked once per window.
-        model: the module owning ``params``, to check them and name them in messages.
+        model: the module owning ``params``, to check them and name them in messages;
+            DDP, or FSDP2 (``fully_shard``; the update then runs on the local shards).
+        activations: a :class:`fastaccum.ActivationPolicy` for ``model``'s forward passes.
+        reduce_scatter_every_micro_step: FSDP2 only, as in :func:`fastaccum.wrap`.
 
     ``step(num_items=n)`` returns True when the parameters were updated; see
     :class:`fastaccum.AccumulatingOptimizer`.
 
     Raises:
-        TypeError: a parameter is not float32.
+        TypeError: a parameter (a sharded one: its local shard) is not float32.
         ValueError: torch's own argument checks, ``differentiable=True``, parameters that
-            are views with gaps (channels_last is fine), or an invalid ``accum_steps`` /
-            ``max_grad_norm``.
+            are views with gaps (channels_last is fine), an invalid ``accum_steps`` /
+            ``max_grad_norm``, or sharded parameters without their FSDP2 ``model``.
     """
 
     def __init__(
@@ -193,12 +201,14 @@ class SGD(_FusedWindowOptimizer):
         scaler: torch.amp.GradScaler | None = None,
         model: torch.nn.Module | None = None,
         activations: Any = None,
+        reduce_scatter_every_micro_step: bool = False,
     ) -> None:
         _reject("differentiable", differentiable, "the fused update is not differentiable")
         inner = torch.optim.SGD(
             params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize
         )
-        super().__init__(inner, accum_steps, max_grad_norm, scaler, model, activations)
+        every = reduce_scatter_every_micro_step
+        super().__init__(inner, accum_steps, max_grad_norm, scaler, model, activations, every)
 
     def _step_group(
         self,
@@ -294,6 +304,7 @@ class Adam(_FusedWindowOptimizer):
         scaler: torch.amp.GradScaler | None = None,
         model: torch.nn.Module | None = None,
         activations: Any = None,
+        reduce_scatter_every_micro_step: bool = False,
     ) -> None:
         self._check_options(amsgrad, capturable, differentiable)
         inner = torch.optim.Adam(
@@ -305,8 +316,9 @@ class Adam(_FusedWindowOptimizer):
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
         )
+        every = reduce_scatter_every_micro_step
         _FusedWindowOptimizer.__init__(
-            self, inner, accum_steps, max_grad_norm, scaler, model, activations
+            self, inner, accum_steps, max_grad_norm, scaler, model, activations, every
         )
 
     @staticmethod
@@ -382,9 +394,11 @@ class AdamW(Adam):
         scaler: torch.amp.GradScaler | None = None,
         model: torch.nn.Module | None = None,
         activations: Any = None,
+        reduce_scatter_every_micro_step: bool = False,
     ) -> None:
         self._check_options(amsgrad, capturable, differentiable)
         inner = torch.optim.AdamW(params, lr, betas, eps, weight_decay, maximize=maximize)
+        every = reduce_scatter_every_micro_step
         _FusedWindowOptimizer.__init__(
-            self, inner, accum_steps, max_grad_norm, scaler, model, activations
+            self, inner, accum_steps, max_grad_norm, scaler, model, activations, every
         )

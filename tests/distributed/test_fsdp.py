@@ -53,6 +53,35 @@ def adamw(params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
+def wrapped_adamw(model: torch.nn.Module, **options) -> fastaccum.AccumulatingOptimizer:
+    """fastaccum.wrap(adamw) over the sharded ``model``, K micro-batches a window."""
+    return fastaccum.wrap(adamw(model.parameters()), K, model=model, **options)
+
+
+def fused_adamw(model: torch.nn.Module, **options) -> fastaccum.AccumulatingOptimizer:
+    """fastaccum.optim.AdamW with adamw's settings over the sharded ``model``."""
+    return fastaccum.optim.AdamW(
+        model.parameters(), lr=1e-2, weight_decay=0.1, accum_steps=K, model=model, **options
+    )
+
+
+def nesterov(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+
+
+def fused_nesterov(model: torch.nn.Module, **options) -> fastaccum.AccumulatingOptimizer:
+    """fastaccum.optim.SGD with nesterov's settings over the sharded ``model``."""
+    return fastaccum.optim.SGD(
+        model.parameters(),
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        accum_steps=K,
+        model=model,
+        **options,
+    )
+
+
 class ReduceScatterCounter:
     """Counts the reduce-scatters FSDP2 issues, passing each one on: calls of
     torch.distributed.reduce_scatter_single (torch 2.13), or of reduce_scatter_tensor where
@@ -105,33 +134,35 @@ def window_mode(rank: int, world: int) -> None:
     check_window_mode(rank, world, adamw)
 
 
-def check_window_mode(rank: int, world: int, make_opt) -> None:
-    """window_mode's run and checks, for the optimizer (or list) ``make_opt(params)``."""
+def check_window_mode(
+    rank: int, world: int, make_opt, build=None
+) -> fastaccum.AccumulatingOptimizer:
+    """window_mode's run and checks, for the optimizer (or list) ``make_opt(params)``
+    wrapped, or the optimizer ``build(model, max_grad_norm=0.5)`` makes (``make_opt``'s
+    then gives the reference); returns it."""
     n = K * WINDOWS
     want, _ = large_batch_run(make_opt, global_windows(world, n), max_grad_norm=0.5)
     model = sharded_model()
-    opt = fastaccum.wrap(make_opt(model.parameters()), K, model=model, max_grad_norm=0.5)
+    if build is None:
+        opt = fastaccum.wrap(make_opt(model.parameters()), K, model=model, max_grad_norm=0.5)
+    else:
+        opt = build(model, max_grad_norm=0.5)
     with ReduceScatterCounter() as counter:
         calls = train(model, opt, rank_batches(rank, n), counter)
     groups = 4  # the embedding, two linears and the layer norm each have an FSDP module
     assert calls == [0, 0, 0, groups] * WINDOWS, calls
     assert opt.stats()["grad_norm"] > 0.5  # clipped: the norm is the global one
     assert_matches(model, want)
+    return opt
 
 
-def every_micro_step_mode(rank: int, world: int) -> None:
+def every_micro_step_mode(rank: int, world: int, build=wrapped_adamw) -> None:
     """reduce_scatter_every_micro_step=True: a reduce-scatter per module per micro-batch,
     fp32 shard accumulators, and flush() of a partial last window works."""
     n = K * WINDOWS + 2
     want, _ = large_batch_run(adamw, global_windows(world, n), max_grad_norm=0.5)
     model = sharded_model()
-    opt = fastaccum.wrap(
-        adamw(model.parameters()),
-        K,
-        model=model,
-        max_grad_norm=0.5,
-        reduce_scatter_every_micro_step=True,
-    )
+    opt = build(model, max_grad_norm=0.5, reduce_scatter_every_micro_step=True)
     with ReduceScatterCounter() as counter:
         calls = train(model, opt, rank_batches(rank, n), counter)
     assert calls == [4] * n, calls
@@ -191,8 +222,11 @@ def configuration_checks(rank: int, world: int) -> None:
     model = sharded_model()
     with pytest.raises(ValueError, match="pass the fully_shard model as model="):
         fastaccum.wrap(adamw(model.parameters()), K)
-    with pytest.raises(TypeError, match="sharded"):
-        fastaccum.optim.AdamW(model.parameters(), accum_steps=K, model=model)
+    with pytest.raises(ValueError, match="pass the fully_shard model as model="):
+        fastaccum.optim.AdamW(model.parameters(), accum_steps=K)
+    half = fully_shard(make_model().to(torch.bfloat16))
+    with pytest.raises(TypeError, match=re.escape("needs float32 parameters")):
+        fastaccum.optim.AdamW(half.parameters(), accum_steps=K, model=half)
     bf16 = fully_shard(make_model(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     with pytest.warns(UserWarning, match=re.escape("reduce_dtype=torch.float32")):
         fastaccum.wrap(adamw(bf16.parameters()), K, model=bf16)
@@ -254,7 +288,50 @@ def chained_optimizers(rank: int, world: int) -> None:
     check_window_mode(rank, world, sgd_adamw)
 
 
-def distributed_checkpoint(rank: int, world: int) -> None:
+def fused_classes(rank: int, world: int) -> None:
+    """fastaccum.optim.AdamW and SGD (Nesterov momentum) over an FSDP2 model: each fused
+    update runs on the local shards, equal to torch's own class at the large batch with
+    the clip by the global norm; their state is torch's, as sharded DTensors. With
+    reduce_scatter_every_micro_step and flush() too."""
+    from torch.distributed.tensor import DTensor
+
+    opt = check_window_mode(rank, world, adamw, fused_adamw)
+    states = list(opt.optimizer.state.values())
+    assert len(states) == len(list(opt.optimizer.param_groups[0]["params"]))
+    for state in states:
+        assert isinstance(state["exp_avg"], DTensor)
+        assert isinstance(state["exp_avg_sq"], DTensor)
+        assert int(state["step"]) == WINDOWS
+    opt = check_window_mode(rank, world, nesterov, fused_nesterov)
+    for state in opt.optimizer.state.values():
+        assert isinstance(state["momentum_buffer"], DTensor)
+    every_micro_step_mode(rank, world, fused_adamw)
+
+    # A one-row head: rank 1's shards of its weight and bias are empty.
+    trained = []
+    for build in (wrapped_adamw, fused_adamw):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        fully_shard(model)
+        assert model[2].bias.to_local().numel() == (1 if rank == 0 else 0)
+        start = [p.full_tensor().clone() for p in model.parameters()]
+        opt = build(model, max_grad_norm=0.1)
+        gen = torch.Generator().manual_seed(rank)
+        for _ in range(K * 2):
+            opt.backward(model(torch.randn(4, 16, generator=gen)).pow(2).mean(), num_items=4)
+            opt.step()
+        trained.append([p.full_tensor() for p in model.parameters()])
+        assert not any(torch.equal(p, q) for p, q in zip(trained[-1], start, strict=True))
+    for p, q in zip(*trained, strict=True):
+        assert_close_rel(p, q, 1e-6)
+
+
+def fused_checkpoint(rank: int, world: int) -> None:
+    """distributed_checkpoint with fastaccum.optim.AdamW."""
+    distributed_checkpoint(rank, world, fused_adamw)
+
+
+def distributed_checkpoint(rank: int, world: int, build=wrapped_adamw) -> None:
     """dcp.save of get_state_dict(model, opt) after one window, then dcp.load and
     set_state_dict into a new sharded model and wrapper (which never stepped): the run
     goes on bit-identically to one without the checkpoint, on every shard."""
@@ -263,20 +340,20 @@ def distributed_checkpoint(rank: int, world: int) -> None:
 
     batches = rank_batches(rank, K * WINDOWS)
     straight = sharded_model()
-    straight_opt = fastaccum.wrap(adamw(straight.parameters()), K, model=straight)
+    straight_opt = build(straight)
     train(straight, straight_opt, batches)
 
     where = [tempfile.mkdtemp() if rank == 0 else None]
     dist.broadcast_object_list(where, src=0)
     try:
         model = sharded_model()
-        opt = fastaccum.wrap(adamw(model.parameters()), K, model=model)
+        opt = build(model)
         train(model, opt, batches[:K])
         model_sd, optim_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=where[0])
 
         model = sharded_model(seed=99)
-        opt = fastaccum.wrap(adamw(model.parameters()), K, model=model)
+        opt = build(model)
         model_sd, optim_sd = get_state_dict(model, opt)
         assert opt.micro_step == 0
         state = {"model": model_sd, "optim": optim_sd}
@@ -301,6 +378,8 @@ SCENARIOS = by_name(
     accum_steps_schedule,
     chained_optimizers,
     distributed_checkpoint,
+    fused_classes,
+    fused_checkpoint,
 )
 
 
