@@ -737,9 +737,16 @@ def attach(
     if found is None and dtensor is not None:
         sharded = [p for p in opt._params if isinstance(p, dtensor.DTensor)]
         if sharded:
-            raise ValueError(
+            message = (
                 f"{opt._names[id(sharded[0])]} is a sharded (DTensor) parameter; pass the "
                 "fully_shard model as model= so that fastaccum accumulates local shards"
+            )
+            if not opt._fused_update:
+                raise ValueError(message)
+            # A fused class may still join a list whose wrapper has the model: refuse at
+            # its first micro-batch instead.
+            opt._unusable = (
+                message + ", or give this optimizer to fastaccum.wrap([...], K, model=...)"
             )
     return found
 

@@ -3,6 +3,7 @@ with variable-length micro-batches for the optimizer tests."""
 
 import contextlib
 import gc
+import inspect
 import io
 from collections.abc import Iterator
 
@@ -132,6 +133,27 @@ def sgd_adamw(params) -> list[torch.optim.Optimizer]:
         torch.optim.SGD(matrices, lr=0.1, momentum=0.9),
         torch.optim.AdamW(rest, lr=1e-2, weight_decay=0.1),
     ]
+
+
+def fused_like(opt: torch.optim.Optimizer) -> fastaccum.AccumulatingOptimizer:
+    """fastaccum's fused class for ``opt``'s type, over its one param group, with its
+    settings."""
+    cls = {torch.optim.SGD: fastaccum.optim.SGD, torch.optim.AdamW: fastaccum.optim.AdamW}
+    fused = cls[type(opt)]
+    accepted = inspect.signature(fused).parameters
+    settings = {k: v for k, v in opt.defaults.items() if k in accepted}
+    return fused(opt.param_groups[0]["params"], **settings)
+
+
+def members_of(kind: str):
+    """sgd_adamw's optimizers: torch's own, or with AdamW, or both, as fused classes."""
+    fused = {"torch": (), "fused-adamw": (1,), "all-fused": (0, 1)}[kind]
+
+    def make(params):
+        members = sgd_adamw(params)
+        return [fused_like(m) if i in fused else m for i, m in enumerate(members)]
+
+    return make
 
 
 def micro_step(model, opt, x, y, mode: str = "step") -> bool:

@@ -34,7 +34,9 @@ def wrap(
         optimizer: any ``torch.optim.Optimizer``; it keeps its param groups and state. Or
             a list of them over disjoint parameters (``[muon, adamw]``), stepped together
             as one :class:`ChainedOptimizer`: one window, one clip by the norm over all
-            their parameters, one GradScaler decision, one checkpoint.
+            their parameters, one GradScaler decision, one checkpoint. A member may be a
+            fused class (``fastaccum.optim.AdamW(params, lr=...)``, built without the
+            window's options): its kernel updates its parameters at the boundary.
         accum_steps: micro-batches per window (K >= 1); ``opt.accum_steps = K2`` changes it
             later (a batch-size schedule).
         model: the module whose parameters ``optimizer`` updates; used to check them and
@@ -57,7 +59,8 @@ def wrap(
 
     Raises:
         TypeError, ValueError: a non-optimizer, optimizers in a list that share a
-            parameter, ``accum_steps < 1``, a parameter missing
+            parameter, a fused member built with the window's options or holding a
+            partial window, ``accum_steps < 1``, a parameter missing
             from ``model``, a bad ``max_grad_norm`` or ``accum_dtype``, or an unsupported
             distributed configuration.
         RuntimeError: a DDP model that already has a communication hook.

@@ -18,6 +18,12 @@ the fused step then reads the accumulator once more.
 Parameter groups, state (``'step'``, ``'exp_avg'``, ``'exp_avg_sq'``,
 ``'momentum_buffer'``, in ``torch.optim``'s own format) and learning-rate schedulers are
 those of a real ``torch.optim`` optimizer held in ``.optimizer``.
+
+Under FSDP2 (``model=`` a ``fully_shard`` model) the update runs on each rank's local
+shards of the parameters, accumulators and states; the states stay sharded DTensors, as
+``torch.optim`` makes them. In a list given to ``fastaccum.wrap([...], K)`` a fused class
+hands its ``torch.optim`` optimizer to the list's chain, and the list's wrapper runs this
+class's update for its parameters at the shared boundary (``_fused_window_update``).
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
     """
 
     _steps_wrapped_optimizer = False  # the kernel updates; torch's global hooks run here
+    _fused_update = True  # a list's wrapper can run _fused_window_update for it
 
     def __init__(
         self,
@@ -133,11 +140,21 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         """One fused update per (param group, device): every parameter that received a
         gradient in the window steps with ``factor x accumulator``; the accumulators are
         zeroed."""
-        window = self.window_accums()
+        self._fused_window_update(self.window_accums(), factor, self._accums)
+
+    def _fused_window_update(
+        self,
+        window: dict[torch.Tensor, torch.Tensor],
+        factor: float,
+        accums: dict[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """:meth:`_apply_and_step` for ``window`` (parameter of this optimizer ->
+        accumulator): this optimizer's own, or, once it joined a list, the window of the
+        list's wrapper, whose ``accums`` dict holds the accumulators."""
         for p, acc in window.items():
             local = _local(p)
             if not _same_layout(acc, local):  # the parameter's memory format changed mid-run
-                window[p] = self._accums[p] = torch.empty_like(local).copy_(acc)
+                window[p] = accums[p] = torch.empty_like(local).copy_(acc)
         for group in self.optimizer.param_groups:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:

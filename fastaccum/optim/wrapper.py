@@ -138,6 +138,49 @@ def _check_wrappable(optimizer: object, what: str) -> None:
         )
 
 
+def _join_fused_members(
+    members: Sequence[object], accum_steps: object
+) -> tuple[list[object], list[AccumulatingOptimizer]]:
+    """``members`` with each fused fastaccum class (``fastaccum.optim.SGD/Adam/AdamW``)
+    replaced by the ``torch.optim`` optimizer it holds, and those fused optimizers, whose
+    kernels then update their parameters at the list's window boundary.
+
+    Raises:
+        ValueError: a fused member holds a partial window, already joined a list, was
+            built with options that belong to the list's wrapper (``model``,
+            ``max_grad_norm``, ``scaler``, ``activations``), or with another
+            ``accum_steps`` than 1 or the list's. Nothing is changed then.
+    """
+    out: list[object] = []
+    fused: list[AccumulatingOptimizer] = []
+    for i, member in enumerate(members):
+        if not (isinstance(member, AccumulatingOptimizer) and member._fused_update):
+            out.append(member)
+            continue
+        what = f"optimizers[{i}] ({type(member).__name__})"
+        if member._joined:
+            raise ValueError(f"{what} already joined another fastaccum.wrap([...])")
+        if member.micro_step:
+            raise ValueError(
+                f"{what} holds a partial window of {member.micro_step} micro-batch(es); "
+                "flush() it before it joins a list"
+            )
+        for name in ("model", "max_grad_norm", "scaler", "activations"):
+            if getattr(member, name) is not None:
+                raise ValueError(
+                    f"{what} was built with {name}=; in a list the window is the wrapper's: "
+                    f"pass {name}= to fastaccum.wrap([...], K, {name}=...) instead"
+                )
+        if member.accum_steps not in (1, accum_steps):
+            raise ValueError(
+                f"{what} was built with accum_steps={member.accum_steps}, and the list is "
+                f"wrapped with accum_steps={accum_steps}; leave it out of the member"
+            )
+        out.append(member.optimizer)
+        fused.append(member)
+    return out, fused
+
+
 def _check_num_items(num_items: object) -> float | None:
     if num_items is None:
         return None
@@ -282,6 +325,15 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     # Whether _apply_and_step runs the wrapped optimizer's own step(), which runs torch's
     # global step hooks; subclasses that update the parameters themselves set it False.
     _steps_wrapped_optimizer = True
+    # Whether the class updates its parameters with a fused kernel that a list's wrapper
+    # can run for it (fastaccum.optim.SGD/Adam/AdamW: see _fused_window_update).
+    _fused_update = False
+    # The list's wrapper this optimizer joined, which steps it (weakly: once that wrapper is
+    # dropped, this optimizer is free again), or None.
+    _joined_by: weakref.ref | None = None
+    # Why this optimizer cannot take micro-batches of its own (a fused class over sharded
+    # parameters without model=, which only a list's wrapper can step), or None.
+    _unusable: str | None = None
 
     def __init__(
         self,
@@ -296,8 +348,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         reduce_scatter_every_micro_step: bool = False,
         activations: Any = None,
     ) -> None:
+        fused_members: list[AccumulatingOptimizer] = []
         if isinstance(optimizer, (list, tuple)):
-            optimizer = ChainedOptimizer(optimizer)  # checks the list; changes no member
+            members, fused_members = _join_fused_members(optimizer, accum_steps)
+            optimizer = ChainedOptimizer(members)  # checks the list; changes no member
         if isinstance(optimizer, ChainedOptimizer):
             for i, member in enumerate(optimizer.optimizers):
                 _check_wrappable(member, f"optimizers[{i}]")
@@ -403,8 +457,19 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._activation_handle = None if activations is None else activations.attach(model)
         if self._activation_handle is not None:  # a dropped wrapper takes its policy along
             weakref.finalize(self, self._activation_handle.remove)
+        # Fused classes given in a list: their kernels update their parameters at this
+        # wrapper's boundary, and they take no micro-batches of their own any more.
+        self._fused_members = fused_members
+        for member in fused_members:
+            member._joined_by = weakref.ref(self)
+            member._accums.clear()  # its window is empty: free its (zero) accumulators
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def _joined(self) -> bool:
+        """Whether a live list's wrapper steps this (fused) optimizer."""
+        return self._joined_by is not None and self._joined_by() is not None
 
     # The wrapped optimizer's, read at every access (see _FromWrapped).
     param_groups = _FromWrapped()
@@ -473,6 +538,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             # called from Optimizer.__init__, before the wrapper is set up
             super().add_param_group(param_group)
             return
+        self._check_usable("add_param_group()", micro_batch=False)
         if isinstance(self.optimizer, ChainedOptimizer):
             raise RuntimeError(
                 "this wrapper steps several optimizers and cannot tell which one a new param "
@@ -712,6 +778,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             RuntimeError: no parameter has a gradient (no backward on this micro-batch).
             Nothing is folded or changed when it raises.
         """
+        self._check_usable("step()")
         if not self.optimizer.state and _called_by_distributed_checkpoint():
             # torch.distributed.checkpoint creating missing state (zero gradients, lr 0):
             # that is the wrapped optimizer's step, not a micro-batch of the window.
@@ -856,6 +923,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         as a full window's is), e.g. at the end of an epoch. Without a distributed model it
         only marks ``last``.
         """
+        self._check_usable("accumulate()")
         if last:
             self._close_after = True
         self._sync_next()
@@ -889,6 +957,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             RuntimeError: called twice without ``opt.step()`` in between, or with stale
                 gradients from an earlier ``loss.backward()`` still in place.
         """
+        self._check_usable("backward()")
         if self._hook_weight is not None:
             raise RuntimeError("opt.backward() was called twice without opt.step() in between")
         self._check_scaler_used()
@@ -1191,11 +1260,24 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         Returns True when the wrapped optimizer stepped; False for an empty window or one
         skipped for non-finite gradients.
         """
+        self._check_usable("flush()")
         if self._micro_step == 0:
             return False
         if self._dist is not None:
             self._dist.check_flush()
         return self._finish_window()
+
+    def _check_usable(self, call: str, *, micro_batch: bool = True) -> None:
+        """Raise RuntimeError when this fused optimizer joined a list's wrapper, or (for
+        a ``call`` that takes a ``micro_batch``) ValueError when it has sharded parameters
+        and no model to reduce them."""
+        if micro_batch and not self._joined and self._unusable is not None:
+            raise ValueError(self._unusable)
+        if self._joined:
+            raise RuntimeError(
+                f"{call} on a {type(self).__name__} that joined fastaccum.wrap([...]): that "
+                "wrapper holds the window and steps it; call its methods instead"
+            )
 
     def _micro_sumsq(self, device: torch.device) -> torch.Tensor:
         """float64 [micro-steps so far]: each micro-batch's gradient sum of squares (0 for
@@ -1446,8 +1528,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         apply ``factor x accumulator`` as the gradient of every parameter in
         :meth:`window_accums` and leave those accumulators zeroed.
         """
+        window = self.window_accums()
+        for member in self._fused_members:  # fused classes joined in a list: their kernels
+            mine = {p: window.pop(p) for p in member._params if p in window}
+            if mine:
+                member._fused_window_update(mine, factor, self._accums)
         aliased, written = [], []
-        for p, acc in self.window_accums().items():
+        for p, acc in window.items():
             target = self._masters.get(p, p)
             if acc.dtype == target.dtype.to_real():
                 aliased.append((target, acc))

@@ -39,6 +39,7 @@ from tests.helpers import (
     large_batch_run,
     make_model,
     mean_loss,
+    members_of,
     sgd_adamw,
 )
 
@@ -470,12 +471,19 @@ def accum_steps_schedule(rank: int, world: int) -> None:
 def chained_optimizers(rank: int, world: int) -> None:
     """``wrap([sgd, adamw], K)``: two optimizers over one DDP model share the window, one
     all-reduce per bucket per window, and the clip by the norm over every parameter of
-    both; training equals the native two-optimizer loop on the large batch."""
+    both; training equals the native two-optimizer loop on the large batch. The same with
+    the AdamW member as fastaccum.optim.AdamW (its fused kernel updates its parameters)."""
     n = K * WINDOWS
     want, _ = large_batch_run(sgd_adamw, global_windows(world, n), max_grad_norm=0.5)
+    for kind in ("torch", "fused-adamw"):
+        check_chained(rank, n, want, members_of(kind))
+
+
+def check_chained(rank: int, n: int, want: torch.nn.Module, make_members) -> None:
+    """chained_optimizers' run and checks for the optimizers ``make_members(params)``."""
     model = fastaccum.fuse_wgrad(make_model())
     ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
-    opt = fastaccum.wrap(sgd_adamw(ddp.parameters()), K, model=ddp, max_grad_norm=0.5)
+    opt = fastaccum.wrap(make_members(ddp.parameters()), K, model=ddp, max_grad_norm=0.5)
     norms = []
     with CollectiveCounter() as calls:
         for i, (x, y) in enumerate(rank_batches(rank, n)):

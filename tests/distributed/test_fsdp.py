@@ -36,6 +36,7 @@ from tests.helpers import (
     large_batch_run,
     make_model,
     mean_loss,
+    members_of,
     sgd_adamw,
 )
 
@@ -222,8 +223,13 @@ def configuration_checks(rank: int, world: int) -> None:
     model = sharded_model()
     with pytest.raises(ValueError, match="pass the fully_shard model as model="):
         fastaccum.wrap(adamw(model.parameters()), K)
-    with pytest.raises(ValueError, match="pass the fully_shard model as model="):
-        fastaccum.optim.AdamW(model.parameters(), accum_steps=K)
+    # A fused class may still join a list that has the model: refused at its first use.
+    alone = fastaccum.optim.AdamW(model.parameters(), accum_steps=K)
+    x, y = rank_batches(rank, 1)[0]
+    for use in (lambda: alone.backward(mean_loss(model, x, y)), alone.step, alone.flush):
+        with pytest.raises(ValueError, match=r"local shards, or give this optimizer to fastaccum"):
+            use()
+    assert alone.micro_step == 0 and all(p.grad is None for p in model.parameters())
     half = fully_shard(make_model().to(torch.bfloat16))
     with pytest.raises(TypeError, match=re.escape("needs float32 parameters")):
         fastaccum.optim.AdamW(half.parameters(), accum_steps=K, model=half)
@@ -284,8 +290,16 @@ def accum_steps_schedule(rank: int, world: int) -> None:
 
 def chained_optimizers(rank: int, world: int) -> None:
     """``wrap([sgd, adamw], K)`` over an FSDP2 model: as window_mode, with the clip by the
-    norm over both optimizers' shards and the native two-optimizer loop as reference."""
+    norm over both optimizers' shards and the native two-optimizer loop as reference; also
+    with the AdamW member as fastaccum.optim.AdamW, whose kernel updates its shards."""
     check_window_mode(rank, world, sgd_adamw)
+
+    def with_fused_adamw(model, **options):
+        return fastaccum.wrap(
+            members_of("fused-adamw")(model.parameters()), K, model=model, **options
+        )
+
+    check_window_mode(rank, world, sgd_adamw, with_fused_adamw)
 
 
 def fused_classes(rank: int, world: int) -> None:

@@ -16,10 +16,12 @@ import fastaccum
 from tests.helpers import (
     assert_close_rel,
     by_shape,
+    collector_off,
     large_batch_run,
     large_batch_windows,
     make_model,
     mean_loss,
+    members_of,
     micro_step,
     resume,
     sgd_adamw,
@@ -37,15 +39,36 @@ def train(model, opt, batches, mode="step", sched=None):
             sched.step()
 
 
+class KernelCalls:
+    """Counts the fused window-update kernel calls, passing each one on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import fastaccum.optim.fused as module
+
+        self.calls = 0
+        real = module.window_step_unchecked
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "window_step_unchecked", counted)
+
+
+@pytest.mark.parametrize("kind", ["torch", "fused-adamw", "all-fused"])
 @pytest.mark.parametrize("mode", ["step", "backward"])
 @pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fuse_wgrad"])
-def test_one_window_for_all_optimizers_clipped_by_the_global_norm(mode, fuse):
+def test_one_window_for_all_optimizers_clipped_by_the_global_norm(mode, fuse, kind, monkeypatch):
+    """Members may be fastaccum's fused classes: their kernels update their parameters at
+    the list's boundary, and the state they keep is their torch.optim optimizer's."""
     batches = token_batches(3 * K + 2)  # 3 full windows and a partial one for flush()
-    want, _ = large_batch_run(sgd_adamw, split_windows(batches, K), CLIP)
+    want, want_opts = large_batch_run(sgd_adamw, split_windows(batches, K), CLIP)
     model = make_model()
     if fuse:
         fastaccum.fuse_wgrad(model)
-    opt = fastaccum.wrap(sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP)
+    members = members_of(kind)(model.parameters())
+    opt = fastaccum.wrap(members, K, model=model, max_grad_norm=CLIP)
+    kernel = KernelCalls(monkeypatch)
     train(model, opt, batches, mode)
     assert opt.micro_step == 2
     assert opt.flush() is True
@@ -55,6 +78,50 @@ def test_one_window_for_all_optimizers_clipped_by_the_global_norm(mode, fuse):
     assert opt.stats()["grad_norm"] > CLIP  # the clip acted on the global norm
     if fuse and mode == "backward":
         assert opt._fused_seen  # the Linear weights were written by the fused GEMM
+    # one kernel call per fused member (one group, one step count) per window
+    assert kernel.calls == 4 * {"torch": 0, "fused-adamw": 1, "all-fused": 2}[kind]
+    for member, native in zip(opt.optimizer.optimizers, want_opts, strict=True):
+        assert type(member) is type(native)
+        got, ref = member.state_dict(), native.state_dict()
+        assert ref["param_groups"] == got["param_groups"]
+        torch.testing.assert_close(got["state"], ref["state"], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_members_that_cannot_join_are_refused_and_unchanged():
+    """A fused class joins a list only fresh from construction or at a boundary, without
+    the options that belong to the list's wrapper, and only once; a refused list changes
+    none of them. A joined one takes no micro-batches of its own."""
+    model = make_model()
+    matrices, rest = by_shape(model.parameters())
+    sgd = fastaccum.optim.SGD(matrices, lr=0.1, momentum=0.9)
+    for bad, match in (
+        (fastaccum.optim.AdamW(rest, max_grad_norm=1.0), "max_grad_norm=;"),
+        (fastaccum.optim.AdamW(rest, model=model), "model=;"),
+        (fastaccum.optim.AdamW(rest, accum_steps=3), "accum_steps=3, and the list"),
+    ):
+        with pytest.raises(ValueError, match=r"optimizers\[1\] \(AdamW\) was built with " + match):
+            fastaccum.wrap([sgd, bad], K, model=model)
+    busy = fastaccum.optim.AdamW(rest, accum_steps=K)
+    x, y = token_batches(1)[0]
+    micro_step(model, busy, x, y)
+    with pytest.raises(ValueError, match=r"holds a partial window of 1 micro-batch"):
+        fastaccum.wrap([sgd, busy], K, model=model)
+    assert busy.micro_step == 1
+    busy.flush()
+
+    opt = fastaccum.wrap([sgd, busy], K, model=model)  # neither was marked by the refusals
+    with pytest.raises(ValueError, match=r"already joined another"):
+        fastaccum.wrap([sgd], K, model=model)
+    mean_loss(model, x, y).backward()
+    for call in (busy.step, busy.flush, lambda: busy.backward(mean_loss(model, x, y))):
+        with pytest.raises(RuntimeError, match=r"joined fastaccum.wrap\(\[\.\.\.\]\)"):
+            call()
+    assert opt.micro_step == 0
+    assert opt.step() is False  # the wrapper takes the micro-batch
+    assert opt.micro_step == 1
+    with collector_off():  # once that wrapper is dropped, its members are free again
+        del opt
+        fastaccum.wrap([sgd, busy], K, model=model)
 
 
 def test_muon_gets_the_native_window_gradient():
@@ -98,9 +165,11 @@ def test_muon_gets_the_native_window_gradient():
         assert_close_rel(p, q, 2e-2)
 
 
-def test_scheduler_on_the_wrapper_drives_every_member():
+@pytest.mark.parametrize("kind", ["torch", "all-fused"])
+def test_scheduler_on_the_wrapper_drives_every_member(kind):
     """One LambdaLR on the wrapper equals one per member in the native loop: each group
-    keeps its own base learning rate, and all move once per window."""
+    keeps its own base learning rate, and all move once per window (fused members' kernels
+    read it too)."""
     batches = token_batches(3 * K, seed=3)
 
     def warmup(step):
@@ -113,7 +182,7 @@ def test_scheduler_on_the_wrapper_drives_every_member():
         make_sched=lambda opts: [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in opts],
     )
     model = make_model()
-    opt = fastaccum.wrap(sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP)
+    opt = fastaccum.wrap(members_of(kind)(model.parameters()), K, model=model, max_grad_norm=CLIP)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
     train(model, opt, batches, sched=sched)
     for p, q in zip(model.parameters(), want.parameters(), strict=True):
@@ -168,13 +237,14 @@ def test_grad_scaler_skips_the_window_for_every_member():
         assert_close_rel(p, q, 1e-5)
 
 
-def test_checkpoint_mid_window_resumes_bit_identically():
+@pytest.mark.parametrize("kind", ["torch", "fused-adamw"])
+def test_checkpoint_mid_window_resumes_bit_identically(kind):
     batches = token_batches(3 * K, seed=6)
 
     def build(seed=0):
         model = make_model(seed)
         return model, fastaccum.wrap(
-            sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP
+            members_of(kind)(model.parameters()), K, model=model, max_grad_norm=CLIP
         )
 
     model, opt = build()
@@ -273,7 +343,7 @@ def test_master_weights_and_state_reach_the_members():
             r"optimizers\[1\]: LBFGS\.step needs a closure",
         ),
         (
-            lambda m: [fastaccum.optim.AdamW(m.parameters(), accum_steps=2)],
+            lambda m: [fastaccum.wrap(torch.optim.AdamW(m.parameters()), 2)],
             TypeError,
             r"optimizers\[0\] is already wrapped",
         ),
