@@ -1,10 +1,12 @@
 """FastaccumTrainer mixed into TRL's SFTTrainer: ``class FastSFT(FastaccumTrainer, SFTTrainer)``.
 
-SFTTrainer computes its own loss (a fused LM head over the completion tokens, divided by
-the window's token count), so the reference is SFTTrainer itself: its own accumulation at
-the same arguments, and in float64 its run at one batch of B·K. In float32, SFTTrainer's
-window gradient on this model is 2e-3 (relative) from the float64 one already, at any
-batch shape, so float32 runs are compared with SFTTrainer's accumulation only.
+SFTTrainer computes its own loss (over the completion tokens, divided by the window's
+token count), so the reference is SFTTrainer itself: its own accumulation at the same
+arguments, and its run at one batch of B·K. SFTConfig turns bf16 on by default, which on
+the CPU runs the forward under bfloat16 autocast: the window gradient is then 2e-3
+(relative) from the float64 one at any batch shape, and last-bit differences grow. The
+bf16 run is compared with SFTTrainer's own accumulation; the float32 (bf16=False) and
+float64 runs with the large batch, clipped.
 """
 
 import pytest
@@ -84,11 +86,11 @@ def sft(cls, tmp_path, batch: int, accum: int, dtype=torch.float32, extra=None, 
 
 
 def test_sft_trainer_with_fastaccum_equals_its_own_accumulation(tmp_path):
-    """Parameters, logged grad norms and losses equal SFTTrainer's own accumulation (rel
-    1e-6; bit-identical here) over 2 epochs with short last windows. Clipping is off: the
-    clip factors differ in their last bits (fastaccum's norm against torch's float32 one),
-    and SFTTrainer's float32 loss turns last-bit parameter differences into 1e-4 after 6
-    steps; the float64 test below clips."""
+    """Under SFTConfig's default bf16 autocast: parameters, logged grad norms and losses
+    equal SFTTrainer's own accumulation (rel 1e-6; bit-identical here) over 2 epochs with
+    short last windows. Clipping is off: the clip factors differ in their last bits
+    (fastaccum's norm against torch's float32 one), and the bfloat16 forward turns
+    last-bit parameter differences into 1e-4 after 6 steps; the tests below clip."""
     ref_model, ref = sft(SequentialSFT, tmp_path / "ref", B, K, max_grad_norm=0.0)
     model, ours = sft(FastSFT, tmp_path / "fa", B, K, max_grad_norm=0.0)
     assert_same_training(model, ours, ref_model, ref, rtol=1e-6)
@@ -102,3 +104,11 @@ def test_sft_trainer_with_fastaccum_equals_the_large_batch_in_float64(tmp_path, 
     ref_model, ref = sft(SequentialSFT, tmp_path / "ref", B * K, 1, torch.float64)
     model, ours = sft(FastSFT, tmp_path / "fa", B, K, torch.float64, {"fuse_wgrad": fuse})
     assert_same_training(model, ours, ref_model, ref, rtol=1e-6)
+
+
+def test_sft_trainer_with_fastaccum_equals_the_large_batch_in_float32(tmp_path):
+    """In float32 without autocast (bf16=False), clipped at 0.8: SFTTrainer's training at
+    one batch of B·K (rel 1e-5)."""
+    ref_model, ref = sft(SequentialSFT, tmp_path / "ref", B * K, 1, bf16=False)
+    model, ours = sft(FastSFT, tmp_path / "fa", B, K, bf16=False)
+    assert_same_training(model, ours, ref_model, ref, rtol=1e-5)
