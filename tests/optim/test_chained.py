@@ -208,15 +208,17 @@ def test_a_member_loaded_directly_stays_in_the_chain():
     assert [g["lr"] for m in members for g in m.param_groups] == [0.1 * 0.25, 1e-2 * 0.25]
 
 
-def test_grad_scaler_skips_the_window_for_every_member():
+@pytest.mark.parametrize("kind", ["torch", "fused-adamw"])
+def test_grad_scaler_skips_the_window_for_every_member(kind):
     """An inf in the Linear weights (an SGD member's) skips the window for the AdamW member
     too: both members' state and every parameter stay bitwise as they were, and the next
-    window trains as the native loop's second window."""
+    window trains as the native loop's second window (a fused member unscales in its
+    kernel)."""
     batches = token_batches(3 * K, seed=5)
     model = make_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
     opt = fastaccum.wrap(
-        sgd_adamw(model.parameters()), K, model=model, max_grad_norm=CLIP, scaler=scaler
+        members_of(kind)(model.parameters()), K, model=model, max_grad_norm=CLIP, scaler=scaler
     )
     for i, (x, y) in enumerate(batches):
         if i == K:

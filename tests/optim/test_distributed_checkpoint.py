@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 import fastaccum
 import fastaccum.optim as fo
-from tests.helpers import OPTIM_KINDS, make_model, micro_step, sgd_adamw, token_batches
+from tests.helpers import OPTIM_KINDS, make_model, members_of, micro_step, token_batches
 
 K = 4
 # DCP in one process, without a process group, says so on every save and load.
@@ -24,11 +24,10 @@ def build(setup: str, seed: int = 0):
     model = make_model(seed)
     if setup == "fused_class":
         return model, fo.AdamW(model.parameters(), **OPTIM_KINDS["AdamW"], accum_steps=K)
-    inner = (
-        sgd_adamw(model.parameters())
-        if setup == "chain"
-        else torch.optim.AdamW(model.parameters(), **OPTIM_KINDS["AdamW"])
-    )
+    if setup == "wrap":
+        inner = torch.optim.AdamW(model.parameters(), **OPTIM_KINDS["AdamW"])
+    else:  # a list: torch's own members, or the AdamW one as fastaccum.optim.AdamW
+        inner = members_of("fused-adamw" if setup == "chain_fused" else "torch")(model.parameters())
     return model, fastaccum.wrap(inner, K, model=model, max_grad_norm=0.5)
 
 
@@ -37,7 +36,7 @@ def train(model, opt, batches) -> None:
         micro_step(model, opt, x, y)
 
 
-@pytest.mark.parametrize("setup", ["wrap", "chain", "fused_class"])
+@pytest.mark.parametrize("setup", ["wrap", "chain", "chain_fused", "fused_class"])
 def test_saved_at_a_boundary_and_loaded_into_a_fresh_wrapper(setup, tmp_path):
     """dcp.save after one window, dcp.load into a wrapper that never stepped: the run goes
     on bit-identically. The fresh wrapper's state-creating step is the wrapped
