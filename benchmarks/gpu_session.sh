@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # A GPU session's work in three stages, each sized for one 10-minute call on an offline
-# GPU machine that already has torch, Triton and the test tools:
+# GPU machine that already has torch, Triton and the test tools, or in one stage when the
+# session's device time allows a single call:
 #
+#   bash benchmarks/gpu_session.sh core     # build, then what the open acceptance bars need
+#                                           # first: gpu_wgrad, gpu_wrapper, and the kernel
+#                                           # tests (CUDA, the ops, Triton) with what is left
 #   bash benchmarks/gpu_session.sh test     # build the extension, the whole test suite
 #                                           # (kernel tests, then the rest)
 #   bash benchmarks/gpu_session.sh bench1   # gpu_accumulate, gpu_wrapper (two sizes), gpu_wgrad
@@ -19,9 +23,9 @@ set -uo pipefail
 
 stage=${1:-}
 case "$stage" in
-test | bench1 | bench2) ;;
+core | test | bench1 | bench2) ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh test|bench1|bench2" >&2
+    echo "usage: bash benchmarks/gpu_session.sh core|test|bench1|bench2" >&2
     exit 2
     ;;
 esac
@@ -69,6 +73,12 @@ step backend 60 python -c "import fastaccum._backend as b; print(b.describe())"
 nvidia-smi >"$work/nvidia-smi.txt" 2>&1
 
 case "$stage" in
+core)
+    step gpu_wgrad 120 python benchmarks/gpu_wgrad.py
+    step gpu_wrapper 150 python benchmarks/gpu_wrapper.py
+    step tests_kernels 240 python -m pytest tests/cuda tests/ops tests/triton -q \
+        -p no:cacheprovider -rs --durations=15 --junitxml="$work/junit-kernels.xml"
+    ;;
 test)
     # The kernel tests first (CUDA, the ops on every backend, Triton), then the rest, each
     # with its own report and slowest-test list, so that a step cut short by its limit
