@@ -1,12 +1,13 @@
-"""examples/ddp_torchrun.py under torchrun with 2 gloo processes trains exactly like one
-process on the concatenated batches of both ranks (plain torch, mean over every real token
-of the window)."""
+"""examples/ddp_torchrun.py under torchrun with 2 gloo processes (DDP, and FSDP2 with the
+fused AdamW) trains exactly like one process on the concatenated batches of both ranks
+(plain torch, mean over every real token of the window)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -48,9 +49,10 @@ def reference(example) -> tuple[dict[str, torch.Tensor], int]:
     return model.state_dict(), seen
 
 
-def test_example_matches_single_process_training(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_example_matches_single_process_training(tmp_path: Path, mode: list[str]) -> None:
     saved = tmp_path / "model.pt"
-    lines = torchrun(EXAMPLE, "--steps", str(STEPS), "--save", str(saved), world=WORLD)
+    lines = torchrun(EXAMPLE, "--steps", str(STEPS), "--save", str(saved), *mode, world=WORLD)
     want, tokens = reference(load_example())
     assert [line["step"] for line in lines[:-1]] == [1, 2, 3]
     assert lines[-1]["summary"] == {
