@@ -1533,6 +1533,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             mine = {p: window.pop(p) for p in member._params if p in window}
             if mine:
                 member._fused_window_update(mine, factor, self._accums)
+            # An LR scheduler built on the member checks that its step ran before its own.
+            member._opt_called = True
         aliased, written = [], []
         for p, acc in window.items():
             target = self._masters.get(p, p)

@@ -8,6 +8,7 @@ Muon one: 2-D weights to one optimizer, the rest (LayerNorm, biases) to another.
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -189,6 +190,34 @@ def test_scheduler_on_the_wrapper_drives_every_member(kind):
         assert_close_rel(p, q, 1e-5)
     got_lrs = [g["lr"] for o in opt.optimizer.optimizers for g in o.param_groups]
     assert got_lrs == [g["lr"] for o in want_opts for g in o.param_groups] == [0.1, 1e-2]
+
+
+def test_schedulers_built_on_members_fused_ones_too():
+    """A scheduler on each member (the fused one's built on the fastaccum.optim.AdamW
+    itself), stepped when the list's wrapper steps: the native loop's schedules, and no
+    "lr_scheduler.step() before optimizer.step()" warning for the fused member."""
+    batches = token_batches(3 * K, seed=4)
+
+    def decay(step):
+        return 0.5**step
+
+    def schedules(opts):
+        return [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in opts]
+
+    want, _ = large_batch_run(sgd_adamw, split_windows(batches, K), CLIP, make_sched=schedules)
+    model = make_model()
+    members = members_of("fused-adamw")(model.parameters())
+    scheds = schedules(members)
+    opt = fastaccum.wrap(members, K, model=model, max_grad_norm=CLIP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in batches:
+            if micro_step(model, opt, x, y):
+                for sched in scheds:
+                    sched.step()
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+    assert [m.param_groups[0]["lr"] for m in members] == [0.1 / 8, 1e-2 / 8]
 
 
 def test_a_member_loaded_directly_stays_in_the_chain():
