@@ -305,16 +305,29 @@ class _DistributedWindow:
         reduced, replicated accumulators, or (None, None) when they are local shards."""
         return None, None
 
+    def reduced_fused_sq(self) -> torch.Tensor | None:
+        """After :meth:`reduce_accumulators`: the part of its norm_sq in fused-wgrad
+        layers' accumulators, or None (none, or local shards)."""
+        return None
+
     # ------------------------------------------------------------------ exchange
 
     def finish_window(
-        self, norm_sq: torch.Tensor | None, bad: torch.Tensor | None, micro: torch.Tensor
-    ) -> tuple[float, float, bool, list[float]]:
+        self,
+        norm_sq: torch.Tensor | None,
+        bad: torch.Tensor | None,
+        micro: torch.Tensor,
+        fused_first: torch.Tensor | None = None,
+    ) -> tuple[float, float, bool, list[float], tuple[float, float] | None]:
         """Reduce the window and exchange counts: (global item total, window norm_sq,
-        non-finite, this rank's micro-batch sums of squares), identical on all ranks but
-        the last. ``norm_sq``/``bad`` are the local accumulators' (used when sharded)."""
+        non-finite, this rank's micro-batch sums of squares, fused), identical on all
+        ranks but the last two. ``norm_sq``/``bad`` are the local accumulators' (used when
+        sharded). ``fused`` is (the reduced window's norm_sq in fused-wgrad layers, this
+        rank's ``fused_first``) when both exist and the accumulators are replicated, else
+        None; both come back with the window's one host sync."""
         opt = self.opt
         replicated_sq, replicated_bad = self.reduce_accumulators()
+        fused_sq = self.reduced_fused_sq() if fused_first is not None else None
         device = micro.device
         params = opt._params
         touched = torch.tensor(
@@ -342,12 +355,18 @@ class _DistributedWindow:
         n_bn = len(self.batchnorms)
         bn_counts = gathered[:, head.numel() : head.numel() + n_bn].reshape(-1)
         # The one host sync of the window: totals, norms, flags and BatchNorm counts.
+        fused = (
+            []
+            if fused_sq is None
+            else [torch.stack([fused_sq, fused_first]).to(device=device, dtype=torch.float64)]
+        )
         host = torch.cat(
             [
                 summed,
                 replicated_sq.to(device=device, dtype=torch.float64).reshape(1),
                 replicated_bad.to(device=device, dtype=torch.float64).reshape(1),
                 bn_counts,
+                *fused,
                 micro.to(device=device, dtype=torch.float64),
             ]
         ).tolist()
@@ -357,13 +376,15 @@ class _DistributedWindow:
         rep_sq, rep_bad = host[at], host[at + 1]
         world = gathered.shape[0]
         counts = [host[at + 2 + r * n_bn : at + 2 + (r + 1) * n_bn] for r in range(world)]
-        micro_host = host[at + 2 + world * n_bn :]
+        at += 2 + world * n_bn
+        fused_host = None if fused_sq is None else (host[at], host[at + 1])
+        micro_host = host[at + 2 * len(fused) :]
         opt._touched = {id(p) for p, flag in zip(params, flags, strict=True) if flag > 0}
         _merge_batchnorm(self.batchnorms, gathered[:, head.numel() :], counts)
         if self.sharded:
             # Shards of reduced, item-weighted gradients say nothing about one micro-batch.
-            return total, shard_sq, shard_bad != 0.0, []
-        return total, rep_sq, rep_bad != 0.0, micro_host
+            return total, shard_sq, shard_bad != 0.0, [], None
+        return total, rep_sq, rep_bad != 0.0, micro_host, fused_host
 
 
 # --------------------------------------------------------------------------- DDP
@@ -458,6 +479,7 @@ class DDPWindow(_DistributedWindow):
     def start_window(self) -> None:
         self._reduced: set[int] = set()
         self._sumsq: list[torch.Tensor] = []
+        self._fused_sumsq: list[torch.Tensor] = []
         self._bad: list[torch.Tensor] = []
         self._boundary_backward = False  # the boundary ran under opt.backward with sync on
         self._prev_used = None
@@ -479,9 +501,20 @@ class DDPWindow(_DistributedWindow):
             fut.value()  # re-raises a failed all-reduce into DDP / the waiter
             parts = flat.split([a.numel() for a in accums])
             views = [v.view(a.shape) for v, a in zip(parts, accums, strict=True)]
-            res = accumulate_unchecked(accums, views, 1.0)
-            self._sumsq.append(res.accum_sumsq)
-            self._bad.append(res.found_nonfinite)
+            # Fused-wgrad layers' accumulators apart (the same one read of each): the noise
+            # scale needs their part of the window's norm.
+            fused = opt._wgrad_param_ids()
+            split: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for p, a, v in zip(params, accums, views, strict=True):
+                pair = split.setdefault(id(p) in fused, ([], []))
+                pair[0].append(a)
+                pair[1].append(v)
+            for is_fused, (targets, sums) in split.items():
+                res = accumulate_unchecked(targets, sums, 1.0)
+                self._sumsq.append(res.accum_sumsq)
+                self._bad.append(res.found_nonfinite)
+                if is_fused:
+                    self._fused_sumsq.append(res.accum_sumsq)
             return result()
 
         return work.get_future().then(write_back)
@@ -558,6 +591,14 @@ class DDPWindow(_DistributedWindow):
         norm_sq = torch.stack([s.to(device=device, dtype=torch.float64) for s in self._sumsq])
         bad = torch.stack([b.to(device) for b in self._bad]).any()
         return norm_sq.sum(), bad
+
+    def reduced_fused_sq(self) -> torch.Tensor | None:
+        if not self._fused_sumsq:
+            return None
+        device = self._fused_sumsq[0].device
+        return torch.stack(
+            [s.to(device=device, dtype=torch.float64) for s in self._fused_sumsq]
+        ).sum()
 
     def _buckets(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """DDP's bucketing rule: reverse parameter order (about the order backward produces

@@ -826,7 +826,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._micro_step += 1
         if self._micro_step >= self._accum_steps or self._close_after:
             return self._finish_window()
-        if self._micro_step == 1 and self._dist is None and self._fused_set():
+        local = self._dist is None or not self._dist.sharded  # DDP's stay local until the end
+        if self._micro_step == 1 and local and self._fused_set():
             self._note_fused_first(weight)
         self._start_micro_step()
         self._sync_next()
@@ -1200,6 +1201,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._fused_seen |= ids
         self._fused_this_step = True
 
+    def _wgrad_param_ids(self) -> set[int]:
+        """:meth:`_fused_set` plus the parameters of every layer on the C++ fused-wgrad
+        route, whose writes are collected only at ``step()``: during a backward, the
+        parameters whose accumulators the noise scale measures as fused."""
+        ids = self._fused_set()
+        for weight, bias in self._wgrad_layers:
+            ids.add(id(weight))
+            if bias is not None:
+                ids.add(id(bias))
+        return ids
+
     def _fused_set(self) -> set[int]:
         """ids of this window's parameters that the noise scale measures through their
         accumulators: those fused layers wrote, and those they wrote in earlier windows
@@ -1374,9 +1386,16 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             # Reduction, then one exchange of counts and the same single host sync.
             if norm_sq is None:
                 norm_sq = torch.zeros((), dtype=torch.float64, device=device)
-            total, norm_sq_host, bad_host, micro_host = self._dist.finish_window(
-                norm_sq, bad, micro
+            first = self._fused_norms(torch.zeros((), dtype=torch.float64, device=device))
+            total, norm_sq_host, bad_host, micro_host, fused_host = self._dist.finish_window(
+                norm_sq, bad, micro, first[1] if first.numel() else None
             )
+            if fused_host is not None:  # the reduced window's fused part, this rank's first
+                fused_window, fused_first = fused_host
+                self._last_fused = (
+                    fused_window * (inv_scale / total) ** 2,
+                    fused_first * inv_scale * inv_scale,
+                )
         self._last_micro_sumsq = [s * inv_scale * inv_scale for s in micro_host]
         if self._dist is not None:
             inv_scale *= self._dist.grad_factor  # FSDP2's average over ranks, undone
@@ -1480,21 +1499,26 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         The unfused parameters give one squared norm per micro-batch. Fused-wgrad layers
         write no gradient to measure, so for them the first micro-batch's norm stands for
         all: their |G|^2 and tr(Sigma) are estimated apart (both estimates are unbiased;
-        theirs is noisier) and the two sets are added. Windows that cannot separate two
+        theirs is noisier) and the two sets are added. Under DDP the micro-batches are
+        this rank's and the window is every rank's. Windows that cannot separate two
         batch sizes (one micro-batch on one process), fused windows without the norms
-        :meth:`_fused_norms` needs, and fused windows under DDP/FSDP2 (whose norms come
-        from the reduction) are left out."""
+        :meth:`_fused_norms` needs (under DDP also those of one micro-batch per rank), and
+        windows under FSDP2 (whose shards hold no one micro-batch's gradient) are left
+        out."""
         micro, sizes = self._last_micro_sumsq, self._weights
         if not micro or len(micro) != len(sizes):
             return
         units = "items" if self._uses_num_items else "micro-batches"
         tracker = self.noise_scale_tracker
+        window_size = None if self._dist is None else total  # every rank's items
         with contextlib.suppress(ValueError):
             if not self._fused_set():
                 tracker.update(micro, norm * norm, sizes, total, units)
             elif self._last_fused is not None:
                 fused_window, fused_first = self._last_fused
-                grad_sq, trace = noise_scale_terms(micro, norm * norm - fused_window, sizes)
+                grad_sq, trace = noise_scale_terms(
+                    micro, norm * norm - fused_window, sizes, window_size
+                )
                 fused_grad_sq, fused_trace = noise_scale_terms(
                     [fused_first], fused_window, sizes[:1], window_size=total
                 )

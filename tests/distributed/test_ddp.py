@@ -526,6 +526,57 @@ def zero_redundancy_optimizer(rank: int, world: int) -> None:
         assert len(opt.state_dict()["optimizer"]["state"]) == params
 
 
+def noise_scale_with_fused_wgrad(rank: int, world: int) -> None:
+    """With fuse_wgrad under DDP the noise scale is estimated too: the fused layers' part
+    from this rank's first micro-batch (read from its accumulators) and the fused part of
+    the reduced window (measured in the reduction), the LayerNorm's from this rank's
+    micro-batches, each against the window of every rank. The reference feeds float64
+    gradients of each micro-batch and of the global window to the same estimator."""
+    from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
+
+    model = fastaccum.fuse_wgrad(make_model())
+    ref = make_model().double()  # lr 0: the weights stay those of the reference
+    ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+    opt = fastaccum.wrap(torch.optim.SGD(ddp.parameters(), lr=0.0), K, model=ddp)
+    norms = [m for m in ref if isinstance(m, torch.nn.LayerNorm)]
+    unfused = [p for m in norms for p in m.parameters()]
+    fused = [p for p in ref.parameters() if all(p is not q for q in unfused)]
+    reference = NoiseScaleTracker()
+
+    def sq(tensors) -> float:
+        return float(sum(t.square().sum() for t in tensors))
+
+    batches = rank_batches(rank, K * WINDOWS)
+    for w in range(WINDOWS):
+        sizes, grads = [], []
+        for x, y in batches[w * K : (w + 1) * K]:
+            opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+            opt.step()
+            sizes.append(float(len(y)))
+            grads.append(torch.autograd.grad(mean_loss(ref, x, y), fused + unfused))
+        # the window over every rank: sum of n x gradient and of n, all-reduced
+        summed = [
+            sum(n * g[i] for n, g in zip(sizes, grads, strict=True)) for i in range(len(grads[0]))
+        ]
+        total = torch.tensor(sum(sizes), dtype=torch.float64)
+        for t in [*summed, total]:
+            dist.all_reduce(t)
+        mean = [t / total for t in summed]
+        f = len(fused)
+        grad_sq, trace = noise_scale_terms(
+            [sq(g[f:]) for g in grads], sq(mean[f:]), sizes, window_size=float(total)
+        )
+        fused_grad_sq, fused_trace = noise_scale_terms(
+            [sq(grads[0][:f])], sq(mean[:f]), sizes[:1], window_size=float(total)
+        )
+        reference.update_terms(grad_sq + fused_grad_sq, trace + fused_trace)
+    assert opt._fused_seen  # the fused GEMMs wrote the Linear and Embedding weights
+    assert opt.noise_scale_tracker.windows == reference.windows == WINDOWS
+    assert opt.noise_scale_tracker.grad_sq == pytest.approx(reference.grad_sq, rel=1e-4)
+    assert opt.noise_scale_tracker.trace == pytest.approx(reference.trace, rel=1e-4)
+    assert opt.stats()["noise_scale"] == pytest.approx(reference.noise_scale, rel=1e-4)
+
+
 SCENARIOS = by_name(
     opt_backward_one_allreduce_per_bucket,
     step_path_and_flush,
@@ -541,6 +592,7 @@ SCENARIOS = by_name(
     accum_steps_schedule,
     chained_optimizers,
     zero_redundancy_optimizer,
+    noise_scale_with_fused_wgrad,
 )
 
 

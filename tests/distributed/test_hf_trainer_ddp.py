@@ -113,7 +113,8 @@ def assert_drives_the_ddp(trainer, windows: int) -> None:
 
 def trainer_ddp_equals_the_large_batch(rank: int, world: int) -> None:
     """SGD-momentum and AdamW, each with and without fuse_wgrad, 2 epochs: parameters,
-    logged grad norms and losses equal Trainer's DDP at B·K per rank (rel 1e-5)."""
+    logged grad norms and losses equal Trainer's DDP at B·K per rank (rel 1e-5), and every
+    window feeds the noise scale."""
     with trainer_ranks(rank, world) as out:
         for optim in ("sgd", "adamw"):
             ref_model, ref = run(SequentialTrainer, out / "ref", B * K, 1, WHOLE, **OPTIMS[optim])
@@ -133,6 +134,8 @@ def trainer_ddp_equals_the_large_batch(rank: int, world: int) -> None:
                 assert_drives_the_ddp(ours, windows=4)
                 # without num_items the wrapper counts micro-batches, over both ranks
                 assert ours.fastaccum_optimizer.stats()["items_seen"] == 4 * K * world
+                # every window feeds the noise scale under DDP, fused weight gradients or not
+                assert ours.fastaccum_optimizer.noise_scale_tracker.windows == 4
 
 
 def trainer_ddp_tokens_averaged_per_rank(rank: int, world: int) -> None:
