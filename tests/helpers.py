@@ -184,17 +184,22 @@ def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, build) -> tuple:
     return model, opt
 
 
-def run_with_checkpoint(stop_at, batches: list, k: int = 4, dtype=torch.float32) -> tuple:
-    """Train the token model with ``wrap(AdamW, k, max_grad_norm=1)`` and ``opt.step``,
-    resuming into a differently initialized model before micro-batch ``stop_at`` (None: no
-    checkpoint). Returns (model, wrapper)."""
+def run_with_checkpoint(
+    stop_at, batches: list, k: int = 4, dtype=torch.float32, build=None
+) -> tuple:
+    """Train the token model with ``wrap(AdamW, k, max_grad_norm=1)`` (or the ``(model,
+    optimizer)`` that ``build(seed=...)`` makes) and ``opt.step``, resuming into a
+    differently initialized model before micro-batch ``stop_at`` (None: no checkpoint).
+    Returns (model, wrapper)."""
 
-    def build(seed=0):
+    def wrapped_adamw(seed=0):
         model = make_model(seed, dtype)
         opt = fastaccum.wrap(
             make_opt("adamw", model.parameters()), k, model=model, max_grad_norm=1.0
         )
         return model, opt
+
+    build = build or wrapped_adamw
 
     model, opt = build()
     for i, (x, y) in enumerate(batches):

@@ -66,6 +66,23 @@ def _state_like(state: dict[str, Any], key: str, p: torch.Tensor) -> torch.Tenso
     return value
 
 
+_WRAPPING = (
+    "accum_steps",
+    "max_grad_norm",
+    "scaler",
+    "model",
+    "activations",
+    "reduce_scatter_every_micro_step",
+    "master_weights",
+)
+
+
+def _wrapping(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`AccumulatingOptimizer` options among a fused class constructor's
+    ``arguments`` (its ``locals()``)."""
+    return {key: arguments[key] for key in _WRAPPING}
+
+
 def _reject(name: str, value: object, why: str) -> None:
     if value:
         raise ValueError(
@@ -82,37 +99,24 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
     _steps_wrapped_optimizer = False  # the kernel updates; torch's global hooks run here
     _fused_update = True  # a list's wrapper can run _fused_window_update for it
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        accum_steps: int,
-        max_grad_norm: float | None,
-        scaler: torch.amp.GradScaler | None,
-        model: torch.nn.Module | None,
-        activations: Any = None,
-        reduce_scatter_every_micro_step: bool = False,
-    ) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, **wrapping: Any) -> None:
+        """``wrapping``: the :class:`AccumulatingOptimizer` options of the subclass's
+        constructor (see :func:`_wrapping`)."""
         for group in optimizer.param_groups:
-            self._check_params(group["params"])
-        super().__init__(
-            optimizer,
-            accum_steps,
-            model=model,
-            max_grad_norm=max_grad_norm,
-            scaler=scaler,
-            activations=activations,
-            reduce_scatter_every_micro_step=reduce_scatter_every_micro_step,
-        )
+            self._check_params(group["params"], wrapping["master_weights"])
+        super().__init__(optimizer, **wrapping)
 
-    def _check_params(self, params: list[torch.Tensor]) -> None:
-        """Raise TypeError (not float32) or ValueError (not dense: a view with gaps) for any
-        parameter; a sharded (FSDP2) parameter is checked by its local shard."""
+    def _check_params(self, params: list[torch.Tensor], master_weights: bool) -> None:
+        """Raise TypeError (not float32, nor bf16/fp16 with ``master_weights``) or
+        ValueError (not dense: a view with gaps) for any parameter; a sharded (FSDP2)
+        parameter is checked by its local shard."""
         name = type(self).__name__
         for p in params:
             local = _local(p)
-            if local.dtype != torch.float32:
-                if local.dtype in (torch.bfloat16, torch.float16):
-                    hint = f"fastaccum.wrap(torch.optim.{name}(...), K, master_weights=True)"
+            low = local.dtype in (torch.bfloat16, torch.float16)
+            if local.dtype != torch.float32 and not (low and master_weights):
+                if low:
+                    hint = f"{name}(..., master_weights=True) (fp32 masters)"
                 else:
                     hint = f"fastaccum.wrap(torch.optim.{name}(...), K)"
                 raise TypeError(
@@ -133,7 +137,8 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group["params"] = params
-        self._check_params(params)
+        if hasattr(self, "_params"):  # built: the constructor checked its own groups
+            self._check_params(params, self.master_weights)
         super().add_param_group(param_group)
 
     def _apply_and_step(self, factor: float) -> None:
@@ -155,13 +160,19 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
             local = _local(p)
             if not _same_layout(acc, local):  # the parameter's memory format changed mid-run
                 window[p] = accums[p] = torch.empty_like(local).copy_(acc)
+        # The optimizer's groups hold the fp32 masters of low-precision parameters.
+        targets = {self._masters.get(p, p): acc for p, acc in window.items()}
         for group in self.optimizer.param_groups:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if p in window:
+                if p in targets:
                     by_device.setdefault(p.device, []).append(p)
             for params in by_device.values():
-                self._step_group(group, params, [window[p] for p in params], factor)
+                self._step_group(group, params, [targets[p] for p in params], factor)
+        refreshed = [(p, self._masters[p]) for p in window if p in self._masters]
+        if refreshed:  # the model's bf16/fp16 parameters from their updated masters
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in refreshed], [m for _, m in refreshed])
 
     def _step_group(
         self,
@@ -189,12 +200,16 @@ class SGD(_FusedWindowOptimizer):
             DDP, or FSDP2 (``fully_shard``; the update then runs on the local shards).
         activations: a :class:`fastaccum.ActivationPolicy` for ``model``'s forward passes.
         reduce_scatter_every_micro_step: FSDP2 only, as in :func:`fastaccum.wrap`.
+        master_weights: for bf16/fp16 parameters: the update runs on fp32 master copies
+            (which the optimizer's groups and state hold), and the parameters are cast
+            from them after each window.
 
     ``step(num_items=n)`` returns True when the parameters were updated; see
     :class:`fastaccum.AccumulatingOptimizer`.
 
     Raises:
-        TypeError: a parameter (a sharded one: its local shard) is not float32.
+        TypeError: a parameter (a sharded one: its local shard) is not float32, nor
+            bf16/fp16 with ``master_weights=True``.
         ValueError: torch's own argument checks, ``differentiable=True``, parameters that
             are views with gaps (channels_last is fine), an invalid ``accum_steps`` /
             ``max_grad_norm``, or sharded parameters without their FSDP2 ``model``.
@@ -219,13 +234,13 @@ class SGD(_FusedWindowOptimizer):
         model: torch.nn.Module | None = None,
         activations: Any = None,
         reduce_scatter_every_micro_step: bool = False,
+        master_weights: bool = False,
     ) -> None:
         _reject("differentiable", differentiable, "the fused update is not differentiable")
         inner = torch.optim.SGD(
             params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize
         )
-        every = reduce_scatter_every_micro_step
-        super().__init__(inner, accum_steps, max_grad_norm, scaler, model, activations, every)
+        super().__init__(inner, **_wrapping(locals()))
 
     def _step_group(
         self,
@@ -292,7 +307,8 @@ class Adam(_FusedWindowOptimizer):
         amsgrad, capturable, differentiable: must be False (not supported; ValueError).
         foreach, fused: accepted for drop-in compatibility and ignored: the update always
             runs in fastaccum's fused kernel.
-        accum_steps, max_grad_norm, scaler, model: as :class:`SGD`.
+        accum_steps, max_grad_norm, scaler, model, activations,
+            reduce_scatter_every_micro_step, master_weights: as :class:`SGD`.
 
     Raises:
         TypeError: a parameter is not float32.
@@ -322,6 +338,7 @@ class Adam(_FusedWindowOptimizer):
         model: torch.nn.Module | None = None,
         activations: Any = None,
         reduce_scatter_every_micro_step: bool = False,
+        master_weights: bool = False,
     ) -> None:
         self._check_options(amsgrad, capturable, differentiable)
         inner = torch.optim.Adam(
@@ -333,10 +350,7 @@ class Adam(_FusedWindowOptimizer):
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        every = reduce_scatter_every_micro_step
-        _FusedWindowOptimizer.__init__(
-            self, inner, accum_steps, max_grad_norm, scaler, model, activations, every
-        )
+        _FusedWindowOptimizer.__init__(self, inner, **_wrapping(locals()))
 
     @staticmethod
     def _check_options(amsgrad: bool, capturable: bool, differentiable: bool) -> None:
@@ -412,10 +426,8 @@ class AdamW(Adam):
         model: torch.nn.Module | None = None,
         activations: Any = None,
         reduce_scatter_every_micro_step: bool = False,
+        master_weights: bool = False,
     ) -> None:
         self._check_options(amsgrad, capturable, differentiable)
         inner = torch.optim.AdamW(params, lr, betas, eps, weight_decay, maximize=maximize)
-        every = reduce_scatter_every_micro_step
-        _FusedWindowOptimizer.__init__(
-            self, inner, accum_steps, max_grad_norm, scaler, model, activations, every
-        )
+        _FusedWindowOptimizer.__init__(self, inner, **_wrapping(locals()))

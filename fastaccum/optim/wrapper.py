@@ -148,7 +148,7 @@ def _join_fused_members(
     Raises:
         ValueError: a fused member holds a partial window, already joined a list, was
             built with options that belong to the list's wrapper (``model``,
-            ``max_grad_norm``, ``scaler``, ``activations``), or with another
+            ``max_grad_norm``, ``scaler``, ``activations``, ``master_weights``), or with another
             ``accum_steps`` than 1 or the list's. Nothing is changed then.
     """
     out: list[object] = []
@@ -165,8 +165,8 @@ def _join_fused_members(
                 f"{what} holds a partial window of {member.micro_step} micro-batch(es); "
                 "flush() it before it joins a list"
             )
-        for name in ("model", "max_grad_norm", "scaler", "activations"):
-            if getattr(member, name) is not None:
+        for name in ("model", "max_grad_norm", "scaler", "activations", "master_weights"):
+            if getattr(member, name) not in (None, False):
                 raise ValueError(
                     f"{what} was built with {name}=; in a list the window is the wrapper's: "
                     f"pass {name}= to fastaccum.wrap([...], K, {name}=...) instead"

@@ -98,6 +98,7 @@ def test_fused_members_that_cannot_join_are_refused_and_unchanged():
     for bad, match in (
         (fastaccum.optim.AdamW(rest, max_grad_norm=1.0), "max_grad_norm=;"),
         (fastaccum.optim.AdamW(rest, model=model), "model=;"),
+        (fastaccum.optim.AdamW(rest, master_weights=True), "master_weights=;"),
         (fastaccum.optim.AdamW(rest, accum_steps=3), "accum_steps=3, and the list"),
     ):
         with pytest.raises(ValueError, match=r"optimizers\[1\] \(AdamW\) was built with " + match):
