@@ -124,6 +124,12 @@ def _check_wrappable(optimizer: object, what: str) -> None:
             f"{type(optimizer).__name__}"
         )
     if isinstance(optimizer, AccumulatingOptimizer):
+        if optimizer._fused_update:
+            raise TypeError(
+                f"{what} is a fastaccum.optim.{type(optimizer).__name__}, which accumulates "
+                "by itself: use it directly (accum_steps=K), or list it with other "
+                "optimizers in fastaccum.wrap([...], K)"
+            )
         raise TypeError(f"{what} is already wrapped by fastaccum; wrap the inner optimizer once")
     if isinstance(optimizer, torch.optim.SparseAdam):
         raise TypeError(

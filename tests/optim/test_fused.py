@@ -398,3 +398,10 @@ def test_is_an_accumulating_optimizer():
     assert isinstance(opt, torch.optim.Optimizer)
     assert opt.param_groups is opt.optimizer.param_groups
     assert opt.accum_steps == 4
+
+
+def test_wrapping_a_fused_class_points_to_using_it_directly():
+    opt = fo.AdamW(make_model().parameters(), accum_steps=2)
+    with pytest.raises(TypeError, match=r"fastaccum\.optim\.AdamW, which accumulates by itself"):
+        fastaccum.wrap(opt, 2)
+    assert opt.micro_step == 0 and not opt._joined
