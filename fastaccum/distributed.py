@@ -129,7 +129,7 @@ import torch
 import torch.distributed as dist
 
 from fastaccum.nn.batchnorm import accum_batchnorms
-from fastaccum.ops.accumulate import accumulate_unchecked
+from fastaccum.ops.accumulate import accumulate_unchecked, sumsq_unchecked
 
 if TYPE_CHECKING:
     from fastaccum.optim.wrapper import AccumulatingOptimizer
@@ -310,6 +310,11 @@ class _DistributedWindow:
         layers' accumulators, or None (none, or local shards)."""
         return None
 
+    def first_micro_sumsq(self) -> torch.Tensor | None:
+        """Sharded windows, after the window's first micro-batch: the squared norm of this
+        rank's gradient of it (weighted, still loss-scaled), or None."""
+        return None
+
     # ------------------------------------------------------------------ exchange
 
     def finish_window(
@@ -327,7 +332,15 @@ class _DistributedWindow:
         None; both come back with the window's one host sync."""
         opt = self.opt
         replicated_sq, replicated_bad = self.reduce_accumulators()
-        fused_sq = self.reduced_fused_sq() if fused_first is not None else None
+        # (fused part of the window's norm_sq, first micro-batch's) to bring to the host;
+        # sharded, the whole window stands in the first micro-batch's place
+        fused: list[torch.Tensor] = []
+        if fused_first is not None and self.sharded:
+            fused = [fused_first.reshape(1)]
+        elif fused_first is not None:
+            fused_sq = self.reduced_fused_sq()
+            if fused_sq is not None:
+                fused = [torch.stack([fused_sq, fused_first.to(fused_sq.device)])]
         device = micro.device
         params = opt._params
         touched = torch.tensor(
@@ -355,11 +368,7 @@ class _DistributedWindow:
         n_bn = len(self.batchnorms)
         bn_counts = gathered[:, head.numel() : head.numel() + n_bn].reshape(-1)
         # The one host sync of the window: totals, norms, flags and BatchNorm counts.
-        fused = (
-            []
-            if fused_sq is None
-            else [torch.stack([fused_sq, fused_first]).to(device=device, dtype=torch.float64)]
-        )
+        fused = [t.to(device=device, dtype=torch.float64) for t in fused]
         host = torch.cat(
             [
                 summed,
@@ -377,13 +386,16 @@ class _DistributedWindow:
         world = gathered.shape[0]
         counts = [host[at + 2 + r * n_bn : at + 2 + (r + 1) * n_bn] for r in range(world)]
         at += 2 + world * n_bn
-        fused_host = None if fused_sq is None else (host[at], host[at + 1])
-        micro_host = host[at + 2 * len(fused) :]
+        width = sum(t.numel() for t in fused)
+        micro_host = host[at + width :]
         opt._touched = {id(p) for p, flag in zip(params, flags, strict=True) if flag > 0}
         _merge_batchnorm(self.batchnorms, gathered[:, head.numel() :], counts)
         if self.sharded:
-            # Shards of reduced, item-weighted gradients say nothing about one micro-batch.
-            return total, shard_sq, shard_bad != 0.0, [], None
+            # Shards of reduced, item-weighted gradients say nothing about one micro-batch;
+            # the first micro-batch's norm was read before FSDP2 reduced it.
+            fused_host = (shard_sq, host[at]) if fused else None
+            return total, shard_sq, shard_bad != 0.0, [], fused_host
+        fused_host = (host[at], host[at + 1]) if fused else None
         return total, rep_sq, rep_bad != 0.0, micro_host, fused_host
 
 
@@ -730,6 +742,31 @@ class FSDPWindow(_DistributedWindow):
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if isinstance(t, self.dtensor) else t
+
+    def first_micro_sumsq(self) -> torch.Tensor | None:
+        """With gradient sync off, FSDP2 keeps this rank's unsharded gradient of the
+        window until the boundary: after the first micro-batch its squared norm is that
+        micro-batch's (one read of it). None when FSDP2 reduces every micro-batch, or keeps
+        no unsharded gradient where this reads it (``unsharded_accumulated_grad`` when it
+        upcasts for the reduction, else the unsharded parameter's ``.grad``)."""
+        if self.every_micro_step:
+            return None
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for module in self.modules:
+            for group in _fsdp_param_groups(module):
+                for fsdp_param in getattr(group, "fsdp_params", ()):
+                    grad = getattr(fsdp_param, "unsharded_accumulated_grad", None)
+                    if grad is None:
+                        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                        grad = getattr(unsharded, "grad", None)
+                    if isinstance(grad, torch.Tensor) and grad.numel():
+                        by_dtype.setdefault(grad.dtype, []).append(grad.contiguous())
+        parts = [
+            sumsq_unchecked(grads).double()
+            for dtype, grads in by_dtype.items()
+            if dtype in (torch.float32, torch.bfloat16, torch.float16)
+        ]
+        return torch.stack(parts).sum() if parts else None
 
     def as_grad(self, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.dtensor.from_local(

@@ -835,6 +835,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         local = self._dist is None or not self._dist.sharded  # DDP's stay local until the end
         if self._micro_step == 1 and local and self._fused_set():
             self._note_fused_first(weight)
+        elif self._micro_step == 1 and not local and weight > 0.0:
+            first = self._dist.first_micro_sumsq()  # FSDP2's unsharded gradient of it
+            if first is not None:
+                self._fused_first = first / (weight * weight)
         self._start_micro_step()
         self._sync_next()
         return False
@@ -1398,8 +1402,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             )
             if fused_host is not None:  # the reduced window's fused part, this rank's first
                 fused_window, fused_first = fused_host
+                window_scale = inv_scale * self._dist.grad_factor / total
                 self._last_fused = (
-                    fused_window * (inv_scale / total) ** 2,
+                    fused_window * window_scale * window_scale,
                     fused_first * inv_scale * inv_scale,
                 )
         self._last_micro_sumsq = [s * inv_scale * inv_scale for s in micro_host]
@@ -1506,16 +1511,26 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         write no gradient to measure, so for them the first micro-batch's norm stands for
         all: their |G|^2 and tr(Sigma) are estimated apart (both estimates are unbiased;
         theirs is noisier) and the two sets are added. Under DDP the micro-batches are
-        this rank's and the window is every rank's. Windows that cannot separate two
-        batch sizes (one micro-batch on one process), fused windows without the norms
-        :meth:`_fused_norms` needs (under DDP also those of one micro-batch per rank), and
-        windows under FSDP2 (whose shards hold no one micro-batch's gradient) are left
-        out."""
+        this rank's and the window is every rank's. Under FSDP2 every parameter counts
+        as fused, its first micro-batch's norm read from FSDP2's unsharded gradient.
+        Windows that cannot separate two batch sizes (one micro-batch on one process),
+        and windows without the first micro-batch's norm that :meth:`_fused_norms` needs
+        (one micro-batch per rank under DDP/FSDP2, FSDP2 reducing every micro-batch) are
+        left out."""
         micro, sizes = self._last_micro_sumsq, self._weights
-        if not micro or len(micro) != len(sizes):
-            return
         units = "items" if self._uses_num_items else "micro-batches"
         tracker = self.noise_scale_tracker
+        if self._dist is not None and self._dist.sharded:
+            # FSDP2: every parameter as a fused layer's, from this rank's first micro-batch
+            if self._last_fused is not None:
+                window_sq, first = self._last_fused
+                with contextlib.suppress(ValueError):
+                    terms = noise_scale_terms([first], window_sq, sizes[:1], window_size=total)
+                    tracker.update_terms(*terms, units)
+                    self._last_window_size = total
+            return
+        if not micro or len(micro) != len(sizes):
+            return
         window_size = None if self._dist is None else total  # every rank's items
         with contextlib.suppress(ValueError):
             if not self._fused_set():
@@ -1648,7 +1663,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         the same numbers as ``grad_norm`` and ``micro_batch_sumsq``, at no extra sync.
         Fused-wgrad layers never produce a gradient to measure per micro-batch: for them
         the first micro-batch's norm is read from their accumulators (one read per
-        window), and their part of the estimate is noisier. ``micro_batch_sumsq`` leaves
+        window), and their part of the estimate is noisier; under FSDP2 every parameter's
+        is read so, from FSDP2's unsharded gradient. ``micro_batch_sumsq`` leaves
         out the parameters fused layers write (from its second window, also a tied
         weight's ordinary gradient).
         """
