@@ -24,8 +24,10 @@ and the providers are:
   first K-1 micro-batches: FSDP2 keeps unsharded gradients and reduce-scatters once;
 - ``fastaccum``: ``fastaccum.wrap(torch.optim.AdamW(...), K, model=fsdp_model)`` with
   ``opt.backward``: one reduce-scatter per window, torch's AdamW on the DTensors;
-- ``fastaccum.fused``: ``fastaccum.optim.AdamW(..., model=fsdp_model)``: the same window,
-  and the update as one fused pass over the local shards.
+- ``fastaccum.fused``: ``fastaccum.fuse_wgrad(model)`` before sharding and
+  ``fastaccum.optim.AdamW(..., model=fsdp_model)``: the weight gradients go straight into
+  the window gradient FSDP2 keeps unsharded, and the update is one fused pass over the
+  local shards.
 
 The providers run round-robin (one window each per round, the order rotated every round)
 so that the load drift of a shared machine hits all alike. Each window is timed on rank 0
@@ -96,6 +98,8 @@ def fsdp_window_runner(provider: str, rank: int, k: int, width: int) -> Callable
     from torch.distributed.fsdp import fully_shard
 
     model = make_model(width)
+    if provider == "fastaccum.fused":
+        fastaccum.fuse_wgrad(model)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)

@@ -68,8 +68,12 @@ back, so it normalizes by the global item count itself. Two modes:
   fastaccum adds each shard into its fp32 shard accumulator. Memory: the fp32 shard only
   (1/world of the parameters). Communication: K reduce-scatters per window.
 
-Fused-wgrad layers are not fused under FSDP2 (their weight is FSDP's unsharded copy). The
-fused optimizer classes take FSDP2 models (``model=``): their window update runs on each
+Fused-wgrad layers see FSDP2's unsharded copies of their parameters. In the default mode,
+when FSDP2 keeps the window's gradient in fp32 (fp32 parameters, or
+``reduce_dtype=torch.float32``), they add their weight gradients straight into it
+(:meth:`FSDPWindow.window_grad`): the unsharded ``.grad``, or FSDP2's
+``unsharded_accumulated_grad`` when it upcasts for the reduction. Otherwise they run as
+plain layers. The fused optimizer classes take FSDP2 models (``model=``): their window update runs on each
 rank's local shards of the parameters, accumulators and states, with the clip by the
 norm over all ranks' shards; the state stays torch's, as sharded DTensors.
 
@@ -314,6 +318,11 @@ class _DistributedWindow:
         """Sharded windows, after the window's first micro-batch: the squared norm of this
         rank's gradient of it (weighted, still loss-scaled), or None."""
         return None
+
+    def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Sharded windows: whether a fused layer whose parameters are ``weight`` (and
+        ``bias``) adds its gradients into the window's gradient through this window."""
+        return False
 
     # ------------------------------------------------------------------ exchange
 
@@ -678,6 +687,7 @@ class FSDPWindow(_DistributedWindow):
         self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         weakref.finalize(self, _fsdp_sync_on, model, self.modules)
         self.grad_factor = self._divide_factor(mesh.size())
+        self._owners: dict[int, Any] = {}  # id(unsharded parameter) -> its FSDP2 parameter
         if not self.every_micro_step:
             self._check_unsharded_dtype()
 
@@ -742,6 +752,56 @@ class FSDPWindow(_DistributedWindow):
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if isinstance(t, self.dtensor) else t
+
+    # ------------------------------------------------------------------ fused wgrad
+
+    def _owner(self, t: torch.Tensor) -> Any | None:
+        """The FSDP2 parameter whose unsharded parameter is ``t`` (the fused layers see
+        those in forward and backward), or None."""
+        owners = self._owners
+        if id(t) not in owners:  # unsharded parameters exist once FSDP2 first ran
+            owners.clear()
+            for module in self.modules:
+                for group in _fsdp_param_groups(module):
+                    for fsdp_param in getattr(group, "fsdp_params", ()):
+                        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                        if unsharded is not None:
+                            owners[id(unsharded)] = fsdp_param
+        return owners.get(id(t))
+
+    def _fp32_window(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is an unsharded FSDP2 parameter whose window gradient FSDP2 keeps
+        in fp32 (an fp32 parameter, or ``reduce_dtype=torch.float32``)."""
+        owner = self._owner(t)
+        if owner is None:
+            return False
+        reduce = getattr(owner, "reduce_dtype", None)
+        return (reduce or t.dtype) == torch.float32
+
+    def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """With gradient sync off in the window (not reducing every micro-batch), fused
+        layers whose parameters' window gradients FSDP2 keeps in fp32 add into those."""
+        if self.every_micro_step or not weight.is_contiguous():
+            return False
+        trained = [weight] if bias is None or not bias.requires_grad else [weight, bias]
+        return all(self._fp32_window(t) for t in trained)
+
+    def window_grad(self, t: torch.Tensor) -> torch.Tensor:
+        """Where a fused layer adds the gradient of ``t`` (an unsharded parameter that
+        :meth:`accepts_wgrad` accepted): the fp32 unsharded gradient FSDP2 keeps for it
+        through the window, made (zero) on the window's first write. That is FSDP2's
+        ``unsharded_accumulated_grad`` when it upcasts for the reduction, else ``t.grad``.
+        The loss already carries the micro-batch weight (its alpha is 1)."""
+        owner = self._owner(t)
+        grad = getattr(owner, "unsharded_accumulated_grad", None)
+        if grad is not None:
+            return grad
+        if t.dtype != torch.float32:  # low-precision compute, fp32 reduction
+            owner.unsharded_accumulated_grad = grad = torch.zeros_like(t, dtype=torch.float32)
+            return grad
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+        return t.grad
 
     def first_micro_sumsq(self) -> torch.Tensor | None:
         """With gradient sync off, FSDP2 keeps this rank's unsharded gradient of the

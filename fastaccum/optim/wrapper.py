@@ -1145,7 +1145,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """True while ``opt.backward`` runs (the micro-batch weight is then known) for a
         weight (and trainable bias) this wrapper accumulates in fp32. ``loss.backward()``
-        keeps the unfused path: its weight is known only at ``step(num_items=...)``."""
+        keeps the unfused path: its weight is known only at ``step(num_items=...)``.
+        Under FSDP2 the layer sees the unsharded parameters: see
+        :meth:`fastaccum.distributed.FSDPWindow.accepts_wgrad`."""
+        if self._dist is not None and self._dist.sharded:
+            return self._hooks_active and self._dist.accepts_wgrad(weight, bias)
         ids = self._param_ids
         return (
             self._hooks_active
@@ -1170,12 +1174,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         ``transposed`` weight (stored [in, out], Hugging Face's Conv1D) takes
         ``input^T @ grad_out``. With ``rows`` (one part of a packed weight, such as
         attention's q, k, v projection), only those rows of the accumulators."""
+        target, alpha = self._wgrad_target()
         bias_acc = None
         if bias is not None and bias.requires_grad:
-            bias_acc = self._accum_for(bias)
+            bias_acc = target(bias)
         # The layer hands over [tokens, features] views of matching dtype, device and
         # shape, and the accumulators are fp32 (accepts_wgrad): the checks hold already.
-        acc, alpha = self._accum_for(weight), self._hook_weight
+        acc = target(weight)
         if rows is not None:  # rows of a contiguous accumulator: contiguous views
             acc = acc[rows]
             bias_acc = None if bias_acc is None else bias_acc[rows]
@@ -1186,18 +1191,29 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     bias_acc.add_(grad_out.sum(0, dtype=torch.float32), alpha=alpha)
         else:
             wgrad_accumulate_unchecked(acc, grad_out, input, alpha, bias_acc)
-        self._mark_fused(weight, bias)
+        if self._dist is None or not self._dist.sharded:
+            self._mark_fused(weight, bias)
+
+    def _wgrad_target(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+        """Where a fused layer adds a parameter's gradient, and its alpha: the parameter's
+        accumulator with the micro-batch weight, or under FSDP2 the window gradient FSDP2
+        keeps unsharded, whose loss already carries that weight."""
+        if self._dist is not None and self._dist.sharded:
+            return self._dist.window_grad, 1.0
+        return self._accum_for, self._hook_weight
 
     def accumulate_embedding_grad(
         self, weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor
     ) -> None:
         """Add ``weight x grad_out[i]`` into row ``indices[i]`` of the embedding weight's
         accumulator (``index_add_``): only the looked-up rows are touched, no dense dW."""
-        acc = self._accum_for(weight)
+        target, alpha = self._wgrad_target()
+        acc = target(weight)
         rows = grad_out if grad_out.dtype == acc.dtype else grad_out.to(acc.dtype)
         with torch.no_grad():
-            acc.index_add_(0, indices, rows, alpha=self._hook_weight)
-        self._mark_fused(weight)
+            acc.index_add_(0, indices, rows, alpha=alpha)
+        if self._dist is None or not self._dist.sharded:
+            self._mark_fused(weight)
 
     def _mark_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """A fused layer wrote the accumulators of ``weight`` (and of ``bias`` when it is

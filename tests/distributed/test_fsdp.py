@@ -41,13 +41,16 @@ from tests.helpers import (
 )
 
 
-def sharded_model(seed: int = 0) -> torch.nn.Module:
-    """The token model with each layer that has parameters, and the whole, fully_shard-ed."""
+def sharded_model(seed: int = 0, fuse: bool = False, **options) -> torch.nn.Module:
+    """The token model (its layers fused first with ``fuse``) with each layer that has
+    parameters, and the whole, fully_shard-ed with ``options``."""
     model = make_model(seed)
+    if fuse:
+        fastaccum.fuse_wgrad(model)
     for layer in model:
         if any(True for _ in layer.parameters()):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, **options)
+    return fully_shard(model, **options)
 
 
 def adamw(params):
@@ -136,14 +139,14 @@ def window_mode(rank: int, world: int) -> None:
 
 
 def check_window_mode(
-    rank: int, world: int, make_opt, build=None
+    rank: int, world: int, make_opt, build=None, fuse: bool = False
 ) -> fastaccum.AccumulatingOptimizer:
     """window_mode's run and checks, for the optimizer (or list) ``make_opt(params)``
     wrapped, or the optimizer ``build(model, max_grad_norm=0.5)`` makes (``make_opt``'s
-    then gives the reference); returns it."""
+    then gives the reference), on the model fused with ``fuse``; returns it."""
     n = K * WINDOWS
     want, _ = large_batch_run(make_opt, global_windows(world, n), max_grad_norm=0.5)
-    model = sharded_model()
+    model = sharded_model(fuse=fuse)
     if build is None:
         opt = fastaccum.wrap(make_opt(model.parameters()), K, model=model, max_grad_norm=0.5)
     else:
@@ -352,6 +355,81 @@ def noise_scale_from_the_first_micro_batch(rank: int, world: int) -> None:
     assert opt.noise_scale_tracker.windows == 0 and opt.stats()["noise_scale"] is None
 
 
+class WgradCalls:
+    """Counts the fused layers' writes into FSDP2's window gradients (one per weight and
+    per trained bias), passing each on."""
+
+    def __enter__(self) -> WgradCalls:
+        from fastaccum.distributed import FSDPWindow
+
+        self.calls = 0
+        self._real = real = FSDPWindow.window_grad
+
+        def counted(window, t):
+            self.calls += 1
+            return real(window, t)
+
+        FSDPWindow.window_grad = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from fastaccum.distributed import FSDPWindow
+
+        FSDPWindow.window_grad = self._real
+
+
+def fused_wgrad(rank: int, world: int) -> None:
+    """fuse_wgrad under FSDP2: off the boundary the fused Linear and Embedding layers add
+    their weight gradients into the window gradient FSDP2 keeps unsharded (no dW per
+    micro-batch), on the boundary too; training equals the large batch, with the fused
+    AdamW as well. Under bf16 compute with reduce_dtype=float32 they add into FSDP2's fp32
+    window gradient (close to the unfused run); with bf16 reduction, or reducing every
+    micro-batch, they run as plain layers."""
+    with WgradCalls() as calls:
+        check_window_mode(rank, world, adamw, fuse=True)
+    n = K * WINDOWS
+    assert calls.calls == 5 * n  # two Linears' weights and biases, the Embedding's weight
+    check_window_mode(rank, world, adamw, fused_adamw, fuse=True)
+
+    # The window gradient the optimizer is handed equals the unfused layers' (AdamW above
+    # would hardly see a wrong scale).
+    handed = []
+    for fuse in (True, False):
+        model = sharded_model(fuse=fuse)
+        inner = torch.optim.SGD(model.parameters(), lr=0.0)
+        seen = []
+        inner.register_step_pre_hook(
+            lambda o, args, kwargs, seen=seen: seen.append(
+                [p.grad.full_tensor() for g in o.param_groups for p in g["params"]]
+            )
+        )
+        train(model, fastaccum.wrap(inner, K, model=model), rank_batches(rank, K))
+        handed.append(seen[0])
+    for p, q in zip(*handed, strict=True):
+        assert_close_rel(p, q, 1e-6)
+
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    trained = []
+    for fuse in (True, False):
+        model = sharded_model(fuse=fuse, mp_policy=bf16)
+        opt = wrapped_adamw(model, max_grad_norm=0.5)
+        with WgradCalls() as calls:
+            train(model, opt, rank_batches(rank, n))
+        assert (calls.calls > 0) == fuse
+        trained.append([p.full_tensor() for p in model.parameters()])
+    for p, q in zip(*trained, strict=True):
+        assert_close_rel(p, q, 1e-2)
+    for options in ({"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)}, {}):
+        model = sharded_model(fuse=True, **options)
+        every = not options
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bf16 window gradients: warned about
+            opt = wrapped_adamw(model, reduce_scatter_every_micro_step=every)
+        with WgradCalls() as calls:
+            train(model, opt, rank_batches(rank, K))
+        assert calls.calls == 0
+
+
 def fused_classes(rank: int, world: int) -> None:
     """fastaccum.optim.AdamW and SGD (Nesterov momentum) over an FSDP2 model: each fused
     update runs on the local shards, equal to torch's own class at the large batch with
@@ -445,6 +523,7 @@ SCENARIOS = by_name(
     fused_classes,
     fused_checkpoint,
     noise_scale_from_the_first_micro_batch,
+    fused_wgrad,
 )
 
 
