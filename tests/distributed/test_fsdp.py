@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import fastaccum
+from fastaccum.memory.peak import LiveTensorBytes
 from tests.distributed.data import (
     WINDOWS,
     K,
@@ -378,6 +379,35 @@ class WgradCalls:
         FSDPWindow.window_grad = self._real
 
 
+class CreatedBytes(LiveTensorBytes):
+    """Counts the bytes of every CPU tensor storage created while active (freed or not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.current
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.created += max(0, self.current - before)
+        return out
+
+
+def second_backward_bytes(fuse: bool, rank: int) -> int:
+    """Bytes created by the backward of a window's second micro-batch (the first made
+    FSDP2's unsharded window gradients), on the fused or the plain model."""
+    model = sharded_model(fuse=fuse)
+    opt = wrapped_adamw(model)
+    (x0, y0), (x1, y1) = rank_batches(rank, 2)
+    opt.backward(mean_loss(model, x0, y0), num_items=len(y0))
+    opt.step()
+    loss = mean_loss(model, x1, y1)
+    with CreatedBytes() as counter:
+        opt.backward(loss, num_items=len(y1))
+    opt.step()
+    return counter.created
+
+
 def fused_wgrad(rank: int, world: int) -> None:
     """fuse_wgrad under FSDP2: off the boundary the fused Linear and Embedding layers add
     their weight gradients into the window gradient FSDP2 keeps unsharded (no dW per
@@ -407,6 +437,16 @@ def fused_wgrad(rank: int, world: int) -> None:
         handed.append(seen[0])
     for p, q in zip(*handed, strict=True):
         assert_close_rel(p, q, 1e-6)
+
+    # No dW: the second micro-batch's backward creates less by at least the bytes of the
+    # fused layers' (unsharded) weights.
+    weights = sum(
+        layer.weight.numel() * 4
+        for layer in make_model()
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Embedding))
+    )
+    saved = second_backward_bytes(False, rank) - second_backward_bytes(True, rank)
+    assert saved >= weights, (saved, weights)
 
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     trained = []
