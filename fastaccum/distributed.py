@@ -255,6 +255,7 @@ class _DistributedWindow:
 
     weights_in_loss = False  # True: opt.backward seeds backward with num_items
     sharded = False  # True: accumulators hold disjoint shards (norms add over ranks)
+    every_micro_step = False  # True: sharded, and each micro-batch arrives reduced
     grad_factor = 1.0  # the reduction's own divisor, multiplied back at the boundary
 
     def __init__(self, opt: AccumulatingOptimizer, model: torch.nn.Module, group: Any) -> None:
@@ -360,12 +361,19 @@ class _DistributedWindow:
             local_bad = bad.to(device=device, dtype=torch.float64).reshape(1)
         else:
             local_sq = local_bad = torch.zeros(1, dtype=torch.float64, device=device)
+        # Reduced micro-batches: their shards' sums of squares and their weights, summed
+        # over ranks, give each global micro-batch's gradient norm and item count.
+        per_micro = []
+        if self.every_micro_step:
+            weights = torch.tensor(opt._weights, dtype=torch.float64, device=device)
+            per_micro = [micro.to(device=device, dtype=torch.float64), weights]
         head = torch.cat(
             [
                 torch.tensor([math.fsum(opt._weights)], dtype=torch.float64, device=device),
                 local_sq,
                 local_bad,
                 touched.to(device),
+                *per_micro,
             ]
         )
         vector = torch.cat([head, _pack_batchnorm(self.batchnorms, device)])
@@ -391,6 +399,9 @@ class _DistributedWindow:
         total, shard_sq, shard_bad = host[0], host[1], host[2]
         flags = host[3 : 3 + len(params)]
         at = 3 + len(params)
+        m = len(opt._weights) if per_micro else 0
+        micro_sums, micro_sizes = host[at : at + m], host[at + m : at + 2 * m]
+        at += 2 * m
         rep_sq, rep_bad = host[at], host[at + 1]
         world = gathered.shape[0]
         counts = [host[at + 2 + r * n_bn : at + 2 + (r + 1) * n_bn] for r in range(world)]
@@ -399,9 +410,20 @@ class _DistributedWindow:
         micro_host = host[at + width :]
         opt._touched = {id(p) for p, flag in zip(params, flags, strict=True) if flag > 0}
         _merge_batchnorm(self.batchnorms, gathered[:, head.numel() :], counts)
+        self.micro_sizes = None
+        if per_micro:
+            # Each global micro-batch's mean-loss gradient: its reduced, item-weighted sum
+            # (divided by FSDP2's factor) over its items.
+            self.micro_sizes = micro_sizes
+            factor = self.grad_factor
+            micro_host = [
+                sq * factor * factor / (n * n) if n > 0 else math.nan
+                for sq, n in zip(micro_sums, micro_sizes, strict=True)
+            ]
+            return total, shard_sq, shard_bad != 0.0, micro_host, None
         if self.sharded:
-            # Shards of reduced, item-weighted gradients say nothing about one micro-batch;
-            # the first micro-batch's norm was read before FSDP2 reduced it.
+            # Shards of window gradients say nothing about one micro-batch; the first
+            # micro-batch's norm was read before FSDP2 reduced it.
             fused_host = (shard_sq, host[at]) if fused else None
             return total, shard_sq, shard_bad != 0.0, [], fused_host
         fused_host = (host[at], host[at + 1]) if fused else None

@@ -1528,14 +1528,20 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         all: their |G|^2 and tr(Sigma) are estimated apart (both estimates are unbiased;
         theirs is noisier) and the two sets are added. Under DDP the micro-batches are
         this rank's and the window is every rank's. Under FSDP2 every parameter counts
-        as fused, its first micro-batch's norm read from FSDP2's unsharded gradient.
+        as fused, its first micro-batch's norm read from FSDP2's unsharded gradient; when
+        FSDP2 reduces every micro-batch, the micro-batches are the global ones instead.
         Windows that cannot separate two batch sizes (one micro-batch on one process),
         and windows without the first micro-batch's norm that :meth:`_fused_norms` needs
-        (one micro-batch per rank under DDP/FSDP2, FSDP2 reducing every micro-batch) are
-        left out."""
+        (one micro-batch per rank under DDP/FSDP2) are left out."""
         micro, sizes = self._last_micro_sumsq, self._weights
         units = "items" if self._uses_num_items else "micro-batches"
         tracker = self.noise_scale_tracker
+        if self._dist is not None and self._dist.every_micro_step:
+            # FSDP2 reducing every micro-batch: the global micro-batches and the window
+            with contextlib.suppress(ValueError):
+                tracker.update(micro, norm * norm, self._dist.micro_sizes, total, units)
+                self._last_window_size = total
+            return
         if self._dist is not None and self._dist.sharded:
             # FSDP2: every parameter as a fused layer's, from this rank's first micro-batch
             if self._last_fused is not None:
@@ -1667,8 +1673,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         Returns a dict with ``grad_norm`` (global L2 norm of the last applied window's
         gradient, unscaled, before clipping; None before the first step),
         ``micro_batch_sumsq`` (squared L2 norms of each micro-batch's gradient in the last
-        finished window, unscaled; under DDP this rank's micro-batches, under FSDP2 empty:
-        FSDP2 hands over only reduced shards), ``skipped_windows``, ``windows`` (applied),
+        finished window, unscaled; under DDP this rank's micro-batches; under FSDP2 with
+        ``reduce_scatter_every_micro_step`` the global micro-batches (the k-th of every
+        rank), else empty: FSDP2 hands over only the reduced window), ``skipped_windows``,
+        ``windows`` (applied),
         ``items_seen`` (sum of num_items, or of micro-batches, over applied windows, over
         all ranks under a distributed model),
         ``micro_step`` and ``accum_steps``, and the gradient noise scale (McCandlish et al.

@@ -59,3 +59,27 @@ def same_on_all_ranks(t: torch.Tensor) -> bool:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return all(torch.equal(parts[0], p) for p in parts)
+
+
+def micro_gradients(model: torch.nn.Module, window: list, loss_fn) -> tuple[list, list[float]]:
+    """This rank's gradient of ``loss_fn(model, x, y)`` (the mean over a micro-batch's
+    items) for each micro-batch of ``window``, and the item counts."""
+    grads = [torch.autograd.grad(loss_fn(model, x, y), list(model.parameters())) for x, y in window]
+    return grads, [float(len(y)) for _, y in window]
+
+
+def global_mean(grads: list, sizes: list[float]) -> tuple[list[torch.Tensor], float]:
+    """The item-weighted mean of ``grads`` over every rank's micro-batches (all-reduced),
+    and the item count behind it."""
+    summed = [
+        sum(n * g[i] for n, g in zip(sizes, grads, strict=True)) for i in range(len(grads[0]))
+    ]
+    total = torch.tensor(sum(sizes), dtype=torch.float64)
+    for t in [*summed, total]:
+        dist.all_reduce(t)
+    return [t / total for t in summed], float(total)
+
+
+def sq(tensors) -> float:
+    """Squared L2 norm over ``tensors``."""
+    return float(sum(t.square().sum() for t in tensors))

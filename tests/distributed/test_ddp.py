@@ -25,9 +25,12 @@ from fastaccum.distributed import merge_batchnorm_windows
 from tests.distributed.data import (
     WINDOWS,
     K,
+    global_mean,
     global_windows,
+    micro_gradients,
     rank_batches,
     same_on_all_ranks,
+    sq,
     weighted_reference,
     windows_of_sizes,
 )
@@ -538,36 +541,26 @@ def noise_scale_with_fused_wgrad(rank: int, world: int) -> None:
     ref = make_model().double()  # lr 0: the weights stay those of the reference
     ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
     opt = fastaccum.wrap(torch.optim.SGD(ddp.parameters(), lr=0.0), K, model=ddp)
-    norms = [m for m in ref if isinstance(m, torch.nn.LayerNorm)]
-    unfused = [p for m in norms for p in m.parameters()]
-    fused = [p for p in ref.parameters() if all(p is not q for q in unfused)]
+    norms = {id(p) for m in ref if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    fused = [id(p) not in norms for p in ref.parameters()]
     reference = NoiseScaleTracker()
 
-    def sq(tensors) -> float:
-        return float(sum(t.square().sum() for t in tensors))
+    def part(tensors, of_fused: bool) -> list[torch.Tensor]:
+        return [t for t, f in zip(tensors, fused, strict=True) if f == of_fused]
 
     batches = rank_batches(rank, K * WINDOWS)
     for w in range(WINDOWS):
-        sizes, grads = [], []
-        for x, y in batches[w * K : (w + 1) * K]:
+        window = batches[w * K : (w + 1) * K]
+        for x, y in window:
             opt.backward(mean_loss(ddp, x, y), num_items=len(y))
             opt.step()
-            sizes.append(float(len(y)))
-            grads.append(torch.autograd.grad(mean_loss(ref, x, y), fused + unfused))
-        # the window over every rank: sum of n x gradient and of n, all-reduced
-        summed = [
-            sum(n * g[i] for n, g in zip(sizes, grads, strict=True)) for i in range(len(grads[0]))
-        ]
-        total = torch.tensor(sum(sizes), dtype=torch.float64)
-        for t in [*summed, total]:
-            dist.all_reduce(t)
-        mean = [t / total for t in summed]
-        f = len(fused)
+        grads, sizes = micro_gradients(ref, window, mean_loss)
+        mean, total = global_mean(grads, sizes)  # the window over every rank
         grad_sq, trace = noise_scale_terms(
-            [sq(g[f:]) for g in grads], sq(mean[f:]), sizes, window_size=float(total)
+            [sq(part(g, False)) for g in grads], sq(part(mean, False)), sizes, window_size=total
         )
         fused_grad_sq, fused_trace = noise_scale_terms(
-            [sq(grads[0][:f])], sq(mean[:f]), sizes[:1], window_size=float(total)
+            [sq(part(grads[0], True))], sq(part(mean, True)), sizes[:1], window_size=total
         )
         reference.update_terms(grad_sq + fused_grad_sq, trace + fused_trace)
     assert opt._fused_seen  # the fused GEMMs wrote the Linear and Embedding weights

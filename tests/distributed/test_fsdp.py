@@ -24,9 +24,12 @@ from fastaccum.memory.peak import LiveTensorBytes
 from tests.distributed.data import (
     WINDOWS,
     K,
+    global_mean,
     global_windows,
+    micro_gradients,
     rank_batches,
     same_on_all_ranks,
+    sq,
     weighted_reference,
     windows_of_sizes,
 )
@@ -306,54 +309,44 @@ def chained_optimizers(rank: int, world: int) -> None:
     check_window_mode(rank, world, sgd_adamw, with_fused_adamw)
 
 
-def noise_scale_from_the_first_micro_batch(rank: int, world: int) -> None:
+def noise_scale(rank: int, world: int) -> None:
     """Default mode: after each window's first micro-batch the wrapper reads this rank's
     unsharded gradient of it, which FSDP2 keeps; with the reduced window's norm that
-    estimates the noise scale as for a fused layer (window of every rank). Against
-    float64 gradients of the first micro-batch and of both ranks' window, fed to the same
-    estimator. reduce_scatter_every_micro_step keeps no such gradient: no estimate."""
+    estimates the noise scale as for a fused layer (window of every rank). With
+    reduce_scatter_every_micro_step each micro-batch arrives reduced over the ranks: the
+    estimate uses the global micro-batches (the k-th of every rank: the shards' sums of
+    squares and the item counts summed over ranks). Both against float64 gradients of
+    the micro-batches and of both ranks' window, fed to the same estimator."""
     from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
 
     ref = make_model().double()  # lr 0: the weights stay those of the reference
-    model = sharded_model()
-    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), K, model=model)
-    reference = NoiseScaleTracker()
-
-    def sq(tensors) -> float:
-        return float(sum(t.square().sum() for t in tensors))
-
     batches = rank_batches(rank, K * WINDOWS)
-    for w in range(WINDOWS):
-        window = batches[w * K : (w + 1) * K]
-        train(model, opt, window)
-        sizes = [float(len(y)) for _, y in window]
-        grads = [
-            torch.autograd.grad(mean_loss(ref, x, y), list(ref.parameters())) for x, y in window
-        ]
-        summed = [
-            sum(n * g[i] for n, g in zip(sizes, grads, strict=True)) for i in range(len(grads[0]))
-        ]
-        total = torch.tensor(sum(sizes), dtype=torch.float64)
-        for t in [*summed, total]:
-            dist.all_reduce(t)
-        terms = noise_scale_terms(
-            [sq(grads[0])], sq([t / total for t in summed]), sizes[:1], window_size=float(total)
+    for every in (False, True):
+        model = sharded_model()
+        opt = fastaccum.wrap(
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            K,
+            model=model,
+            reduce_scatter_every_micro_step=every,
         )
-        reference.update_terms(*terms)
-    assert opt.noise_scale_tracker.windows == reference.windows == WINDOWS
-    assert opt.noise_scale_tracker.grad_sq == pytest.approx(reference.grad_sq, rel=1e-4)
-    assert opt.noise_scale_tracker.trace == pytest.approx(reference.trace, rel=1e-4)
-    assert opt.stats()["noise_scale"] == pytest.approx(reference.noise_scale, rel=1e-4)
-
-    model = sharded_model()
-    opt = fastaccum.wrap(
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        K,
-        model=model,
-        reduce_scatter_every_micro_step=True,
-    )
-    train(model, opt, batches[:K])
-    assert opt.noise_scale_tracker.windows == 0 and opt.stats()["noise_scale"] is None
+        reference = NoiseScaleTracker()
+        for w in range(WINDOWS):
+            window = batches[w * K : (w + 1) * K]
+            train(model, opt, window)
+            grads, sizes = micro_gradients(ref, window, mean_loss)
+            mean, total = global_mean(grads, sizes)
+            if every:
+                micro = [global_mean([g], [n]) for g, n in zip(grads, sizes, strict=True)]
+                reference.update([sq(m) for m, _ in micro], sq(mean), [n for _, n in micro])
+            else:
+                first = noise_scale_terms([sq(grads[0])], sq(mean), sizes[:1], window_size=total)
+                reference.update_terms(*first)
+        # every micro-batch's norm is known only when each arrives reduced
+        assert bool(opt.stats()["micro_batch_sumsq"]) == every
+        assert opt.noise_scale_tracker.windows == reference.windows == WINDOWS
+        assert opt.noise_scale_tracker.grad_sq == pytest.approx(reference.grad_sq, rel=1e-4)
+        assert opt.noise_scale_tracker.trace == pytest.approx(reference.trace, rel=1e-4)
+        assert opt.stats()["noise_scale"] == pytest.approx(reference.noise_scale, rel=1e-4)
 
 
 class WgradCalls:
@@ -562,7 +555,7 @@ SCENARIOS = by_name(
     distributed_checkpoint,
     fused_classes,
     fused_checkpoint,
-    noise_scale_from_the_first_micro_batch,
+    noise_scale,
     fused_wgrad,
 )
 
