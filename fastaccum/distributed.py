@@ -68,6 +68,10 @@ back, so it normalizes by the global item count itself. Two modes:
   fastaccum adds each shard into its fp32 shard accumulator. Memory: the fp32 shard only
   (1/world of the parameters). Communication: K reduce-scatters per window.
 
+HSDP (``fully_shard(..., mesh=)`` with a 2-D (replicate, shard) mesh over all ranks) works
+the same way: the window's counts are exchanged over all ranks, and the shards' sums of
+squares, held by every replica alike, are divided by the number of replicas.
+
 Fused-wgrad layers see FSDP2's unsharded copies of their parameters. In the default mode,
 when FSDP2 keeps the window's gradient in fp32 (fp32 parameters, or
 ``reduce_dtype=torch.float32``), they add their weight gradients straight into it
@@ -256,6 +260,7 @@ class _DistributedWindow:
     weights_in_loss = False  # True: opt.backward seeds backward with num_items
     sharded = False  # True: accumulators hold disjoint shards (norms add over ranks)
     every_micro_step = False  # True: sharded, and each micro-batch arrives reduced
+    replicas = 1  # ranks holding each shard (HSDP), whose shard sums of squares are equal
     grad_factor = 1.0  # the reduction's own divisor, multiplied back at the boundary
 
     def __init__(self, opt: AccumulatingOptimizer, model: torch.nn.Module, group: Any) -> None:
@@ -397,6 +402,8 @@ class _DistributedWindow:
             ]
         ).tolist()
         total, shard_sq, shard_bad = host[0], host[1], host[2]
+        replicas = self.replicas  # HSDP: every shard counted once
+        shard_sq /= replicas
         flags = host[3 : 3 + len(params)]
         at = 3 + len(params)
         m = len(opt._weights) if per_micro else 0
@@ -417,7 +424,7 @@ class _DistributedWindow:
             self.micro_sizes = micro_sizes
             factor = self.grad_factor
             micro_host = [
-                sq * factor * factor / (n * n) if n > 0 else math.nan
+                sq / replicas * factor * factor / (n * n) if n > 0 else math.nan
                 for sq, n in zip(micro_sums, micro_sizes, strict=True)
             ]
             return total, shard_sq, shard_bad != 0.0, micro_host, None
@@ -693,18 +700,27 @@ class FSDPWindow(_DistributedWindow):
                 "every optimized parameter must be an FSDP2 (DTensor) parameter"
             )
         mesh = params[0].device_mesh
-        if mesh.ndim != 1 or any(p.device_mesh != mesh for p in params):
+        if mesh.ndim not in (1, 2) or any(p.device_mesh != mesh for p in params):
             raise ValueError(
-                "fastaccum supports FSDP2 over one 1-D device mesh (plain fully_shard); got a "
-                f"{mesh.ndim}-D mesh or several meshes (HSDP is not supported)"
+                "fastaccum supports FSDP2 over one 1-D device mesh (fully_shard) or one 2-D "
+                f"(replicate, shard) mesh (HSDP); got a {mesh.ndim}-D mesh or several meshes"
             )
+        group = mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
+        if mesh.ndim == 2 and mesh.size() != dist.get_world_size():
+            raise ValueError(
+                f"HSDP over a {tuple(mesh.shape)} mesh of {mesh.size()} of the "
+                f"{dist.get_world_size()} ranks: fastaccum exchanges each window's counts "
+                "over all ranks, so the HSDP mesh must span them"
+            )
+        # HSDP: each shard is held by this many replicas, whose sums of squares are equal
+        self.replicas = mesh.size(0) if mesh.ndim == 2 else 1
         if opt.master_weights:
             raise ValueError(
                 "master_weights=True is not supported with FSDP2: FSDP2 keeps the sharded "
                 "parameters in their own dtype; use MixedPrecisionPolicy(param_dtype=...) "
                 "for low-precision compute"
             )
-        super().__init__(opt, model, mesh.get_group())
+        super().__init__(opt, model, group)
         self.every_micro_step = bool(every_micro_step)
         self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         weakref.finalize(self, _fsdp_sync_on, model, self.modules)

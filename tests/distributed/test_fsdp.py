@@ -317,12 +317,18 @@ def noise_scale(rank: int, world: int) -> None:
     estimate uses the global micro-batches (the k-th of every rank: the shards' sums of
     squares and the item counts summed over ranks). Both against float64 gradients of
     the micro-batches and of both ranks' window, fed to the same estimator."""
+    check_noise_scale(rank, sharded_model)
+
+
+def check_noise_scale(rank: int, make_sharded) -> None:
+    """:func:`noise_scale`'s runs and checks on the model ``make_sharded()`` (with lr 0),
+    the window norm against the float64 one too."""
     from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
 
     ref = make_model().double()  # lr 0: the weights stay those of the reference
     batches = rank_batches(rank, K * WINDOWS)
     for every in (False, True):
-        model = sharded_model()
+        model = make_sharded()
         opt = fastaccum.wrap(
             torch.optim.SGD(model.parameters(), lr=0.0),
             K,
@@ -335,6 +341,7 @@ def noise_scale(rank: int, world: int) -> None:
             train(model, opt, window)
             grads, sizes = micro_gradients(ref, window, mean_loss)
             mean, total = global_mean(grads, sizes)
+            assert opt.stats()["grad_norm"] == pytest.approx(sq(mean) ** 0.5, rel=1e-5)
             if every:
                 micro = [global_mean([g], [n]) for g, n in zip(grads, sizes, strict=True)]
                 reference.update([sq(m) for m, _ in micro], sq(mean), [n for _, n in micro])
