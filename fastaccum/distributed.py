@@ -77,9 +77,9 @@ when FSDP2 keeps the window's gradient in fp32 (fp32 parameters, or
 ``reduce_dtype=torch.float32``), they add their weight gradients straight into it
 (:meth:`FSDPWindow.window_grad`): the unsharded ``.grad``, or FSDP2's
 ``unsharded_accumulated_grad`` when it upcasts for the reduction. Otherwise they run as
-plain layers. The fused optimizer classes take FSDP2 models (``model=``): their window update runs on each
-rank's local shards of the parameters, accumulators and states, with the clip by the
-norm over all ranks' shards; the state stays torch's, as sharded DTensors.
+plain layers. The fused optimizer classes take FSDP2 models (``model=``): their window
+update runs on each rank's local shards of the parameters, accumulators and states, with
+the clip by the norm over all ranks' shards; the state stays torch's, as sharded DTensors.
 
 Dropping the wrapper
 --------------------
@@ -130,7 +130,7 @@ import math
 import sys
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -191,6 +191,12 @@ def _merge_batchnorm(
         module.window_mean.copy_(mean[window])
         module.window_m2.copy_(m2[window])
         module.window_count = count
+
+
+def _sum64(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The float64 sum of scalar tensors, on the first one's device."""
+    device = tensors[0].device
+    return torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors]).sum()
 
 
 def _gather(vector: torch.Tensor, group: Any) -> torch.Tensor:
@@ -261,6 +267,8 @@ class _DistributedWindow:
     sharded = False  # True: accumulators hold disjoint shards (norms add over ranks)
     every_micro_step = False  # True: sharded, and each micro-batch arrives reduced
     replicas = 1  # ranks holding each shard (HSDP), whose shard sums of squares are equal
+    # every_micro_step: each global micro-batch's item count in the last window
+    micro_sizes: list[float] | None = None
     grad_factor = 1.0  # the reduction's own divisor, multiplied back at the boundary
 
     def __init__(self, opt: AccumulatingOptimizer, model: torch.nn.Module, group: Any) -> None:
@@ -638,17 +646,11 @@ class DDPWindow(_DistributedWindow):
         if not self._sumsq:
             return None, None
         device = self._sumsq[0].device
-        norm_sq = torch.stack([s.to(device=device, dtype=torch.float64) for s in self._sumsq])
         bad = torch.stack([b.to(device) for b in self._bad]).any()
-        return norm_sq.sum(), bad
+        return _sum64(self._sumsq), bad
 
     def reduced_fused_sq(self) -> torch.Tensor | None:
-        if not self._fused_sumsq:
-            return None
-        device = self._fused_sumsq[0].device
-        return torch.stack(
-            [s.to(device=device, dtype=torch.float64) for s in self._fused_sumsq]
-        ).sum()
+        return _sum64(self._fused_sumsq) if self._fused_sumsq else None
 
     def _buckets(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """DDP's bucketing rule: reverse parameter order (about the order backward produces
@@ -793,18 +795,32 @@ class FSDPWindow(_DistributedWindow):
 
     # ------------------------------------------------------------------ fused wgrad
 
+    def _fsdp_params(self) -> Iterator[Any]:
+        """Every FSDP2 parameter of the model's ``fully_shard`` modules."""
+        for module in self.modules:
+            for group in _fsdp_param_groups(module):
+                yield from getattr(group, "fsdp_params", ())
+
+    @staticmethod
+    def _kept_grad(fsdp_param: Any) -> torch.Tensor | None:
+        """The unsharded gradient FSDP2 keeps for ``fsdp_param`` between backwards:
+        ``unsharded_accumulated_grad`` when it upcasts for the reduction, else the
+        unsharded parameter's ``.grad`` (None: none yet)."""
+        grad = getattr(fsdp_param, "unsharded_accumulated_grad", None)
+        if grad is None:
+            grad = getattr(getattr(fsdp_param, "_unsharded_param", None), "grad", None)
+        return grad
+
     def _owner(self, t: torch.Tensor) -> Any | None:
         """The FSDP2 parameter whose unsharded parameter is ``t`` (the fused layers see
         those in forward and backward), or None."""
         owners = self._owners
         if id(t) not in owners:  # unsharded parameters exist once FSDP2 first ran
             owners.clear()
-            for module in self.modules:
-                for group in _fsdp_param_groups(module):
-                    for fsdp_param in getattr(group, "fsdp_params", ()):
-                        unsharded = getattr(fsdp_param, "_unsharded_param", None)
-                        if unsharded is not None:
-                            owners[id(unsharded)] = fsdp_param
+            for fsdp_param in self._fsdp_params():
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    owners[id(unsharded)] = fsdp_param
         return owners.get(id(t))
 
     def _fp32_window(self, t: torch.Tensor) -> bool:
@@ -831,15 +847,14 @@ class FSDPWindow(_DistributedWindow):
         ``unsharded_accumulated_grad`` when it upcasts for the reduction, else ``t.grad``.
         The loss already carries the micro-batch weight (its alpha is 1)."""
         owner = self._owner(t)
-        grad = getattr(owner, "unsharded_accumulated_grad", None)
+        grad = self._kept_grad(owner)
         if grad is not None:
             return grad
         if t.dtype != torch.float32:  # low-precision compute, fp32 reduction
             owner.unsharded_accumulated_grad = grad = torch.zeros_like(t, dtype=torch.float32)
-            return grad
-        if t.grad is None:
-            t.grad = torch.zeros_like(t)
-        return t.grad
+        else:
+            t.grad = grad = torch.zeros_like(t)
+        return grad
 
     def first_micro_sumsq(self) -> torch.Tensor | None:
         """With gradient sync off, FSDP2 keeps this rank's unsharded gradient of the
@@ -850,21 +865,16 @@ class FSDPWindow(_DistributedWindow):
         if self.every_micro_step:
             return None
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for module in self.modules:
-            for group in _fsdp_param_groups(module):
-                for fsdp_param in getattr(group, "fsdp_params", ()):
-                    grad = getattr(fsdp_param, "unsharded_accumulated_grad", None)
-                    if grad is None:
-                        unsharded = getattr(fsdp_param, "_unsharded_param", None)
-                        grad = getattr(unsharded, "grad", None)
-                    if isinstance(grad, torch.Tensor) and grad.numel():
-                        by_dtype.setdefault(grad.dtype, []).append(grad.contiguous())
+        for fsdp_param in self._fsdp_params():
+            grad = self._kept_grad(fsdp_param)
+            if isinstance(grad, torch.Tensor) and grad.numel():
+                by_dtype.setdefault(grad.dtype, []).append(grad.contiguous())
         parts = [
-            sumsq_unchecked(grads).double()
+            sumsq_unchecked(grads)
             for dtype, grads in by_dtype.items()
             if dtype in (torch.float32, torch.bfloat16, torch.float16)
         ]
-        return torch.stack(parts).sum() if parts else None
+        return _sum64(parts) if parts else None
 
     def as_grad(self, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.dtensor.from_local(

@@ -169,10 +169,7 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
                     by_device.setdefault(p.device, []).append(p)
             for params in by_device.values():
                 self._step_group(group, params, [targets[p] for p in params], factor)
-        refreshed = [(p, self._masters[p]) for p in window if p in self._masters]
-        if refreshed:  # the model's bf16/fp16 parameters from their updated masters
-            with torch.no_grad():
-                torch._foreach_copy_([p for p, _ in refreshed], [m for _, m in refreshed])
+        self._refresh_from_masters(window)  # the model's bf16/fp16 parameters
 
     def _step_group(
         self,

@@ -1412,9 +1412,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             # Reduction, then one exchange of counts and the same single host sync.
             if norm_sq is None:
                 norm_sq = torch.zeros((), dtype=torch.float64, device=device)
-            first = self._fused_norms(torch.zeros((), dtype=torch.float64, device=device))
             total, norm_sq_host, bad_host, micro_host, fused_host = self._dist.finish_window(
-                norm_sq, bad, micro, first[1] if first.numel() else None
+                norm_sq, bad, micro, self._usable_fused_first()
             )
             if fused_host is not None:  # the reduced window's fused part, this rank's first
                 fused_window, fused_first = fused_host
@@ -1514,10 +1513,16 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         (a tied weight, in the first window its fused layer writes: it would be counted
         twice), nor without the first micro-batch's norm (a window of one micro-batch, or
         one resumed from a checkpoint that predates it)."""
-        first = self._fused_first
-        if fused_sq is None or first is None or self._fused_set() & self._measured_ids:
+        first = self._usable_fused_first()
+        if fused_sq is None or first is None:
             return torch.zeros(0, dtype=torch.float64)
         return torch.stack([fused_sq, first.to(fused_sq.device)])
+
+    def _usable_fused_first(self) -> torch.Tensor | None:
+        """The first micro-batch's squared norm of the fused set, unless a fused
+        parameter's ordinary gradient also went into the per-micro-batch norms."""
+        first = self._fused_first
+        return None if first is None or self._fused_set() & self._measured_ids else first
 
     def _track_noise_scale(self, norm: float, total: float) -> None:
         """Fold the window into the noise-scale estimate, from numbers the window's one host
@@ -1642,13 +1647,18 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 for (target, _), out in zip(group, outs, strict=True):
                     target.grad = as_grad(target, out)
         self.optimizer.step()
-        if self._masters:
-            with torch.no_grad():
-                torch._foreach_copy_(list(self._masters), list(self._masters.values()))
+        self._refresh_from_masters(self._masters)
         if aliased:  # one multi-tensor launch rather than one per parameter
             torch._foreach_zero_([acc for _, acc in aliased])
         for target, _ in (*aliased, *written):
             target.grad = None
+
+    def _refresh_from_masters(self, params: Iterable[torch.Tensor]) -> None:
+        """Copy the updated fp32 masters of ``params`` (those that have one) into them."""
+        pairs = [(p, self._masters[p]) for p in params if p in self._masters]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
 
     def _update_scaler(self, found_inf: bool) -> None:
         """GradScaler's update rule, applied once per window rather than per micro-step."""
