@@ -33,7 +33,7 @@ mkdir -p "$CUDA_TORCH_WORK"
 [ -x "$CUDA_TORCH_WORK/venv/bin/python" ] || "$PYTHON" -m venv "$CUDA_TORCH_WORK/venv"
 VENV_PY="$CUDA_TORCH_WORK/venv/bin/python"
 "$VENV_PY" -m pip install -q "torch==$CUDA_TORCH_VERSION" setuptools wheel ninja pybind11 numpy tqdm \
-    pytest pytest-benchmark matplotlib scikit-learn transformers
+    pytest pytest-benchmark matplotlib scikit-learn transformers accelerate trl peft datasets
 "$VENV_PY" - <<'PY'
 import torch
 if torch.version.cuda is None:

@@ -8,6 +8,8 @@ test_wrapper.py.
 
 import pytest
 import torch
+
+pytest.importorskip("accelerate")
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
