@@ -26,6 +26,11 @@ Suites:
   projections, tied head; test_wgrad_cpu.py; needs ``transformers``).
 - ``encoder``: the same for torch's nn.TransformerEncoder (nn.MultiheadAttention).
 - ``transformer``: the same for torch's nn.Transformer (decoder cross-attention too).
+- ``replay``, ``replay_bf16``: the optimizer's own work per window, on gradients computed
+  once and handed over as autograd would (test_wrapper_cpu.py's ``test_optimizer_overhead``
+  providers; ``replay_bf16``: bf16 parameters, with and without ``master_weights``); ``replay_muon``: Muon + AdamW as a list, the
+  AdamW member torch's or fused. The fresh first gradient native receives is made outside
+  the timed call.
 
 Run: python benchmarks/cpu_interleaved.py SUITE [--rounds 30] [--providers a,b]
 """
@@ -41,10 +46,13 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+Setup = Callable[[str], "Callable[[], object] | tuple[Callable[..., object], Callable | None]"]
 
-def _suites() -> dict[str, tuple[list[str], Callable[[str], Callable[[], object]]]]:
+
+def _suites() -> dict[str, tuple[list[str], Setup]]:
     import test_wgrad_cpu as wgrad
     import test_wrapper_cpu
+    import torch
 
     def micro_step(setup: Callable[[str], tuple[object, Callable[[], object]]]):
         return lambda provider: setup(provider)[1]  # setup returns (model, micro_step)
@@ -60,7 +68,24 @@ def _suites() -> dict[str, tuple[list[str], Callable[[str], Callable[[], object]
         "hf_gpt2": (wgrad.PROVIDERS, micro_step(wgrad._hf_gpt2_setup)),
         "encoder": (wgrad.PROVIDERS, micro_step(wgrad._encoder_setup)),
         "transformer": (wgrad.PROVIDERS, micro_step(wgrad._transformer_setup)),
+        "replay": (["native", "wrap.step", "fused.AdamW.step"], test_wrapper_cpu._replay_setup),
+        "replay_bf16": (
+            test_wrapper_cpu.MASTER_PROVIDERS,
+            lambda p: test_wrapper_cpu._replay_setup(p, torch.bfloat16),
+        ),
+        "replay_muon": (test_wrapper_cpu.MUON_PROVIDERS, test_wrapper_cpu._replay_muon_setup),
     }
+
+
+def _with_arguments(made) -> tuple[Callable[..., object], Callable[[], tuple]]:
+    """A setup's call and a function giving its untimed arguments: setups return a call, or
+    a ``(window, fresh)`` pair where ``fresh()`` returns ``(args, kwargs)`` or is None."""
+    if not isinstance(made, tuple):
+        return made, tuple
+    window, fresh = made
+    if fresh is None:
+        return window, tuple
+    return window, lambda: fresh()[0]
 
 
 def paired_overhead(times: dict[str, list[float]], provider: str, floor: str) -> float:
@@ -96,18 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         providers = [p for p in providers if p in chosen]
-    calls = {p: setup(p) for p in providers}
-    for call in calls.values():
+    calls = {p: _with_arguments(setup(p)) for p in providers}
+    for call, fresh in calls.values():
         for _ in range(2):  # warm-up: optimizer state, accumulators, allocator, compilation
-            call()
+            call(*fresh())
     wall: dict[str, list[float]] = {p: [] for p in providers}
     cpu: dict[str, list[float]] = {p: [] for p in providers}
     faults: dict[str, int] = dict.fromkeys(providers, 0)
     for r in tqdm(range(args.rounds), desc=args.suite, file=sys.stderr):
         for p in providers[r % len(providers) :] + providers[: r % len(providers)]:
+            call, fresh = calls[p]
+            given = fresh()
             before = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
-            calls[p]()
+            call(*given)
             wall[p].append(time.perf_counter() - t0)
             after = resource.getrusage(resource.RUSAGE_SELF)
             cpu[p].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)

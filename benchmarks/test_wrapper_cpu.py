@@ -133,32 +133,39 @@ def test_optimizer_window(benchmark, provider):
 # and per-window work (native: clip_grad_norm_, step, zero_grad).
 
 
-def _replay_setup(provider):
-    torch.manual_seed(0)
-    model = ByteGPT(dim=256, layers=4, ctx=SEQ)
-    params = list(model.parameters())
-    grads = [[torch.randn_like(p) * 1e-2 for p in params] for _ in range(K)]
-    if provider == "native":
-        adamw = torch.optim.AdamW(params, lr=1e-3)
+MASTER_PROVIDERS = ["native", "wrap.step", "wrap.step.masters", "fused.AdamW.step.masters"]
+"""Replayed bf16 providers: ``native`` is bf16 ``.grad`` accumulation and ``AdamW`` on the
+bf16 parameters (what a bf16 model gets without master weights); ``wrap.step`` folds into
+fp32 accumulators and runs torch's AdamW on the bf16 parameters; ``*.masters`` keep fp32
+master weights (``master_weights=True``), torch's AdamW or the fused boundary update."""
 
-        def window(first):
-            for p, g in zip(params, first, strict=True):
-                p.grad = g
-            for micro in grads[1:]:
-                for p, g in zip(params, micro, strict=True):
-                    p.grad.add_(g)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            adamw.step()
-            adamw.zero_grad()
 
-        def fresh():
-            return ([g.clone() for g in grads[0]],), {}
+def _native_replay(params, grads, optimizers):
+    """``(window, fresh)`` of the native loop on replayed gradients: the first micro-batch's
+    gradient handed over as ``.grad`` (a fresh tensor from ``fresh()``, made outside the
+    timed call, as autograd hands it over without a copy), the others added into it, then
+    one clip over all parameters and each optimizer's step."""
 
-        return window, fresh
-    if provider == "fused.AdamW.step":
-        opt = fastaccum.optim.AdamW(params, lr=1e-3, accum_steps=K, max_grad_norm=1.0)
-    else:
-        opt = fastaccum.wrap(torch.optim.AdamW(params, lr=1e-3), K, max_grad_norm=1.0)
+    def window(first):
+        for p, g in zip(params, first, strict=True):
+            p.grad = g
+        for micro in grads[1:]:
+            for p, g in zip(params, micro, strict=True):
+                p.grad.add_(g)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad()
+
+    def fresh():
+        return ([g.clone() for g in grads[0]],), {}
+
+    return window, fresh
+
+
+def _fastaccum_replay(params, grads, opt):
+    """``(window, None)``: each replayed micro-batch handed to ``opt.step()`` as ``.grad``."""
 
     def window():
         for micro in grads:
@@ -170,14 +177,83 @@ def _replay_setup(provider):
     return window, None
 
 
-@pytest.mark.parametrize("provider", ["native", "wrap.step", "fused.AdamW.step"])
-def test_optimizer_overhead(benchmark, provider):
-    window, fresh = _replay_setup(provider)
+def _replay_setup(provider, dtype=torch.float32):
+    """``(window, fresh)``: one window of replayed gradients for ``provider``. ``fresh`` (or
+    None) returns the arguments of the next call, made outside the timed region."""
+    torch.manual_seed(0)
+    model = ByteGPT(dim=256, layers=4, ctx=SEQ).to(dtype)
+    params = list(model.parameters())
+    grads = [[torch.randn_like(p) * 1e-2 for p in params] for _ in range(K)]
+    if provider == "native":
+        return _native_replay(params, grads, [torch.optim.AdamW(params, lr=1e-3)])
+    masters = provider.endswith(".masters")
+    if provider.startswith("fused.AdamW.step"):
+        opt = fastaccum.optim.AdamW(
+            params, lr=1e-3, accum_steps=K, max_grad_norm=1.0, master_weights=masters
+        )
+    else:
+        adamw = torch.optim.AdamW(params, lr=1e-3)
+        opt = fastaccum.wrap(adamw, K, max_grad_norm=1.0, master_weights=masters)
+    return _fastaccum_replay(params, grads, opt)
+
+
+def _run_replay(benchmark, window, fresh, group, provider):
     args = fresh()[0] if fresh else ()
     window(*args)  # warm-up: creates optimizer state and accumulators
-    benchmark.group = "optimizer work per window K=8, 3.3M params, AdamW (replayed grads)"
+    benchmark.group = group
     benchmark.extra_info.update(provider=provider)
     if fresh:
         benchmark.pedantic(window, setup=fresh, rounds=15, warmup_rounds=1)
     else:
         benchmark.pedantic(window, rounds=15, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("provider", ["native", "wrap.step", "fused.AdamW.step"])
+def test_optimizer_overhead(benchmark, provider):
+    window, fresh = _replay_setup(provider)
+    group = "optimizer work per window K=8, 3.3M params, AdamW (replayed grads)"
+    _run_replay(benchmark, window, fresh, group, provider)
+
+
+@pytest.mark.parametrize("provider", MASTER_PROVIDERS)
+def test_optimizer_overhead_bf16(benchmark, provider):
+    window, fresh = _replay_setup(provider, torch.bfloat16)
+    group = "optimizer work per window K=8, 3.3M bf16 params, AdamW (replayed grads)"
+    _run_replay(benchmark, window, fresh, group, provider)
+
+
+MUON_PROVIDERS = ["native", "wrap.list", "wrap.list.fused"]
+"""Replayed Muon + AdamW providers (Muon on the blocks' 2-D weights, AdamW on the
+embeddings, norms and biases): ``native`` runs both optimizers after ``.grad``
+accumulation and one ``clip_grad_norm_`` over all parameters; ``wrap.list`` is
+``fastaccum.wrap([muon, adamw], K)``; ``wrap.list.fused`` has ``fastaccum.optim.AdamW``
+as the second member."""
+
+
+def _replay_muon_setup(provider):
+    """``(window, fresh)`` as :func:`_replay_setup`, for Muon + AdamW."""
+    if provider not in MUON_PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {MUON_PROVIDERS}")
+    torch.manual_seed(0)
+    model = ByteGPT(dim=256, layers=4, ctx=SEQ)
+    named = list(model.named_parameters())
+    matrices = [p for n, p in named if p.ndim == 2 and n.startswith("blocks.")]
+    rest = [p for n, p in named if not (p.ndim == 2 and n.startswith("blocks."))]
+    params = matrices + rest
+    grads = [[torch.randn_like(p) * 1e-2 for p in params] for _ in range(K)]
+    muon = torch.optim.Muon(matrices, lr=0.02)
+    if provider == "wrap.list.fused":
+        second = fastaccum.optim.AdamW(rest, lr=1e-3)
+    else:
+        second = torch.optim.AdamW(rest, lr=1e-3)
+    if provider == "native":
+        return _native_replay(params, grads, [muon, second])
+    opt = fastaccum.wrap([muon, second], K, model=model, max_grad_norm=1.0)
+    return _fastaccum_replay(params, grads, opt)
+
+
+@pytest.mark.parametrize("provider", MUON_PROVIDERS)
+def test_optimizer_overhead_muon(benchmark, provider):
+    window, fresh = _replay_muon_setup(provider)
+    group = "optimizer work per window K=8, 3.3M params, Muon + AdamW (replayed grads)"
+    _run_replay(benchmark, window, fresh, group, provider)
