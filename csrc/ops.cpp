@@ -41,10 +41,12 @@ TORCH_LIBRARY(fastaccum, m) {
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool first_step) -> ()");
   // Adam / AdamW (decoupled_weight_decay); step is the step count after its increment,
-  // for the bias corrections. No amsgrad.
+  // for the bias corrections. max_exp_avg_sqs: empty, or amsgrad's running maxima of
+  // exp_avg_sqs (the denominator then uses the maximum).
   m.def(
       "adam_window_step_(Tensor(a!)[] params, Tensor(b!)[] accums, Tensor(c!)[] exp_avgs, "
-      "Tensor(d!)[] exp_avg_sqs, float factor, Tensor? factor_tensor, float lr, float beta1, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, float factor, "
+      "Tensor? factor_tensor, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
       "bool maximize, int step) -> ()");
   // F.linear(input, weight, bias) whose backward, while control[0] != 0, adds

@@ -34,12 +34,13 @@ void with_flag(bool flag, F&& f) {
   }
 }
 
-// Up to four fp32 tensors that one work item updates element by element.
+// Up to five fp32 tensors that one work item updates element by element.
 struct Pointers {
   float* param;
   float* accum;
   float* state1;  // momentum buffer, or exp_avg
   float* state2;  // exp_avg_sq
+  float* state3;  // max_exp_avg_sq (amsgrad)
 };
 
 // A tensor list of the call with its schema name, for messages.
@@ -75,10 +76,11 @@ at::Device check_lists(std::initializer_list<NamedList> lists) {
   return device;
 }
 
-// Runs chunk(pointers of tensor t, begin, count) over every work item of the call.
+// Runs chunk(pointers of tensor t, begin, count) over every work item of the call; an
+// empty state list gives null pointers.
 template <typename Chunk>
 void for_each_item(at::TensorList params, at::TensorList accums, at::TensorList state1,
-                   at::TensorList state2, const Chunk& chunk) {
+                   at::TensorList state2, at::TensorList state3, const Chunk& chunk) {
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<int64_t> numels(n);
   std::vector<Pointers> ptrs(n);
@@ -86,7 +88,8 @@ void for_each_item(at::TensorList params, at::TensorList accums, at::TensorList 
     numels[i] = params[i].numel();
     ptrs[i] = {params[i].data_ptr<float>(), accums[i].data_ptr<float>(),
                state1.empty() ? nullptr : state1[i].data_ptr<float>(),
-               state2.empty() ? nullptr : state2[i].data_ptr<float>()};
+               state2.empty() ? nullptr : state2[i].data_ptr<float>(),
+               state3.empty() ? nullptr : state3[i].data_ptr<float>()};
   }
   const auto items = cpu::split_into_chunks(numels);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
@@ -95,7 +98,7 @@ void for_each_item(at::TensorList params, at::TensorList accums, at::TensorList 
       const Pointers& p = ptrs[w.tensor];
       const int64_t b = w.begin;
       chunk(p.param + b, p.accum + b, p.state1 ? p.state1 + b : nullptr,
-            p.state2 ? p.state2 + b : nullptr, w.end - b);
+            p.state2 ? p.state2 + b : nullptr, p.state3 ? p.state3 + b : nullptr, w.end - b);
     }
   });
 }
@@ -144,28 +147,36 @@ void sgd_window_step_cpu(at::TensorList params, at::TensorList accums,
   const float f = cpu::times_factor_tensor(factor, factor_tensor, n, device);
   const SgdScalars s = sgd_scalars(f, maximize, lr, momentum, dampening, weight_decay);
   const SgdChunkFn fn = pick_sgd(weight_decay != 0.0, has_momentum, first_step, nesterov);
-  for_each_item(params, accums, momentum_buffers, {},
-                [&](float* p, float* a, float* b, float*, int64_t count) { fn(p, a, b, count, s); });
+  for_each_item(params, accums, momentum_buffers, {}, {},
+                [&](float* p, float* a, float* b, float*, float*, int64_t count) {
+                  fn(p, a, b, count, s);
+                });
 }
 
 // ---------------------------------------------------------------- adam_window_step_
 
-using AdamChunkFn = void (*)(float*, float*, float*, float*, int64_t, const AdamScalars&);
+using AdamChunkFn = void (*)(float*, float*, float*, float*, float*, int64_t,
+                             const AdamScalars&);
 
-template <bool kL2, bool kDecoupled, bool kSmallWeight>
+template <bool kL2, bool kDecoupled, bool kSmallWeight, bool kAmsgrad>
 AdamChunkFn pick_adam_target() {
 #ifdef FA_HAVE_AVX2_BUILD
-  if (cpu::use_avx2()) return &avx2::adam_window_step_chunk<kL2, kDecoupled, kSmallWeight>;
+  if (cpu::use_avx2()) {
+    return &avx2::adam_window_step_chunk<kL2, kDecoupled, kSmallWeight, kAmsgrad>;
+  }
 #endif
-  return &baseline::adam_window_step_chunk<kL2, kDecoupled, kSmallWeight>;
+  return &baseline::adam_window_step_chunk<kL2, kDecoupled, kSmallWeight, kAmsgrad>;
 }
 
-AdamChunkFn pick_adam(bool l2, bool decoupled, bool small_weight) {
+AdamChunkFn pick_adam(bool l2, bool decoupled, bool small_weight, bool amsgrad) {
   AdamChunkFn fn = nullptr;
   with_flag(l2, [&](auto l) {
     with_flag(decoupled, [&](auto d) {
       with_flag(small_weight, [&](auto w) {
-        fn = pick_adam_target<decltype(l)::value, decltype(d)::value, decltype(w)::value>();
+        with_flag(amsgrad, [&](auto a) {
+          fn = pick_adam_target<decltype(l)::value, decltype(d)::value, decltype(w)::value,
+                                decltype(a)::value>();
+        });
       });
     });
   });
@@ -173,25 +184,32 @@ AdamChunkFn pick_adam(bool l2, bool decoupled, bool small_weight) {
 }
 
 void adam_window_step_cpu(at::TensorList params, at::TensorList accums, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, double factor,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                          double factor,
                           const std::optional<at::Tensor>& factor_tensor, double lr,
                           double beta1, double beta2, double eps, double weight_decay,
                           bool decoupled_weight_decay, bool maximize, int64_t step) {
   const int64_t n = static_cast<int64_t>(params.size());
   check_adam_options(factor, lr, beta1, beta2, eps, weight_decay, step);
-  const at::Device device = check_lists({{params, "params"},
-                                         {accums, "accums"},
-                                         {exp_avgs, "exp_avgs"},
-                                         {exp_avg_sqs, "exp_avg_sqs"}});
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  const at::Device device = amsgrad ? check_lists({{params, "params"},
+                                                   {accums, "accums"},
+                                                   {exp_avgs, "exp_avgs"},
+                                                   {exp_avg_sqs, "exp_avg_sqs"},
+                                                   {max_exp_avg_sqs, "max_exp_avg_sqs"}})
+                                    : check_lists({{params, "params"},
+                                                   {accums, "accums"},
+                                                   {exp_avgs, "exp_avgs"},
+                                                   {exp_avg_sqs, "exp_avg_sqs"}});
   const float f = cpu::times_factor_tensor(factor, factor_tensor, n, device);
 
   const AdamScalars s = adam_scalars(f, maximize, lr, beta1, beta2, eps, weight_decay, step);
   const bool l2 = weight_decay != 0.0 && !decoupled_weight_decay;
   const bool decoupled = weight_decay != 0.0 && decoupled_weight_decay;
-  const AdamChunkFn fn = pick_adam(l2, decoupled, adam_lerp_weight_is_small(s));
-  for_each_item(params, accums, exp_avgs, exp_avg_sqs,
-                [&](float* p, float* a, float* m, float* v, int64_t count) {
-                  fn(p, a, m, v, count, s);
+  const AdamChunkFn fn = pick_adam(l2, decoupled, adam_lerp_weight_is_small(s), amsgrad);
+  for_each_item(params, accums, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                [&](float* p, float* a, float* m, float* v, float* vmax, int64_t count) {
+                  fn(p, a, m, v, vmax, count, s);
                 });
 }
 

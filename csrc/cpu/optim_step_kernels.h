@@ -44,11 +44,12 @@ void sgd_window_step_chunk(float* __restrict param, float* __restrict accum,
 
 // One chunk of Adam: kL2 (Adam's weight decay), kDecoupled (AdamW's), kSmallWeight
 // (|1 - beta1| < 0.5, which picks the form of torch's lerp: start + w * (end - start),
-// else end - (end - start) * (1 - w)).
-template <bool kL2, bool kDecoupled, bool kSmallWeight>
+// else end - (end - start) * (1 - w)), kAmsgrad (the denominator uses the running maximum
+// of exp_avg_sq, kept in max_exp_avg_sq; unused, may be null, without it).
+template <bool kL2, bool kDecoupled, bool kSmallWeight, bool kAmsgrad>
 void adam_window_step_chunk(float* __restrict param, float* __restrict accum,
-                            float* __restrict exp_avg, float* __restrict exp_avg_sq, int64_t n,
-                            const AdamScalars& s) {
+                            float* __restrict exp_avg, float* __restrict exp_avg_sq,
+                            float* __restrict max_exp_avg_sq, int64_t n, const AdamScalars& s) {
   const float factor = s.factor, wd = s.weight_decay, decay = s.decay;
   const float w = s.lerp_weight, one_minus_w = 1.0f - s.lerp_weight;
   const float beta2 = s.beta2, one_minus_beta2 = s.one_minus_beta2;
@@ -61,8 +62,15 @@ void adam_window_step_chunk(float* __restrict param, float* __restrict accum,
     const float m0 = exp_avg[i];
     const float m = kSmallWeight ? m0 + w * (g - m0) : g - (g - m0) * one_minus_w;
     const float v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g;
+    float v_used = v;
+    if (kAmsgrad) {
+      // torch.maximum: NaN when either side is NaN (std::fmax would drop it).
+      const float v0 = max_exp_avg_sq[i];
+      v_used = ((v < v0) | (v0 != v0)) ? v0 : v;
+      max_exp_avg_sq[i] = v_used;
+    }
     // Vectorized only without errno semantics (setup.py: -fno-math-errno); v >= 0 or NaN.
-    const float denom = std::sqrt(v) / bc2_sqrt + eps;
+    const float denom = std::sqrt(v_used) / bc2_sqrt + eps;
     param[i] = p + neg_step * m / denom;
     exp_avg[i] = m;
     exp_avg_sq[i] = v;

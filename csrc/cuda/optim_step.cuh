@@ -20,6 +20,7 @@ struct FaWindowStepTensors {
   float* const* accums;
   float* const* state1;  // SGD: momentum buffers (nullptr without momentum); Adam: exp_avgs
   float* const* state2;  // Adam: exp_avg_sqs; SGD: nullptr
+  float* const* state3;  // Adam with amsgrad: max_exp_avg_sqs; else nullptr
   const int64_t* numels;
 };
 
@@ -47,6 +48,7 @@ struct FaAdamOptions {
   bool decoupled_weight_decay;
   bool maximize;
   int64_t step;
+  bool amsgrad;  // tensors.state3 holds the running maxima of exp_avg_sq
 };
 
 // For every parameter i: g = accums[i] * factor * (*factor_tensor) in fp32 (factor_tensor
@@ -61,7 +63,9 @@ cudaError_t fa_sgd_window_step_launch(const FaWindowStepTensors& tensors,
                                       cudaStream_t stream);
 
 // As fa_sgd_window_step_launch, with torch.optim.Adam's update (AdamW's with
-// decoupled_weight_decay) of params[i], exp_avgs[i] (state1) and exp_avg_sqs[i] (state2).
+// decoupled_weight_decay) of params[i], exp_avgs[i] (state1) and exp_avg_sqs[i] (state2);
+// with amsgrad, max_exp_avg_sqs[i] (state3) becomes max(itself, exp_avg_sqs[i]) (NaN when
+// either is, as torch.maximum) and the denominator uses it.
 // The bias corrections are computed on the host in double, as torch.optim does in Python.
 cudaError_t fa_adam_window_step_launch(const FaWindowStepTensors& tensors,
                                        const FaAdamOptions& options, const float* factor_tensor,

@@ -67,12 +67,14 @@ void check_lists(const std::vector<NamedList>& lists,
 class LaunchArgs {
  public:
   LaunchArgs(at::TensorList params, at::TensorList accums, at::TensorList state1,
-             at::TensorList state2, const std::optional<at::Tensor>& factor_tensor)
+             at::TensorList state2, at::TensorList state3,
+             const std::optional<at::Tensor>& factor_tensor)
       : guard_(params[0].device()),
         params_(pointers(params)),
         accums_(pointers(accums)),
         state1_(pointers(state1)),
-        state2_(pointers(state2)) {
+        state2_(pointers(state2)),
+        state3_(pointers(state3)) {
     for (const at::Tensor& p : params) numels_.push_back(p.numel());
     // The kernels read one fp32 on the device, so a device-computed factor costs no sync.
     // .to() is a no-op for fp32 and otherwise a conversion ordered on the current stream.
@@ -82,7 +84,8 @@ class LaunchArgs {
   FaWindowStepTensors tensors() const {
     return {static_cast<int64_t>(numels_.size()), params_.data(), accums_.data(),
             state1_.empty() ? nullptr : state1_.data(),
-            state2_.empty() ? nullptr : state2_.data(), numels_.data()};
+            state2_.empty() ? nullptr : state2_.data(),
+            state3_.empty() ? nullptr : state3_.data(), numels_.data()};
   }
 
   const float* factor_tensor() const {
@@ -104,6 +107,7 @@ class LaunchArgs {
   std::vector<float*> accums_;
   std::vector<float*> state1_;
   std::vector<float*> state2_;
+  std::vector<float*> state3_;
   std::vector<int64_t> numels_;
   std::optional<at::Tensor> factor_tensor_;
 };
@@ -121,7 +125,7 @@ void sgd_window_step_cuda(at::TensorList params, at::TensorList accums,
   check_lists(lists, factor_tensor);
   if (params.empty()) return;
 
-  const LaunchArgs args(params, accums, momentum_buffers, {}, factor_tensor);
+  const LaunchArgs args(params, accums, momentum_buffers, {}, {}, factor_tensor);
   const FaSgdOptions options{factor, lr, momentum, dampening, weight_decay,
                              nesterov, maximize, first_step};
   check_launch(fa_sgd_window_step_launch(args.tensors(), options, args.factor_tensor(),
@@ -130,21 +134,24 @@ void sgd_window_step_cuda(at::TensorList params, at::TensorList accums,
 }
 
 void adam_window_step_cuda(at::TensorList params, at::TensorList accums,
-                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs, double factor,
+                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                           at::TensorList max_exp_avg_sqs, double factor,
                            const std::optional<at::Tensor>& factor_tensor, double lr,
                            double beta1, double beta2, double eps, double weight_decay,
                            bool decoupled_weight_decay, bool maximize, int64_t step) {
   check_adam_options(factor, lr, beta1, beta2, eps, weight_decay, step);
-  check_lists({{"params", params},
-               {"accums", accums},
-               {"exp_avgs", exp_avgs},
-               {"exp_avg_sqs", exp_avg_sqs}},
-              factor_tensor);
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  std::vector<NamedList> lists{{"params", params},
+                               {"accums", accums},
+                               {"exp_avgs", exp_avgs},
+                               {"exp_avg_sqs", exp_avg_sqs}};
+  if (amsgrad) lists.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
+  check_lists(lists, factor_tensor);
   if (params.empty()) return;
 
-  const LaunchArgs args(params, accums, exp_avgs, exp_avg_sqs, factor_tensor);
+  const LaunchArgs args(params, accums, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, factor_tensor);
   const FaAdamOptions options{factor, lr, beta1, beta2, eps, weight_decay,
-                              decoupled_weight_decay, maximize, step};
+                              decoupled_weight_decay, maximize, step, amsgrad};
   check_launch(fa_adam_window_step_launch(args.tensors(), options, args.factor_tensor(),
                                           args.stream()),
                "adam_window_step_");

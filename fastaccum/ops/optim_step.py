@@ -20,8 +20,9 @@ Per parameter ``i`` (all tensors float32; arithmetic in fp32 as in ``torch.optim
      (nesterov) or ``buf``; then ``p -= lr * g``.
    - Adam: ``g += wd * p`` (L2), or ``p *= 1 - lr * wd`` (AdamW, decoupled);
      ``m = lerp(m, g, 1 - beta1)``; ``v = beta2 * v + (1 - beta2) * g * g``;
-     ``denom = sqrt(v) / sqrt(1 - beta2**step) + eps``;
-     ``p -= lr / (1 - beta1**step) * m / denom``. No amsgrad.
+     with amsgrad, ``vmax = maximum(vmax, v)`` (NaN propagating, as ``torch.maximum``)
+     stands for ``v`` below; ``denom = sqrt(v) / sqrt(1 - beta2**step) + eps``;
+     ``p -= lr / (1 - beta1**step) * m / denom``.
 3. ``accums[i] = 0``, ready for the next window.
 
 What is not fused: gradient clipping and the non-finite check need the window's global
@@ -181,26 +182,31 @@ def check_adam_window_step_args(
     accums: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None,
     factor: float,
     factor_tensor: torch.Tensor | None,
     options: Mapping[str, Any],
-) -> tuple[
-    list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], float, tuple
-]:
+) -> tuple[tuple[list[torch.Tensor], ...], float, tuple]:
     """Validate :func:`adam_window_step_`'s arguments (``options``: the :data:`ADAM_OPTIONS`
-    by name); raise TypeError/ValueError and change nothing.
+    by name; ``max_exp_avg_sqs`` None or empty without amsgrad); raise TypeError/ValueError
+    and change nothing.
 
-    Returns ``(params, accums, exp_avgs, exp_avg_sqs, factor, scalars)``.
+    Returns ``((params, accums, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), factor, scalars)``,
+    ``max_exp_avg_sqs`` an empty list without amsgrad.
     """
     scalars = _check_options(ADAM_OPTIONS, options)
     for name, value in zip(("beta1", "beta2"), scalars[1:3], strict=True):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
-    params, accums, (exp_avgs, exp_avg_sqs), factor = _check_tensor_lists(
+    amsgrad = max_exp_avg_sqs is not None and len(max_exp_avg_sqs) > 0
+    if amsgrad:
+        states["max_exp_avg_sqs"] = max_exp_avg_sqs
+    params, accums, state_lists, factor = _check_tensor_lists(
         params, accums, states, factor, factor_tensor
     )
-    return params, accums, exp_avgs, exp_avg_sqs, factor, scalars
+    maxima = state_lists[2] if amsgrad else []
+    return (params, accums, state_lists[0], state_lists[1], maxima), factor, scalars
 
 
 # --------------------------------------------------------------------------- references
@@ -253,6 +259,7 @@ def adam_window_step_ref(
     accums: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None,
     factor: float,
     factor_tensor: torch.Tensor | None,
     lr: float,
@@ -268,7 +275,8 @@ def adam_window_step_ref(
     # Python floats, as torch.optim.adam computes them, each rounded to fp32 by the ops.
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    for p, a, m, v in zip(params, accums, exp_avgs, exp_avg_sqs, strict=True):
+    maxima = max_exp_avg_sqs if max_exp_avg_sqs else [None] * len(params)
+    for p, a, m, v, vmax in zip(params, accums, exp_avgs, exp_avg_sqs, maxima, strict=True):
         g = _window_gradient(a, factor, factor_tensor, maximize)
         if weight_decay != 0:
             if decoupled_weight_decay:
@@ -277,6 +285,9 @@ def adam_window_step_ref(
                 g = g.add(p, alpha=weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if vmax is not None:  # amsgrad: the largest second moment so far
+            torch.maximum(vmax, v, out=vmax)
+            v = vmax
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         p.addcdiv_(m, denom, value=-step_size)
         a.zero_()
@@ -291,7 +302,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("fastaccum::adam_window_step_")
-    def _adam_fake(params, accums, exp_avgs, exp_avg_sqs, factor, factor_tensor, *args):
+    def _adam_fake(params, accums, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *args):
         return None
 
 
@@ -336,7 +347,7 @@ def window_step_unchecked(
 ) -> None:
     """:func:`sgd_window_step_` (``op="sgd_window_step_"``, lists ``(params, accums,
     momentum_buffers)``) or :func:`adam_window_step_` (``(params, accums, exp_avgs,
-    exp_avg_sqs)``) with the options checked but not the tensor lists, for callers that
+    exp_avg_sqs, max_exp_avg_sqs)``, the last empty without amsgrad) with the options checked but not the tensor lists, for callers that
     build the lists from tensors they made (the fused optimizers, once per window, where the
     Python list checks cost a fifth of the kernel). The native op still validates the lists
     before it writes; the reference does not.
@@ -413,6 +424,7 @@ def adam_window_step_(
     exp_avg_sqs: Sequence[torch.Tensor],
     factor: float,
     *,
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None = None,
     factor_tensor: torch.Tensor | None = None,
     lr: float,
     beta1: float = 0.9,
@@ -432,6 +444,9 @@ def adam_window_step_(
         accums: float32 accumulators (same shapes); read, then zeroed.
         exp_avgs, exp_avg_sqs: float32 first and second moments, updated in place.
         factor, factor_tensor: as :func:`sgd_window_step_`.
+        max_exp_avg_sqs: float32 running maxima of the second moments (``torch.optim.Adam``
+            with ``amsgrad=True``), updated in place and used in the denominator; None or
+            empty without amsgrad.
         lr, beta1, beta2, eps, weight_decay, maximize: as ``torch.optim.Adam``.
         decoupled_weight_decay: AdamW's weight decay (``p *= 1 - lr * wd``) instead of
             Adam's L2 term in the gradient.
@@ -447,11 +462,10 @@ def adam_window_step_(
     options = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
     options |= {"decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize}
     options["step"] = step
-    params, accums, exp_avgs, exp_avg_sqs, factor, scalars = check_adam_window_step_args(
-        params, accums, exp_avgs, exp_avg_sqs, factor, factor_tensor, options
+    lists, factor, scalars = check_adam_window_step_args(
+        params, accums, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, factor, factor_tensor, options
     )
-    if params:
-        lists = (params, accums, exp_avgs, exp_avg_sqs)
+    if lists[0]:
         _run(
             "adam_window_step_",
             lists,

@@ -299,9 +299,9 @@ class Adam(_FusedWindowOptimizer):
     fused window boundary (see :mod:`fastaccum.optim.fused`).
 
     Args:
-        params, lr, betas, eps, weight_decay, maximize, decoupled_weight_decay: as
-            ``torch.optim.Adam``.
-        amsgrad, capturable, differentiable: must be False (not supported; ValueError).
+        params, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay: as
+            ``torch.optim.Adam`` (amsgrad keeps ``state["max_exp_avg_sq"]``, as torch does).
+        capturable, differentiable: must be False (not supported; ValueError).
         foreach, fused: accepted for drop-in compatibility and ignored: the update always
             runs in fastaccum's fused kernel.
         accum_steps, max_grad_norm, scaler, model, activations,
@@ -337,21 +337,21 @@ class Adam(_FusedWindowOptimizer):
         reduce_scatter_every_micro_step: bool = False,
         master_weights: bool = False,
     ) -> None:
-        self._check_options(amsgrad, capturable, differentiable)
+        self._check_options(capturable, differentiable)
         inner = torch.optim.Adam(
             params,
             lr,
             betas,
             eps,
             weight_decay,
+            amsgrad,
             maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay,
         )
         _FusedWindowOptimizer.__init__(self, inner, **_wrapping(locals()))
 
     @staticmethod
-    def _check_options(amsgrad: bool, capturable: bool, differentiable: bool) -> None:
-        _reject("amsgrad", amsgrad, "use torch.optim.Adam(amsgrad=True) with fastaccum.wrap")
+    def _check_options(capturable: bool, differentiable: bool) -> None:
         _reject("capturable", capturable, "the step count is kept on the host")
         _reject("differentiable", differentiable, "the fused update is not differentiable")
 
@@ -362,7 +362,8 @@ class Adam(_FusedWindowOptimizer):
         accums: list[torch.Tensor],
         factor: float,
     ) -> None:
-        self._check_options(group["amsgrad"], group["capturable"], group["differentiable"])
+        self._check_options(group["capturable"], group["differentiable"])
+        amsgrad = bool(group["amsgrad"])
         beta1, beta2 = (float(b) for b in group["betas"])
         options = {
             "lr": float(group["lr"]),
@@ -381,6 +382,10 @@ class Adam(_FusedWindowOptimizer):
                 state["step"] = torch.tensor(0.0, dtype=_adam_step_dtype())
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                # torch.optim creates it with the state; a group switched to amsgrad after
+                # its first step starts it here from zeros (torch.optim raises KeyError).
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         counts = [state["step"] for state in states]
         by_step: dict[int, list[int]] = {}
         for i, count in enumerate(torch.stack(counts).tolist()):  # one read, not one each
@@ -391,6 +396,9 @@ class Adam(_FusedWindowOptimizer):
                 [accums[i] for i in members],
                 [_state_like(states[i], "exp_avg", params[i]) for i in members],
                 [_state_like(states[i], "exp_avg_sq", params[i]) for i in members],
+                [_state_like(states[i], "max_exp_avg_sq", params[i]) for i in members]
+                if amsgrad
+                else [],
             )
             _window_step("adam_window_step_", lists, factor, {**options, "step": step})
         torch._foreach_add_(counts, 1.0)  # torch.optim's per-parameter step counts
@@ -425,6 +433,6 @@ class AdamW(Adam):
         reduce_scatter_every_micro_step: bool = False,
         master_weights: bool = False,
     ) -> None:
-        self._check_options(amsgrad, capturable, differentiable)
-        inner = torch.optim.AdamW(params, lr, betas, eps, weight_decay, maximize=maximize)
+        self._check_options(capturable, differentiable)
+        inner = torch.optim.AdamW(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
         _FusedWindowOptimizer.__init__(self, inner, **_wrapping(locals()))

@@ -46,13 +46,18 @@ from fastaccum.triton.accumulate import (
 
 # --------------------------------------------------------------------------- kernels
 
+TABLE_COLUMNS = 6
+"""Columns of a tensor table row: numel, then the addresses of the parameter, the
+accumulator and up to three state tensors."""
+COLUMNS = tl.constexpr(TABLE_COLUMNS)  # the same, for the kernels
+
 
 @triton.jit
 def _work_item(tensor_table, item_table, TABLE: tl.constexpr):
     """This program's (row of ``tensor_table``, chunk index); row 0 without a table.
 
-    ``tensor_table`` is int64 ``[T, 5]``: numel, then the addresses of the parameter, the
-    accumulator and up to two state tensors (0 where absent). ``item_table`` is int32
+    ``tensor_table`` is int64 ``[T, COLUMNS]``: numel, then the addresses of the parameter,
+    the accumulator and up to three state tensors (0 where absent). ``item_table`` is int32
     ``[P, 2]``: row, chunk index.
     """
     if TABLE:
@@ -68,7 +73,7 @@ def _work_item(tensor_table, item_table, TABLE: tl.constexpr):
 @triton.jit
 def _row_pointer(tensor_table, row, column, ALIGNED: tl.constexpr):
     """The fp32 tensor whose address is ``tensor_table[row, column]``."""
-    ptr = tl.load(tensor_table + 5 * row + column).to(tl.pointer_type(tl.float32))
+    ptr = tl.load(tensor_table + COLUMNS * row + column).to(tl.pointer_type(tl.float32))
     if ALIGNED:
         # A loaded address carries no alignment facts; the launcher checked every address
         # of the launch, and saying so lets the compiler use 16-byte vector accesses.
@@ -114,7 +119,7 @@ def _sgd_kernel(
     chunk ``program_id``. ``FIRST``: the buffer starts as the gradient."""
     row, chunk = _work_item(tensor_table, item_table, TABLE)
     if TABLE:
-        numel = tl.load(tensor_table + 5 * row)
+        numel = tl.load(tensor_table + COLUMNS * row)
         param_ptr = _row_pointer(tensor_table, row, 1, ALIGNED)
         accum_ptr = _row_pointer(tensor_table, row, 2, ALIGNED)
         if MOMENTUM:
@@ -151,6 +156,7 @@ def _adam_kernel(
     accum_ptr,
     exp_avg_ptr,
     exp_avg_sq_ptr,
+    max_exp_avg_sq_ptr,
     numel,
     factor_ptr,
     factor,
@@ -165,6 +171,7 @@ def _adam_kernel(
     L2: tl.constexpr,
     DECOUPLED: tl.constexpr,
     SMALL_WEIGHT: tl.constexpr,
+    AMSGRAD: tl.constexpr,
     TABLE: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -172,14 +179,17 @@ def _adam_kernel(
 ):
     """``torch.optim.Adam``/``AdamW``'s update of one work item; tables and arguments as
     ``_sgd_kernel``. ``lerp`` takes torch's form for the weight: ``m + w * (g - m)`` when
-    ``|w| < 0.5`` (``SMALL_WEIGHT``), else ``g - (g - m) * (1 - w)``."""
+    ``|w| < 0.5`` (``SMALL_WEIGHT``), else ``g - (g - m) * (1 - w)``. ``AMSGRAD``: the
+    denominator uses the running maximum of the second moment, kept in ``max_exp_avg_sq``."""
     row, chunk = _work_item(tensor_table, item_table, TABLE)
     if TABLE:
-        numel = tl.load(tensor_table + 5 * row)
+        numel = tl.load(tensor_table + COLUMNS * row)
         param_ptr = _row_pointer(tensor_table, row, 1, ALIGNED)
         accum_ptr = _row_pointer(tensor_table, row, 2, ALIGNED)
         exp_avg_ptr = _row_pointer(tensor_table, row, 3, ALIGNED)
         exp_avg_sq_ptr = _row_pointer(tensor_table, row, 4, ALIGNED)
+        if AMSGRAD:
+            max_exp_avg_sq_ptr = _row_pointer(tensor_table, row, 5, ALIGNED)
     start, full_end, end = _chunk_bounds(numel, chunk, BLOCK, ITERS)
     for part in tl.static_range(2):  # whole blocks, then the partial one: see _sgd_kernel
         limit = full_end if part == 0 else end
@@ -195,9 +205,14 @@ def _adam_kernel(
             m = tl.load(exp_avg_ptr + offs, mask=mask)
             m = m + lerp_weight * (g - m) if SMALL_WEIGHT else g - (g - m) * (1.0 - lerp_weight)
             v = tl.load(exp_avg_sq_ptr + offs, mask=mask) * beta2 + one_minus_beta2 * g * g
+            tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+            if AMSGRAD:
+                # torch.maximum: NaN when either side is NaN
+                v0 = tl.load(max_exp_avg_sq_ptr + offs, mask=mask)
+                v = tl.where((v < v0) | (v0 != v0), v0, v)
+                tl.store(max_exp_avg_sq_ptr + offs, v, mask=mask)
             denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
             tl.store(exp_avg_ptr + offs, m, mask=mask)
-            tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
             tl.store(param_ptr + offs, p + tl.div_rn(neg_step_size * m, denom), mask=mask)
 
 
@@ -208,17 +223,17 @@ def _adam_kernel(
 def _tables(
     device: torch.device, rows: tuple[tuple[int, ...], ...]
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Device tables of ``rows`` (numel, then addresses): ``(tensor_table int64 [T, 5],
+    """Device tables of ``rows`` (numel, then addresses): ``(tensor_table int64 [T, 6],
     item_table int32 [P, 2], every address aligned)``, cached on the key alone."""
     rows = tuple(r for r in rows if r[0] > 0)
-    padded = [list(r) + [0] * (5 - len(r)) for r in rows]
+    padded = [list(r) + [0] * (TABLE_COLUMNS - len(r)) for r in rows]
     counts = torch.tensor([triton.cdiv(r[0], CHUNK) for r in rows], dtype=torch.int64)
     row_of_item = torch.repeat_interleave(torch.arange(len(rows)), counts)
     first_item = torch.cumsum(counts, 0) - counts
     chunk_of_item = torch.arange(len(row_of_item)) - first_item[row_of_item]
     item_table = torch.stack([row_of_item, chunk_of_item], dim=1).to(torch.int32)
     aligned = all(address % ALIGNMENT == 0 for r in rows for address in r[1:])
-    tensor_table = torch.tensor(padded, dtype=torch.int64).reshape(len(rows), 5)
+    tensor_table = torch.tensor(padded, dtype=torch.int64).reshape(len(rows), TABLE_COLUMNS)
     return _to_device(tensor_table, device), _to_device(item_table, device), aligned
 
 
@@ -312,13 +327,14 @@ def _sgd_op(
 
 @torch.library.triton_op(
     "fastaccum::adam_window_step_triton_",
-    mutates_args={"params", "accums", "exp_avgs", "exp_avg_sqs"},
+    mutates_args={"params", "accums", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"},
 )
 def _adam_op(
     params: list[torch.Tensor],
     accums: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
     factor: float,
     factor_tensor: torch.Tensor | None,
     lr: float,
@@ -334,15 +350,16 @@ def _adam_op(
     options = dict(zip(ADAM_OPTIONS, (lr, beta1, beta2, eps, weight_decay), strict=False))
     options |= {"decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize}
     options["step"] = step
-    params, accums, exp_avgs, exp_avg_sqs, factor, _ = check_adam_window_step_args(
-        params, accums, exp_avgs, exp_avg_sqs, factor, factor_tensor, options
+    lists, factor, _ = check_adam_window_step_args(
+        params, accums, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, factor, factor_tensor, options
     )
+    amsgrad = len(lists[4]) > 0
     # Python floats as torch.optim.adam computes them; Triton rounds each to fp32.
     lerp_weight = 1.0 - beta1
     _launch(
         _adam_kernel,
-        4,
-        [params, accums, exp_avgs, exp_avg_sqs],
+        5,
+        list(lists) if amsgrad else list(lists[:4]),
         _factor_pointer(factor_tensor),
         -factor if maximize else factor,
         weight_decay,
@@ -356,6 +373,7 @@ def _adam_op(
         L2=weight_decay != 0 and not decoupled_weight_decay,
         DECOUPLED=weight_decay != 0 and decoupled_weight_decay,
         SMALL_WEIGHT=abs(lerp_weight) < 0.5,
+        AMSGRAD=amsgrad,
         BLOCK=BLOCK,
         ITERS=ITERS,
     )

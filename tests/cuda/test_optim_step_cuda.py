@@ -69,7 +69,7 @@ STEPS: dict[str, tuple[Callable[..., None], Callable[..., None], tuple[str, ...]
 }
 Tensors = list[torch.Tensor]
 # params, accums, then the state lists: SGD's momentum buffers (None without momentum), or
-# Adam's exp_avgs and exp_avg_sqs.
+# Adam's exp_avgs and exp_avg_sqs, then with amsgrad its max_exp_avg_sqs.
 Lists = Sequence[Tensors | None]
 
 
@@ -94,10 +94,15 @@ def run_step(
     """``<op>_window_step_`` on the native backend, through the wrapper or torch.ops."""
     wrapper, _, names, defaults = STEPS[op]
     if via == "wrapper":
-        wrapper(*lists, factor, factor_tensor=factor_tensor, backend="native", **options)
+        extra = {"max_exp_avg_sqs": lists[4]} if len(lists) > 4 else {}
+        wrapper(
+            *lists[:4], factor, factor_tensor=factor_tensor, backend="native", **extra, **options
+        )
     else:
         scalars = [{**defaults, **options}[name] for name in names]
         tensors = [[] if t is None else t for t in lists]
+        if op == "adam" and len(tensors) == 4:
+            tensors.append([])  # no amsgrad
         getattr(torch.ops.fastaccum, f"{op}_window_step_")(
             *tensors, factor, factor_tensor, *scalars
         )
@@ -113,7 +118,8 @@ def expected(
     """``lists`` after the float64 reference step, on float64 copies."""
     _, reference, _, defaults = STEPS[op]
     copies = [None if t is None else [x.double() for x in t] for t in lists]
-    reference(*copies, factor, factor_tensor, **{**defaults, **options})
+    no_maxima = [None] if op == "adam" and len(copies) == 4 else []  # no amsgrad
+    reference(*copies, *no_maxima, factor, factor_tensor, **{**defaults, **options})
     return copies
 
 
@@ -181,12 +187,17 @@ ADAM_CASES = {
 }
 
 
-def _adam_tensors(sizes: list[int], seed: int, step: int) -> tuple[Tensors, ...]:
+def _adam_tensors(
+    sizes: list[int], seed: int, step: int, amsgrad: bool = False
+) -> tuple[Tensors, ...]:
+    """params, accums, exp_avgs, exp_avg_sqs, and with amsgrad max_exp_avg_sqs (of the
+    second moments' size, so that the maximum keeps about half of them)."""
     params, accums, m = (_randn(sizes, seed + k) for k in range(3))
     v = _randn(sizes, seed + 3, positive=True)
+    vmax = _randn(sizes, seed + 4, positive=True)
     if step == 1:  # torch's first step starts from zeroed moments
-        m, v = [torch.zeros_like(t) for t in m], [torch.zeros_like(t) for t in v]
-    return params, accums, m, v
+        m, v, vmax = ([torch.zeros_like(t) for t in x] for x in (m, v, vmax))
+    return (params, accums, m, v, vmax) if amsgrad else (params, accums, m, v)
 
 
 @pytest.mark.parametrize("ft_dtype", [None, torch.float32, torch.float64], ids=str)
@@ -195,7 +206,7 @@ def _adam_tensors(sizes: list[int], seed: int, step: int) -> tuple[Tensors, ...]
 def test_adam_matches_float64_reference(case: str, via: str, ft_dtype: torch.dtype | None) -> None:
     extra, step = ADAM_CASES[case]
     options = {"lr": 0.01, "eps": 1e-6, **extra, "step": step}
-    lists = _adam_tensors(SIZES, 10, step)
+    lists = _adam_tensors(SIZES, 10, step, options.pop("amsgrad", False))
     step_and_check("adam", via, lists, 0.2, _factor_tensor(ft_dtype, 1.5), options)
 
 
@@ -244,55 +255,72 @@ def test_sgd_matches_torch_optim_on_cuda(nesterov: bool, first_step: bool, forea
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single-tensor", "foreach"])
-@pytest.mark.parametrize("kind", ["Adam", "Adam-l2", "AdamW"])
+@pytest.mark.parametrize("kind", ["Adam", "Adam-l2", "AdamW", "AdamW-amsgrad"])
 def test_adam_matches_torch_optim_on_cuda(kind: str, foreach: bool) -> None:
     step, wd = 5, 0.0 if kind == "Adam" else 0.1
-    decoupled = kind == "AdamW"
-    params, accums, m, v = _adam_tensors(SIZES, 30, step)
-    grads = [a * 0.2 for a in accums]
+    decoupled, amsgrad = kind.startswith("AdamW"), kind.endswith("amsgrad")
+    lists = _adam_tensors(SIZES, 30, step, amsgrad)
+    grads = [a * 0.2 for a in lists[1]]
     states = [
         {"step": torch.tensor(float(step - 1)), "exp_avg": mi, "exp_avg_sq": vi}
-        for mi, vi in zip(m, v, strict=True)
+        for mi, vi in zip(lists[2], lists[3], strict=True)
     ]
+    if amsgrad:
+        for state, vmax in zip(states, lists[4], strict=True):
+            state["max_exp_avg_sq"] = vmax
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     options = {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": wd}
-    want, want_states = _torch_step(cls, params, grads, states, foreach=foreach, **options)
-    old = [p.clone() for p in params]
+    want, want_states = _torch_step(
+        cls, lists[0], grads, states, foreach=foreach, amsgrad=amsgrad, **options
+    )
+    old = [p.clone() for p in lists[0]]
 
     ours = _adam_options(options) | {"decoupled_weight_decay": decoupled, "step": step}
-    run_step("adam", "ops", (params, accums, m, v), 0.2, None, ours)
+    run_step("adam", "ops", lists, 0.2, None, ours)
 
-    moments = [[state[key] for state in want_states] for key in ("exp_avg", "exp_avg_sq")]
-    check_step((params, accums, m, v), old, [want, None, *moments])
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")[: len(lists) - 2]
+    moments = [[state[key] for state in want_states] for key in keys]
+    check_step(lists, old, [want, None, *moments])
 
 
 # ----------------------------------------------------------------- layout and launches
 
-# Element offsets of (param, accum, state1, state2) into larger buffers: all alignable at the
-# same element, only some of them, and never together (the scalar path).
-OFFSETS = [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 0, 0), (2, 2, 2, 3), (3, 1, 2, 0), (0, 0, 3, 3)]
+# Element offsets of (param, accum, state1, state2, state3) into larger buffers: all
+# alignable at the same element, only some of them, and never together (the scalar path).
+# state3 is amsgrad's maximum; the last two cases misalign it alone.
+OFFSETS = [
+    (0, 0, 0, 0, 0),
+    (1, 1, 1, 1, 1),
+    (0, 1, 0, 0, 0),
+    (2, 2, 2, 3, 2),
+    (3, 1, 2, 0, 1),
+    (0, 0, 3, 3, 3),
+    (0, 0, 0, 0, 1),
+    (2, 2, 2, 2, 3),
+]
 
 
 @pytest.mark.parametrize("offsets", OFFSETS, ids=lambda o: "-".join(map(str, o)))
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam-amsgrad"])
 def test_misaligned_views(optimizer: str, offsets: tuple[int, ...]) -> None:
     sizes = [65537, 3, 20000]
-    roles = 4 if optimizer == "adam" else 3  # SGD: param, accum, momentum buffer
+    # SGD: param, accum, momentum buffer; Adam: exp_avg, exp_avg_sq (and the maximum) too
+    roles = {"sgd": 3, "adam": 4, "adam-amsgrad": 5}[optimizer]
     lists: list[Tensors] = [[] for _ in range(roles)]
     backing = []
     for n in sizes:
         for r in range(roles):
             buf = _randn([n + 16], 40 + 10 * r + n % 7)[0]
-            if r == 3:
-                buf = buf.abs() * 0.1  # exp_avg_sq >= 0
+            if r >= 3:
+                buf = buf.abs() * 0.1  # exp_avg_sq and its maximum >= 0
             backing.append((buf, buf.clone(), offsets[r], n))
             lists[r].append(buf[offsets[r] : offsets[r] + n])
 
-    if optimizer == "adam":
+    if optimizer.startswith("adam"):
         options = {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "step": 3}
     else:
         options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
-    step_and_check(optimizer, "ops", lists, 0.5, None, options)
+    step_and_check(optimizer.removesuffix("-amsgrad"), "ops", lists, 0.5, None, options)
     for buf, before, off, n in backing:  # nothing outside the views was touched
         assert torch.equal(buf[:off], before[:off])
         assert torch.equal(buf[off + n :], before[off + n :])
@@ -303,6 +331,7 @@ def test_more_tensors_than_one_launch() -> None:
     sizes = torch.randint(0, 5001, (1000,), generator=torch.Generator().manual_seed(50)).tolist()
     adam = {"lr": 0.01, "weight_decay": 0.1, "step": 4}
     step_and_check("adam", "wrapper", _adam_tensors(sizes, 50, 4), 0.25, None, adam)
+    step_and_check("adam", "wrapper", _adam_tensors(sizes, 55, 4, True), 0.25, None, adam)
     sgd = {"lr": 0.1, "momentum": 0.9, "dampening": 0.5}
     lists = (_randn(sizes, 60), _randn(sizes, 61), _randn(sizes, 62))
     step_and_check("sgd", "wrapper", lists, 2.0, None, sgd)
@@ -329,6 +358,18 @@ def test_nonfinite_accumulator_stays_in_its_element() -> None:
         assert math.isnan(t[12345].item())
         assert int(torch.isnan(t).sum()) == 1
     assert torch.count_nonzero(accums[0]).item() == 0
+
+
+def test_amsgrad_maximum_propagates_nan() -> None:
+    # torch.maximum keeps a NaN from either side; the kernel must not drop it (fmaxf would).
+    params, accums, m, v, vmax = _adam_tensors([70001], 85, 2, amsgrad=True)
+    accums[0][12345] = math.nan  # the new second moment of element 12345 is NaN
+    vmax[0][777] = math.nan  # the stored maximum of element 777 is NaN
+    lists = (params, accums, m, v, vmax)
+    run_step("adam", "ops", lists, 1.0, None, {"lr": 0.01, "step": 2})
+    for t in (params[0], vmax[0]):
+        assert int(torch.isnan(t).sum()) == 2
+        assert math.isnan(t[12345].item()) and math.isnan(t[777].item())
 
 
 def test_device_factor_from_accumulate_needs_no_sync() -> None:
@@ -379,15 +420,17 @@ def test_tensors_on_a_device_that_is_not_current() -> None:
     check_step(lists, old, want)
 
 
-def test_native_and_triton_agree() -> None:
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_native_and_triton_agree(amsgrad: bool) -> None:
     pytest.importorskip("triton")
     runs = []
     for backend in ("native", "triton"):
-        params, accums, m, v = _adam_tensors([65537, 1023, 3], 120, 4)
+        params, accums, m, v, *vmax = _adam_tensors([65537, 1023, 3], 120, 4, amsgrad)
         adam_window_step_(
-            params, accums, m, v, 0.5, lr=0.01, weight_decay=0.1, step=4, backend=backend
-        )
-        runs.append([*params, *m, *v])
+            params, accums, m, v, 0.5, max_exp_avg_sqs=vmax[0] if vmax else None, lr=0.01,
+            weight_decay=0.1, step=4, backend=backend,
+        )  # fmt: skip
+        runs.append([*params, *m, *v, *(vmax[0] if vmax else [])])
     for native, triton in zip(*runs, strict=True):
         assert_close_rel(native, triton, STATE_RTOL)
 
@@ -511,6 +554,29 @@ def test_adam_bad_input_changes_nothing(via: str, options: dict[str, Any], match
         assert torch.equal(t, b), "an invalid call modified its inputs"
 
 
+@pytest.mark.parametrize("via", ["wrapper", "ops"])
+@pytest.mark.parametrize(
+    ("maxima", "match"),
+    [
+        (lambda p: [p.clone(), p.clone()], "max_exp_avg_sqs must be as long as params"),
+        (lambda p: [p[:5].clone()], r"max_exp_avg_sqs\[0\] has shape"),
+        (lambda p: [p.clone().double()], "float32"),
+        (lambda p: [p], "same tensor"),
+    ],
+    ids=["length", "shape", "dtype", "same"],
+)
+def test_amsgrad_bad_maxima_change_nothing(via: str, maxima: Callable, match: str) -> None:
+    p, a, m = _randn([6, 6, 6], 135)
+    v = torch.rand(6, device=DEVICE)
+    vmax = maxima(p)
+    touched = [p, a, m, v, *vmax]
+    before = [t.clone() for t in touched]
+    with pytest.raises((TypeError, ValueError) if via == "wrapper" else RuntimeError, match=match):
+        run_step("adam", via, ([p], [a], [m], [v], vmax), 1.0, None, {"lr": 0.1, "step": 2})
+    for t, b in zip(touched, before, strict=True):
+        assert torch.equal(t, b), "an invalid call modified its inputs"
+
+
 # ------------------------------------------------------------------------------- opcheck
 
 
@@ -522,6 +588,7 @@ OPCHECK_CASES = {
     "sgd plain maximize": ("sgd", 2, (2.0, FT, 0.1, 0.0, 0.0, 0.0, False, True, False)),
     "adamw": ("adam", 4, (2.0, FT, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False, 3)),
     "adam l2 maximize": ("adam", 4, (0.5, None, 1e-3, 0.3, 0.99, 1e-6, 0.1, False, True, 1)),
+    "adamw amsgrad": ("adam", 5, (2.0, FT, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False, 3)),
 }
 
 
@@ -530,8 +597,8 @@ def test_opcheck(case: str) -> None:
     op, n_lists, scalars = OPCHECK_CASES[case]
     sizes = [3, 1023, 65537]
     lists = [_randn(sizes, 140 + k, positive=True) for k in range(n_lists)]
-    if op == "sgd" and n_lists == 2:
-        lists.append([])  # no momentum buffers
+    if (op, n_lists) in (("sgd", 2), ("adam", 4)):
+        lists.append([])  # no momentum buffers; no amsgrad maxima
     factor_tensor = torch.tensor(0.5, device=DEVICE)
     args = (*lists, *(factor_tensor if x == FT else x for x in scalars))
     torch.library.opcheck(getattr(torch.ops.fastaccum, f"{op}_window_step_").default, args)
@@ -543,6 +610,7 @@ FUSED_KINDS = {
     "SGD": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True},
     "Adam": {"lr": 1e-2, "weight_decay": 0.1},
     "AdamW": {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99)},
+    "AdamW-amsgrad": {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.5), "amsgrad": True},
 }
 
 
@@ -557,8 +625,9 @@ def test_fused_optimizers_train_like_torch_on_the_big_batch(
     batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in token_batches(4 * k - 2, seed=2)]
     want = make_model().to(DEVICE)
     model = copy.deepcopy(want)
-    torch_opt = getattr(torch.optim, kind)(want.parameters(), **FUSED_KINDS[kind])
-    opt = getattr(fo, kind)(
+    cls = kind.removesuffix("-amsgrad")
+    torch_opt = getattr(torch.optim, cls)(want.parameters(), **FUSED_KINDS[kind])
+    opt = getattr(fo, cls)(
         model.parameters(),
         accum_steps=k,
         max_grad_norm=max_grad_norm,

@@ -137,6 +137,12 @@ ADAM_CASES = {
         },
         2,
     ),
+    "amsgrad adam l2": ({"amsgrad": True, "weight_decay": 0.1}, 4),
+    "amsgrad adamw maximize": (
+        {"amsgrad": True, "weight_decay": 0.05, "decoupled_weight_decay": True, "maximize": True},
+        6,
+    ),
+    "amsgrad first step": ({"amsgrad": True}, 1),
 }
 
 
@@ -148,20 +154,28 @@ def test_adam_matches_torch_optim_float64(backend, device, case, with_factor_ten
     params, accums = random_tensors(device, 3), random_tensors(device, 4)
     exp_avgs = random_tensors(device, 5)
     exp_avg_sqs = random_tensors(device, 6, positive=True)
+    # amsgrad's maxima: as large as the second moments, so that about half of each tensor
+    # keeps its maximum and half takes the new moment
+    maxima = random_tensors(device, 7, positive=True) if extra.get("amsgrad") else None
     if step == 1:  # torch's first step starts from zeroed moments
         exp_avgs = [torch.zeros_like(m) for m in exp_avgs]
         exp_avg_sqs = [torch.zeros_like(v) for v in exp_avg_sqs]
+        maxima = maxima and [torch.zeros_like(v) for v in maxima]
     factor_tensor = torch.tensor(1.5, device=device) if with_factor_tensor else None
     grads = window_gradients(accums, 0.2, factor_tensor)
     states = [
         {"step": torch.tensor(float(step - 1)), "exp_avg": m, "exp_avg_sq": v}
         for m, v in zip(exp_avgs, exp_avg_sqs, strict=True)
     ]
+    if maxima:
+        for state, vmax in zip(states, maxima, strict=True):
+            state["max_exp_avg_sq"] = vmax
     want_params, want_states = torch_optim_float64(
         torch.optim.Adam, params, grads, states, **options
     )
-    old = clones(params)
+    old, old_maxima = clones(params), maxima and clones(maxima)
     beta1, beta2 = options.pop("betas", (0.9, 0.999))
+    options.pop("amsgrad", None)
 
     adam_window_step_(
         params,
@@ -169,6 +183,7 @@ def test_adam_matches_torch_optim_float64(backend, device, case, with_factor_ten
         exp_avgs,
         exp_avg_sqs,
         0.2,
+        max_exp_avg_sqs=maxima,
         factor_tensor=factor_tensor,
         beta1=beta1,
         beta2=beta2,
@@ -182,6 +197,30 @@ def test_adam_matches_torch_optim_float64(backend, device, case, with_factor_ten
         assert torch.count_nonzero(accums[i]).item() == 0
         assert_close_rel(exp_avgs[i], want_states[i]["exp_avg"], STATE_RTOL)
         assert_close_rel(exp_avg_sqs[i], want_states[i]["exp_avg_sq"], STATE_RTOL)
+        if maxima:
+            assert_close_rel(maxima[i], want_states[i]["max_exp_avg_sq"], STATE_RTOL)
+    if maxima and step > 1:  # both sides of the maximum are taken in the large tensors
+        for new, kept in zip(maxima[-2:], old_maxima[-2:], strict=True):
+            assert 0.2 < (new == kept).float().mean().item() < 0.8
+
+
+def test_amsgrad_propagates_nan_as_torch_maximum(backend, device):
+    """A NaN in the new second moment or in the stored maximum stays NaN in the maximum and
+    in the parameter, as torch.maximum has it (a plain fmax would drop it)."""
+    p, a, m = random_tensors(device, 40, sizes=[4, 4, 4])
+    v, vmax = random_tensors(device, 41, sizes=[4, 4], positive=True)
+    a[0] = float("nan")  # the new second moment of element 0 is NaN
+    vmax[1] = float("nan")  # the stored maximum of element 1 is NaN
+    want = [t.clone() for t in (p, a, m, v, vmax)]
+    options = {"lr": 0.1, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+    options |= {"decoupled_weight_decay": False, "maximize": False, "step": 3}
+    fastaccum.ops.adam_window_step_ref(*([t] for t in want), 1.0, None, *options.values())
+    adam_window_step_([p], [a], [m], [v], 1.0, max_exp_avg_sqs=[vmax], backend=backend, **options)
+    assert vmax[:2].isnan().all() and not vmax[2:].isnan().any()
+    assert p[:2].isnan().all() and not p[2:].isnan().any()
+    for got, ref in zip((p, m, v, vmax), (want[0], want[2], want[3], want[4]), strict=True):
+        assert torch.equal(got.isnan(), ref.isnan())
+        assert_close_rel(got[2:], ref[2:], STATE_RTOL)
 
 
 def test_empty_lists_are_a_no_op(backend):
@@ -301,6 +340,28 @@ def test_adam_state_shape_mismatch_changes_nothing(backend, device):
         assert torch.equal(t, b)
 
 
+@pytest.mark.parametrize(
+    ("maxima", "match"),
+    [
+        (lambda p: [p.clone(), p.clone()], "max_exp_avg_sqs must be as long as params"),
+        (lambda p: [p.clone().bfloat16()], r"max_exp_avg_sqs\[0\] has dtype"),
+        (lambda p: [p[:5].clone()], r"max_exp_avg_sqs\[0\] has shape"),
+        (lambda p: [p], r"params\[0\] and max_exp_avg_sqs\[0\] are the same tensor"),
+    ],
+)
+def test_amsgrad_bad_maxima_change_nothing(backend, device, maxima, match):
+    p, a, m = random_tensors(device, 9, sizes=[6, 6, 6])
+    v = torch.rand(6, device=device)
+    vmax = maxima(p)
+    before = clones([p, a, m, v, *vmax])
+    with pytest.raises((TypeError, ValueError), match=match):
+        adam_window_step_(
+            [p], [a], [m], [v], 1.0, max_exp_avg_sqs=vmax, lr=0.1, step=2, backend=backend
+        )
+    for t, b in zip([p, a, m, v, *vmax], before, strict=True):
+        assert torch.equal(t, b)
+
+
 # --------------------------------------------------------------------------- native op
 
 
@@ -328,9 +389,29 @@ def test_native_ops_check_their_own_input(device):
         lambda: sgd([p], [p], [], 1.0, None, 0.1, 0.0, 0.0, 0.0, False, False, False),
         lambda: sgd([p], [a.double()], [], 1.0, None, 0.1, 0.0, 0.0, 0.0, False, False, False),
         lambda: sgd([p], [a], [], float("nan"), None, 0.1, 0.0, 0.0, 0.0, False, False, False),
-        lambda: adam([p], [a], [b], [], 1.0, None, 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, 1),
+        lambda: adam([p], [a], [b], [], [], 1.0, None, 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, 1),
         lambda: adam(
-            [p], [a], [b], [b.abs()], 1.0, None, 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, 0
+            [p], [a], [b], [b.abs()], [], 1.0, None, 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, 0
+        ),
+        lambda: adam(
+            [p],
+            [a],
+            [b],
+            [b.abs()],
+            [a[:5]],
+            1.0,
+            None,
+            0.1,
+            0.9,
+            0.999,
+            1e-8,
+            0.0,
+            False,
+            False,
+            1,
+        ),
+        lambda: adam(
+            [p], [a], [b], [b.abs()], [b], 1.0, None, 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, 1
         ),
     ]
     for call in calls:
@@ -358,10 +439,12 @@ def test_opcheck_adam_window_step(device):
     params, accums, m = (random_tensors(device, s, sizes=[3, 1023]) for s in (14, 15, 16))
     v = random_tensors(device, 17, sizes=[3, 1023], positive=True)
     ft = torch.tensor(0.5, device=device)
-    torch.library.opcheck(
-        torch.ops.fastaccum.adam_window_step_.default,
-        (params, accums, m, v, 2.0, ft, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False, 3),
-    )
+    vmax = random_tensors(device, 18, sizes=[3, 1023], positive=True)
+    for maxima in ([], vmax):
+        torch.library.opcheck(
+            torch.ops.fastaccum.adam_window_step_.default,
+            (params, accums, m, v, maxima, 2.0, ft, 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False, 3),
+        )
 
 
 def test_native_sgd_without_kernel_for_device_falls_back(monkeypatch):
@@ -398,13 +481,14 @@ def test_triton_per_tensor_launches_match_tables(monkeypatch):
         monkeypatch.setattr(tri, "_has_addresses", lambda t, tables=tables: tables)
         sizes = [1, 1023, 20000]
         p, a, m = (random_tensors(device, s, sizes=sizes) for s in (20, 21, 22))
-        v = random_tensors(device, 23, sizes=sizes, positive=True)
+        v, vmax, w = (random_tensors(device, s, sizes=sizes, positive=True) for s in (23, 27, 28))
         adam = (0.01, 0.9, 0.999, 1e-8, 0.1, True, False, 4)
-        torch.ops.fastaccum.adam_window_step_triton_(p, a, m, v, 0.5, None, *adam)
+        torch.ops.fastaccum.adam_window_step_triton_(p, a, m, v, [], 0.5, None, *adam)
+        torch.ops.fastaccum.adam_window_step_triton_(p, a, m, w, vmax, 0.5, None, *adam)
         q, g, b = (random_tensors(device, s, sizes=sizes) for s in (24, 25, 26))
         sgd = (0.1, 0.9, 0.0, 0.01, True, False, False)
         torch.ops.fastaccum.sgd_window_step_triton_(q, g, b, 0.5, None, *sgd)
-        runs.append(p + a + m + v + q + g + b)
+        runs.append(p + a + m + v + w + vmax + q + g + b)
     for x, y in zip(*runs, strict=True):
         assert torch.equal(x, y)
 
@@ -459,11 +543,13 @@ def test_window_step_unchecked_matches_checked_and_checks_options():
 
     options = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1}
     options |= {"decoupled_weight_decay": True, "maximize": False, "step": 3}
-    want, got = tensors(), tensors()
-    adam_window_step_(*want, 0.5, **options)
-    window_step_unchecked("adam_window_step_", tuple(got), 0.5, options)
-    for a, b in zip(_flat(want), _flat(got), strict=True):
-        assert torch.equal(a, b)
+    for amsgrad in (False, True):
+        want, got = tensors(), tensors()
+        maxima = [[t.abs().flip(0) for t in v] if amsgrad else [] for v in (want[3], got[3])]
+        adam_window_step_(*want, 0.5, max_exp_avg_sqs=maxima[0], **options)
+        window_step_unchecked("adam_window_step_", (*got, maxima[1]), 0.5, options)
+        for a, b in zip(_flat([*want, maxima[0]]), _flat([*got, maxima[1]]), strict=True):
+            assert torch.equal(a, b)
 
     sgd = {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0}
     sgd |= {"nesterov": True, "maximize": False, "first_step": False}

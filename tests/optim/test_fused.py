@@ -26,17 +26,18 @@ from tests.helpers import (
 from tests.helpers import split_windows as windows_of
 
 
-def torch_run(kind, windows, max_grad_norm=None, make_sched=None):
-    """torch.optim's own class, one big batch per window. Returns (model, optimizer)."""
+def torch_run(kind, windows, max_grad_norm=None, make_sched=None, **options):
+    """torch.optim's own class, one big batch per window (``options`` override the test
+    settings). Returns (model, optimizer)."""
     return large_batch_run(
-        lambda params: getattr(torch.optim, kind)(params, **OPTIM_KINDS[kind]),
+        lambda params: getattr(torch.optim, kind)(params, **{**OPTIM_KINDS[kind], **options}),
         windows,
         max_grad_norm,
         make_sched,
     )
 
 
-def fused_run(kind, batches, k, max_grad_norm=None, model=None):
+def fused_run(kind, batches, k, max_grad_norm=None, model=None, **options):
     """fastaccum's class, one micro-batch per step(); flush() on a partial last window."""
     model = model or make_model()
     opt = getattr(fo, kind)(
@@ -44,7 +45,7 @@ def fused_run(kind, batches, k, max_grad_norm=None, model=None):
         accum_steps=k,
         max_grad_norm=max_grad_norm,
         model=model,
-        **OPTIM_KINDS[kind],
+        **{**OPTIM_KINDS[kind], **options},
     )
     stepped = []
     for x, y in batches:
@@ -79,6 +80,52 @@ def test_matches_torch_optim_on_the_big_batch(kind, max_grad_norm):
             else:
                 assert_close_rel(mine[key], value, 1e-5)
     assert opt.stats()["windows"] == 4
+
+
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+def test_amsgrad_matches_torch_optim_on_the_big_batch(kind):
+    """amsgrad=True, with a small beta2 so that the second moment falls and the running
+    maximum decides the denominator: parameters and the whole state (max_exp_avg_sq
+    included) equal torch's class on the big batch, and differ from the run without."""
+    k, options = 4, {"amsgrad": True, "betas": (0.9, 0.5)}
+    batches = token_batches(4 * k, seed=21)
+    want, want_opt = torch_run(kind, windows_of(batches, k), 0.5, **options)
+    model, opt, _ = fused_run(kind, batches, k, 0.5, **options)
+    plain, _, _ = fused_run(kind, batches, k, 0.5, betas=(0.9, 0.5))
+
+    differs = 0.0
+    for p, q, r in zip(model.parameters(), want.parameters(), plain.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+        differs = max(differs, ((r - q).norm() / q.norm()).item())
+    assert differs > 1e-3  # the maximum changed the updates
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        mine, theirs = opt.state[p], want_opt.state[q]
+        assert mine.keys() == theirs.keys() and "max_exp_avg_sq" in mine
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert_close_rel(mine[key], theirs[key], 1e-5)
+
+
+def test_amsgrad_resumes_mid_window_bit_identically():
+    batches = token_batches(10, seed=22)
+
+    def make(seed=0):
+        model = make_model(seed)
+        opt = fo.AdamW(
+            model.parameters(),
+            lr=1e-2,
+            betas=(0.9, 0.5),
+            amsgrad=True,
+            accum_steps=4,
+            model=model,
+            max_grad_norm=1.0,
+        )
+        return model, opt
+
+    straight, _ = run_with_checkpoint(None, batches, build=make)
+    resumed, opt = run_with_checkpoint(6, batches, build=make)
+    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert all("max_exp_avg_sq" in opt.state[p] for p in resumed.parameters())
 
 
 def test_accumulators_are_reset_and_no_grad_is_left():
@@ -299,7 +346,6 @@ def test_nonfinite_window_is_skipped_and_state_untouched():
 @pytest.mark.parametrize(
     ("kind", "options", "exc", "match"),
     [
-        ("Adam", {"amsgrad": True}, ValueError, "amsgrad"),
         ("AdamW", {"capturable": True}, ValueError, "capturable"),
         ("SGD", {"differentiable": True}, ValueError, "differentiable"),
         ("SGD", {"accum_steps": 0}, ValueError, "accum_steps must be >= 1, got 0"),
@@ -325,19 +371,19 @@ def test_parameters_must_be_fp32_and_dense():
     fo.SGD([torch.nn.Parameter(torch.randn(4, 3).t())], lr=0.1)  # transposed: dense
 
 
-def bf16_run(kind: str, fused: bool, batches, k: int, stop=None):
+def bf16_run(kind: str, fused: bool, batches, k: int, stop=None, **extra):
     """A bf16 token model trained with fp32 masters: fastaccum's fused class, or
-    fastaccum.wrap of torch's own; resumed from a checkpoint before micro-batch ``stop``."""
+    fastaccum.wrap of torch's own; resumed from a checkpoint before micro-batch ``stop``.
+    ``extra`` overrides the optimizer settings."""
+    settings = {**OPTIM_KINDS[kind], **extra}
 
     def make(seed=0):
         model = make_model(seed, dtype=torch.bfloat16)
         options = {"max_grad_norm": 0.5, "master_weights": True}
         if fused:
-            opt = getattr(fo, kind)(
-                model.parameters(), accum_steps=k, **options, **OPTIM_KINDS[kind]
-            )
+            opt = getattr(fo, kind)(model.parameters(), accum_steps=k, **options, **settings)
         else:
-            inner = getattr(torch.optim, kind)(model.parameters(), **OPTIM_KINDS[kind])
+            inner = getattr(torch.optim, kind)(model.parameters(), **settings)
             opt = fastaccum.wrap(inner, k, **options)
         return model, opt
 
@@ -363,6 +409,20 @@ def test_master_weights_update_fp32_masters_in_the_fused_step(kind):
         for key, value in want_opt.state[q].items():
             assert opt.state[m][key].dtype == value.dtype
             assert_close_rel(opt.state[m][key].float(), value.float(), 1e-6)
+
+
+def test_master_weights_with_amsgrad_match_the_unfused_wrapper():
+    """amsgrad on fp32 masters of a bf16 model, over 3 windows: masters and maxima equal
+    the unfused wrapper's torch.optim.AdamW(amsgrad=True) on the same masters (rel 1e-6)."""
+    k, extra = 4, {"amsgrad": True, "betas": (0.9, 0.5)}
+    batches = token_batches(3 * k, seed=13)
+    _, opt = bf16_run("AdamW", True, batches, k, **extra)
+    _, want_opt = bf16_run("AdamW", False, batches, k, **extra)
+    masters = [p for g in opt.param_groups for p in g["params"]]
+    want_masters = [p for g in want_opt.param_groups for p in g["params"]]
+    for m, q in zip(masters, want_masters, strict=True):
+        assert_close_rel(m, q, 1e-6)
+        assert_close_rel(opt.state[m]["max_exp_avg_sq"], want_opt.state[q]["max_exp_avg_sq"], 1e-6)
 
 
 def test_master_weights_train_like_fp32_and_resume_bit_identically():

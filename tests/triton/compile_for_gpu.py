@@ -178,12 +178,13 @@ def _exercise() -> None:
                 first_step=first_step, factor_tensor=factor_tensor, backend="triton",
             )  # fmt: skip
         opt.sgd_window_step_(params, accums, None, 0.25, lr=0.1, backend="triton")
-        for decoupled in (False, True):
+        for decoupled, amsgrad in ((False, False), (True, False), (True, True)):
             m, v = [rand(n) for n in sizes], [rand(n).abs() for n in sizes]
+            maxima = [rand(n).abs() for n in sizes] if amsgrad else None
             opt.adam_window_step_(
                 params, accums, m, v, 0.25, step=3, lr=1e-3, weight_decay=0.1,
                 decoupled_weight_decay=decoupled, factor_tensor=factor_tensor,
-                backend="triton",
+                max_exp_avg_sqs=maxima, backend="triton",
             )  # fmt: skip
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
