@@ -26,11 +26,12 @@ Suites:
   projections, tied head; test_wgrad_cpu.py; needs ``transformers``).
 - ``encoder``: the same for torch's nn.TransformerEncoder (nn.MultiheadAttention).
 - ``transformer``: the same for torch's nn.Transformer (decoder cross-attention too).
-- ``replay``, ``replay_bf16``: the optimizer's own work per window, on gradients computed
-  once and handed over as autograd would (test_wrapper_cpu.py's ``test_optimizer_overhead``
-  providers; ``replay_bf16``: bf16 parameters, with and without ``master_weights``); ``replay_muon``: Muon + AdamW as a list, the
-  AdamW member torch's or fused. The fresh first gradient native receives is made outside
-  the timed call.
+- ``replay``, ``replay_amsgrad``, ``replay_bf16``, ``replay_muon``: the optimizer's own
+  work per window, on gradients computed once and handed over as autograd would
+  (test_wrapper_cpu.py's ``test_optimizer_overhead*`` providers). ``replay_amsgrad``:
+  every AdamW with ``amsgrad=True``; ``replay_bf16``: bf16 parameters, with and without
+  ``master_weights``; ``replay_muon``: Muon + AdamW as a list, the AdamW member torch's
+  or fused. The fresh first gradient native receives is made outside the timed call.
 
 Run: python benchmarks/cpu_interleaved.py SUITE [--rounds 30] [--providers a,b]
 """
@@ -72,6 +73,10 @@ def _suites() -> dict[str, tuple[list[str], Setup]]:
         "replay_bf16": (
             test_wrapper_cpu.MASTER_PROVIDERS,
             lambda p: test_wrapper_cpu._replay_setup(p, torch.bfloat16),
+        ),
+        "replay_amsgrad": (
+            ["native", "wrap.step", "fused.AdamW.step"],
+            lambda p: test_wrapper_cpu._replay_setup(p, amsgrad=True),
         ),
         "replay_muon": (test_wrapper_cpu.MUON_PROVIDERS, test_wrapper_cpu._replay_muon_setup),
     }

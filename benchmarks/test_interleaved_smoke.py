@@ -20,6 +20,7 @@ def _rows(out: str) -> dict[str, float]:
     ("suite", "providers"),
     [
         ("replay", ["native", "wrap.step", "fused.AdamW.step"]),
+        ("replay_amsgrad", ["native", "wrap.step", "fused.AdamW.step"]),
         ("replay_bf16", test_wrapper_cpu.MASTER_PROVIDERS),
         ("replay_muon", test_wrapper_cpu.MUON_PROVIDERS),
     ],

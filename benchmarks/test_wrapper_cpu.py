@@ -177,22 +177,29 @@ def _fastaccum_replay(params, grads, opt):
     return window, None
 
 
-def _replay_setup(provider, dtype=torch.float32):
-    """``(window, fresh)``: one window of replayed gradients for ``provider``. ``fresh`` (or
-    None) returns the arguments of the next call, made outside the timed region."""
+def _replay_setup(provider, dtype=torch.float32, amsgrad=False):
+    """``(window, fresh)``: one window of replayed gradients for ``provider`` (every AdamW
+    with ``amsgrad`` as given). ``fresh`` (or None) returns the arguments of the next call,
+    made outside the timed region."""
     torch.manual_seed(0)
     model = ByteGPT(dim=256, layers=4, ctx=SEQ).to(dtype)
     params = list(model.parameters())
     grads = [[torch.randn_like(p) * 1e-2 for p in params] for _ in range(K)]
     if provider == "native":
-        return _native_replay(params, grads, [torch.optim.AdamW(params, lr=1e-3)])
+        adamw = torch.optim.AdamW(params, lr=1e-3, amsgrad=amsgrad)
+        return _native_replay(params, grads, [adamw])
     masters = provider.endswith(".masters")
     if provider.startswith("fused.AdamW.step"):
         opt = fastaccum.optim.AdamW(
-            params, lr=1e-3, accum_steps=K, max_grad_norm=1.0, master_weights=masters
+            params,
+            lr=1e-3,
+            amsgrad=amsgrad,
+            accum_steps=K,
+            max_grad_norm=1.0,
+            master_weights=masters,
         )
     else:
-        adamw = torch.optim.AdamW(params, lr=1e-3)
+        adamw = torch.optim.AdamW(params, lr=1e-3, amsgrad=amsgrad)
         opt = fastaccum.wrap(adamw, K, max_grad_norm=1.0, master_weights=masters)
     return _fastaccum_replay(params, grads, opt)
 
@@ -212,6 +219,13 @@ def _run_replay(benchmark, window, fresh, group, provider):
 def test_optimizer_overhead(benchmark, provider):
     window, fresh = _replay_setup(provider)
     group = "optimizer work per window K=8, 3.3M params, AdamW (replayed grads)"
+    _run_replay(benchmark, window, fresh, group, provider)
+
+
+@pytest.mark.parametrize("provider", ["native", "wrap.step", "fused.AdamW.step"])
+def test_optimizer_overhead_amsgrad(benchmark, provider):
+    window, fresh = _replay_setup(provider, amsgrad=True)
+    group = "optimizer work per window K=8, 3.3M params, AdamW amsgrad (replayed grads)"
     _run_replay(benchmark, window, fresh, group, provider)
 
 
