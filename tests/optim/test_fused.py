@@ -105,6 +105,36 @@ def test_amsgrad_matches_torch_optim_on_the_big_batch(kind):
             assert_close_rel(mine[key], theirs[key], 1e-5)
 
 
+def test_amsgrad_switched_on_after_the_first_window_starts_its_maxima():
+    """A group switched to amsgrad after its state exists gets max_exp_avg_sq from zeros
+    (torch.optim's Adam raises KeyError there): the first window after the switch equals
+    plain Adam, and later windows track the maximum, as a torch.optim.Adam(amsgrad=True)
+    given zero maxima at that point does."""
+    k = 2
+    batches = token_batches(3 * k, seed=23)
+    model, opt, _ = fused_run("Adam", batches[:k], k, betas=(0.9, 0.5))
+    want = make_model()  # not a deepcopy, which would copy the wrapper's hooks too
+    want.load_state_dict(model.state_dict())
+    want_opt = torch.optim.Adam(want.parameters(), **{**OPTIM_KINDS["Adam"], "betas": (0.9, 0.5)})
+    want_opt.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))  # no shared tensors
+    opt.param_groups[0]["amsgrad"] = True
+    want_opt.param_groups[0]["amsgrad"] = True
+    for p in want.parameters():
+        want_opt.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
+    for window in windows_of(batches[k:], k):
+        x, y = torch.cat([b[0] for b in window]), torch.cat([b[1] for b in window])
+        mean_loss(want, x, y).backward()
+        want_opt.step()
+        want_opt.zero_grad()
+        for x, y in window:
+            mean_loss(model, x, y).backward()
+            opt.step(num_items=len(y))
+            opt.zero_grad()
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-5)
+        assert_close_rel(opt.state[p]["max_exp_avg_sq"], want_opt.state[q]["max_exp_avg_sq"], 1e-5)
+
+
 def test_amsgrad_resumes_mid_window_bit_identically():
     batches = token_batches(10, seed=22)
 
