@@ -73,6 +73,20 @@ def fused_adamw(model: torch.nn.Module, **options) -> fastaccum.AccumulatingOpti
     )
 
 
+AMSGRAD = {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True, "betas": (0.9, 0.5)}
+
+
+def amsgrad_adamw(params):
+    return torch.optim.AdamW(params, **AMSGRAD)
+
+
+def fused_amsgrad_adamw(model: torch.nn.Module, **options) -> fastaccum.AccumulatingOptimizer:
+    """fastaccum.optim.AdamW(amsgrad=True) with amsgrad_adamw's settings."""
+    return fastaccum.optim.AdamW(
+        model.parameters(), **AMSGRAD, accum_steps=K, model=model, **options
+    )
+
+
 def nesterov(params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
 
@@ -471,10 +485,10 @@ def fused_wgrad(rank: int, world: int) -> None:
 
 
 def fused_classes(rank: int, world: int) -> None:
-    """fastaccum.optim.AdamW and SGD (Nesterov momentum) over an FSDP2 model: each fused
-    update runs on the local shards, equal to torch's own class at the large batch with
-    the clip by the global norm; their state is torch's, as sharded DTensors. With
-    reduce_scatter_every_micro_step and flush() too."""
+    """fastaccum.optim.AdamW (also with amsgrad) and SGD (Nesterov momentum) over an FSDP2
+    model: each fused update runs on the local shards, equal to torch's own class at the
+    large batch with the clip by the global norm; their state is torch's, as sharded
+    DTensors. With reduce_scatter_every_micro_step and flush() too."""
     from torch.distributed.tensor import DTensor
 
     opt = check_window_mode(rank, world, adamw, fused_adamw)
@@ -487,6 +501,9 @@ def fused_classes(rank: int, world: int) -> None:
     opt = check_window_mode(rank, world, nesterov, fused_nesterov)
     for state in opt.optimizer.state.values():
         assert isinstance(state["momentum_buffer"], DTensor)
+    opt = check_window_mode(rank, world, amsgrad_adamw, fused_amsgrad_adamw)
+    for state in opt.optimizer.state.values():
+        assert isinstance(state["max_exp_avg_sq"], DTensor)
     every_micro_step_mode(rank, world, fused_adamw)
 
     # A one-row head: rank 1's shards of its weight and bias are empty.
