@@ -33,6 +33,7 @@ def run_record(result: RunResult, tokens_per_step: int, baseline_s: float | None
         "noise_scale": result.noise_scale,
         "noise_scale_units": result.noise_scale_units,
         "noise_scale_windows": result.noise_scale_windows,
+        "noise_scale_first_micro_batch": result.noise_scale_first_micro_batch,
         "critical_batch_hint": result.critical_batch_hint,
     }
 
@@ -108,6 +109,12 @@ def _noise_scale_line(report: dict[str, Any]) -> str | None:
     )
     hint = next((r["critical_batch_hint"] for r in runs if r["critical_batch_hint"]), None)
     line = f"gradient noise scale (opt.stats(), in {runs[0]['noise_scale_units']}): {values}."
+    partial = [r["name"] for r in runs if r.get("noise_scale_first_micro_batch")]
+    if partial and len(partial) < len(runs):
+        line += (
+            f" {' and '.join(partial)} estimate their fused layers from each window's first"
+            " micro-batch only: the same unbiased estimate, noisier over few windows."
+        )
     return line if hint is None else f"{line} {hint}."
 
 

@@ -101,6 +101,9 @@ class RunResult:
     noise_scale_units: str | None = None
     noise_scale_windows: int = 0
     """Windows the noise scale was estimated from (fastaccum runs)."""
+    noise_scale_first_micro_batch: bool = False
+    """Part of the estimate came from each window's first micro-batch only (fused-wgrad
+    layers write no per-micro-batch gradient), which makes it noisier."""
     critical_batch_hint: str | None = None
 
     @property
@@ -331,6 +334,7 @@ def train(
             result.noise_scale = stats["noise_scale"]
             result.noise_scale_units = stats["noise_scale_units"]
             result.noise_scale_windows = opt.noise_scale_tracker.windows
+            result.noise_scale_first_micro_batch = bool(opt._fused_seen)
             result.critical_batch_hint = stats["critical_batch_hint"]
 
     try:
