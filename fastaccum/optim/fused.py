@@ -15,9 +15,10 @@ norm before the first parameter changes. It comes from the last micro-batch's
 ``accumulate_`` pass, which reads that micro-batch's gradient and writes the accumulator;
 the fused step then reads the accumulator once more.
 
-Parameter groups, state (``'step'``, ``'exp_avg'``, ``'exp_avg_sq'``,
-``'momentum_buffer'``, in ``torch.optim``'s own format) and learning-rate schedulers are
-those of a real ``torch.optim`` optimizer held in ``.optimizer``.
+Parameter groups, state (``'step'``, ``'exp_avg'``, ``'exp_avg_sq'``, with amsgrad
+``'max_exp_avg_sq'``, ``'momentum_buffer'``, in ``torch.optim``'s own format) and
+learning-rate schedulers are those of a real ``torch.optim`` optimizer held in
+``.optimizer``.
 
 Under FSDP2 (``model=`` a ``fully_shard`` model) the update runs on each rank's local
 shards of the parameters, accumulators and states; the states stay sharded DTensors, as
