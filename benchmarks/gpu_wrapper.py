@@ -3,7 +3,10 @@
 Providers, on the same initial weights, data and AdamW settings (max_grad_norm 1.0):
 
 - ``native``:               ``(loss / K).backward()`` per micro-batch, then
-                            ``clip_grad_norm_``, ``step``, ``zero_grad``;
+                            ``clip_grad_norm_``, ``step``, ``zero_grad`` (AdamW's default
+                            on CUDA: the foreach implementation);
+- ``native.fused``:         the same with ``torch.optim.AdamW(fused=True)``, torch's own
+                            fused kernel (the fastest native step);
 - ``wrap.step``:            ``fastaccum.wrap(torch.optim.AdamW(...), K)`` + ``opt.step()``;
 - ``wrap.backward``:        the same with ``opt.backward(loss)``;
 - ``fused.AdamW.backward``: ``fastaccum.optim.AdamW(..., accum_steps=K)`` + ``opt.backward``;
@@ -52,6 +55,7 @@ from fastaccum.workloads import ByteGPT
 DEFAULT_CSV = ROOT / "benchmarks" / "results" / "wrapper_gpu.csv"
 PROVIDERS = (
     "native",
+    "native.fused",
     "wrap.step",
     "wrap.backward",
     "fused.AdamW.backward",
@@ -73,8 +77,8 @@ def build(provider: str, spec: tuple, device: torch.device, k: int):
         logits = model(batch[:, :-1])
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
-    if provider == "native":
-        opt = torch.optim.AdamW(params, lr=1e-4)
+    if provider.startswith("native"):
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=provider == "native.fused" or None)
 
         def window(batches: Sequence[torch.Tensor]) -> None:
             for batch in batches:
