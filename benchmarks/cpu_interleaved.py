@@ -28,7 +28,8 @@ Suites:
 - ``transformer``: the same for torch's nn.Transformer (decoder cross-attention too).
 - ``replay``, ``replay_amsgrad``, ``replay_bf16``, ``replay_muon``: the optimizer's own
   work per window, on gradients computed once and handed over as autograd would
-  (test_wrapper_cpu.py's ``test_optimizer_overhead*`` providers). ``replay_amsgrad``:
+  (test_wrapper_cpu.py's ``test_optimizer_overhead*`` providers; ``native.fused`` is
+  native with ``torch.optim.AdamW(fused=True)``). ``replay_amsgrad``:
   every AdamW with ``amsgrad=True``; ``replay_bf16``: bf16 parameters, with and without
   ``master_weights``; ``replay_muon``: Muon + AdamW as a list, the AdamW member torch's
   or fused. The fresh first gradient native receives is made outside the timed call.
@@ -69,13 +70,13 @@ def _suites() -> dict[str, tuple[list[str], Setup]]:
         "hf_gpt2": (wgrad.PROVIDERS, micro_step(wgrad._hf_gpt2_setup)),
         "encoder": (wgrad.PROVIDERS, micro_step(wgrad._encoder_setup)),
         "transformer": (wgrad.PROVIDERS, micro_step(wgrad._transformer_setup)),
-        "replay": (["native", "wrap.step", "fused.AdamW.step"], test_wrapper_cpu._replay_setup),
+        "replay": (test_wrapper_cpu.REPLAY_PROVIDERS, test_wrapper_cpu._replay_setup),
         "replay_bf16": (
             test_wrapper_cpu.MASTER_PROVIDERS,
             lambda p: test_wrapper_cpu._replay_setup(p, torch.bfloat16),
         ),
         "replay_amsgrad": (
-            ["native", "wrap.step", "fused.AdamW.step"],
+            test_wrapper_cpu.REPLAY_PROVIDERS,
             lambda p: test_wrapper_cpu._replay_setup(p, amsgrad=True),
         ),
         "replay_muon": (test_wrapper_cpu.MUON_PROVIDERS, test_wrapper_cpu._replay_muon_setup),

@@ -19,8 +19,8 @@ def _rows(out: str) -> dict[str, float]:
 @pytest.mark.parametrize(
     ("suite", "providers"),
     [
-        ("replay", ["native", "wrap.step", "fused.AdamW.step"]),
-        ("replay_amsgrad", ["native", "wrap.step", "fused.AdamW.step"]),
+        ("replay", test_wrapper_cpu.REPLAY_PROVIDERS),
+        ("replay_amsgrad", test_wrapper_cpu.REPLAY_PROVIDERS),
         ("replay_bf16", test_wrapper_cpu.MASTER_PROVIDERS),
         ("replay_muon", test_wrapper_cpu.MUON_PROVIDERS),
     ],

@@ -185,8 +185,9 @@ def _replay_setup(provider, dtype=torch.float32, amsgrad=False):
     model = ByteGPT(dim=256, layers=4, ctx=SEQ).to(dtype)
     params = list(model.parameters())
     grads = [[torch.randn_like(p) * 1e-2 for p in params] for _ in range(K)]
-    if provider == "native":
-        adamw = torch.optim.AdamW(params, lr=1e-3, amsgrad=amsgrad)
+    if provider.startswith("native"):  # native.fused: torch's fused AdamW kernel
+        fused = provider == "native.fused" or None
+        adamw = torch.optim.AdamW(params, lr=1e-3, amsgrad=amsgrad, fused=fused)
         return _native_replay(params, grads, [adamw])
     masters = provider.endswith(".masters")
     if provider.startswith("fused.AdamW.step"):
@@ -215,14 +216,19 @@ def _run_replay(benchmark, window, fresh, group, provider):
         benchmark.pedantic(window, rounds=15, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("provider", ["native", "wrap.step", "fused.AdamW.step"])
+REPLAY_PROVIDERS = ["native", "native.fused", "wrap.step", "fused.AdamW.step"]
+"""Replayed fp32 providers; ``native.fused`` is the native loop with
+``torch.optim.AdamW(fused=True)``."""
+
+
+@pytest.mark.parametrize("provider", REPLAY_PROVIDERS)
 def test_optimizer_overhead(benchmark, provider):
     window, fresh = _replay_setup(provider)
     group = "optimizer work per window K=8, 3.3M params, AdamW (replayed grads)"
     _run_replay(benchmark, window, fresh, group, provider)
 
 
-@pytest.mark.parametrize("provider", ["native", "wrap.step", "fused.AdamW.step"])
+@pytest.mark.parametrize("provider", REPLAY_PROVIDERS)
 def test_optimizer_overhead_amsgrad(benchmark, provider):
     window, fresh = _replay_setup(provider, amsgrad=True)
     group = "optimizer work per window K=8, 3.3M params, AdamW amsgrad (replayed grads)"
