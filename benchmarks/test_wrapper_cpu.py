@@ -16,6 +16,8 @@ Providers, on the same model, data and AdamW settings:
                       accumulating into ``.grad``, with no clip and no step.
 - ``native``:         ``(loss / K).backward()`` per micro-batch, then
                       ``clip_grad_norm_``, ``step``, ``zero_grad``: today's native loop.
+- ``native.fused``:   the same with ``torch.optim.AdamW(fused=True)``, torch's fused
+                      AdamW kernel.
 - ``wrap.step``:      ``fastaccum.wrap(AdamW, K, max_grad_norm=1)`` with ``opt.step()``.
 - ``wrap.backward``:  the same with ``opt.backward(loss)``.
 - ``fused.AdamW.*``:  ``fastaccum.optim.AdamW(..., accum_steps=K, max_grad_norm=1)``, with
@@ -69,7 +71,9 @@ def _setup(provider):
                 (_loss(model, batch) / K).backward()  # autograd accumulates into .grad
             model.zero_grad(set_to_none=True)
 
-    elif provider == "native":
+    elif provider.startswith("native"):  # native.fused: torch's fused AdamW kernel
+        if provider == "native.fused":
+            adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 
         def window():
             for batch in data:
@@ -105,6 +109,7 @@ WINDOW_PROVIDERS = [
     "fwd_bwd.fresh",
     "fwd_bwd",
     "native",
+    "native.fused",
     "wrap.step",
     "wrap.backward",
     "fused.AdamW.step",
