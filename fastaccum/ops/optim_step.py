@@ -347,10 +347,11 @@ def window_step_unchecked(
 ) -> None:
     """:func:`sgd_window_step_` (``op="sgd_window_step_"``, lists ``(params, accums,
     momentum_buffers)``) or :func:`adam_window_step_` (``(params, accums, exp_avgs,
-    exp_avg_sqs, max_exp_avg_sqs)``, the last empty without amsgrad) with the options checked but not the tensor lists, for callers that
-    build the lists from tensors they made (the fused optimizers, once per window, where the
-    Python list checks cost a fifth of the kernel). The native op still validates the lists
-    before it writes; the reference does not.
+    exp_avg_sqs, max_exp_avg_sqs)``, the last empty without amsgrad) with the options
+    checked but not the tensor lists, for callers that build the lists from tensors they
+    made (the fused optimizers, once per window, where the Python list checks cost a fifth
+    of the kernel). The native op still validates the lists before it writes; the
+    reference does not.
 
     Raises:
         TypeError, ValueError: a bad option (as the checked functions).
