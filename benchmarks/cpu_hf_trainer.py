@@ -7,8 +7,9 @@ Providers (each trains the same model from the same weights on the same batches)
 
 The workload is a GPT2LMHeadModel at GPT-2-small widths (``--layers`` blocks, full
 vocabulary, tied head), micro-batches of ``--micro-batch`` sequences of ``--seq`` tokens
-whose labelled lengths differ, K = ``--accum-steps``, Trainer's default AdamW, clipping at
-1.0. Timing: every round runs each provider's ``train()`` for ``--steps`` optimizer steps,
+whose labelled lengths differ, K = ``--accum-steps``, Trainer's default AdamW
+(``optim="adamw_torch_fused"`` in transformers 5: torch's fused AdamW, which every provider
+runs), clipping at 1.0. Timing: every round runs each provider's ``train()`` for ``--steps`` optimizer steps,
 in an order rotated every round so the machine's drift hits all alike; the time of each
 optimizer step is taken from Trainer callbacks (the first step of each run, which builds
 the optimizer state, is left out) and the median over all rounds is quoted as a ratio to
