@@ -17,6 +17,7 @@ from tests.helpers import (
     OPTIM_KINDS,
     assert_close_rel,
     large_batch_run,
+    large_batch_windows,
     make_model,
     mean_loss,
     resume,
@@ -121,15 +122,11 @@ def test_amsgrad_switched_on_after_the_first_window_starts_its_maxima():
     want_opt.param_groups[0]["amsgrad"] = True
     for p in want.parameters():
         want_opt.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
-    for window in windows_of(batches[k:], k):
-        x, y = torch.cat([b[0] for b in window]), torch.cat([b[1] for b in window])
-        mean_loss(want, x, y).backward()
-        want_opt.step()
-        want_opt.zero_grad()
-        for x, y in window:
-            mean_loss(model, x, y).backward()
-            opt.step(num_items=len(y))
-            opt.zero_grad()
+    large_batch_windows(want, want_opt, windows_of(batches[k:], k))
+    for x, y in batches[k:]:
+        mean_loss(model, x, y).backward()
+        opt.step(num_items=len(y))
+        opt.zero_grad()
     for p, q in zip(model.parameters(), want.parameters(), strict=True):
         assert_close_rel(p, q, 1e-5)
         assert_close_rel(opt.state[p]["max_exp_avg_sq"], want_opt.state[q]["max_exp_avg_sq"], 1e-5)
