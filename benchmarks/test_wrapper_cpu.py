@@ -54,7 +54,8 @@ def _loss(model, batch):
 def _setup(provider):
     torch.manual_seed(0)
     model = ByteGPT(dim=256, layers=4, ctx=SEQ)
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # native.fused: torch's fused AdamW kernel
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=provider == "native.fused" or None)
     data = _data()
     if provider == "fwd_bwd.fresh":
 
@@ -71,9 +72,7 @@ def _setup(provider):
                 (_loss(model, batch) / K).backward()  # autograd accumulates into .grad
             model.zero_grad(set_to_none=True)
 
-    elif provider.startswith("native"):  # native.fused: torch's fused AdamW kernel
-        if provider == "native.fused":
-            adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    elif provider.startswith("native"):
 
         def window():
             for batch in data:
