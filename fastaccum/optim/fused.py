@@ -132,6 +132,10 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
                     f"own with .contiguous(), or use fastaccum.wrap(torch.optim.{name}(...), K)"
                 )
 
+    def _check_new_dtype(self, p: torch.Tensor, name: str) -> None:
+        self._check_params([p], self.master_weights)
+        super()._check_new_dtype(p, name)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As :meth:`AccumulatingOptimizer.add_param_group`; raises as the constructor does
         for parameters that are not float32 or not dense, before adding anything."""

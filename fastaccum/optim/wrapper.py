@@ -106,6 +106,11 @@ def _check_param_dtype(p: torch.Tensor, index: int) -> None:
         )
 
 
+# Parameter dtypes whose accumulators are float64 (taken by torch's foreach ops, not by the
+# kernels, which take float32, bfloat16 and float16 gradients).
+_WIDE = (torch.float64, torch.complex128)
+
+
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` requires a closure (``torch.optim.LBFGS``)."""
     try:
@@ -681,7 +686,48 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             else:
                 acc = torch.zeros(shape, dtype=dtype, device=p.device)
             self._accums[p] = acc
+        elif (p.dtype in _WIDE) != (acc.dtype == torch.float64):
+            acc = self._retype_accum(p, acc)
         return acc
+
+    def _retype_accum(self, p: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        """A new accumulator for ``p``, whose dtype moved to or from float64 after its
+        accumulator was made (``model.double()`` or ``.float()`` after some windows).
+        Allowed where torch.optim would step such a parameter: between windows (nothing
+        of ``p`` is in the current one) and while the optimizer holds no state for it.
+
+        Raises:
+            TypeError: ``p`` is in the current window, or the optimizer already has state
+                for it, or the new dtype is one this wrapper cannot take (fused classes:
+                float32 only; DDP and FSDP2: no float64). Nothing is changed.
+        """
+        name = self._names[id(p)]
+        was = "float64" if acc.dtype == torch.float64 else "float32, bfloat16 or float16"
+        why = None
+        if id(p) in self._touched:
+            why = f"the current window already holds its {was} gradients"
+        elif self.optimizer.state.get(self._masters.get(p, p)):
+            why = (
+                "the optimizer already holds state for it in its old dtype (torch.optim's "
+                "own step fails on that too)"
+            )
+        if why is not None:
+            raise TypeError(
+                f"{name} is {p.dtype} now, but was {was} when fastaccum made its accumulator; "
+                f"{why}. Cast the model before building the optimizer, or build a new "
+                "optimizer and wrapper after casting"
+            )
+        self._check_new_dtype(p, name)
+        new = torch.zeros_like(_real(p.detach()), dtype=self._accum_spec(p)[1])
+        self._accums[p] = new
+        return new
+
+    def _check_new_dtype(self, p: torch.Tensor, name: str) -> None:
+        """Raise TypeError when ``p``'s new dtype is one this wrapper does not take."""
+        if self._dist is not None:
+            from fastaccum.distributed import check_reducible
+
+            check_reducible(p, name)
 
     def _weight(self, num_items: object) -> float:
         value = _check_num_items(num_items)
@@ -782,6 +828,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         Raises:
             ValueError: ``num_items <= 0``, or given on only some micro-batches of a window.
             RuntimeError: no parameter has a gradient (no backward on this micro-batch).
+            TypeError: the model was cast to or from float64 after wrapping, and the
+                current window or the optimizer's state holds the old dtype.
             Nothing is folded or changed when it raises.
         """
         self._check_usable("step()")

@@ -15,6 +15,7 @@ import fastaccum
 from tests.helpers import (
     assert_close_rel,
     large_batch_run,
+    large_batch_windows,
     make_model,
     make_opt,
     mean_loss,
@@ -177,3 +178,102 @@ def test_complex32_parameters_are_refused():
     with pytest.raises(TypeError, match="complex32"):
         opt.add_param_group({"params": [half]})
     assert len(opt.param_groups) == len(opt.optimizer.param_groups) == groups
+
+
+# A model cast to or from float64 after some windows (model.double() / .float()). torch.optim
+# steps such a model while it holds no state for its parameters (SGD without momentum), so
+# fastaccum does too; with state in the old dtype torch's own step fails, and fastaccum
+# refuses before folding, with the window and everything else intact.
+
+
+def cast_halfway(model, opt, windows: list[list], dtype: torch.dtype, step) -> None:
+    """``step(model, opt, window)`` on the first window, then cast the model to ``dtype``
+    and step on the others."""
+    step(model, opt, windows[0])
+    model.to(dtype)
+    for window in windows[1:]:
+        step(model, opt, window)
+
+
+def large_batch_step(model, opt, window) -> None:
+    large_batch_windows(model, opt, [window])
+
+
+@pytest.mark.parametrize("mode", ["step", "backward"])
+@pytest.mark.parametrize(
+    ("start", "cast"), [(torch.float32, torch.float64), (torch.float64, torch.float32)]
+)
+def test_cast_between_windows_trains_like_torch(start, cast, mode):
+    windows = split_windows(token_batches(12, seed=7), 4)
+    want = make_model(dtype=start)
+    cast_halfway(want, torch.optim.SGD(want.parameters(), lr=0.5), windows, cast, large_batch_step)
+    model = make_model(dtype=start)
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.5), 4, model=model)
+    cast_halfway(model, opt, windows, cast, lambda m, o, w: train(m, o, w, mode))
+    assert opt.stats()["windows"] == 3
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert p.dtype == cast
+        assert_close_rel(p, q, 1e-6)
+    wide = cast == torch.float64
+    assert all((acc.dtype == torch.float64) == wide for acc in opt.window_accums().values())
+
+
+@pytest.mark.parametrize("mode", ["step", "backward"])
+def test_cast_with_optimizer_state_is_refused_and_changes_nothing(mode):
+    batches = token_batches(5, seed=8)
+    model = make_model()
+    opt = fastaccum.wrap(make_opt("adamw", model.parameters()), 4, model=model)
+    train(model, opt, batches[:4], mode)  # one window: AdamW has float32 state now
+    model.double()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.optimizer.state[model[1].weight].items()}
+    x, y = batches[4]
+    loss = mean_loss(model, x, y)
+    with pytest.raises(
+        TypeError, match=r"\d\.(weight|bias) is torch\.float64 now.*already holds state"
+    ):
+        if mode == "backward":
+            opt.backward(loss, num_items=len(y))
+        else:
+            loss.backward()
+            opt.step(num_items=len(y))
+    assert opt.micro_step == 0 and opt.stats()["windows"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    after = opt.optimizer.state[model[1].weight]
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert all(not acc.any() for acc in opt._accums.values())
+
+
+def test_cast_mid_window_is_refused_and_the_window_goes_on_after_casting_back():
+    windows = split_windows(token_batches(8, seed=9), 4)
+    want = make_model()
+    large_batch_windows(want, torch.optim.SGD(want.parameters(), lr=0.5), windows)
+    model = make_model()
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.5), 4, model=model)
+    train(model, opt, windows[0] + windows[1][:2], "step")
+    model.double()
+    x, y = windows[1][2]
+    mean_loss(model, x, y).backward()
+    with pytest.raises(TypeError, match=r"current window already holds its float32"):
+        opt.step(num_items=len(y))
+    assert opt.micro_step == 2
+    opt.zero_grad()
+    model.float()
+    train(model, opt, windows[1][2:], "step")
+    assert opt.stats()["windows"] == 2
+    for p, q in zip(model.parameters(), want.parameters(), strict=True):
+        assert_close_rel(p, q, 1e-6)
+
+
+def test_fused_class_refuses_a_model_cast_to_float64():
+    batches = token_batches(5, seed=10)
+    model = make_model()
+    opt = fastaccum.optim.SGD(model.parameters(), lr=0.5, accum_steps=4, model=model)
+    train(model, opt, batches[:4], "step")
+    model.double()
+    x, y = batches[4]
+    mean_loss(model, x, y).backward()
+    with pytest.raises(TypeError, match=r"SGD needs float32 parameters, got one of dtype"):
+        opt.step(num_items=len(y))
+    assert opt.micro_step == 0
+    assert all(p.grad is not None for p in model.parameters())  # left for the user
