@@ -69,7 +69,7 @@ if python -c "import fastaccum._C" >/dev/null 2>&1; then
 else
     step build 300 python -m pip install --no-build-isolation --no-deps -e . || exit 1
 fi
-step backend 60 python -c "import fastaccum._backend as b; print(b.describe())"
+step backend 60 fastaccum info
 nvidia-smi >"$work/nvidia-smi.txt" 2>&1
 
 case "$stage" in

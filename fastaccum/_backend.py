@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -39,13 +40,34 @@ TRITON = "triton"
 BACKENDS = (REFERENCE, NATIVE, TRITON)
 
 
-def _load_extension() -> ModuleType | None:
+def _load_extension(name: str = "fastaccum._C") -> tuple[ModuleType | None, str]:
+    """(the compiled extension ``name`` or None, why it is or is not in use).
+
+    A compiled extension that is present but fails to import (most often: built against
+    another torch, "undefined symbol") is reported with a RuntimeWarning, since every op
+    then runs through the much slower PyTorch reference."""
     if os.environ.get("FASTACCUM_NO_EXT", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return None
+        return None, "not loaded: FASTACCUM_NO_EXT is set"
+    if importlib.util.find_spec(name) is None:
+        return None, (
+            "not built (installed with FASTACCUM_NO_EXT=1, or without a C++ compiler); "
+            "reinstall with pip install --no-build-isolation ."
+        )
     try:
-        return importlib.import_module("fastaccum._C")
-    except ImportError:
-        return None
+        module = importlib.import_module(name)
+    except ImportError as err:
+        why = (
+            f"built but fails to load ({err}); rebuild it against the installed torch "
+            f"{torch.__version__}: pip install --no-build-isolation --force-reinstall ."
+        )
+        warnings.warn(
+            f"fastaccum: the compiled extension {name} is {why}. Until then every op "
+            "runs through the PyTorch reference, which is much slower",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None, why
+    return module, f"loaded from {module.__file__}"
 
 
 def _native_kernels() -> frozenset[tuple[str, str]]:
@@ -61,7 +83,7 @@ def _native_kernels() -> frozenset[tuple[str, str]]:
 
 
 # Decided once, at import, so that select() is plain Python that torch.compile can trace.
-_EXTENSION = _load_extension()
+_EXTENSION, _EXTENSION_STATUS = _load_extension()
 _NATIVE_KERNELS = _native_kernels()
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -154,15 +176,83 @@ def select(device: torch.device | str, backend: str | None = None, op: str | Non
     return REFERENCE
 
 
+# The ops that go through select(), in the order ``fastaccum info`` lists them.
+OPS = (
+    "accumulate_",
+    "finalize_",
+    "sumsq",
+    "sgd_window_step_",
+    "adam_window_step_",
+    "bn_stats",
+    "bn_apply",
+    "bn_backward_reduce",
+    "bn_backward_apply",
+    "quantize_groups",
+    "dequantize_groups",
+)
+
+
+def extension_status() -> str:
+    """Why ``fastaccum._C`` is or is not in use, in words (for ``fastaccum info``)."""
+    return _EXTENSION_STATUS
+
+
+def _triton_version() -> str | None:
+    if not triton_available():
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("triton")
+    except PackageNotFoundError:  # importable but not installed as a distribution
+        return "unknown version"
+
+
 def describe() -> dict[str, object]:
-    """A summary of what is available, for ``fastaccum bench`` and bug reports."""
+    """What is available and which backend each op takes on each device, for
+    ``fastaccum info`` and bug reports. Imports nothing heavy (not Triton itself)."""
+    cuda = torch.cuda.is_available()
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    ops = {op: {device: _selected(device, op) for device in devices} for op in OPS}
+    gpus = [
+        {
+            "name": torch.cuda.get_device_name(i),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+        }
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    ]
     return {
         "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
         "extension": has_extension(),
+        "extension_status": extension_status(),
         "cuda_kernels": has_cuda_kernels(),
         "triton": triton_available(),
+        "triton_version": _triton_version(),
         "triton_interpreted": triton_interpreted(),
         "cuda_available": torch.cuda.is_available(),
-        "cpu": select("cpu"),
-        "cuda": select("cuda") if torch.cuda.is_available() else None,
+        "gpus": gpus,
+        "forced_backend": os.environ.get("FASTACCUM_BACKEND") or None,
+        "cpu": _selected("cpu"),
+        "cuda": _selected("cuda") if cuda else None,
+        "ops": ops,
+        "wgrad_low_precision_cuda": _wgrad_cuda_path() if cuda else None,
     }
+
+
+def _selected(device: str, op: str | None = None) -> str:
+    """:func:`select`, or the error it raises (a FASTACCUM_BACKEND that cannot run)."""
+    try:
+        return select(device, op=op)
+    except (RuntimeError, ValueError) as err:
+        return f"error: {err}"
+
+
+def _wgrad_cuda_path() -> str:
+    """How fused weight gradients from bf16/fp16 inputs reach an fp32 accumulator on CUDA
+    (the choice of ``fastaccum.ops.wgrad``)."""
+    if hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return "aten.addmm with an fp32 out_dtype (cuBLAS)"
+    if triton_can_run(torch.device("cuda")):
+        return "triton"
+    return "upcast, then addmm_"

@@ -1,4 +1,5 @@
-"""Command line: ``fastaccum bench``, ``bench-ops`` and ``plan`` (also ``python -m fastaccum``).
+"""Command line: ``fastaccum bench``, ``bench-ops``, ``plan`` and ``info`` (also
+``python -m fastaccum``).
 
 ``bench`` trains a byte-level GPT on real text (the Python standard library's sources, or
 ``--data FILE``) with native PyTorch (one large batch; the native accumulation loop) and
@@ -12,6 +13,10 @@ accumulation against fastaccum's fused ``accumulate_`` on a GPT-2-small paramete
 
 ``plan`` prints ``fastaccum.plan_batch``'s plan (micro-batch, accumulation steps, measured
 memory) for the bench model and a target batch.
+
+``info`` prints what this installation runs on: the versions, whether the compiled
+extension loaded (and why not), its CUDA kernels, Triton, the GPUs, and the backend each
+op takes on each device. Paste it into bug reports.
 """
 
 from __future__ import annotations
@@ -272,6 +277,72 @@ def _add_bench_ops(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_ops)
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from fastaccum import _backend
+
+    info = _backend.describe()
+    try:
+        info["fastaccum"] = version("fastaccum")
+    except PackageNotFoundError:
+        info["fastaccum"] = "not installed (source tree)"
+    info["python"] = platform.python_version()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    cuda = f"CUDA {info['torch_cuda']}" if info["torch_cuda"] else "CPU build"
+    triton = info["triton_version"] or "not installed"
+    if info["triton"] and info["triton_interpreted"]:
+        triton += " (interpreter: TRITON_INTERPRET=1)"
+    gpus = ", ".join(f"{g['name']} (sm_{g['capability'].replace('.', '')})" for g in info["gpus"])
+    lines = [
+        f"fastaccum      {info['fastaccum']}",
+        f"python         {info['python']}",
+        f"torch          {info['torch']} ({cuda})",
+        f"GPUs           {gpus or 'none'}",
+        f"extension      {info['extension_status']}",
+        f"CUDA kernels   {'compiled' if info['cuda_kernels'] else 'not compiled'}",
+        f"Triton         {triton}",
+        f"forced backend {info['forced_backend'] or 'none (FASTACCUM_BACKEND unset)'}",
+    ]
+    if info["wgrad_low_precision_cuda"]:
+        lines.append(f"bf16/fp16 wgrad on CUDA: {info['wgrad_low_precision_cuda']}")
+    devices = list(next(iter(info["ops"].values())))
+    width = max(map(len, info["ops"]))
+    header = "op".ljust(width) + "".join(f"  {d:<10}" for d in devices)
+    lines += ["", header.rstrip()]
+    errors = sorted(
+        {c for chosen in info["ops"].values() for c in chosen.values() if c.startswith("error: ")}
+    )
+    for op, chosen in info["ops"].items():
+        cells = ["error" if chosen[d].startswith("error: ") else chosen[d] for d in devices]
+        lines.append((op.ljust(width) + "".join(f"  {c:<10}" for c in cells)).rstrip())
+    if errors:
+        lines += ["", *errors]
+    lines += [
+        "",
+        "native: fastaccum._C's C++ (CPU) or CUDA kernels; triton: fastaccum's Triton kernels;",
+        "reference: plain PyTorch ops (correct, but slower).",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="what this installation runs on: versions, extension, kernels, backends",
+        description="Print what this installation runs on: the versions, whether the "
+        "compiled extension loaded (and why not), its CUDA kernels, Triton, the GPUs, and "
+        "the backend each op takes on each device.",
+    )
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=_cmd_info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastaccum`` argument parser."""
     parser = argparse.ArgumentParser(prog="fastaccum", description=__doc__.splitlines()[0])
@@ -279,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_bench_ops(sub)
     _add_plan(sub)
+    _add_info(sub)
     return parser
 
 

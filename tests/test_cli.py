@@ -342,3 +342,34 @@ def test_plan_prints_a_plan_for_the_bench_model(capsys):
 def test_plan_with_too_small_a_budget_says_what_is_missing(capsys):
     assert main(["plan", "--device", "cpu", "--memory-budget", "0.0001", "--target", "4"]) == 2
     assert "MiB missing" in capsys.readouterr().err
+
+
+def test_info_lists_what_each_op_runs_on(capsys):
+    from fastaccum import _backend
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch          {torch.__version__}" in out
+    assert _backend.extension_status() in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+    devices = rows["op"]
+    for op in _backend.OPS:
+        assert rows[op] == [_backend.select(d, op=op) for d in devices]
+
+
+def test_info_json_is_describe(capsys):
+    from fastaccum import _backend
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ops"] == _backend.describe()["ops"]
+    assert info["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_info_shows_a_forced_backend_that_cannot_run(capsys, monkeypatch):
+    monkeypatch.setenv("FASTACCUM_BACKEND", "bogus")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "forced backend bogus" in out
+    assert "accumulate_         error" in out
+    assert out.count("FASTACCUM_BACKEND must be one of") == 1
