@@ -5,10 +5,19 @@ loads the compiled extension (if built) and registers its ops; Triton is importe
 when a Triton kernel is about to run.
 """
 
+from typing import TYPE_CHECKING
+
 from fastaccum import _backend  # noqa: F401  (fastaccum._backend, for introspection)
 from fastaccum.nn import convert_batchnorm, fuse_wgrad
 from fastaccum.ops import AccumulateResult, accumulate_, finalize_
 from fastaccum.optim import AccumulatingOptimizer, wrap
+
+if TYPE_CHECKING:  # what __getattr__ loads on first use, for type checkers and IDEs
+    from fastaccum import memory
+    from fastaccum.memory import ActivationPolicy, save_activations
+    from fastaccum.memory.checkpoint import checkpoint
+    from fastaccum.memory.planner import BatchPlan, PlanningError, plan_batch
+    from fastaccum.optim.lr import scale_lr, warmup
 
 __version__ = "0.1.0"
 
@@ -49,6 +58,7 @@ __all__ = [
     "convert_batchnorm",
     "finalize_",
     "fuse_wgrad",
+    "memory",
     "plan_batch",
     "save_activations",
     "scale_lr",

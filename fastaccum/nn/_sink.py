@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+# A model passed to an in-place conversion (fuse_wgrad, convert_batchnorm), which returns
+# that same object: type checkers keep its own type.
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Weight dtypes whose gradients the fused layers accumulate into fp32 accumulators; a

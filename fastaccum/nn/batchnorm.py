@@ -83,6 +83,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastaccum.nn._sink import ModuleT
 from fastaccum.ops import batchnorm as bn_ops
 
 MODES = ("merged", "renorm", "window")
@@ -598,9 +599,7 @@ _CONVERSIONS = {
 }
 
 
-def convert_batchnorm(
-    model: torch.nn.Module, mode: str = "merged", **options: float | int
-) -> torch.nn.Module:
+def convert_batchnorm(model: ModuleT, mode: str = "merged", **options: float | int) -> ModuleT:
     """Switch every ``nn.BatchNorm1d/2d/3d`` of ``model`` (exact classes) to its
     accumulation-aware counterpart, in place, and return ``model``.
 

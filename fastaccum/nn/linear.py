@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from fastaccum.nn._sink import SinkLink, routes, run_eagerly, skip_frames
+from fastaccum.nn._sink import ModuleT, SinkLink, routes, run_eagerly, skip_frames
 
 
 class WgradSink(Protocol):
@@ -198,7 +198,7 @@ run_eagerly(sys.modules[__name__], "_fused_linear")
 skip_frames(Linear.forward, fused_linear)
 
 
-def fuse_wgrad(model: torch.nn.Module, *, embeddings: bool = True) -> torch.nn.Module:
+def fuse_wgrad(model: ModuleT, *, embeddings: bool = True) -> ModuleT:
     """Switch every ``nn.Linear`` of ``model`` (exact class, at any depth) to
     :class:`fastaccum.nn.Linear`, every ``nn.MultiheadAttention`` to
     :class:`fastaccum.nn.MultiheadAttention` (its self-attention projections), every
