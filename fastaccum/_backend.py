@@ -213,7 +213,8 @@ def describe() -> dict[str, object]:
     ``fastaccum info`` and bug reports. Imports nothing heavy (not Triton itself)."""
     cuda = torch.cuda.is_available()
     devices = ["cpu"] + (["cuda"] if cuda else [])
-    ops = {op: {device: _selected(device, op) for device in devices} for op in OPS}
+    chosen = {device: backends_on(device) for device in devices}
+    ops = {op: {device: chosen[device][op] for device in devices} for op in OPS}
     gpus = [
         {
             "name": torch.cuda.get_device_name(i),
@@ -240,7 +241,13 @@ def describe() -> dict[str, object]:
     }
 
 
-def _selected(device: str, op: str | None = None) -> str:
+def backends_on(device: torch.device | str) -> dict[str, str]:
+    """Op name -> the backend it takes on tensors of ``device`` (for each of :data:`OPS`);
+    ``"error: ..."`` where a forced FASTACCUM_BACKEND cannot run there."""
+    return {op: _selected(device, op) for op in OPS}
+
+
+def _selected(device: torch.device | str, op: str | None = None) -> str:
     """:func:`select`, or the error it raises (a FASTACCUM_BACKEND that cannot run)."""
     try:
         return select(device, op=op)

@@ -119,6 +119,10 @@ def test_bench_json_matches_reference(bench_out):
         scale = r["noise_scale"]
         assert scale is None or (math.isfinite(scale) and scale >= 0), name
         assert r["noise_scale_units"] == (None if name.startswith("native") else "micro-batches")
+    from fastaccum import _backend
+
+    assert report["backends"] == _backend.backends_on("cpu")
+    assert report["extension"] == _backend.extension_status()
 
 
 def test_bench_writes_plot(bench_out):
@@ -157,6 +161,23 @@ def test_bench_trains_on_a_given_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(text) in out and list(table_rows(out)) == RUNS
     assert json.loads((tmp_path / "bench.json").read_text())["fp32_check"] is True
+
+
+def test_bench_says_when_fastaccum_ran_without_its_kernels(tmp_path, capsys, monkeypatch):
+    """With the ops forced onto their PyTorch reference, the bench still trains exactly,
+    and says that its fastaccum timings understate fastaccum."""
+    monkeypatch.setenv("FASTACCUM_BACKEND", "reference")
+    args = ["bench", *ONE_THREAD, "--steps", "1", "--micro-batch", "1", "--accum-steps", "2"]
+    assert main([*args, "--no-progress", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err  # where the bench prints its notes
+    from fastaccum import _backend
+
+    ops = len(_backend.OPS)
+    assert f"note: {ops} of fastaccum's {ops} ops ran without their cpu kernels" in err
+    assert "(accumulate_, finalize_, sumsq, ...: reference)" in err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["backends"].values()) == {"reference"}
+    assert report["fp32_check"] is True
 
 
 def test_bench_compile_compiles_every_run_and_matches_the_reference(tmp_path, capsys):

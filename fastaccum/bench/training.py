@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fastaccum import _backend
 from fastaccum.bench.data import VOCAB, ByteBatches, load_bytes, stdlib_sources
 from fastaccum.bench.report import build_report, write_json, write_plot
 from fastaccum.bench.runs import (
@@ -213,6 +214,17 @@ def run_training_bench(
         data_name=describe_data(config.data, text),
         extra={"memory_cap": plan},
     )
+    report["backends"] = _backend.backends_on(device)
+    report["extension"] = _backend.extension_status()
+    kernels = (_backend.NATIVE, _backend.TRITON)
+    slow = [op for op, chosen in report["backends"].items() if chosen not in kernels]
+    if slow:
+        notes.append(
+            f"note: {len(slow)} of fastaccum's {len(report['backends'])} ops ran without "
+            f"their {device.type} kernels ({', '.join(slow[:3])}{', ...' if len(slow) > 3 else ''}: "
+            f"{report['backends'][slow[0]]}), so the fastaccum timings understate it; "
+            "`fastaccum info` says why."
+        )
     report["notes"] = notes
     report["files"] = []
     if out_dir is not None:
