@@ -45,7 +45,18 @@ from fastaccum.memory.peak import peak_bytes, tensor_bytes
 
 __all__ = ["BatchPlan", "PlanningError", "plan_batch"]
 
-MiB = float(2**20)
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` in binary units (B, KiB, MiB, GiB, TiB), the first that keeps it below
+    1000, to 3 significant digits: ``_size(1536) == "1.50 KiB"``."""
+    value, unit = float(n_bytes), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(float(f"{value:.3g}")) < 1000:  # as printed: 999.9 would print as 1e+03
+            break
+        value, unit = value / 1024, larger
+    if unit == "B":
+        return f"{value:.0f} B"
+    return f"{value:.3g} {unit}" if abs(value) >= 100 else f"{value:#.3g} {unit}"
 
 
 class PlanningError(RuntimeError):
@@ -95,11 +106,11 @@ class BatchPlan:
                 f"{self.last_micro_batch_size}"
             ),
             f"  micro_batch_size {self.micro_batch_size}, accum_steps {self.accum_steps}",
-            f"  memory: budget {self.budget_bytes / MiB:.1f} MiB, usable "
-            f"{self.usable_bytes / MiB:.1f} MiB; fixed {self.fixed_bytes / MiB:.1f} MiB + "
-            f"{self.per_sample_bytes / MiB:.3f} MiB per sample",
-            f"  peak: predicted {self.predicted_peak_bytes / MiB:.1f} MiB, measured "
-            f"{self.measured_peak_bytes / MiB:.1f} MiB",
+            f"  memory: budget {_size(self.budget_bytes)}, usable "
+            f"{_size(self.usable_bytes)}; fixed {_size(self.fixed_bytes)} + "
+            f"{_size(self.per_sample_bytes)} per sample",
+            f"  peak: predicted {_size(self.predicted_peak_bytes)}, measured "
+            f"{_size(self.measured_peak_bytes)}",
         ]
         lines += [f"  - {r}" for r in self.reasons]
         return "\n".join(lines)
@@ -374,7 +385,7 @@ def plan_batch(
     else:
         budget, budget_source = int(memory_budget), "memory_budget"
     usable = int(budget * (1.0 - headroom))
-    reasons = [f"budget {budget / MiB:.1f} MiB from {budget_source}; {headroom:.0%} kept free"]
+    reasons = [f"budget {_size(budget)} from {budget_source}; {headroom:.0%} kept free"]
 
     def say(msg: str) -> None:
         if verbose:
@@ -390,7 +401,7 @@ def plan_batch(
                 if b not in measured:
                     measured[b] = prober.peak(b)
                     peak = measured[b]
-                    state = "out of memory" if peak is None else f"peak {peak / MiB:.1f} MiB"
+                    state = "out of memory" if peak is None else f"peak {_size(peak)}"
                     fits = peak is not None and peak <= usable
                     say(f"micro-batch {b}: {state} ({'fits' if fits else 'does not fit'})")
                 return measured[b]
@@ -401,11 +412,11 @@ def plan_batch(
 
             small = probe(1)
             if small is None or small > usable:
-                detail = "out of memory" if small is None else f"{small / MiB:.1f} MiB"
-                missing = "" if small is None else f", {(small - usable) / MiB:.1f} MiB missing"
+                detail = "out of memory" if small is None else _size(small)
+                missing = "" if small is None else f", {_size(small - usable)} missing"
                 raise PlanningError(
-                    f"micro-batch 1 does not fit: it needs {detail} against {usable / MiB:.1f} "
-                    f"MiB usable ({budget / MiB:.1f} MiB budget, headroom {headroom:.0%})"
+                    f"micro-batch 1 does not fit: it needs {detail} against {_size(usable)} "
+                    f"usable ({_size(budget)} budget, headroom {headroom:.0%})"
                     f"{missing}; lower the model's memory (an activation policy, a smaller "
                     "model or dtype) or raise the budget"
                 )
@@ -422,7 +433,7 @@ def plan_batch(
                 predicted_max = target_batch_size
             best = max(1, min(target_batch_size, predicted_max))
             reasons.append(
-                f"measured: fixed {fixed / MiB:.1f} MiB + {per_sample / MiB:.3f} MiB per sample"
+                f"measured: fixed {_size(fixed)} + {_size(per_sample)} per sample"
                 f" -> at most {predicted_max} samples per micro-batch predicted"
             )
             best = _largest_fitting(fits, measured, usable, best, target_batch_size)

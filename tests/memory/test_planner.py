@@ -7,7 +7,7 @@ import torch
 
 import fastaccum
 from fastaccum.memory.peak import LiveTensorBytes, peak_bytes, tensor_bytes
-from fastaccum.memory.planner import PlanningError, _split, plan_batch
+from fastaccum.memory.planner import PlanningError, _size, _split, plan_batch
 
 SEQ = 32
 
@@ -171,10 +171,29 @@ def test_planning_changes_nothing():
 def test_impossible_budget_says_what_is_missing():
     model = _model()
     before = [p.clone() for p in model.parameters()]
-    with pytest.raises(PlanningError, match=r"micro-batch 1 does not fit.*MiB missing"):
+    with pytest.raises(PlanningError, match=r"micro-batch 1 does not fit.*KiB missing") as err:
         _plan(model, torch.optim.AdamW(model.parameters()), 2e5)
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
+    # 2e5 bytes less 10% headroom: the usable memory is named in the unit that reads best
+    assert f"against {_size(1.8e5)} usable ({_size(2e5)} budget" in str(err.value)
+    assert _size(1.8e5) == "176 KiB"
+
+
+@pytest.mark.parametrize(
+    ("n_bytes", "text"),
+    [
+        (0, "0 B"),
+        (999, "999 B"),
+        (1536, "1.50 KiB"),
+        (10 * 2**10, "10.0 KiB"),
+        (20.5 * 2**20, "20.5 MiB"),
+        (80 * 2**30, "80.0 GiB"),
+        (999.9 * 2**10, "0.976 MiB"),  # not "1e+03 KiB"
+    ],
+)
+def test_sizes_read_in_the_unit_that_fits(n_bytes, text):
+    assert _size(n_bytes) == text
 
 
 @pytest.mark.parametrize(
