@@ -2,7 +2,8 @@
 #   make demo   installs fastaccum and runs `fastaccum bench` on its default workload (a
 #               byte-level GPT trained on the Python standard library's sources, native
 #               PyTorch against fastaccum; table, bench.json and bench.png in fastaccum-bench/)
-#   make test   installs fastaccum with its test tools and runs lint + the whole test suite
+#   make test   installs fastaccum with its test tools and runs lint (ruff, mypy) + the whole
+#               test suite
 #
 # Install rules: keep the torch that is already installed; with none, take torch==2.13.0
 # (the CPU build on a machine without a GPU). Build with --no-build-isolation, since an
@@ -25,6 +26,7 @@ demo: install
 lint:
 	ruff check .
 	ruff format --check .
+	$(PYTHON) -m mypy
 
 test: install lint
 	$(PYTHON) -m pytest tests

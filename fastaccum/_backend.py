@@ -31,6 +31,7 @@ import importlib.util
 import os
 import warnings
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -208,7 +209,7 @@ def _triton_version() -> str | None:
         return "unknown version"
 
 
-def describe() -> dict[str, object]:
+def describe() -> dict[str, Any]:
     """What is available and which backend each op takes on each device, for
     ``fastaccum info`` and bug reports. Imports nothing heavy (not Triton itself)."""
     cuda = torch.cuda.is_available()

@@ -131,7 +131,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -140,6 +140,10 @@ from fastaccum.nn.batchnorm import accum_batchnorms
 from fastaccum.ops.accumulate import accumulate_unchecked, sumsq_unchecked
 
 if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from fastaccum.nn.batchnorm import _AccumBatchNorm
     from fastaccum.optim.wrapper import AccumulatingOptimizer
 
 __all__ = ["merge_batchnorm_windows"]
@@ -148,7 +152,7 @@ __all__ = ["merge_batchnorm_windows"]
 # --------------------------------------------------------------------------- BatchNorm
 
 
-def _pack_batchnorm(modules: list[torch.nn.Module], device: torch.device) -> torch.Tensor:
+def _pack_batchnorm(modules: list[_AccumBatchNorm], device: torch.device) -> torch.Tensor:
     """[count of each module, window means of all channels, window M2 of all channels]."""
     if not modules:
         return torch.zeros(0, dtype=torch.float64, device=device)
@@ -159,7 +163,7 @@ def _pack_batchnorm(modules: list[torch.nn.Module], device: torch.device) -> tor
 
 
 def _merge_batchnorm(
-    modules: list[torch.nn.Module], gathered: torch.Tensor, counts: list[list[float]]
+    modules: list[_AccumBatchNorm], gathered: torch.Tensor, counts: list[list[float]]
 ) -> None:
     """Merge every rank's window statistics into each module, identically on all ranks.
 
@@ -246,7 +250,7 @@ def loss_divided_by(loss: torch.Tensor, divisor: int, depth: int = 4) -> bool:
         other = getattr(node, "_saved_other", None)
         scalar = isinstance(other, torch.Tensor) and other.numel() == 1
         if scalar and getattr(node, "_saved_self", None) is None:
-            value = float(other)
+            value = float(cast(torch.Tensor, other))  # a one-element tensor (``scalar``)
             if name.startswith("Div") and value == divisor:
                 return True
             if name.startswith("Mul") and math.isclose(value * divisor, 1.0, rel_tol=1e-6):
@@ -328,6 +332,10 @@ class _DistributedWindow:
         layers' accumulators, or None (none, or local shards)."""
         return None
 
+    def window_grad(self, t: torch.Tensor) -> torch.Tensor:
+        """The window gradient a sharded window keeps unsharded for ``t`` (FSDP2)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no unsharded window gradient")
+
     def first_micro_sumsq(self) -> torch.Tensor | None:
         """Sharded windows, after the window's first micro-batch: the squared norm of this
         rank's gradient of it (weighted, still loss-scaled), or None."""
@@ -370,6 +378,7 @@ class _DistributedWindow:
             [1.0 if id(p) in opt._touched else 0.0 for p in params], dtype=torch.float64
         )
         if self.sharded:
+            assert norm_sq is not None and bad is not None  # given when sharded
             local_sq = norm_sq.to(device=device, dtype=torch.float64).reshape(1)
             local_bad = bad.to(device=device, dtype=torch.float64).reshape(1)
         else:
@@ -395,6 +404,7 @@ class _DistributedWindow:
         if replicated_sq is None:
             replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
             replicated_bad = torch.zeros((), dtype=torch.bool, device=device)
+        replicated_bad = cast(torch.Tensor, replicated_bad)  # reduce_accumulators: both or none
         n_bn = len(self.batchnorms)
         bn_counts = gathered[:, head.numel() : head.numel() + n_bn].reshape(-1)
         # The one host sync of the window: totals, norms, flags and BatchNorm counts.
@@ -504,7 +514,11 @@ def _fsdp_sync_on(model: torch.nn.Module, modules: list[Any]) -> None:
 class DDPWindow(_DistributedWindow):
     """DDP: sync flag before the forward, one all-reduce per bucket per window."""
 
-    def __init__(self, opt: AccumulatingOptimizer, model: torch.nn.Module) -> None:
+    model: torch.nn.parallel.DistributedDataParallel
+
+    def __init__(
+        self, opt: AccumulatingOptimizer, model: torch.nn.parallel.DistributedDataParallel
+    ) -> None:
         super().__init__(opt, model, model.process_group)
         self.bucket_bytes = int(getattr(model, "bucket_bytes_cap", 25 * 2**20))
         self.find_unused = bool(model.find_unused_parameters)
@@ -669,7 +683,7 @@ class DDPWindow(_DistributedWindow):
 # --------------------------------------------------------------------------- FSDP2
 
 
-def _fsdp_param_groups(module: torch.nn.Module) -> list[Any]:
+def _fsdp_param_groups(module: FSDPModule) -> list[Any]:
     """The FSDP2 parameter groups of one ``fully_shard`` module: torch 2.13 keeps a list
     (``_fsdp_param_groups``), torch 2.11 one group or None (``_fsdp_param_group``)."""
     state = module._get_fsdp_state()
@@ -701,8 +715,9 @@ class FSDPWindow(_DistributedWindow):
                 f"parameter {plain[0]} is not sharded by fully_shard; with an FSDP2 model "
                 "every optimized parameter must be an FSDP2 (DTensor) parameter"
             )
-        mesh = params[0].device_mesh
-        if mesh.ndim not in (1, 2) or any(p.device_mesh != mesh for p in params):
+        dparams = cast("list[DTensor]", params)  # every one a DTensor (checked above)
+        mesh = dparams[0].device_mesh
+        if mesh.ndim not in (1, 2) or any(p.device_mesh != mesh for p in dparams):
             raise ValueError(
                 "fastaccum supports FSDP2 over one 1-D device mesh (fully_shard) or one 2-D "
                 f"(replicate, shard) mesh (HSDP); got a {mesh.ndim}-D mesh or several meshes"
@@ -851,6 +866,7 @@ class FSDPWindow(_DistributedWindow):
         if grad is not None:
             return grad
         if t.dtype != torch.float32:  # low-precision compute, fp32 reduction
+            assert owner is not None  # t is an unsharded parameter (accepts_wgrad)
             owner.unsharded_accumulated_grad = grad = torch.zeros_like(t, dtype=torch.float32)
         else:
             t.grad = grad = torch.zeros_like(t)
@@ -877,10 +893,11 @@ class FSDPWindow(_DistributedWindow):
         return _sum64(parts) if parts else None
 
     def as_grad(self, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sharded = cast("DTensor", target)  # FSDP2 parameters are DTensors
         return self.dtensor.from_local(
             t,
-            target.device_mesh,
-            target.placements,
+            sharded.device_mesh,
+            sharded.placements,
             run_check=False,
             shape=target.shape,
             stride=target.stride(),
@@ -909,8 +926,8 @@ def attach(
         if ddp or _has_fsdp(model):
             for p in opt._params:
                 check_reducible(p, opt._names[id(p)])
-            if ddp:
-                found = DDPWindow(opt, model)
+            if ddp:  # isinstance of DistributedDataParallel, above
+                found = DDPWindow(opt, cast(torch.nn.parallel.DistributedDataParallel, model))
             else:
                 found = FSDPWindow(opt, model, reduce_scatter_every_micro_step)
     if reduce_scatter_every_micro_step and not isinstance(found, FSDPWindow):

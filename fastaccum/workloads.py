@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 
@@ -176,7 +177,7 @@ class GPT2Blocks(torch.nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, t, d = h.shape
-        for layer in self.layers:
+        for layer in cast(Iterable[torch.nn.ModuleDict], self.layers):
             q, k, v = layer["c_attn"](layer["ln_1"](h)).split(d, dim=-1)
             q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
             a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)

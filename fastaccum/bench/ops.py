@@ -13,6 +13,7 @@ import functools
 import statistics
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ def bandwidths(nbytes: int, device: torch.device, repeats: int) -> tuple[float, 
 
 def run_ops_bench(
     param_set: str, device: torch.device, dtypes: Sequence[str], repeats: int
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     """Time native vs fused accumulation for each gradient dtype; return one row per run."""
     from tqdm import tqdm
 
@@ -52,7 +53,7 @@ def run_ops_bench(
     )
 
     shapes = PARAM_SETS[param_set]()
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     runs = [(d, p) for d in dtypes for p in ("native", "fastaccum")]
     for dtype_name, provider in tqdm(runs, desc="bench", unit="run", file=sys.stderr):
         accums, grads = make_param_set(shapes, DTYPES[dtype_name], device)
@@ -79,7 +80,7 @@ def run_ops_bench(
 
 
 def format_ops_table(
-    rows: list[dict[str, object]], copy_gbps: float, add_gbps: float, device: torch.device
+    rows: list[dict[str, Any]], copy_gbps: float, add_gbps: float, device: torch.device
 ) -> str:
     """The bench table: time per micro-step, speed-up over native, bytes/s vs copy/add_."""
     native = {r["dtype"]: r["ms"] for r in rows if r["provider"] == "native"}

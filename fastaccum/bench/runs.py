@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +135,7 @@ def compiled(model: torch.nn.Module, config: BenchConfig) -> torch.nn.Module:
     """``torch.compile(model)`` with ``--compile``, else ``model``. Every run compiles after
     its last change to the model (``fuse_wgrad``), and hands the compiled module to its
     optimizer wrapper."""
-    return torch.compile(model) if config.compile else model
+    return cast(torch.nn.Module, torch.compile(model)) if config.compile else model
 
 
 def _large_batch(model: torch.nn.Module, config: BenchConfig) -> StepFn:
@@ -209,7 +210,10 @@ def _fastaccum_wrap(model: torch.nn.Module, config: BenchConfig) -> StepFn:
 
 
 def _fused_steps(
-    model: torch.nn.Module, config: BenchConfig, name: str, policy: object = None
+    model: torch.nn.Module,
+    config: BenchConfig,
+    name: str,
+    policy: fastaccum.ActivationPolicy | None = None,
 ) -> StepFn:
     """fuse_wgrad + opt.backward + fastaccum.optim.AdamW; each forward inside
     ``fastaccum.save_activations(policy)`` when a policy is given."""

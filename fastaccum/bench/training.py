@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -130,7 +130,7 @@ def plan_micro_batch(
         target,
         optimizer=torch.optim.AdamW(model.parameters(), lr=config.lr),
         loss_fn=loss_fn,
-        memory_budget=int(config.memory_cap_gb * 2**30),
+        memory_budget=int(cast(float, config.memory_cap_gb) * 2**30),  # (a cap was given)
         verbose=False,
     )
     largest = min(plan.max_micro_batch_size, target)

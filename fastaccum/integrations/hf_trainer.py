@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -150,8 +150,8 @@ class FastaccumTrainer(Trainer):
         given = _unaccelerated(self.optimizer)
         if isinstance(given, AccumulatingOptimizer):
             self._check_prebuilt(given)
-        if fuse_wgrad:
-            fastaccum.fuse_wgrad(self.model)
+        if fuse_wgrad:  # (fuse_wgrad raises a TypeError for a missing model)
+            fastaccum.fuse_wgrad(cast(torch.nn.Module, self.model))
         self.fastaccum_optimizer: AccumulatingOptimizer | None = None
         self._norm_box = torch.full((), math.nan)
         self._norm_hook: Any = None
@@ -310,7 +310,8 @@ class FastaccumTrainer(Trainer):
         super().log(logs, start_time)
 
     def _record_norm(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        norm = self.fastaccum_optimizer.stats()["grad_norm"]
+        # (a hook on the wrapper: it exists when this runs)
+        norm = cast(AccumulatingOptimizer, self.fastaccum_optimizer).stats()["grad_norm"]
         self._norm_box.fill_(math.nan if norm is None else norm)
 
     # ------------------------------------------------------------------ the micro-batch
@@ -351,7 +352,7 @@ class FastaccumTrainer(Trainer):
             # wrapper takes the sync and the window's reduction over from here on.
             opt._bind_ddp(model)
         scaler = opt.scaler
-        prepared = self.optimizer
+        prepared: Any = self.optimizer  # accelerate's AcceleratedOptimizer
         if scaler is not None and getattr(prepared, "scaler", None) is not None:
             # fp16: the wrapper unscales, checks and updates the scale once per window;
             # accelerate's optimizer would do it on .grad tensors the wrapper has folded.
@@ -409,4 +410,5 @@ class FastaccumTrainer(Trainer):
             return
         # The norm box stays NaN unless the step post hook ran, i.e. the window stepped
         # (a stepped window's norm is finite).
-        self.optimizer._is_overflow = math.isnan(self._norm_box.item())
+        overflow = math.isnan(self._norm_box.item())
+        self.optimizer._is_overflow = overflow  # type: ignore[union-attr]

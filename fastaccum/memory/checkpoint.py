@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -119,7 +119,8 @@ class _Frame:
         if stored.index not in frame.values:
             frame.recompute()
         value = frame.values.pop(stored.index)
-        return frame.encoder.decode(value)
+        # recompute() sets the encoder together with the values it filled.
+        return cast(Encoder, frame.encoder).decode(value)
 
     def recompute(self) -> None:
         tensors = self.input_out.grad_fn.saved_tensors

@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -46,7 +47,7 @@ class PinnedPool:
 
     def __init__(self, pin: bool | None = None) -> None:
         self.pin = torch.cuda.is_available() if pin is None else bool(pin)
-        self._free: dict[int, list[tuple[torch.Tensor, object]]] = {}
+        self._free: dict[int, list[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
         self._lock = threading.Lock()
         self.allocated_bytes = 0
         """Bytes of every buffer this pool has created (in use or idle)."""
@@ -65,7 +66,7 @@ class PinnedPool:
             self.allocated_bytes += size
         return torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
 
-    def release(self, buf: torch.Tensor, event: object = None) -> None:
+    def release(self, buf: torch.Tensor, event: torch.cuda.Event | None = None) -> None:
         """Return ``buf``; it is reused only after ``event`` (a CUDA event) has completed."""
         with self._lock:
             self._free.setdefault(buf.numel(), []).append((buf, event))
@@ -155,8 +156,10 @@ class HostCopy:
     def fetch(self) -> list[torch.Tensor]:
         """The tensors on their device, ready for use on the current stream."""
         self.prefetch()
-        tensors, self._prefetched = self._prefetched, None
-        torch.cuda.current_stream(self.device).wait_event(self._ready)
+        # prefetch() has set both: the copies and the event that marks them ready.
+        tensors = cast("list[torch.Tensor]", self._prefetched)
+        self._prefetched = None
+        torch.cuda.current_stream(self.device).wait_event(cast("torch.cuda.Event", self._ready))
         return tensors
 
     @property
@@ -165,6 +168,8 @@ class HostCopy:
         return sum(b.numel() for b in self._bufs)
 
 
-def _return_buffers(pool: PinnedPool, bufs: list[torch.Tensor], events: list) -> None:
+def _return_buffers(
+    pool: PinnedPool, bufs: list[torch.Tensor], events: list[torch.cuda.Event]
+) -> None:
     for buf in bufs:
         pool.release(buf, events[0])

@@ -37,11 +37,14 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from fastaccum.memory.peak import peak_bytes, tensor_bytes
+
+if TYPE_CHECKING:
+    from fastaccum.optim import AccumulatingOptimizer
 
 __all__ = ["BatchPlan", "PlanningError", "plan_batch"]
 
@@ -147,7 +150,7 @@ class _Saved:
                 self.grads.append(
                     (p, None if p.grad is None else p.grad.detach().to("cpu", copy=True))
                 )
-            plain = {}
+            plain: dict[str, Any] = {}
             for name, value in vars(module).items():
                 if isinstance(value, torch.Tensor):
                     plain[name] = (value, value.detach().to("cpu", copy=True))
@@ -195,17 +198,20 @@ class _Saved:
                         setattr(module, name, value)
         opt = self.optimizer
         if self.wrapper_state is not None:
-            opt.load_state_dict(self.wrapper_state)
+            wrapper = cast("AccumulatingOptimizer", opt)  # its state is saved only for one
+            wrapper.load_state_dict(self.wrapper_state)
             if self.scaler_state is not None:
-                opt.scaler.load_state_dict(self.scaler_state)
+                # Saved only when the wrapper has a scaler.
+                cast(torch.amp.GradScaler, wrapper.scaler).load_state_dict(self.scaler_state)
         elif self.optim_state is not None:
+            assert opt is not None  # optim_state is saved only for an optimizer
             opt.state.clear()
             for p, (state, devices) in self.optim_state.items():
                 opt.state[p] = {
                     k: v.to(devices[k]) if k in devices else v for k, v in state.items()
                 }
-            for group, saved in zip(opt.param_groups, self.groups, strict=True):
-                group.update(saved)
+            for group, hyper in zip(opt.param_groups, self.groups, strict=True):
+                group.update(hyper)
         torch.set_rng_state(self.rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
@@ -234,6 +240,7 @@ class _Prober:
 
         self.model, self.make_batch, self.loss_fn = model, make_batch, loss_fn
         self.policy, self.device = policy, device
+        self.opt: AccumulatingOptimizer | None
         if isinstance(optimizer, AccumulatingOptimizer):
             self.opt = optimizer
         elif optimizer is not None:
@@ -257,7 +264,7 @@ class _Prober:
         opt = self.opt
         for _ in range(2):
             batch = self.make_batch(b)
-            session = contextlib.nullcontext()
+            session: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if self.policy is not None:
                 from fastaccum.memory import save_activations
 
@@ -444,7 +451,8 @@ def plan_batch(
             micro, k, last = _split(target_batch_size, best)
             if micro not in measured:
                 probe(micro)
-            if measured[micro] is None or measured[micro] > usable:
+            micro_peak = measured[micro]
+            if micro_peak is None or micro_peak > usable:
                 raise PlanningError(
                     f"micro-batch {micro} did not fit when verified; plan again with a "
                     "larger headroom"
@@ -472,7 +480,7 @@ def plan_batch(
                 fixed_bytes=fixed,
                 per_sample_bytes=per_sample,
                 predicted_peak_bytes=int(fixed + per_sample * micro),
-                measured_peak_bytes=int(measured[micro]),
+                measured_peak_bytes=int(micro_peak),
                 max_micro_batch_size=best,
                 reasons=reasons,
             )

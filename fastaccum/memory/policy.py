@@ -29,7 +29,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
@@ -38,6 +38,7 @@ from fastaccum.memory.offload import HostCopy, PinnedPool, default_pool
 from fastaccum.ops.quantize import (
     GROUP_SIZES,
     INPUT_DTYPES,
+    QuantizedGroups,
     dequantize_groups,
     pack_mask,
     quantize_groups,
@@ -239,7 +240,8 @@ def _flatten_dense(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], list
     back the same shape and strides (a permutation for dense non-contiguous layouts)."""
     if t.is_contiguous():
         return t.reshape(-1), tuple(t.shape), None
-    perm = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    strides = t.stride()
+    perm = sorted(range(t.dim()), key=lambda d: -strides[d])
     permuted = t.permute(perm)
     if permuted.is_contiguous():
         return permuted.reshape(-1), tuple(permuted.shape), perm
@@ -267,7 +269,9 @@ class _Quantized:
     perm: list[int] | None
 
     def decode(self, data: list[torch.Tensor]) -> torch.Tensor:
-        flat = dequantize_groups(data, self.bits, self.group_size, self.numel, self.dtype)
+        # ``data`` is the (packed, scale, minimum) triple; dequantize_groups unpacks any.
+        q = cast(QuantizedGroups, data)
+        flat = dequantize_groups(q, self.bits, self.group_size, self.numel, self.dtype)
         return _restore(flat, self.shape, self.perm)
 
 
@@ -354,7 +358,8 @@ def _is_parameter_like(t: torch.Tensor) -> bool:
             return False
         node = inputs[0]
         if type(node).__name__ == "AccumulateGrad":
-            return isinstance(node.variable, torch.nn.Parameter)
+            # AccumulateGrad nodes hold their leaf; torch's Node stub does not declare it.
+            return isinstance(node.variable, torch.nn.Parameter)  # type: ignore[attr-defined]
     return False
 
 
@@ -393,7 +398,7 @@ class Encoder:
 
     def _kind(self, t: torch.Tensor) -> tuple[str, float]:
         """The decision for ``t``, and for masks the value the set bits stand for."""
-        p = self.policy
+        p = cast(ActivationPolicy, self.policy)  # only asked when keeps(t) was False
         if p.masks:
             if t.dtype == torch.bool:
                 return "mask", 1.0
@@ -428,13 +433,14 @@ class Encoder:
         if ref is None or ref() is not t:
             entry = {}
             self._seen[key] = (weakref.ref(t, self._forget(key)), entry)
-        relu = self.policy.masks and _is_relu_own_save(t)
+        p = cast(ActivationPolicy, self.policy)  # keeps(t) is True without a policy
+        relu = p.masks and _is_relu_own_save(t)
         slot = "mask" if relu else "full"
         if slot in entry:
             self.stats.reused += 1
             return entry[slot]
         kind, mask_value = ("relu", 1.0) if relu else self._kind(t)
-        if kind == "raw" and not (self.policy.offload and t.is_cuda):
+        if kind == "raw" and not (p.offload and t.is_cuda):
             # Neither compressed nor offloaded: autograd holds the tensor itself.
             self.stats.kept += 1
             self._note("kept", t)
@@ -454,25 +460,29 @@ class Encoder:
         return forget
 
     def _make_record(self, t: torch.Tensor, kind: str, mask_value: float) -> _Record:
-        p = self.policy
+        p = cast(ActivationPolicy, self.policy)  # only called from encode (policy set)
         flat, shape, perm = _flatten_dense(t.detach())
+        data: list[torch.Tensor]
         if kind in ("mask", "relu"):
-            packed = [pack_mask(flat)]
-            record: _Record = _Mask(packed, flat.numel(), t.dtype, shape, perm, mask_value)
+            data = [pack_mask(flat)]
+            record: _Record = _Mask(data, flat.numel(), t.dtype, shape, perm, mask_value)
             self.stats.masks += 1
         elif kind == "quantize":
             self._quantized_count += 1
             seed = _derive_seed(self.seed_base, self._quantized_count)
+            bits = cast(int, p.bits)  # _kind chose "quantize" only with bits set
             q = quantize_groups(
-                flat, p.bits, p.group_size, seed=seed, stochastic=p.stochastic_rounding
+                flat, bits, p.group_size, seed=seed, stochastic=p.stochastic_rounding
             )
-            record = _Quantized(list(q), p.bits, p.group_size, flat.numel(), t.dtype, shape, perm)
+            data = list(q)
+            record = _Quantized(data, bits, p.group_size, flat.numel(), t.dtype, shape, perm)
             self.stats.quantized += 1
         else:
-            record = _Raw([flat], shape, perm)
-        stored = sum(x.numel() * x.element_size() for x in record.data)
+            data = [flat]
+            record = _Raw(data, shape, perm)
+        stored = sum(x.numel() * x.element_size() for x in data)
         if p.offload and t.is_cuda:
-            record.data = HostCopy(record.data, p.pool or default_pool())
+            record.data = HostCopy(data, p.pool or default_pool())
             self._offloaded.append(weakref.ref(record.data))
             self.stats.offloaded += 1
             self.stats.host_bytes += stored

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -40,6 +40,8 @@ def routes(sink: Any, weight: torch.Tensor) -> bool:
 class SinkLink:
     """Mixin for fused layers: ``self._wgrad_sink`` reads and sets a weak reference."""
 
+    weight: torch.Tensor  # the layer's (nn.Linear's, nn.Embedding's, Conv1D's)
+
     @property
     def _wgrad_sink(self) -> Any:
         ref = self.__dict__.get("_wgrad_sink_ref")
@@ -54,7 +56,8 @@ class SinkLink:
         return self.weight, getattr(self, "bias", None)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        # nn.Module's (the class this mixes into): a copy of __dict__
+        state = cast(dict[str, Any], super().__getstate__())  # type: ignore[misc]
         state.pop("_wgrad_sink_ref", None)
         state.pop("_wgrad_slot", None)
         return state

@@ -20,6 +20,7 @@ shapes, ``is_causal`` without a mask), which then gets torch's own error.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ class OutProjection(Linear, NonDynamicallyQuantizableLinear):
     :class:`fastaccum.nn.Linear` that is still a ``NonDynamicallyQuantizableLinear``."""
 
 
-def _project(layer: torch.nn.Module, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+def _project(layer: SinkLink, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
     """``F.linear`` with ``layer``'s weight pair (its ``rows`` only, when given), fused
     when the layer takes the route."""
     out = fused_linear(layer, x, transposed=False, rows=rows)
@@ -104,7 +105,7 @@ class MultiheadAttention(SinkLink, torch.nn.MultiheadAttention):
             batch, tgt, src = query.shape[b], query.shape[1 - b], key.shape[1 - b]
             if key.shape[b] != batch:
                 return False
-            padding_shape = (batch, src)
+            padding_shape: tuple[int, ...] = (batch, src)
         else:
             batch, tgt, src = 1, query.shape[0], key.shape[0]
             padding_shape = (src,)
@@ -290,7 +291,7 @@ class MultiheadAttention(SinkLink, torch.nn.MultiheadAttention):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
             del q, k, v
             out = out.permute(2, 0, 1, 3).reshape(batch * tgt, embed)
-        out = _project(self.out_proj, out).view(tgt, batch, embed)
+        out = _project(cast(OutProjection, self.out_proj), out).view(tgt, batch, embed)
         return out, weights
 
 

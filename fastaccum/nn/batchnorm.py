@@ -79,6 +79,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,7 @@ from fastaccum.ops import batchnorm as bn_ops
 MODES = ("merged", "renorm", "window")
 _WINDOW_COUNTS = ("window_count", "prev_count", "window_grad_count", "prev_grad_count")
 _WINDOW_TENSORS = ("window_mean", "window_m2", "prev_mean", "prev_m2", "window_grad", "prev_grad")
+_Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 def _kernel_input(x: torch.Tensor) -> bool:
@@ -147,7 +150,7 @@ class RenormSchedule:
 RENORM_OPTIONS = tuple(f.name for f in dataclasses.fields(RenormSchedule))
 
 
-def _renorm_schedule(mode: str, options: dict[str, object]) -> RenormSchedule | None:
+def _renorm_schedule(mode: str, options: Mapping[str, object]) -> RenormSchedule | None:
     """Validate ``mode`` and its options; the schedule for ``renorm``, else None."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -208,6 +211,15 @@ def _check_window_state(state: object, num_features: int, where: str = "") -> No
 class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """Shared implementation; use :class:`AccumBatchNorm1d`/``2d``/``3d``."""
 
+    # Buffers registered by _init_window (nn.Module.__getattr__ alone would type them as
+    # Tensor | Module).
+    window_mean: torch.Tensor
+    window_m2: torch.Tensor
+    prev_mean: torch.Tensor
+    prev_m2: torch.Tensor
+    window_grad: torch.Tensor
+    prev_grad: torch.Tensor
+
     def __init__(
         self,
         num_features: int,
@@ -231,8 +243,8 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def _init_window(self, mode: str, schedule: RenormSchedule | None) -> None:
         self.mode = mode
         self.renorm = schedule
-        device = next(self.parameters(), next(self.buffers(), None))
-        device = None if device is None else device.device
+        first = next(self.parameters(), next(self.buffers(), None))
+        device = None if first is None else first.device
         # Window and previous-window statistics, per channel in float64 (a few numbers per
         # channel: the merge's mean differences lose digits in fp32 when the mean is large).
         # Not persistent, so state_dict keys stay those of nn.BatchNorm and existing
@@ -258,7 +270,7 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             )
         # (count, mean, what the forward used) of this window's training forwards, so that a
         # checkpoint recomputation reuses its original forward's r and d (or statistics).
-        self._forward_log: list[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]] = []
+        self._forward_log: list[tuple[int, torch.Tensor, _Pair]] = []
         self._windows_done: int | None = None  # host copy of the schedule's window count
         # (r, d) of the last renorm training forward, per channel, for inspection.
         self.renorm_factors: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -329,12 +341,14 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         mean_ref, var_ref = self._reference()
         sigma_ref = (var_ref + self.eps).sqrt()
         sigma_b = (m2_b / n_b + self.eps).sqrt()
-        rmax, dmax = self.renorm.limits(self._windows_completed())
+        schedule = self.renorm
+        assert schedule is not None  # mode="renorm" has one
+        rmax, dmax = schedule.limits(self._windows_completed())
         r = (sigma_b / sigma_ref).clamp(1.0 / rmax, rmax)
         d = ((mean_b - mean_ref) / sigma_ref).clamp(-dmax, dmax)
         return r, d
 
-    def _recorded(self, n_b: int, mean_b: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def _recorded(self, n_b: int, mean_b: torch.Tensor) -> _Pair | None:
         """What the original forward that a recomputation repeats used: the logged forward
         with the same count and the nearest mean (equal, unless the recomputation is not
         bitwise deterministic). None when no forward of this size was logged."""
@@ -356,15 +370,16 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         done = self._windows_completed()  # before num_batches_tracked moves
         with torch.no_grad():
             if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                factor = (
-                    1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None
-                    else self.momentum
-                )
+                tracked = self.num_batches_tracked
+                assert tracked is not None  # registered with track_running_stats
+                tracked.add_(1)
+                factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
                 unbiased = self.window_m2 / max(n - 1.0, 1.0)
-                self.running_mean.lerp_(self.window_mean.to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+                running_mean, running_var = self.running_mean, self.running_var
+                assert running_mean is not None
+                running_mean.lerp_(self.window_mean.to(running_mean.dtype), factor)
+                assert running_var is not None
+                running_var.lerp_(unbiased.to(running_var.dtype), factor)
             self.prev_mean.copy_(self.window_mean)
             self.prev_m2.copy_(self.window_m2)
             self.prev_count = n
@@ -418,13 +433,15 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             for name in _WINDOW_TENSORS:
                 getattr(self, name).copy_(state[name])
         for name in _WINDOW_COUNTS:
-            setattr(self, name, int(state[name]))
-        self._windows_done = int(state["windows_done"])
+            setattr(self, name, int(cast(int, state[name])))  # checked above
+        self._windows_done = int(cast(int, state["windows_done"]))
         self._forward_log.clear()  # forwards before the checkpoint are never recomputed
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        weight, bias = self.weight, self.bias
+        # Both None or both tensors (affine); torch types them as always Parameters.
+        weight: torch.Tensor | None = self.weight
+        bias: torch.Tensor | None = self.bias
         corrected = self.training and self.mode != "merged"
         # -1: not inside a backward pass, so this is not a checkpoint recomputation.
         recomputing = torch._C._current_graph_task_id() != -1
@@ -458,13 +475,14 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                     used = self._window_statistics()
                 if not recomputing:
                     self._forward_log.append((n_b, mean_b, used))
+        # From here on, used is not None when corrected (recorded or computed above).
         if corrected and self.mode == "window":
-            return _WindowNorm.apply(input, weight, bias, *used, self)
+            return _WindowNorm.apply(input, weight, bias, *cast(_Pair, used), self)
         if corrected:
             self.renorm_factors = used
         if fused:
             invstd = (m2_b / n_b + self.eps).rsqrt()
-            r, d = (None, None) if not corrected else (f.float() for f in used)
+            r, d = (None, None) if not corrected else (f.float() for f in cast(_Pair, used))
             return bn_ops.train_unchecked(input, mean_b.float(), invstd.float(), weight, bias, r, d)
         if corrected:
             dtype = (
@@ -472,10 +490,14 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 if weight is not None
                 else torch.promote_types(input.dtype, torch.float32)
             )
-            r, d = (f.to(dtype) for f in used)
+            r, d = (f.to(dtype) for f in cast(_Pair, used))
             # weight * (xhat * r + d) + bias as one batch_norm with a per-channel affine;
-            # r and d come from no_grad, so autograd treats them as constants.
-            weight, bias = (r, d) if weight is None else (weight * r, bias + weight * d)
+            # r and d come from no_grad, so autograd treats them as constants. A weight
+            # comes with a bias.
+            if weight is None:
+                weight, bias = r, d
+            else:
+                weight, bias = weight * r, cast(torch.Tensor, bias) + weight * d
         return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
 
     def extra_repr(self) -> str:
@@ -483,6 +505,24 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if self.renorm is not None:
             extra += "".join(f", {k}={getattr(self.renorm, k)}" for k in RENORM_OPTIONS)
         return super().extra_repr() + extra
+
+
+class _WindowNormCtx(Protocol):
+    """What :class:`_WindowNorm` uses of its autograd context. torch types the context as
+    ``FunctionCtx``, which declares neither ``saved_tensors`` nor ``needs_input_grad`` and
+    whose ``save_for_backward`` is typed tensors-only, though it takes None as well."""
+
+    module: _AccumBatchNorm
+
+    def save_for_backward(self, *tensors: torch.Tensor | None) -> None: ...
+
+    @property
+    def saved_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(x, weight or None, mean, invstd) as given to save_for_backward."""
+        ...
+
+    @property
+    def needs_input_grad(self) -> tuple[bool, ...]: ...
 
 
 class _WindowNorm(torch.autograd.Function):
@@ -500,7 +540,7 @@ class _WindowNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: _WindowNormCtx,
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
@@ -516,13 +556,16 @@ class _WindowNorm(torch.autograd.Function):
             return bn_ops.apply_unchecked(x, mean_c, invstd_c, weight, bias)
         shape = [1, -1] + [1] * (x.dim() - 2)
         xhat = (x.to(compute) - mean_c.view(shape)) * invstd_c.view(shape)
-        y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
+        if weight is None:
+            y = xhat
+        else:  # a weight comes with a bias (affine)
+            y = xhat * weight.view(shape) + cast(torch.Tensor, bias).view(shape)
         # Not y.to(x.dtype) when that is y itself: see batch_norm_apply_ref.
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
+    def backward(ctx: _WindowNormCtx, grad_y: torch.Tensor) -> tuple:
         x, weight, mean, invstd = ctx.saved_tensors
         shape = [1, -1] + [1] * (x.dim() - 2)
         if _kernel_input(x):
@@ -592,7 +635,7 @@ class AccumBatchNorm3d(_AccumBatchNorm, torch.nn.BatchNorm3d):
     """``nn.BatchNorm3d`` that stays correct under accumulation (see module docs)."""
 
 
-_CONVERSIONS = {
+_CONVERSIONS: dict[type[torch.nn.Module], type[_AccumBatchNorm]] = {
     torch.nn.BatchNorm1d: AccumBatchNorm1d,
     torch.nn.BatchNorm2d: AccumBatchNorm2d,
     torch.nn.BatchNorm3d: AccumBatchNorm3d,
@@ -623,7 +666,7 @@ def convert_batchnorm(model: ModuleT, mode: str = "merged", **options: float | i
         target = _CONVERSIONS.get(type(module))
         if target is not None:
             module.__class__ = target
-            module._init_window(mode, schedule)
+            cast(_AccumBatchNorm, module)._init_window(mode, schedule)
     return model
 
 

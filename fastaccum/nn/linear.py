@@ -46,7 +46,7 @@ class WgradSink(Protocol):
         ``rows``, into those rows of the weight's and bias's accumulators only."""
 
     def wgrad_route(
-        self, layer: torch.nn.Module
+        self, layer: SinkLink
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int] | None:
         """``(weight_accum, bias_accum, control, slot)`` for ``fastaccum::linear_wgrad``, or
         None when the layer has to take the Python route on this forward pass."""
@@ -118,14 +118,14 @@ class _FusedWgradLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def takes_fused_route(layer: torch.nn.Module) -> bool:
+def takes_fused_route(layer: SinkLink) -> bool:
     """True when ``layer`` (a fused layer) routes its weight gradient on this forward
     pass: a sink is attached, gradients are wanted, and the weight is fp32/bf16/fp16."""
     return routes(layer._wgrad_sink, layer._wgrad_pair()[0])
 
 
 def fused_linear(
-    layer: torch.nn.Module,
+    layer: SinkLink,
     input: torch.Tensor,
     *,
     transposed: bool,
@@ -146,7 +146,7 @@ def fused_linear(
 
 
 def _fused_linear(
-    layer: torch.nn.Module,
+    layer: SinkLink,
     input: torch.Tensor,
     transposed: bool,
     rows: slice | None,

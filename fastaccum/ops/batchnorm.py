@@ -40,7 +40,8 @@ contiguous first, by the wrapper; their outputs are contiguous.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -158,6 +159,7 @@ def _check_channel(t: object, name: str, x: torch.Tensor, optional: bool = False
 
 def _check_grad(grad_y: object, x: torch.Tensor) -> None:
     _check_x(grad_y, "grad_y")
+    grad_y = cast(torch.Tensor, grad_y)  # _check_x raised unless it is one
     if grad_y.shape != x.shape or grad_y.dtype != x.dtype:
         raise ValueError(
             f"grad_y ({tuple(grad_y.shape)}, {grad_y.dtype}) must match x "
@@ -305,7 +307,7 @@ def batch_norm_backward_apply_ref(
     return (_per_channel(mul, x) * ((g - mean_dy) - xmu * k)).to(x.dtype)
 
 
-_REFERENCES = {
+_REFERENCES: dict[str, Callable[..., Any]] = {
     "bn_stats": batch_norm_stats_ref,
     "bn_apply": batch_norm_apply_ref,
     "bn_backward_reduce": batch_norm_backward_reduce_ref,
@@ -346,10 +348,11 @@ if _backend.native_can_run(torch.device("cpu"), "bn_stats"):
 # --------------------------------------------------------------------------- dispatch
 
 
-def _run(op: str, backend: str | None, *args: torch.Tensor | object):
+def _run(op: str, backend: str | None, *args: object) -> Any:
     """Run ``op`` (a ``torch.ops.fastaccum`` name) on validated arguments with the backend
     :func:`fastaccum._backend.select` picks for the device of the first one."""
-    choice = _backend.select(args[0].device, backend, op=op)
+    x = cast(torch.Tensor, args[0])  # every op's first argument is a tensor
+    choice = _backend.select(x.device, backend, op=op)
     if choice == _backend.NATIVE:
         return getattr(torch.ops.fastaccum, op)(*args)
     if choice == _backend.TRITON:
@@ -558,7 +561,8 @@ class _BatchNormFunction(torch.autograd.Function):
             return _differentiable_grads(ctx, grad_y)
         x, mean, invstd, w_eff, b_eff, scale, offset, _, _ = ctx.saved_tensors
         relu, batch_stats, backend = ctx.options
-        need_x, need_w, need_b = ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]
+        need_x = ctx.needs_input_grad[0]
+        need_w, need_b = ctx.needs_input_grad[3:5]
         x = in_kernel_layout(x)
         grad_y = like_layout(grad_y, x)
         grad_x = grad_w = grad_b = sums = None

@@ -40,7 +40,7 @@ against, and the fallback).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -104,7 +104,7 @@ _FLAGS = ("nesterov", "maximize", "first_step", "decoupled_weight_decay")
 
 def _check_options(names: tuple[str, ...], options: Mapping[str, Any]) -> tuple[Any, ...]:
     """The scalar options in schema order, as floats (bools for flags, int for ``step``)."""
-    values = []
+    values: list[float | int | bool] = []
     for name in names:
         value = options[name]
         if name in _FLAGS:
@@ -199,9 +199,9 @@ def check_adam_window_step_args(
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
-    amsgrad = max_exp_avg_sqs is not None and len(max_exp_avg_sqs) > 0
-    if amsgrad:
+    if max_exp_avg_sqs is not None and len(max_exp_avg_sqs) > 0:
         states["max_exp_avg_sqs"] = max_exp_avg_sqs
+    amsgrad = "max_exp_avg_sqs" in states
     params, accums, state_lists, factor = _check_tensor_lists(
         params, accums, states, factor, factor_tensor
     )
@@ -243,7 +243,7 @@ def sgd_window_step_ref(
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
         if momentum != 0:
-            buf = momentum_buffers[i]
+            buf = cast(Sequence[torch.Tensor], momentum_buffers)[i]  # required with momentum
             if first_step:
                 buf.copy_(g)
             else:
@@ -356,6 +356,7 @@ def window_step_unchecked(
     Raises:
         TypeError, ValueError: a bad option (as the checked functions).
     """
+    reference: Callable[..., None]
     if op == "sgd_window_step_":
         scalars, reference = _check_options(SGD_OPTIONS, options), sgd_window_step_ref
     elif op == "adam_window_step_":

@@ -65,6 +65,14 @@ class _MemberStates(MutableMapping):
         return sum(len(opt.state) for opt in self._chain.optimizers)
 
 
+def add_note(err: BaseException, note: str) -> None:
+    """``err.add_note(note)`` where Python has it (3.11+); on 3.10 the error goes on
+    without the note (calling it there would replace the error with an AttributeError)."""
+    adder = getattr(err, "add_note", None)
+    if adder is not None:
+        adder(note)
+
+
 def _common_defaults(optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
     """The defaults every member shares with equal values (OneCycleLR, for one, looks for
     ``momentum`` or ``betas`` here before it cycles them in every group)."""
@@ -273,9 +281,10 @@ class ChainedOptimizer(torch.optim.Optimizer):
             # A later member refused its entry: put the earlier ones back as they were.
             for opt, previous in zip(self.optimizers[:done], before, strict=False):
                 opt.load_state_dict(previous)
-            err.add_note(
+            add_note(
+                err,
                 f"fastaccum: optimizers[{done}] of the chain refused its state; no "
-                "optimizer of the chain was changed"
+                "optimizer of the chain was changed",
             )
             raise
 

@@ -27,7 +27,8 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
-from typing import Any
+from types import FrameType
+from typing import Any, cast
 
 import torch
 from torch.optim import optimizer as torch_optimizer
@@ -49,7 +50,7 @@ from fastaccum.ops.accumulate import (
     sumsq_wide,
 )
 from fastaccum.ops.wgrad import wgrad_accumulate_unchecked
-from fastaccum.optim.chained import ChainedOptimizer
+from fastaccum.optim.chained import ChainedOptimizer, add_note
 from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
 
 _CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
@@ -72,7 +73,8 @@ _INTERNAL_CODE = tuple(
 def _user_stacklevel() -> int:
     """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the
     first frame outside fastaccum and torch."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_CODE):
         frame, level = frame.f_back, level + 1
     return level
@@ -83,7 +85,7 @@ def _called_by_distributed_checkpoint(frames: int = 6) -> bool:
     ``torch.distributed.checkpoint``, whose ``get_state_dict`` / ``set_state_dict`` treat
     the wrapper as a plain optimizer: they create missing state with a ``step()`` on zero
     gradients at lr 0 and read a ``torch.optim``-format ``state_dict()``."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(frames):
         if frame is None:
             return False
@@ -296,7 +298,7 @@ class _ScalerUpdateGuard:
     def install(scaler: torch.amp.GradScaler) -> None:
         """Guard ``scaler.update`` (once per scaler, however many wrappers share it)."""
         if not isinstance(vars(scaler).get("update"), _ScalerUpdateGuard):
-            scaler.update = _ScalerUpdateGuard(scaler)
+            scaler.update = _ScalerUpdateGuard(scaler)  # type: ignore[method-assign]
 
 
 class _FromWrapped:
@@ -362,12 +364,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         fused_members: list[AccumulatingOptimizer] = []
         if isinstance(optimizer, (list, tuple)):
             members, fused_members = _join_fused_members(optimizer, accum_steps)
-            optimizer = ChainedOptimizer(members)  # checks the list; changes no member
+            # ChainedOptimizer checks the list; it changes no member
+            optimizer = ChainedOptimizer(cast(list[torch.optim.Optimizer], members))
         if isinstance(optimizer, ChainedOptimizer):
             for i, member in enumerate(optimizer.optimizers):
                 _check_wrappable(member, f"optimizers[{i}]")
         else:
             _check_wrappable(optimizer, "optimizer")
+        inner = cast(torch.optim.Optimizer, optimizer)  # checked just above
         if isinstance(accum_steps, bool) or not isinstance(accum_steps, int):
             raise TypeError(f"accum_steps must be an int, got {type(accum_steps).__name__}")
         if accum_steps < 1:
@@ -394,7 +398,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     "activations= applies the policy to the model's forward passes: pass model= too"
                 )
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+        params = [p for g in inner.param_groups for p in g["params"]]
         for i, p in enumerate(params):
             _check_param_dtype(p, i)
         if accum_dtype != torch.float32:
@@ -409,8 +413,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # Optimizer.__init__ sets up the hook dictionaries and the step patching that
         # schedulers and profilers rely on; its own copies of the groups are then left
         # behind: param_groups and state read the wrapped optimizer's (see below).
-        super().__init__(optimizer.param_groups, optimizer.defaults)
-        self.optimizer = optimizer
+        super().__init__(inner.param_groups, inner.defaults)
+        self.optimizer: torch.optim.Optimizer = inner
         self.model = model
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.accum_dtype = accum_dtype
@@ -883,7 +887,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         local = self._dist is None or not self._dist.sharded  # DDP's stay local until the end
         if self._micro_step == 1 and local and self._fused_set():
             self._note_fused_first(weight)
-        elif self._micro_step == 1 and not local and weight > 0.0:
+        elif self._micro_step == 1 and self._dist is not None and not local and weight > 0.0:
             first = self._dist.first_micro_sumsq()  # FSDP2's unsharded gradient of it
             if first is not None:
                 self._fused_first = first / (weight * weight)
@@ -1120,7 +1124,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
     def _fold_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         if pending:
-            self._fold(pending, self._fold_weight(self._hook_weight))
+            # (pending fills only while opt.backward's hooks run, with _hook_weight set)
+            self._fold(pending, self._fold_weight(cast(float, self._hook_weight)))
 
     # ------------------------------------------------------------------ fused wgrad
 
@@ -1132,14 +1137,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             return
         from fastaccum.nn._sink import SinkLink, prepare_for_compile
 
-        slots = []
+        slots: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         for module in model.modules():
             if not isinstance(module, SinkLink):
                 continue
             weight, bias = module._wgrad_pair()
             if id(weight) in self._param_ids:
                 module._wgrad_sink = self
-                module._wgrad_slot = len(slots)
+                module._wgrad_slot = len(slots)  # type: ignore[assignment]
                 slots.append((weight, bias))
         if slots:
             prepare_for_compile()
@@ -1173,7 +1178,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if id(bias) not in ids:
                 return None
             bias_acc = self._accum_for(bias)
-        return self._accum_for(weight), bias_acc, self._wgrad_control, slot
+        control = cast(torch.Tensor, self._wgrad_control)  # made with the slots
+        return self._accum_for(weight), bias_acc, control, slot
 
     def _collect_wgrad_hits(self) -> None:
         """Mark the parameters of the layers whose C++ route (fastaccum::linear_wgrad /
@@ -1248,7 +1254,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         keeps unsharded, whose loss already carries that weight."""
         if self._dist is not None and self._dist.sharded:
             return self._dist.window_grad, 1.0
-        return self._accum_for, self._hook_weight
+        return self._accum_for, cast(float, self._hook_weight)  # set while backward runs
 
     def accumulate_embedding_grad(
         self, weight: torch.Tensor, indices: torch.Tensor, grad_out: torch.Tensor
@@ -1444,6 +1450,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._last_fused = None
         if self._dist is None:
             # One host sync per window: the skip decision and the statistics.
+            if norm_sq is None:  # nothing was folded (only fused-wgrad layers, if any)
+                norm_sq = torch.zeros((), dtype=torch.float64, device=device)
             fused = self._fused_norms(fused_sq)
             host = torch.cat(
                 [norm_sq.reshape(1), bad.double().reshape(1), fused.to(device), micro]
@@ -1545,11 +1553,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         for target in [*self._params, *self._masters.values()]:
             target.grad = None
         self._drop_window()
-        err.add_note(
+        add_note(
+            err,
             "fastaccum: the window's update failed (a step pre hook or the wrapped "
             "optimizer's step raised), so this window's accumulated gradients were discarded "
             "(micro_step is 0 again); whatever the optimizer had already updated before it "
-            "raised stays updated"
+            "raised stays updated",
         )
 
     def _fused_norms(self, fused_sq: torch.Tensor | None) -> torch.Tensor:
@@ -1641,6 +1650,16 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if self._accums:
             torch._foreach_zero_(list(self._accums.values()))
 
+    def _fused_window_update(
+        self,
+        window: dict[torch.Tensor, torch.Tensor],
+        factor: float,
+        accums: dict[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """The fused classes' update of ``window`` (see fastaccum.optim.fused); only
+        classes with ``_fused_update`` have one."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused update")
+
     def _apply_and_step(self, factor: float) -> None:
         """Write factor x accumulator into each updated tensor's .grad, step, reset.
 
@@ -1654,7 +1673,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if mine:
                 member._fused_window_update(mine, factor, self._accums)
             # An LR scheduler built on the member checks that its step ran before its own.
-            member._opt_called = True
+            member._opt_called = True  # type: ignore[attr-defined]
         aliased, written = [], []
         for p, acc in window.items():
             target = self._masters.get(p, p)
@@ -1973,7 +1992,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self.noise_scale_tracker.load_state_dict(saved["noise_scale"])
             self._last_window_size = saved["last_window_size"]
         if self.model is not None:
-            self._load_batchnorm_windows(batchnorm)
+            self._load_batchnorm_windows(self.model, batchnorm)
         self._sync_next()
 
     def _load_plain_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1993,14 +2012,16 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 stacklevel=_user_stacklevel(),
             )
 
-    def _load_batchnorm_windows(self, states: list[dict[str, Any]] | None) -> None:
+    def _load_batchnorm_windows(
+        self, model: torch.nn.Module, states: list[dict[str, Any]] | None
+    ) -> None:
         if states is not None:
-            load_window_state_dict(self.model, states)
+            load_window_state_dict(model, states)
             return
         # Saved without model= (or before window states were saved): whatever window the
         # modules hold now is not the checkpoint's; start it empty.
-        end_window(self.model, discard=True)
-        if self._micro_step > 0 and accum_batchnorms(self.model):
+        end_window(model, discard=True)
+        if self._micro_step > 0 and accum_batchnorms(model):
             warnings.warn(
                 "fastaccum: the state dict was saved mid-window without AccumBatchNorm "
                 "window statistics (no model= when it was saved); this window's running "

@@ -25,7 +25,7 @@ import contextlib
 import functools
 import itertools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import triton
@@ -395,7 +395,7 @@ def _plan(device: torch.device, pairs: tuple[_Pair, ...]) -> _Plan:
         chunk_of_item = torch.arange(len(row_of_item)) - row_first_item[row_of_item]
         item_table = torch.stack([row_of_item, chunk_of_item], dim=1).to(torch.int32)
         # A missing second tensor has address 0, which is aligned.
-        aligned = all(pairs[i][k] % ALIGNMENT == 0 for i in rows for k in (0, 1))
+        aligned = all(pairs[i][0] % ALIGNMENT == 0 and pairs[i][1] % ALIGNMENT == 0 for i in rows)
         tables = _to_device(tensor_table, device), _to_device(item_table, device)
         groups.append(_Group(dtypes, aligned, *tables))
     segments = _to_device(_segment_table([p[2] for p in pairs], torch.device("cpu")), device)
@@ -404,6 +404,7 @@ def _plan(device: torch.device, pairs: tuple[_Pair, ...]) -> _Plan:
 
 def _plan_for(firsts: list[torch.Tensor], seconds: list[torch.Tensor] | None) -> _Plan:
     """The (cached) plan of pairs ``(firsts[i], seconds[i])``; ``seconds=None``: no partner."""
+    key: tuple[_Pair, ...]
     if seconds is None:
         key = tuple((a.data_ptr(), 0, a.numel(), a.dtype, None) for a in firsts)
     else:
@@ -458,7 +459,7 @@ def launch_accumulate(
                 nonfinite_partials,
                 scale,
                 ACCUM_DTYPE=_TL_DTYPES[group.dtypes[0]],
-                GRAD_DTYPE=_TL_DTYPES[group.dtypes[1]],
+                GRAD_DTYPE=_TL_DTYPES[cast(torch.dtype, group.dtypes[1])],  # (pairs here)
                 ALIGNED=group.aligned,
                 ZERO_GRADS=zero_grads,
                 BLOCK=BLOCK,
@@ -590,7 +591,9 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _accumulate_results(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _accumulate_results(
+    n: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zeroed results of :func:`accumulate_triton` for ``n`` tensors."""
     f32 = torch.float32
     return (

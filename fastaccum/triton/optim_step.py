@@ -259,7 +259,8 @@ def _launch(
             )
             tensor_table, item_table, aligned = _tables(params[0].device, key)
             grid = (item_table.shape[0],)
-            pointers, numel, tables = [None] * n_pointers, 0, (tensor_table, item_table)
+            pointers: list[torch.Tensor | None] = [None] * n_pointers
+            numel, tables = 0, (tensor_table, item_table)
             if grid[0]:
                 wrap_triton(kernel)[grid](
                     *tables, *pointers, numel, *args, TABLE=True, ALIGNED=aligned, **meta
