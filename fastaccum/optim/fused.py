@@ -36,7 +36,12 @@ from typing import Any
 import torch
 
 from fastaccum.ops.optim_step import window_step_unchecked
-from fastaccum.optim.wrapper import AccumulatingOptimizer, _memory_order, _same_layout
+from fastaccum.optim.wrapper import (
+    AccumulatingOptimizer,
+    ParamMap,
+    _memory_order,
+    _same_layout,
+)
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -152,12 +157,7 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         zeroed."""
         self._fused_window_update(self.window_accums(), factor, self._accums)
 
-    def _fused_window_update(
-        self,
-        window: dict[torch.Tensor, torch.Tensor],
-        factor: float,
-        accums: dict[torch.Tensor, torch.Tensor],
-    ) -> None:
+    def _fused_window_update(self, window: ParamMap, factor: float, accums: ParamMap) -> None:
         """:meth:`_apply_and_step` for ``window`` (parameter of this optimizer ->
         accumulator): this optimizer's own, or, once it joined a list, the window of the
         list's wrapper, whose ``accums`` dict holds the accumulators."""

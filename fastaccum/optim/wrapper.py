@@ -108,6 +108,9 @@ def _check_param_dtype(p: torch.Tensor, index: int) -> None:
         )
 
 
+# Model parameter -> a tensor of its own (accumulator, master, ...).
+ParamMap = dict[torch.Tensor, torch.Tensor]
+
 # Parameter dtypes whose accumulators are float64 (taken by torch's foreach ops, not by the
 # kernels, which take float32, bfloat16 and float16 gradients).
 _WIDE = (torch.float64, torch.complex128)
@@ -1650,12 +1653,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if self._accums:
             torch._foreach_zero_(list(self._accums.values()))
 
-    def _fused_window_update(
-        self,
-        window: dict[torch.Tensor, torch.Tensor],
-        factor: float,
-        accums: dict[torch.Tensor, torch.Tensor],
-    ) -> None:
+    def _fused_window_update(self, window: ParamMap, factor: float, accums: ParamMap) -> None:
         """The fused classes' update of ``window`` (see fastaccum.optim.fused); only
         classes with ``_fused_update`` have one."""
         raise NotImplementedError(f"{type(self).__name__} has no fused update")
