@@ -450,3 +450,19 @@ def test_one_cycle_sees_only_the_shared_defaults():
     mixed = fastaccum.optim.ChainedOptimizer(sgd_adamw(make_model().parameters()))
     with pytest.raises(ValueError, match="momentum"):
         torch.optim.lr_scheduler.OneCycleLR(mixed, max_lr=1e-2, total_steps=10)
+
+
+def test_add_note_keeps_the_error_where_python_has_no_notes():
+    """fastaccum's notes on a failed window or state load: added where the error takes
+    notes (Python 3.11+), and no AttributeError in place of the error where it does not
+    (Python 3.10, which the package supports)."""
+    import types
+
+    from fastaccum.optim.chained import add_note
+
+    err = ValueError("refused")
+    add_note(err, "fastaccum: explained")
+    assert err.__notes__ == ["fastaccum: explained"]
+    without_notes = types.SimpleNamespace()  # like a 3.10 exception: no add_note
+    add_note(without_notes, "fastaccum: explained")  # type: ignore[arg-type]
+    assert vars(without_notes) == {}
