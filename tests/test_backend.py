@@ -111,3 +111,12 @@ def test_native_kernels_are_listed_per_op_and_device():
     for op in ("accumulate_", "finalize_", "sgd_window_step_", "adam_window_step_"):
         assert _backend.native_can_run(torch.device("cpu"), op)
     assert not _backend.native_can_run(torch.device("cpu"), "no_such_op_")
+
+
+def test_version_matches_the_installed_metadata():
+    """``fastaccum.__version__`` is the version pip installed (pyproject.toml's)."""
+    from importlib.metadata import version
+
+    import fastaccum
+
+    assert fastaccum.__version__ == version("fastaccum")
