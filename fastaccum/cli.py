@@ -58,6 +58,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         lr=args.lr,
         memory_cap_gb=args.memory_cap,
         compile=args.compile,
+        order=args.order,
     )
     try:
         check_config(config)
@@ -167,7 +168,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from fastaccum.bench.runs import DTYPES, BenchConfig
+    from fastaccum.bench.runs import DTYPES, ORDERS, BenchConfig
     from fastaccum.workloads import BYTE_GPT_SIZES
 
     d = BenchConfig()
@@ -236,6 +237,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run every model through torch.compile (inductor); fastaccum's fused layers "
         "run eagerly between the compiled graphs",
+    )
+    p.add_argument(
+        "--order",
+        choices=list(ORDERS),
+        default=d.order,
+        help="timed steps: interleaved (step i of every run before step i+1, so that a "
+        "shared machine's drift hits every run alike), sequential (one run after another), "
+        "or auto: interleaved on the CPU, sequential on a GPU (default: auto)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)

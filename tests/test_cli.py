@@ -123,6 +123,7 @@ def test_bench_json_matches_reference(bench_out):
 
     assert report["backends"] == _backend.backends_on("cpu")
     assert report["extension"] == _backend.extension_status()
+    assert report["order"] == "interleaved"  # the CPU's default
 
 
 def test_bench_writes_plot(bench_out):
@@ -151,6 +152,65 @@ def test_deviation_catches_a_different_update(one_thread):
     results = list(run_all(config, model, batches, [reference, faster]))
     assert results[0].max_abs_deviation == 0.0
     assert results[1].max_abs_deviation > 10 * FP32_TOLERANCE
+
+
+def small_bench():
+    """A 1-layer ByteGPT and its batches, for run_all at 2 x 2 micro-batches."""
+    from fastaccum.bench.data import ByteBatches, load_bytes
+    from fastaccum.workloads import ByteGPT
+
+    torch.manual_seed(0)
+    return ByteGPT(dim=32, heads=2, layers=1, ctx=16), ByteBatches(load_bytes(), 2, 2, 16, seed=0)
+
+
+def test_interleaved_timing_trains_every_run_as_sequential_timing_does(one_thread):
+    """Each run keeps its own model and optimizer when the runs are timed step by step in
+    turn: losses, deviations and noise scales equal those of one run after another."""
+    import dataclasses
+
+    from fastaccum.bench.runs import BenchConfig, bench_runs, run_all
+
+    model, batches = small_bench()
+    results = {}
+    for order in ("interleaved", "sequential"):
+        config = BenchConfig(micro_batch=2, accum_steps=2, steps=3, order=order)
+        results[order] = list(run_all(config, model, batches, bench_runs()))
+    for a, b in zip(results["interleaved"], results["sequential"], strict=True):
+        assert a.name == b.name and a.status == b.status == "ok"
+        assert len(a.step_seconds) == 3
+        same = ("losses", "max_abs_deviation", "noise_scale", "noise_scale_windows")
+        assert {k: getattr(a, k) for k in same} == {k: getattr(b, k) for k in same}, a.name
+        assert dataclasses.asdict(a).keys() == dataclasses.asdict(b).keys()
+    assert results["interleaved"][1].max_abs_deviation < FP32_TOLERANCE  # native-accum
+
+
+def test_interleaved_timing_drops_a_run_that_runs_out_of_memory(one_thread):
+    """A run that raises torch.OutOfMemoryError in its second timed window is marked
+    "oom" and leaves the rotation; the others finish, against the same reference."""
+    from fastaccum.bench.runs import BenchConfig, TrainRun, bench_runs, run_all
+
+    reference = bench_runs()[1]  # native-accum
+    calls = {"n": 0}
+
+    def prepare(model, cfg):
+        step = reference.prepare(model, cfg)
+
+        def failing(window):
+            calls["n"] += 1
+            if calls["n"] == 4:  # after the two probe windows and one timed window
+                raise torch.OutOfMemoryError("out of memory (test)")
+            return step(window)
+
+        return failing
+
+    flaky = TrainRun("flaky", "native-accum that runs out of memory", prepare)
+    model, batches = small_bench()
+    config = BenchConfig(micro_batch=2, accum_steps=2, steps=3, order="interleaved")
+    done = list(run_all(config, model, batches, [reference, flaky, bench_runs()[2]]))
+    assert [r.status for r in done] == ["ok", "oom", "ok"]
+    assert len(done[1].step_seconds) == 1 and done[1].max_abs_deviation is None
+    assert len(done[0].step_seconds) == len(done[2].step_seconds) == 3
+    assert done[0].max_abs_deviation == 0.0 and done[2].max_abs_deviation < FP32_TOLERANCE
 
 
 def test_bench_trains_on_a_given_file(tmp_path, capsys):
@@ -394,3 +454,13 @@ def test_info_shows_a_forced_backend_that_cannot_run(capsys, monkeypatch):
     assert "forced backend bogus" in out
     assert "accumulate_         error" in out
     assert out.count("FASTACCUM_BACKEND must be one of") == 1
+
+
+def test_bench_config_rejects_an_unknown_order():
+    from fastaccum.bench.runs import BenchConfig
+    from fastaccum.bench.training import check_config
+
+    with pytest.raises(ValueError, match=r"order must be one of \['auto', 'interleaved'"):
+        check_config(BenchConfig(order="random"))
+    with pytest.raises(SystemExit):
+        main(["bench", "--order", "random"])

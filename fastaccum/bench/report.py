@@ -148,8 +148,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"({report['tokens_per_step']:,} tokens per step), {c['dtype']}, seed {c['seed']}, "
         f"{'torch.compile, ' if c.get('compile') else ''}{report['device']}."
     )
+    order = report.get("order", "sequential")
     lines.append(
-        "ms/step: median over the steps after the first; vs native: speed-up over "
+        f"ms/step: median over the steps after the first, runs timed {order}"
+        f"{' (step by step, round-robin)' if order == 'interleaved' else ''}; "
+        "vs native: speed-up over "
         f"native-accum; peak: {report['peak_memory']}; max |dθ|: largest parameter "
         f"difference from {report['reference'] or 'the reference (none completed)'}."
     )

@@ -70,6 +70,21 @@ class BenchConfig:
     memory_cap_gb: float | None = None
     compile: bool = False
     """Run every model through ``torch.compile`` (inductor)."""
+    order: str = "auto"
+    """How the timed steps run: ``interleaved`` (step i of every run, round-robin, before
+    step i + 1, so that a shared machine's drift hits every run alike), ``sequential``
+    (each run's steps in turn, one model alive at a time), or ``auto``: interleaved on the
+    CPU, sequential on a GPU (where a memory cap must hold one run at a time)."""
+
+
+ORDERS = ("auto", "interleaved", "sequential")
+
+
+def timing_order(config: BenchConfig) -> str:
+    """``config.order`` with ``auto`` resolved: ``interleaved`` or ``sequential``."""
+    if config.order != "auto":
+        return config.order
+    return "interleaved" if torch.device(config.device).type == "cpu" else "sequential"
 
 
 @dataclass
@@ -295,6 +310,39 @@ def max_abs_deviation(model: torch.nn.Module, reference: dict[str, torch.Tensor]
     return worst
 
 
+class _Trainer:
+    """One run training a copy of the initial model, one timed window at a time."""
+
+    def __init__(
+        self, run: TrainRun, initial: torch.nn.Module, config: BenchConfig, device: torch.device
+    ) -> None:
+        self.result = RunResult(run.name, run.description, run.exact)
+        self.device = device
+        self.model: torch.nn.Module | None = copy.deepcopy(initial).to(device)
+        self.step_fn = run.prepare(self.model, config)
+
+    def step(self, batches: ByteBatches, i: int) -> None:
+        """Train on window ``i``, timing the optimizer step and recording its loss."""
+        window = batches.window(i, self.device)
+        sync(self.device)
+        t0 = time.perf_counter()
+        loss = self.step_fn(window)
+        sync(self.device)
+        self.result.step_seconds.append(time.perf_counter() - t0)
+        self.result.losses.append(loss.item())
+
+    def finish(self) -> None:
+        """Copy the wrapper's noise-scale statistics into the result (fastaccum runs)."""
+        opt = getattr(self.step_fn, "optimizer", None)
+        if isinstance(opt, fastaccum.AccumulatingOptimizer):
+            stats = opt.stats()
+            self.result.noise_scale = stats["noise_scale"]
+            self.result.noise_scale_units = stats["noise_scale_units"]
+            self.result.noise_scale_windows = opt.noise_scale_tracker.windows
+            self.result.noise_scale_first_micro_batch = bool(opt._fused_seen)
+            self.result.critical_batch_hint = stats["critical_batch_hint"]
+
+
 def train(
     run: TrainRun,
     initial: torch.nn.Module,
@@ -317,36 +365,25 @@ def train(
 
     device = torch.device(config.device)
     result = RunResult(run.name, run.description, run.exact)
-    trained: list[torch.nn.Module] = []
+    trained: list[_Trainer] = []
 
     def body() -> None:
-        model = copy.deepcopy(initial).to(device)
-        trained.append(model)
-        step = run.prepare(model, config)
+        trainer = _Trainer(run, initial, config, device)
+        trained.append(trainer)
         for i in range(config.steps if steps is None else steps):
-            window = batches.window(i, device)
-            sync(device)
-            t0 = time.perf_counter()
-            loss = step(window)
-            sync(device)
-            result.step_seconds.append(time.perf_counter() - t0)
-            result.losses.append(loss.item())
+            trainer.step(batches, i)
             on_step()
-        opt = getattr(step, "optimizer", None)
-        if isinstance(opt, fastaccum.AccumulatingOptimizer):
-            stats = opt.stats()
-            result.noise_scale = stats["noise_scale"]
-            result.noise_scale_units = stats["noise_scale_units"]
-            result.noise_scale_windows = opt.noise_scale_tracker.windows
-            result.noise_scale_first_micro_batch = bool(opt._fused_seen)
-            result.critical_batch_hint = stats["critical_batch_hint"]
+        trainer.finish()
 
     try:
         if measure_memory:
-            result.peak_bytes, _ = peak_bytes(body, device)
+            peak, _ = peak_bytes(body, device)
         else:
+            peak = None
             body()
     except torch.OutOfMemoryError:
+        if trained:  # the steps it took before it ran out
+            result = trained[0].result
         result.status = "oom"
     if result.status == "oom":
         # Outside the except block, so that the traceback (and the activations its frames
@@ -354,7 +391,8 @@ def train(
         trained.clear()
         _release(device)
         return result, None
-    return result, trained[0]
+    trained[0].result.peak_bytes = peak
+    return trained[0].result, trained[0].model
 
 
 def _release(device: torch.device) -> None:
@@ -371,9 +409,9 @@ def run_all(
     on_step: Callable[[], None] = lambda: None,
     on_run: Callable[[str], None] = lambda name: None,
 ) -> Iterator[RunResult]:
-    """Train each run in turn and yield its result with ``max_abs_deviation`` filled in
-    against the reference: the first run that completed (the large batch, or the native
-    accumulation where the large batch ran out of memory).
+    """Train every run and yield its result, in ``runs`` order, with ``max_abs_deviation``
+    filled in against the reference: the first run that completed (the large batch, or
+    the native accumulation where the large batch ran out of memory).
 
     Each run first trains a throwaway copy for two windows with its peak memory counted
     (two, so that the optimizer state exists while the second window's activations are
@@ -381,29 +419,83 @@ def run_all(
     allocator and thread-pool growth) that would otherwise be charged to the timing of
     whichever run comes first (compilation, under ``--compile``). A run that runs out of
     memory there is not timed. On the CPU under ``--compile`` the peak is not counted.
+
+    The timed steps then follow :func:`timing_order`: interleaved, every run keeps its own
+    model and step ``i`` of each (starting at run ``i mod n``, so no run always goes
+    first) comes before step ``i + 1`` of any; or sequential, one run after the other.
     """
-    reference: dict[str, torch.Tensor] | None = None
     device = torch.device(config.device)
     # The CPU's counter is a TorchDispatchMode, under which torch.compile runs the model
     # eagerly (and keeps it eager afterwards): no CPU peak under --compile.
     measure = not (config.compile and device.type == "cpu")
-    for run in runs:
+
+    def probe(run: TrainRun) -> RunResult:
         on_run(run.name)
-        probe, _ = train(run, initial, batches, config, steps=2, measure_memory=measure)
+        result, _ = train(run, initial, batches, config, steps=2, measure_memory=measure)
         _release(device)
-        if probe.status == "oom":
-            probe.step_seconds.clear()
-            probe.losses.clear()
-            yield probe
+        if result.status == "oom":
+            result.step_seconds.clear()
+            result.losses.clear()
+        return result
+
+    deviation = _Deviation()
+    if timing_order(config) == "sequential":
+        for run in runs:
+            probed = probe(run)
+            if probed.status == "oom":
+                yield probed
+                continue
+            result, model = train(run, initial, batches, config, on_step)
+            result.peak_bytes = probed.peak_bytes
+            deviation.fill(result, model)
+            del model
+            _release(device)
+            yield result
+        return
+    probes = [probe(run) for run in runs]
+    trainers: dict[str, _Trainer] = {}
+    for run, probed in zip(runs, probes, strict=True):
+        if probed.status != "oom":
+            trainer = trainers[run.name] = _Trainer(run, initial, config, device)
+            trainer.result.peak_bytes = probed.peak_bytes
+    active = list(trainers.values())
+    for i in range(config.steps):
+        start = i % len(active) if active else 0
+        for trainer in active[start:] + active[:start]:
+            on_run(trainer.result.name)
+            try:
+                trainer.step(batches, i)
+            except torch.OutOfMemoryError:
+                trainer.result.status = "oom"
+            if trainer.result.status == "oom":  # (its untaken steps are the caller's to count)
+                trainer.model = None
+                _release(device)
+            else:
+                on_step()
+        active = [t for t in active if t.result.status != "oom"]
+    for trainer in active:
+        trainer.finish()
+    for run, probed in zip(runs, probes, strict=True):
+        if run.name not in trainers:
+            yield probed
             continue
-        result, model = train(run, initial, batches, config, on_step)
-        result.peak_bytes = probe.peak_bytes
-        if model is not None:
-            if reference is None:
-                reference = {
-                    n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
-                }
-            result.max_abs_deviation = max_abs_deviation(model, reference)
-        del model
-        _release(device)
-        yield result
+        trainer = trainers.pop(run.name)
+        deviation.fill(trainer.result, trainer.model)
+        trainer.model = None
+        yield trainer.result
+
+
+class _Deviation:
+    """Fills each result's largest parameter deviation from the first trained model."""
+
+    def __init__(self) -> None:
+        self.reference: dict[str, torch.Tensor] | None = None
+
+    def fill(self, result: RunResult, model: torch.nn.Module | None) -> None:
+        if model is None:
+            return
+        if self.reference is None:
+            self.reference = {
+                n: p.detach().float().cpu().clone() for n, p in model.named_parameters()
+            }
+        result.max_abs_deviation = max_abs_deviation(model, self.reference)

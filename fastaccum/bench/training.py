@@ -25,12 +25,14 @@ from fastaccum.bench.data import VOCAB, ByteBatches, load_bytes, stdlib_sources
 from fastaccum.bench.report import build_report, write_json, write_plot
 from fastaccum.bench.runs import (
     DTYPES,
+    ORDERS,
     BenchConfig,
     RunResult,
     bench_runs,
     forward_precision,
     lm_loss,
     run_all,
+    timing_order,
 )
 from fastaccum.bench.timing import device_name
 from fastaccum.workloads import BYTE_GPT_SIZES, ByteGPT
@@ -46,6 +48,8 @@ def check_config(config: BenchConfig) -> None:
         value = getattr(config, name)
         if value < 1:
             raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+    if config.order not in ORDERS:
+        raise ValueError(f"order must be one of {list(ORDERS)}, got {config.order!r}")
     if config.memory_cap_gb is not None and not config.memory_cap_gb > 0:
         raise ValueError(f"memory-cap must be > 0 GiB, got {config.memory_cap_gb}")
     try:
@@ -56,6 +60,11 @@ def check_config(config: BenchConfig) -> None:
         raise ValueError(f"device must be cpu or cuda, got {config.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but no CUDA GPU is available; use cpu")
+    if device.type == "cuda" and config.memory_cap_gb is not None and config.order == "interleaved":
+        raise ValueError(
+            "order interleaved keeps every run's model alive at once, which a GPU held to "
+            "--memory-cap cannot; use --order sequential (the default on a GPU)"
+        )
 
 
 def memory_kind(config: BenchConfig) -> str:
@@ -212,7 +221,7 @@ def run_training_bench(
         device_name=device_name(device),
         memory_kind=memory_kind(config),
         data_name=describe_data(config.data, text),
-        extra={"memory_cap": plan},
+        extra={"memory_cap": plan, "order": timing_order(config)},
     )
     report["backends"] = _backend.backends_on(device)
     report["extension"] = _backend.extension_status()
