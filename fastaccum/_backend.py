@@ -221,7 +221,7 @@ def describe() -> dict[str, Any]:
             "name": torch.cuda.get_device_name(i),
             "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
         }
-        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        for i in range(torch.cuda.device_count() if cuda else 0)
     ]
     return {
         "torch": torch.__version__,
@@ -232,7 +232,7 @@ def describe() -> dict[str, Any]:
         "triton": triton_available(),
         "triton_version": _triton_version(),
         "triton_interpreted": triton_interpreted(),
-        "cuda_available": torch.cuda.is_available(),
+        "cuda_available": cuda,
         "gpus": gpus,
         "forced_backend": os.environ.get("FASTACCUM_BACKEND") or None,
         "cpu": _selected("cpu"),
