@@ -132,12 +132,19 @@ def test_bench_writes_plot(bench_out):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def small_bench():
+    """A 1-layer ByteGPT and its batches, for run_all at 2 x 2 micro-batches."""
+    from fastaccum.bench.data import ByteBatches, load_bytes
+    from fastaccum.workloads import ByteGPT
+
+    torch.manual_seed(0)
+    return ByteGPT(dim=32, heads=2, layers=1, ctx=16), ByteBatches(load_bytes(), 2, 2, 16, seed=0)
+
+
 def test_deviation_catches_a_different_update(one_thread):
     """The deviation column is a real check: a run whose update differs (lr x 1.5) from
     the reference's is reported far above the fp32 tolerance."""
-    from fastaccum.bench.data import ByteBatches, load_bytes
     from fastaccum.bench.runs import BenchConfig, TrainRun, bench_runs, run_all
-    from fastaccum.workloads import ByteGPT
 
     config = BenchConfig(micro_batch=2, accum_steps=2, steps=2)
     reference = bench_runs()[0]
@@ -146,21 +153,10 @@ def test_deviation_catches_a_different_update(one_thread):
         "the reference with a larger learning rate",
         lambda model, cfg: reference.prepare(model, BenchConfig(lr=cfg.lr * 1.5)),
     )
-    torch.manual_seed(0)
-    model = ByteGPT(dim=32, heads=2, layers=1, ctx=16)
-    batches = ByteBatches(load_bytes(), 2, 2, 16, seed=0)
+    model, batches = small_bench()
     results = list(run_all(config, model, batches, [reference, faster]))
     assert results[0].max_abs_deviation == 0.0
     assert results[1].max_abs_deviation > 10 * FP32_TOLERANCE
-
-
-def small_bench():
-    """A 1-layer ByteGPT and its batches, for run_all at 2 x 2 micro-batches."""
-    from fastaccum.bench.data import ByteBatches, load_bytes
-    from fastaccum.workloads import ByteGPT
-
-    torch.manual_seed(0)
-    return ByteGPT(dim=32, heads=2, layers=1, ctx=16), ByteBatches(load_bytes(), 2, 2, 16, seed=0)
 
 
 def test_interleaved_timing_trains_every_run_as_sequential_timing_does(one_thread):

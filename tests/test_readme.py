@@ -32,6 +32,7 @@ from tests.helpers import (
     large_batch_windows,
     make_model,
     mean_loss,
+    micro_step,
     split_windows,
     token_batches,
 )
@@ -206,8 +207,7 @@ def muon_and_adamw(tmp_path, monkeypatch):
     def check(ns):
         opt, sched = ns["opt"], ns["sched"]
         for x, y in batches:
-            opt.backward(mean_loss(model, x, y), num_items=y.numel())
-            if opt.step():
+            if micro_step(model, opt, x, y, "backward"):
                 sched.step()
         ref = named_model()
         params = dict(ref.named_parameters())
@@ -317,8 +317,7 @@ def fused_class(tmp_path, monkeypatch):
     def check(ns):
         opt = ns["opt"]
         for x, y in batches:
-            opt.backward(mean_loss(model, x, y), num_items=y.numel())
-            opt.step()
+            micro_step(model, opt, x, y, "backward")
         assert_like_adamw(model, start, batches, lr=3e-4, weight_decay=0.1)
 
     return {"model": model}, check
@@ -541,8 +540,7 @@ def distributed_checkpoint(tmp_path, monkeypatch):
 
     def micro_steps(model, opt, window) -> None:
         for x, y in window:
-            opt.backward(mean_loss(model, x, y), num_items=y.numel())
-            opt.step()
+            micro_step(model, opt, x, y, "backward")
 
     model, opt = build()
     micro_steps(model, opt, batches[:3])
@@ -575,12 +573,12 @@ def ops(tmp_path, monkeypatch):
 
     def check(ns):
         ref = make_model()
-        mean_loss(
-            ref, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-        ).backward()
-        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-        assert norm > 0.5, "the window gradient is too small for the clip to act"
-        torch.optim.SGD(ref.parameters(), lr=0.1).step()
+        large_batch_windows(ref, torch.optim.SGD(ref.parameters(), lr=0.1), [batches], 0.5)
+        # The clip acts: SGD moved the parameters by lr x 0.5 in all (0.1 x a smaller norm
+        # otherwise).
+        steps = zip(ref.parameters(), start, strict=True)
+        moved = torch.cat([(r.detach() - p0).flatten() for r, p0 in steps])
+        assert torch.linalg.vector_norm(moved).item() == pytest.approx(0.05, rel=1e-4)
         assert_trained_like(model, start, ref)
 
     ns = {

@@ -725,9 +725,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 "optimizer and wrapper after casting"
             )
         self._check_new_dtype(p, name)
-        new = torch.zeros_like(_real(p.detach()), dtype=self._accum_spec(p)[1])
-        self._accums[p] = new
-        return new
+        del self._accums[p]  # zeros (not in the window): made again for the new dtype
+        return self._accum_for(p)
 
     def _check_new_dtype(self, p: torch.Tensor, name: str) -> None:
         """Raise TypeError when ``p``'s new dtype is one this wrapper does not take."""
