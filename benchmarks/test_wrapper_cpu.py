@@ -18,8 +18,11 @@ Providers, on the same model, data and AdamW settings:
                       ``clip_grad_norm_``, ``step``, ``zero_grad``: today's native loop.
 - ``native.fused``:   the same with ``torch.optim.AdamW(fused=True)``, torch's fused
                       AdamW kernel.
-- ``wrap.step``:      ``fastaccum.wrap(AdamW, K, max_grad_norm=1)`` with ``opt.step()``.
+- ``wrap.step``:      ``fastaccum.wrap(AdamW, K, max_grad_norm=1)`` with ``opt.step()``;
+                      its window update runs in the fused kernel (``fused_update``).
 - ``wrap.backward``:  the same with ``opt.backward(loss)``.
+- ``*.torchstep``:    the same with ``fused_update=False``: torch's AdamW ``step()`` on
+                      the accumulated window.
 - ``fused.AdamW.*``:  ``fastaccum.optim.AdamW(..., accum_steps=K, max_grad_norm=1)``, with
                       ``opt.step()`` or ``opt.backward(loss)``: the fused boundary update.
 - ``fused.AdamW.backward.wgrad``: the same with ``opt.backward`` after
@@ -89,7 +92,10 @@ def _setup(provider):
                 model.parameters(), lr=1e-3, accum_steps=K, model=model, max_grad_norm=1.0
             )
         else:
-            opt = fastaccum.wrap(adamw, K, model=model, max_grad_norm=1.0)
+            fused_update = not provider.endswith(".torchstep")
+            opt = fastaccum.wrap(
+                adamw, K, model=model, max_grad_norm=1.0, fused_update=fused_update
+            )
         use_backward = ".backward" in provider
 
         def window():
@@ -111,6 +117,7 @@ WINDOW_PROVIDERS = [
     "native.fused",
     "wrap.step",
     "wrap.backward",
+    "wrap.backward.torchstep",
     "fused.AdamW.step",
     "fused.AdamW.backward",
     "fused.AdamW.backward.wgrad",
@@ -137,11 +144,18 @@ def test_optimizer_window(benchmark, provider):
 # and per-window work (native: clip_grad_norm_, step, zero_grad).
 
 
-MASTER_PROVIDERS = ["native", "wrap.step", "wrap.step.masters", "fused.AdamW.step.masters"]
+MASTER_PROVIDERS = [
+    "native",
+    "wrap.step",
+    "wrap.step.masters",
+    "wrap.step.masters.torchstep",
+    "fused.AdamW.step.masters",
+]
 """Replayed bf16 providers: ``native`` is bf16 ``.grad`` accumulation and ``AdamW`` on the
 bf16 parameters (what a bf16 model gets without master weights); ``wrap.step`` folds into
 fp32 accumulators and runs torch's AdamW on the bf16 parameters; ``*.masters`` keep fp32
-master weights (``master_weights=True``), torch's AdamW or the fused boundary update."""
+master weights (``master_weights=True``) and take the fused boundary update
+(``.torchstep``: torch's AdamW on the masters, ``fused_update=False``)."""
 
 
 def _native_replay(params, grads, optimizers):
@@ -193,7 +207,7 @@ def _replay_setup(provider, dtype=torch.float32, amsgrad=False):
         fused = provider == "native.fused" or None
         adamw = torch.optim.AdamW(params, lr=1e-3, amsgrad=amsgrad, fused=fused)
         return _native_replay(params, grads, [adamw])
-    masters = provider.endswith(".masters")
+    masters = ".masters" in provider
     if provider.startswith("fused.AdamW.step"):
         opt = fastaccum.optim.AdamW(
             params,
@@ -205,7 +219,13 @@ def _replay_setup(provider, dtype=torch.float32, amsgrad=False):
         )
     else:
         adamw = torch.optim.AdamW(params, lr=1e-3, amsgrad=amsgrad)
-        opt = fastaccum.wrap(adamw, K, max_grad_norm=1.0, master_weights=masters)
+        opt = fastaccum.wrap(
+            adamw,
+            K,
+            max_grad_norm=1.0,
+            master_weights=masters,
+            fused_update=not provider.endswith(".torchstep"),
+        )
     return _fastaccum_replay(params, grads, opt)
 
 
@@ -220,9 +240,16 @@ def _run_replay(benchmark, window, fresh, group, provider):
         benchmark.pedantic(window, rounds=15, warmup_rounds=1)
 
 
-REPLAY_PROVIDERS = ["native", "native.fused", "wrap.step", "fused.AdamW.step"]
+REPLAY_PROVIDERS = [
+    "native",
+    "native.fused",
+    "wrap.step",
+    "wrap.step.torchstep",
+    "fused.AdamW.step",
+]
 """Replayed fp32 providers; ``native.fused`` is the native loop with
-``torch.optim.AdamW(fused=True)``."""
+``torch.optim.AdamW(fused=True)``; ``wrap.step.torchstep`` runs torch's AdamW step on the
+accumulated window (``fused_update=False``)."""
 
 
 @pytest.mark.parametrize("provider", REPLAY_PROVIDERS)

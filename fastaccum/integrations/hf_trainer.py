@@ -37,7 +37,12 @@ from fastaccum.optim.wrapper import AccumulatingOptimizer
 __all__ = ["FastaccumTrainer"]
 
 # FastaccumTrainer's options for fastaccum.wrap, at their defaults.
-_WRAP_DEFAULTS = {"accum_dtype": torch.float32, "master_weights": False, "activations": None}
+_WRAP_DEFAULTS = {
+    "accum_dtype": torch.float32,
+    "master_weights": False,
+    "activations": None,
+    "fused_update": True,
+}
 
 # Trainer methods this class overrides to hand clipping and the norm to the wrapper.
 _TRAINER_HOOKS = (
@@ -81,7 +86,10 @@ class FastaccumTrainer(Trainer):
         fuse_wgrad: first swap the model's ``nn.Linear``, ``nn.Embedding`` and Hugging Face
             ``Conv1D`` layers for fastaccum's fused ones (:func:`fastaccum.fuse_wgrad`);
             same parameters, ``state_dict`` keys and outputs.
-        accum_dtype, master_weights, activations: as in :func:`fastaccum.wrap`.
+        accum_dtype, master_weights, activations, fused_update: as in
+            :func:`fastaccum.wrap`. With the default ``fused_update``, Trainer's AdamW
+            (``adamw_torch``, ``adamw_torch_fused``) and SGD update in fastaccum's fused
+            kernel.
 
     The optimizer Trainer builds (``args.optim``, its weight-decay groups) is wrapped with
     ``fastaccum.wrap(opt, args.gradient_accumulation_steps, model=model,
@@ -126,6 +134,7 @@ class FastaccumTrainer(Trainer):
         accum_dtype: torch.dtype = torch.float32,
         master_weights: bool = False,
         activations: Any = None,
+        fused_update: bool = True,
         **kwargs: Any,
     ) -> None:
         missing = [name for name in _TRAINER_HOOKS if not hasattr(Trainer, name)]
@@ -146,6 +155,7 @@ class FastaccumTrainer(Trainer):
             "accum_dtype": accum_dtype,
             "master_weights": master_weights,
             "activations": activations,
+            "fused_update": fused_update,
         }
         given = _unaccelerated(self.optimizer)
         if isinstance(given, AccumulatingOptimizer):
@@ -195,7 +205,8 @@ class FastaccumTrainer(Trainer):
         clip = self._max_grad_norm()
         if self._wrap_options != _WRAP_DEFAULTS:
             raise ValueError(
-                "accum_dtype, master_weights and activations apply when FastaccumTrainer "
+                "accum_dtype, master_weights, activations and fused_update apply when "
+                "FastaccumTrainer "
                 "wraps the optimizer; this one is already fastaccum's: give them to "
                 "fastaccum.wrap instead"
             )

@@ -27,6 +27,7 @@ def wrap(
     scaler: torch.amp.GradScaler | None = None,
     reduce_scatter_every_micro_step: bool = False,
     activations: ActivationPolicy | None = None,
+    fused_update: bool = True,
 ) -> AccumulatingOptimizer:
     """Wrap ``optimizer`` so that it steps once per window of ``accum_steps`` micro-batches.
 
@@ -53,6 +54,16 @@ def wrap(
         activations: a :class:`fastaccum.ActivationPolicy` applied to every forward pass
             of ``model`` (which must then be given): the tensors saved for backward are
             compressed, stored as masks or offloaded as the policy says.
+        fused_update: for a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (the class itself,
+            not a subclass), run each window's update in fastaccum's fused kernel, as the
+            ``fastaccum.optim`` classes do, instead of writing ``.grad`` and calling the
+            optimizer's ``step()``: the same math on the same state (torch's format), with
+            each tensor read once. It applies to windows whose parameters (or fp32
+            masters) are float32 and dense, when no group is ``capturable`` or
+            ``differentiable`` and no step hook is registered on the optimizer; other
+            windows take ``step()``. The optimizer's ``foreach``/``fused`` flags are then
+            not used. ``False``: always ``step()``. ``opt.stats()["fused_update"]`` says
+            which the last window took.
 
     Returns:
         The :class:`AccumulatingOptimizer`, usable wherever an optimizer is expected.
@@ -62,7 +73,7 @@ def wrap(
             parameter, a fused member built with the window's options or holding a
             partial window, ``accum_steps < 1``, a parameter missing
             from ``model``, a bad ``max_grad_norm`` or ``accum_dtype``, or an unsupported
-            distributed configuration.
+            distributed configuration, a ``fused_update`` that is not a bool.
         RuntimeError: a DDP model that already has a communication hook.
     """
     return AccumulatingOptimizer(
@@ -75,6 +86,7 @@ def wrap(
         scaler=scaler,
         reduce_scatter_every_micro_step=reduce_scatter_every_micro_step,
         activations=activations,
+        fused_update=fused_update,
     )
 
 

@@ -30,7 +30,7 @@ class's update for its parameters at the shared boundary (``_fused_window_update
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -94,6 +94,192 @@ def _reject(name: str, value: object, why: str) -> None:
         raise ValueError(
             f"{name}={value!r} is not supported by fastaccum's fused optimizers: {why}"
         )
+
+
+State = dict[Any, Any]
+Group = dict[str, Any]
+Tensors = list[torch.Tensor]
+GroupUpdate = Callable[[State, Group, Tensors, Tensors, float], None]
+"""One fused update of a param group's parameters on one device: ``(optimizer state,
+group, parameters, their accumulators, factor)``."""
+
+
+def sgd_update(state: State, group: Group, params: Tensors, accums: Tensors, scale: float) -> None:
+    """``torch.optim.SGD``'s update of ``params`` with ``scale x accums`` as gradients, in
+    one ``sgd_window_step_`` call per momentum-buffer state; ``state`` is the optimizer's
+    (``momentum_buffer`` in torch's format). The accumulators are zeroed."""
+    options = {
+        "lr": float(group["lr"]),
+        "momentum": float(group["momentum"]),
+        "dampening": float(group["dampening"]),
+        "weight_decay": float(group["weight_decay"]),
+        "nesterov": bool(group["nesterov"]),
+        "maximize": bool(group["maximize"]),
+    }
+    # The lists below are float32 dense parameters (checked by the caller), their
+    # accumulators and states: only the options need checking.
+    if options["momentum"] == 0:
+        _window_step(
+            "sgd_window_step_", (params, accums, []), scale, {**options, "first_step": False}
+        )
+        return
+    # torch starts a parameter's buffer as a copy of its first gradient: the parameters
+    # with a buffer and those without take one call each.
+    for first_step in (False, True):
+        members = [
+            i
+            for i, p in enumerate(params)
+            if (state[p].get("momentum_buffer") is None) == first_step
+        ]
+        if not members:
+            continue
+        chosen = [params[i] for i in members]
+        buffers = [
+            torch.empty_like(p) if first_step else _state_like(state[p], "momentum_buffer", p)
+            for p in chosen
+        ]
+        _window_step(
+            "sgd_window_step_",
+            (chosen, [accums[i] for i in members], buffers),
+            scale,
+            {**options, "first_step": first_step},
+        )
+        for p, buf in zip(chosen, buffers, strict=True):
+            state[p]["momentum_buffer"] = buf
+
+
+def _check_adam_options(capturable: bool, differentiable: bool) -> None:
+    _reject("capturable", capturable, "the step count is kept on the host")
+    _reject("differentiable", differentiable, "the fused update is not differentiable")
+
+
+def _step_counts(counts: list[torch.Tensor]) -> list[float]:
+    """The values of Adam's ``state['step']`` tensors, in one read per device."""
+    devices = {c.device for c in counts}
+    if len(devices) == 1:
+        return torch.stack(counts).tolist()
+    return [float(c) for c in counts]
+
+
+def adam_update(state: State, group: Group, params: Tensors, accums: Tensors, scale: float) -> None:
+    """``torch.optim.Adam``'s (``AdamW``'s) update of ``params`` with ``scale x accums``
+    as gradients, one ``adam_window_step_`` call per step count; ``state`` is the
+    optimizer's, in torch's format (created as torch creates it). The accumulators are
+    zeroed.
+
+    Raises:
+        ValueError: the group is ``capturable`` or ``differentiable``.
+    """
+    _check_adam_options(group["capturable"], group["differentiable"])
+    amsgrad = bool(group["amsgrad"])
+    beta1, beta2 = (float(b) for b in group["betas"])
+    options = {
+        "lr": float(group["lr"]),
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": float(group["eps"]),
+        "weight_decay": float(group["weight_decay"]),
+        "decoupled_weight_decay": bool(group["decoupled_weight_decay"]),
+        "maximize": bool(group["maximize"]),
+    }
+    # torch's fused Adam keeps its step counts on the parameters' device, in float32.
+    on_device = bool(group.get("fused"))
+    # Parameters normally share a step count; those that joined later (no gradient in
+    # the first windows) have their own, and each count is one call.
+    states = [state[p] for p in params]
+    for p, s in zip(params, states, strict=True):
+        if len(s) == 0:
+            if on_device:
+                s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            else:
+                s["step"] = torch.tensor(0.0, dtype=_adam_step_dtype())
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in s:
+            # torch.optim creates it with the state; a group switched to amsgrad after
+            # its first step starts it here from zeros (torch.optim raises KeyError).
+            s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    counts = [s["step"] for s in states]
+    by_step: dict[int, list[int]] = {}
+    for i, count in enumerate(_step_counts(counts)):  # one read, not one each
+        by_step.setdefault(int(count) + 1, []).append(i)
+    for step, members in by_step.items():
+        lists = (
+            [params[i] for i in members],
+            [accums[i] for i in members],
+            [_state_like(states[i], "exp_avg", params[i]) for i in members],
+            [_state_like(states[i], "exp_avg_sq", params[i]) for i in members],
+            [_state_like(states[i], "max_exp_avg_sq", params[i]) for i in members]
+            if amsgrad
+            else [],
+        )
+        _window_step("adam_window_step_", lists, scale, {**options, "step": step})
+    torch._foreach_add_(counts, 1.0)  # torch.optim's per-parameter step counts
+
+
+def fused_window_update(
+    opt: AccumulatingOptimizer,
+    step_group: GroupUpdate,
+    window: ParamMap,
+    factor: float,
+    accums: ParamMap,
+) -> None:
+    """Update ``window``'s parameters (parameter of ``opt.optimizer`` -> accumulator) with
+    ``factor x accumulator`` by ``step_group``, one call per (param group, device); the
+    accumulators are zeroed. ``accums`` is the dict that holds them (``opt``'s own, or a
+    list's wrapper's), updated when a parameter's memory format changed mid-run."""
+    for p, acc in window.items():
+        local = _local(p)
+        if not _same_layout(acc, local):  # the parameter's memory format changed mid-run
+            window[p] = accums[p] = torch.empty_like(local).copy_(acc)
+    # The optimizer's groups hold the fp32 masters of low-precision parameters.
+    targets = {opt._masters.get(p, p): acc for p, acc in window.items()}
+    optimizer = opt.optimizer
+    for group in optimizer.param_groups:
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            if p in targets:
+                by_device.setdefault(p.device, []).append(p)
+        for params in by_device.values():
+            step_group(optimizer.state, group, params, [targets[p] for p in params], factor)
+    opt._refresh_from_masters(window)  # the model's bf16/fp16 parameters
+
+
+_AUTO_STEPS: dict[type, GroupUpdate] = {
+    torch.optim.SGD: sgd_update,
+    torch.optim.Adam: adam_update,
+    torch.optim.AdamW: adam_update,
+}
+
+
+def auto_update(optimizer: torch.optim.Optimizer) -> GroupUpdate | None:
+    """The fused update that can stand in for ``optimizer.step()``: for a
+    ``torch.optim.SGD``, ``Adam`` or ``AdamW`` itself (not a subclass, whose step may
+    differ), else None."""
+    return _AUTO_STEPS.get(type(optimizer))
+
+
+def auto_fusable(opt: AccumulatingOptimizer, window: ParamMap) -> bool:
+    """Whether ``opt``'s fused update gives this window what ``opt.optimizer.step()``
+    would: no step hooks on the optimizer and no step of its own patched in (but a
+    learning-rate scheduler's counter), no ``capturable`` or ``differentiable`` group,
+    and float32 dense parameters (or fp32 masters) with float32 accumulators."""
+    optimizer = opt.optimizer
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return False
+    patched = vars(optimizer).get("step")
+    if patched is not None and not hasattr(patched, "_wrapped_by_lr_sched"):
+        return False
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("differentiable"):
+            return False
+    for p, acc in window.items():
+        target = _local(opt._masters.get(p, p))
+        if target.dtype != torch.float32 or acc.dtype != torch.float32:
+            return False
+        if not _memory_order(target).is_contiguous():
+            return False
+    return True
 
 
 class _FusedWindowOptimizer(AccumulatingOptimizer):
@@ -161,29 +347,10 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         """:meth:`_apply_and_step` for ``window`` (parameter of this optimizer ->
         accumulator): this optimizer's own, or, once it joined a list, the window of the
         list's wrapper, whose ``accums`` dict holds the accumulators."""
-        for p, acc in window.items():
-            local = _local(p)
-            if not _same_layout(acc, local):  # the parameter's memory format changed mid-run
-                window[p] = accums[p] = torch.empty_like(local).copy_(acc)
-        # The optimizer's groups hold the fp32 masters of low-precision parameters.
-        targets = {self._masters.get(p, p): acc for p, acc in window.items()}
-        for group in self.optimizer.param_groups:
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for p in group["params"]:
-                if p in targets:
-                    by_device.setdefault(p.device, []).append(p)
-            for params in by_device.values():
-                self._step_group(group, params, [targets[p] for p in params], factor)
-        self._refresh_from_masters(window)  # the model's bf16/fp16 parameters
+        fused_window_update(self, self._step_group, window, factor, accums)
 
-    def _step_group(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        accums: list[torch.Tensor],
-        factor: float,
-    ) -> None:
-        raise NotImplementedError
+    # The update of one (param group, device): sgd_update or adam_update.
+    _step_group: GroupUpdate
 
 
 class SGD(_FusedWindowOptimizer):
@@ -244,53 +411,7 @@ class SGD(_FusedWindowOptimizer):
         )
         super().__init__(inner, **_wrapping(locals()))
 
-    def _step_group(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        accums: list[torch.Tensor],
-        factor: float,
-    ) -> None:
-        options = {
-            "lr": float(group["lr"]),
-            "momentum": float(group["momentum"]),
-            "dampening": float(group["dampening"]),
-            "weight_decay": float(group["weight_decay"]),
-            "nesterov": bool(group["nesterov"]),
-            "maximize": bool(group["maximize"]),
-        }
-        # The lists below are the class's own parameters (float32, dense: checked at
-        # construction), their accumulators and states: only the options need checking.
-        if options["momentum"] == 0:
-            _window_step(
-                "sgd_window_step_", (params, accums, []), factor, {**options, "first_step": False}
-            )
-            return
-        # torch starts a parameter's buffer as a copy of its first gradient: the parameters
-        # with a buffer and those without take one call each.
-        for first_step in (False, True):
-            members = [
-                i
-                for i, p in enumerate(params)
-                if (self.optimizer.state[p].get("momentum_buffer") is None) == first_step
-            ]
-            if not members:
-                continue
-            chosen = [params[i] for i in members]
-            buffers = [
-                torch.empty_like(p)
-                if first_step
-                else _state_like(self.optimizer.state[p], "momentum_buffer", p)
-                for p in chosen
-            ]
-            _window_step(
-                "sgd_window_step_",
-                (chosen, [accums[i] for i in members], buffers),
-                factor,
-                {**options, "first_step": first_step},
-            )
-            for p, buf in zip(chosen, buffers, strict=True):
-                self.optimizer.state[p]["momentum_buffer"] = buf
+    _step_group = staticmethod(sgd_update)
 
 
 def _adam_step_dtype() -> torch.dtype:
@@ -342,7 +463,7 @@ class Adam(_FusedWindowOptimizer):
         reduce_scatter_every_micro_step: bool = False,
         master_weights: bool = False,
     ) -> None:
-        self._check_options(capturable, differentiable)
+        _check_adam_options(capturable, differentiable)
         inner = torch.optim.Adam(
             params,
             lr,
@@ -355,58 +476,7 @@ class Adam(_FusedWindowOptimizer):
         )
         _FusedWindowOptimizer.__init__(self, inner, **_wrapping(locals()))
 
-    @staticmethod
-    def _check_options(capturable: bool, differentiable: bool) -> None:
-        _reject("capturable", capturable, "the step count is kept on the host")
-        _reject("differentiable", differentiable, "the fused update is not differentiable")
-
-    def _step_group(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        accums: list[torch.Tensor],
-        factor: float,
-    ) -> None:
-        self._check_options(group["capturable"], group["differentiable"])
-        amsgrad = bool(group["amsgrad"])
-        beta1, beta2 = (float(b) for b in group["betas"])
-        options = {
-            "lr": float(group["lr"]),
-            "beta1": beta1,
-            "beta2": beta2,
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
-            "decoupled_weight_decay": bool(group["decoupled_weight_decay"]),
-            "maximize": bool(group["maximize"]),
-        }
-        # Parameters normally share a step count; those that joined later (no gradient in
-        # the first windows) have their own, and each count is one call.
-        states = [self.optimizer.state[p] for p in params]
-        for p, state in zip(params, states, strict=True):
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=_adam_step_dtype())
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if amsgrad and "max_exp_avg_sq" not in state:
-                # torch.optim creates it with the state; a group switched to amsgrad after
-                # its first step starts it here from zeros (torch.optim raises KeyError).
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        counts = [state["step"] for state in states]
-        by_step: dict[int, list[int]] = {}
-        for i, count in enumerate(torch.stack(counts).tolist()):  # one read, not one each
-            by_step.setdefault(int(count) + 1, []).append(i)
-        for step, members in by_step.items():
-            lists = (
-                [params[i] for i in members],
-                [accums[i] for i in members],
-                [_state_like(states[i], "exp_avg", params[i]) for i in members],
-                [_state_like(states[i], "exp_avg_sq", params[i]) for i in members],
-                [_state_like(states[i], "max_exp_avg_sq", params[i]) for i in members]
-                if amsgrad
-                else [],
-            )
-            _window_step("adam_window_step_", lists, factor, {**options, "step": step})
-        torch._foreach_add_(counts, 1.0)  # torch.optim's per-parameter step counts
+    _step_group = staticmethod(adam_update)
 
 
 class AdamW(Adam):
@@ -438,6 +508,6 @@ class AdamW(Adam):
         reduce_scatter_every_micro_step: bool = False,
         master_weights: bool = False,
     ) -> None:
-        self._check_options(capturable, differentiable)
+        _check_adam_options(capturable, differentiable)
         inner = torch.optim.AdamW(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
         _FusedWindowOptimizer.__init__(self, inner, **_wrapping(locals()))

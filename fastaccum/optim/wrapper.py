@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.optim import optimizer as torch_optimizer
@@ -52,6 +52,9 @@ from fastaccum.ops.accumulate import (
 from fastaccum.ops.wgrad import wgrad_accumulate_unchecked
 from fastaccum.optim.chained import ChainedOptimizer, add_note
 from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
+
+if TYPE_CHECKING:
+    from fastaccum.optim.fused import GroupUpdate
 
 _CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 BUCKET_BYTES = {"cpu": 2 * 2**20, "default": 25 * 2**20}
@@ -363,6 +366,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         scaler: torch.amp.GradScaler | None = None,
         reduce_scatter_every_micro_step: bool = False,
         activations: Any = None,
+        fused_update: bool = True,
     ) -> None:
         fused_members: list[AccumulatingOptimizer] = []
         if isinstance(optimizer, (list, tuple)):
@@ -387,6 +391,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"max_grad_norm must be a positive finite number or None, got {max_grad_norm}"
             )
+        if not isinstance(fused_update, bool):
+            raise TypeError(f"fused_update must be a bool, got {type(fused_update).__name__}")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if activations is not None:
@@ -425,6 +431,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if scaler is not None:
             _ScalerUpdateGuard.install(scaler)
         self.master_weights = bool(master_weights)
+        # The fused update that stands in for a torch.optim SGD/Adam/AdamW's own step()
+        # at the boundary, in windows where it gives the same update (see
+        # fastaccum.optim.fused.auto_fusable); None: torch's step() always runs.
+        self.fused_update = fused_update
+        self._auto_step: GroupUpdate | None = None
+        if fused_update and not self._fused_update:
+            from fastaccum.optim.fused import auto_update
+
+            self._auto_step = auto_update(inner)
+        self._window_fused = False  # whether the current boundary runs _auto_step
+        self._last_update_fused: bool | None = None  # the last applied window's
 
         # The model's parameters, in param-group order; gradients are read from these.
         self._params: list[torch.Tensor] = params
@@ -1495,11 +1512,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 clip = min(1.0, self.max_grad_norm / (norm + _CLIP_EPS))
             try:
+                self._window_fused = self._fusable_window()
                 self._run_step_hooks(pre=True)
                 self._apply_and_step(inv_scale / total * clip)
             except BaseException as err:
                 self._drop_failed_window(err)
                 raise
+            self._last_update_fused = self._window_fused or not self._steps_wrapped_optimizer
             self._last_norm = norm
             self._windows += 1
             self._items_seen += total
@@ -1525,7 +1544,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """
         own = self._optimizer_step_pre_hooks if pre else self._optimizer_step_post_hooks
         name = "_global_optimizer_pre_hooks" if pre else "_global_optimizer_post_hooks"
-        shared = {} if self._steps_wrapped_optimizer else getattr(torch_optimizer, name, {})
+        torch_steps = self._steps_wrapped_optimizer and not self._window_fused
+        shared = {} if torch_steps else getattr(torch_optimizer, name, {})
         hooks = (
             chain(shared.values(), own.values()) if pre else chain(own.values(), shared.values())
         )
@@ -1657,14 +1677,31 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         classes with ``_fused_update`` have one."""
         raise NotImplementedError(f"{type(self).__name__} has no fused update")
 
+    def _fusable_window(self) -> bool:
+        """Whether this boundary's update runs the fused kernel in place of the wrapped
+        ``torch.optim`` SGD/Adam/AdamW's ``step()`` (see ``fused_update`` in :func:`wrap`)."""
+        if self._auto_step is None:
+            return False
+        from fastaccum.optim.fused import auto_fusable
+
+        return auto_fusable(self, self.window_accums())
+
     def _apply_and_step(self, factor: float) -> None:
-        """Write factor x accumulator into each updated tensor's .grad, step, reset.
+        """Write factor x accumulator into each updated tensor's .grad, step, reset; or,
+        where :meth:`_fusable_window` said so, run the fused update instead.
 
         The extension point for subclasses (the fused optimizers replace it): it must
         apply ``factor x accumulator`` as the gradient of every parameter in
         :meth:`window_accums` and leave those accumulators zeroed.
         """
         window = self.window_accums()
+        if self._window_fused and self._auto_step is not None:
+            from fastaccum.optim.fused import fused_window_update
+
+            fused_window_update(self, self._auto_step, window, factor, self._accums)
+            # An LR scheduler built on the wrapped optimizer checks that its step ran.
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]
+            return
         for member in self._fused_members:  # fused classes joined in a list: their kernels
             mine = {p: window.pop(p) for p in member._params if p in window}
             if mine:
@@ -1753,7 +1790,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         ``windows`` (applied),
         ``items_seen`` (sum of num_items, or of micro-batches, over applied windows, over
         all ranks under a distributed model),
-        ``micro_step`` and ``accum_steps``, and the gradient noise scale (McCandlish et al.
+        ``micro_step`` and ``accum_steps``, ``fused_update`` (whether the last applied
+        window's update ran fastaccum's fused kernel rather than a ``torch.optim``
+        ``step()``; None before the first), and the gradient noise scale (McCandlish et al.
         2018, see :mod:`fastaccum.stats`): ``noise_scale`` (B_simple = tr(Sigma) / |G|^2,
         smoothed over windows; None until it can be estimated), ``noise_scale_units``
         ("items" with num_items, else "micro-batches") and ``critical_batch_hint`` (the
@@ -1779,6 +1818,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             "items_seen": self._items_seen,
             "micro_step": self._micro_step,
             "accum_steps": self._accum_steps,
+            "fused_update": self._last_update_fused,
         }
 
     # ------------------------------------------------------------------ checkpoints

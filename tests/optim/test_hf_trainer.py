@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -181,13 +180,22 @@ def relative_distance(model, ref_model) -> float:
 
 
 def test_bf16_autocast(tmp_path):
-    """``bf16=True`` (CPU autocast, fp32 parameters): the wrapped run equals Trainer's own
-    accumulation, and with ``fuse_wgrad`` (weight gradients from bf16 GEMMs into fp32
+    """``bf16=True`` (CPU autocast, fp32 parameters): the wrapped run with torch's SGD step
+    equals Trainer's own accumulation, with the fused update it is as close to it as
+    rounding allows, and with ``fuse_wgrad`` (weight gradients from bf16 GEMMs into fp32
     accumulators) it stays as close to the large batch as Trainer's own accumulation."""
     settings = {"bf16": True, **OPTIMS["sgd"]}
     big_model, _ = train(SequentialTrainer, tmp_path / "big", B * K, 1, **settings)
     native_model, _ = train(SequentialTrainer, tmp_path / "native", B, K, **settings)
-    wrapped, _ = train(SequentialFastaccumTrainer, tmp_path / "wrap", B, K, **settings)
+    wrapped, _ = train(
+        SequentialFastaccumTrainer,
+        tmp_path / "wrap",
+        B,
+        K,
+        trainer_kwargs={"fused_update": False},
+        **settings,
+    )
+    fused_update, _ = train(SequentialFastaccumTrainer, tmp_path / "fused_update", B, K, **settings)
     fused, _ = train(
         SequentialFastaccumTrainer,
         tmp_path / "fused",
@@ -198,6 +206,9 @@ def test_bf16_autocast(tmp_path):
     )
     assert relative_distance(wrapped, native_model) <= 1e-6
     native = relative_distance(native_model, big_model)
+    # The fused update rounds otherwise than torch's SGD step; under autocast a last-bit
+    # difference of a parameter can change a bf16 rounding of the next forward.
+    assert relative_distance(fused_update, native_model) <= 1e-3 * native
     assert 0 < native < 1e-2  # autocast rounds: the micro-batches are not the large batch
     assert relative_distance(fused, big_model) <= 1.5 * native
 
@@ -324,7 +335,9 @@ def test_bf16_model_with_master_weights_accumulates_in_fp32(tmp_path):
                     p.grad.double() for g in optimizer.param_groups for p in g["params"]
                 )
 
-        handle = register_optimizer_step_pre_hook(capture)
+        # A hook on the optimizer itself: the wrapper then runs its step() (no fused
+        # update), which reads the window gradient from .grad.
+        handle = opt.register_step_pre_hook(capture)
         try:
             trainer = cls(
                 model=model,

@@ -1,0 +1,255 @@
+"""``fastaccum.wrap`` around ``torch.optim.SGD``/``Adam``/``AdamW`` runs each window's
+update in the fused kernel (``fused_update=True``, the default) where that gives what the
+optimizer's own ``step()`` would, and falls back to ``step()`` where it might not.
+
+References: plain torch on the large batch (rel 1e-5), the same wrapper with
+``fused_update=False`` (torch's step on the same accumulated window), and the
+``fastaccum.optim`` class of the same name, which runs the same kernel (bit for bit)."""
+
+import warnings
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import fastaccum
+from tests.helpers import (
+    OPTIM_KINDS,
+    assert_close_rel,
+    large_batch_run,
+    make_model,
+    mean_loss,
+    micro_step,
+    split_windows,
+    token_batches,
+)
+
+K = 4
+# Every option the fused kernels implement, away from its default.
+SETTINGS = {
+    "SGD": OPTIM_KINDS["SGD"],
+    "SGD-plain": {"lr": 0.1},
+    "SGD-dampened": {"lr": 0.1, "momentum": 0.9, "dampening": 0.3, "maximize": True},
+    "Adam": OPTIM_KINDS["Adam"],
+    "Adam-amsgrad": {"lr": 1e-2, "amsgrad": True, "maximize": True, "eps": 1e-6},
+    "AdamW": OPTIM_KINDS["AdamW"],
+    "AdamW-amsgrad": {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.3},
+}
+
+
+def torch_class(kind: str) -> type[torch.optim.Optimizer]:
+    return getattr(torch.optim, kind.split("-")[0])
+
+
+def build(kind: str, **wrap_kwargs):
+    model = make_model()
+    inner = torch_class(kind)(model.parameters(), **SETTINGS[kind])
+    return model, fastaccum.wrap(inner, K, model=model, max_grad_norm=1.0, **wrap_kwargs)
+
+
+def train(model, opt, batches, mode="step") -> list[bool]:
+    """The micro-batches through ``opt``; returns stats()["fused_update"] per window."""
+    taken = []
+    for x, y in batches:
+        if micro_step(model, opt, x, y, mode):
+            taken.append(opt.stats()["fused_update"])
+    if opt.flush():
+        taken.append(opt.stats()["fused_update"])
+    return taken
+
+
+@pytest.mark.parametrize("mode", ["step", "backward"])
+@pytest.mark.parametrize("kind", sorted(SETTINGS))
+def test_fused_update_trains_as_the_large_batch_and_as_torchs_step(kind, mode):
+    batches = token_batches(3 * K + 2)  # three windows and a partial one
+    model, opt = build(kind)
+    assert opt.fused_update is True
+    assert opt.stats()["fused_update"] is None
+    assert train(model, opt, batches, mode) == [True] * 4
+    stepped_model, stepped = build(kind, fused_update=False)
+    assert train(stepped_model, stepped, batches, mode) == [False] * 4
+    ref_model, ref_opt = large_batch_run(
+        lambda params: torch_class(kind)(params, **SETTINGS[kind]),
+        split_windows(batches, K),
+        max_grad_norm=1.0,
+    )
+    for p, q, r in zip(
+        model.parameters(), stepped_model.parameters(), ref_model.parameters(), strict=True
+    ):
+        assert_close_rel(p, r, 1e-5)
+        assert_close_rel(p, q, 1e-6)
+    # The optimizer state is torch's own: the same keys, dtypes, devices and values.
+    theirs = ref_opt.state_dict()["state"]
+    ours = opt.optimizer.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for index, state in theirs.items():
+        assert ours[index].keys() == state.keys()
+        for key, value in state.items():
+            mine = ours[index][key]
+            assert (mine.dtype, mine.device, mine.shape) == (value.dtype, value.device, value.shape)
+            assert_close_rel(mine, value, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["SGD", "AdamW-amsgrad"])
+def test_fused_update_is_bit_identical_to_the_fused_class(kind):
+    """wrap(torch.optim.X) and fastaccum.optim.X run the same kernels on the same window."""
+    batches = token_batches(2 * K + 1)
+    model, opt = build(kind)
+    train(model, opt, batches)
+    fused_model = make_model()
+    cls = getattr(fastaccum.optim, torch_class(kind).__name__)
+    fused = cls(
+        fused_model.parameters(),
+        accum_steps=K,
+        max_grad_norm=1.0,
+        model=fused_model,
+        **SETTINGS[kind],
+    )
+    train(fused_model, fused, batches)
+    for p, q in zip(model.parameters(), fused_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_inner_optimizer_continues_on_its_own():
+    """After fused windows, the wrapped AdamW steps by itself (torch's code, torch's state)
+    exactly as one that ran torch's step all along."""
+    batches = token_batches(2 * K)
+    runs = []
+    for fused_update in (True, False):
+        model, opt = build("AdamW-amsgrad", fused_update=fused_update)
+        train(model, opt, batches)
+        inner = opt.optimizer
+        del opt
+        for x, y in token_batches(3, seed=5):
+            mean_loss(model, x, y).backward()
+            inner.step()
+            inner.zero_grad()
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert_close_rel(p, q, 1e-6)
+
+
+def test_master_weights_take_the_fused_update():
+    """bf16 parameters with fp32 masters: fused; equal to torch's step on the masters."""
+    batches = token_batches(2 * K)
+    models = []
+    for fused_update in (True, False):
+        model = make_model(dtype=torch.bfloat16)
+        opt = fastaccum.wrap(
+            torch.optim.AdamW(model.parameters(), lr=1e-2),
+            K,
+            model=model,
+            master_weights=True,
+            fused_update=fused_update,
+        )
+        assert train(model, opt, batches) == [fused_update] * 2
+        models.append((model, opt))
+    (model, opt), (ref_model, ref_opt) = models
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert_close_rel(opt._masters[p], ref_opt._masters[q], 1e-6)
+        assert torch.equal(p, opt._masters[p].to(torch.bfloat16))
+
+
+class MyAdamW(torch.optim.AdamW):
+    """A subclass: its step may do more than AdamW's."""
+
+    def step(self, closure=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().step(closure)
+
+
+def _hooked(params):
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    opt.seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: o.seen.append(o.param_groups[0]["lr"]))
+    return opt
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda params: MyAdamW(params, lr=1e-2), id="subclass"),
+        pytest.param(_hooked, id="step-hook-on-the-optimizer"),
+        pytest.param(lambda params: torch.optim.RMSprop(params, lr=1e-2), id="RMSprop"),
+    ],
+)
+def test_torchs_step_runs_where_the_fused_update_might_differ(make):
+    batches = token_batches(2 * K)
+    model = make_model()
+    inner = make(model.parameters())
+    opt = fastaccum.wrap(inner, K, model=model)
+    assert train(model, opt, batches) == [False, False]
+    if isinstance(inner, MyAdamW):
+        assert inner.calls == 2
+    if hasattr(inner, "seen"):
+        assert inner.seen == [1e-2, 1e-2]
+
+
+@pytest.mark.parametrize("flag", ["capturable", "differentiable"])
+def test_capturable_and_differentiable_groups_are_left_to_torch(flag):
+    """(torch's step cannot run either on CPU parameters inside a wrapper, so the choice
+    is checked where it is made, on a window of real accumulators.)"""
+    model, opt = build("AdamW")
+    for x, y in token_batches(K - 1):
+        micro_step(model, opt, x, y)
+    assert opt._fusable_window()
+    opt.param_groups[0][flag] = True
+    assert not opt._fusable_window()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_parameters_the_kernel_does_not_take_get_torchs_step(dtype):
+    """bf16 parameters without masters (torch steps them in bf16) and float64 ones."""
+    batches = token_batches(K)
+    model = make_model(dtype=dtype)
+    opt = fastaccum.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), K, model=model)
+    assert train(model, opt, batches) == [False]
+
+
+def test_a_hook_added_later_switches_to_torchs_step():
+    batches = token_batches(2 * K)
+    model, opt = build("AdamW")
+    train(model, opt, batches[:K])
+    assert opt.stats()["fused_update"] is True
+    seen = []
+    opt.optimizer.register_step_post_hook(lambda o, args, kwargs: seen.append(1))
+    train(model, opt, batches[K:])
+    assert opt.stats()["fused_update"] is False
+    assert seen == [1]
+
+
+def test_global_step_hooks_run_once_per_window():
+    """torch's global optimizer hooks run once per fused window, as torch's step would run
+    them (with the wrapper as the optimizer)."""
+    batches = token_batches(3 * K)
+    model, opt = build("SGD")
+    seen = []
+    handle = register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(o))
+    try:
+        train(model, opt, batches)
+    finally:
+        handle.remove()
+    assert seen == [opt] * 3
+
+
+def test_a_scheduler_on_the_inner_optimizer_sees_its_steps():
+    """A scheduler built on the wrapped optimizer: no "lr_scheduler.step() before
+    optimizer.step()" warning, and the learning rates follow the windows."""
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.5)
+    opt = fastaccum.wrap(inner, K, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in token_batches(2 * K):
+            if micro_step(model, opt, x, y):
+                assert opt.stats()["fused_update"] is True
+                sched.step()
+    assert inner.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+
+
+def test_fused_update_must_be_a_bool():
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="fused_update must be a bool, got str"):
+        fastaccum.wrap(inner, K, fused_update="yes")
