@@ -157,6 +157,19 @@ def _check_wrappable(optimizer: object, what: str) -> None:
         )
 
 
+def _check_dense_embeddings(model: torch.nn.Module, param_ids: set[int]) -> None:
+    """Raise TypeError for an ``nn.Embedding``/``nn.EmbeddingBag`` built with
+    ``sparse=True`` whose weight is among ``param_ids``: its gradients are sparse."""
+    for name, module in model.named_modules():
+        sparse = isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse
+        if sparse and id(module.weight) in param_ids:
+            raise TypeError(
+                f"{name or 'model'} is an {type(module).__name__} with sparse=True, whose "
+                "gradients are sparse, and fastaccum accumulates dense ones; build it with "
+                "sparse=False (the default)"
+            )
+
+
 def _join_fused_members(
     members: Sequence[object], accum_steps: object
 ) -> tuple[list[object], list[AccumulatingOptimizer]]:
@@ -209,8 +222,13 @@ def _check_num_items(num_items: object) -> float | None:
                 f"num_items must be a number, got a tensor of shape {tuple(num_items.shape)}"
             )
         num_items = num_items.item()
+    elif type(num_items).__module__ == "numpy" and getattr(num_items, "ndim", None) == 0:
+        num_items = num_items.item()  # type: ignore[attr-defined]  # (NumPy scalar, 0-d array)
     if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
-        raise TypeError(f"num_items must be a positive number, got {type(num_items).__name__}")
+        raise TypeError(
+            "num_items must be a positive number (int, float, or a one-element tensor or "
+            f"NumPy scalar), got {type(num_items).__name__}"
+        )
     if not math.isfinite(num_items) or num_items <= 0:
         raise ValueError(f"num_items must be > 0, got {num_items}")
     return float(num_items)
@@ -383,11 +401,14 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             raise TypeError(f"accum_steps must be an int, got {type(accum_steps).__name__}")
         if accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-        if max_grad_norm is not None and not (
-            isinstance(max_grad_norm, (int, float))
-            and math.isfinite(max_grad_norm)
-            and max_grad_norm > 0
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
         ):
+            raise TypeError(
+                "max_grad_norm must be a positive finite number or None, got "
+                f"{type(max_grad_norm).__name__} {max_grad_norm!r}"
+            )
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(
                 f"max_grad_norm must be a positive finite number or None, got {max_grad_norm}"
             )
@@ -418,6 +439,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     f"{accum_dtype}"
                 )
         self._names = self._param_names(params, model)
+        if model is not None:
+            _check_dense_embeddings(model, {id(p) for p in params})
 
         # Optimizer.__init__ sets up the hook dictionaries and the step patching that
         # schedulers and profilers rely on; its own copies of the groups are then left
@@ -448,6 +471,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._param_ids = {id(p) for p in params}
         # model parameter -> fp32 master the wrapped optimizer updates (master_weights)
         self._masters: dict[torch.Tensor, torch.Tensor] = {}
+        # model parameter -> its version counter when its master was last in step with it:
+        # a later in-place change (load_state_dict, a copy_ under no_grad) moves it.
+        self._master_versions: dict[torch.Tensor, int] = {}
         if self.master_weights:
             self._install_masters()
         self._accums: dict[torch.Tensor, torch.Tensor] = {}
@@ -498,6 +524,20 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         for member in fused_members:
             member._joined_by = weakref.ref(self)
             member._accums.clear()  # its window is empty: free its (zero) accumulators
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Refuse to be copied or pickled (``copy.deepcopy(opt)``, ``torch.save(opt)``).
+
+        Raises:
+            TypeError: always. The wrapper's hooks, accumulators and masters belong to
+                the model's parameters, which a copy would not share.
+        """
+        raise TypeError(
+            f"a fastaccum {type(self).__name__} cannot be copied or pickled: its hooks, "
+            "accumulators and masters belong to the model's parameters. Save "
+            "opt.state_dict() (torch.save) and load it into a new wrapper of the new model "
+            "with opt.load_state_dict()"
+        )
 
     # ------------------------------------------------------------------ properties
 
@@ -635,6 +675,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             return
         master = p.detach().float().clone().requires_grad_(p.requires_grad)
         self._masters[p] = master
+        self._master_versions[p] = p._version
         # The group first: a chain's state files an entry under the member holding it.
         group["params"][i] = master
         if p in self.state:
@@ -770,7 +811,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if g.layout != torch.strided:
                 raise TypeError(
                     f"{self._names[id(p)]} has a {g.layout} gradient; fastaccum needs dense "
-                    "gradients"
+                    "gradients (an nn.Embedding needs sparse=False)"
                 )
             by_device.setdefault(g.device, []).append((p, g))
         local = (lambda t: t) if self._dist is None else self._dist.local
@@ -955,6 +996,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         state = states.get(id(self)) if isinstance(states, dict) else None
         stage = None if state is None else getattr(state.get("stage"), "name", None)
         if stage not in (None, "READY"):
+            # The scaler's record of that call goes, so that the corrected loop's next
+            # opt.step() is not refused for it too.
+            del cast(dict, states)[id(self)]
             raise RuntimeError(
                 "scaler.step(opt) or scaler.unscale_(opt) was called on a wrapper created "
                 "with scaler=: the wrapper holds the scale for the window and unscales once "
@@ -1512,6 +1556,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 clip = min(1.0, self.max_grad_norm / (norm + _CLIP_EPS))
             try:
+                if self._masters:
+                    self._follow_changed_params()
                 self._window_fused = self._fusable_window()
                 self._run_step_hooks(pre=True)
                 self._apply_and_step(inv_scale / total * clip)
@@ -1760,6 +1806,35 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if pairs:
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+            for p, _ in pairs:
+                self._master_versions[p] = p._version
+
+    def _follow_changed_params(self) -> None:
+        """Copy into its master each parameter changed in place since its master was last
+        in step with it (``model.load_state_dict(...)``, or ``p.copy_(...)`` under
+        ``torch.no_grad()``, after wrapping): the update then starts from the parameter's
+        value, as a ``torch.optim`` step would. One version-counter read per parameter."""
+        versions = self._master_versions
+        changed = [p for p in self._masters if p._version != versions[p]]
+        if changed:
+            self.sync_masters(changed)
+
+    def sync_masters(self, params: Iterable[torch.Tensor] | None = None) -> None:
+        """Copy the model's bf16/fp16 parameters (``params``, default all) into their fp32
+        masters (``master_weights=True``), discarding the masters' extra precision.
+
+        In-place changes made after wrapping (``model.load_state_dict``, ``copy_`` under
+        ``torch.no_grad()``) are followed by the next update without this call; changes
+        through ``.data`` (``p.data.copy_(...)``) do not move the parameter's version
+        counter and need it. Without masters it does nothing.
+        """
+        chosen = list(self._masters) if params is None else [p for p in params]
+        pairs = [(self._masters[p], p) for p in chosen if p in self._masters]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([m for m, _ in pairs], [p for _, p in pairs])
+            for _, p in pairs:
+                self._master_versions[p] = p._version
 
     def _update_scaler(self, found_inf: bool) -> None:
         """GradScaler's update rule, applied once per window rather than per micro-step."""
@@ -1862,6 +1937,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 "state_dict() between opt.backward() and opt.step(); call step() first"
             )
+        if self._masters:  # the masters saved are those the next update would start from
+            self._follow_changed_params()
         if _called_by_distributed_checkpoint():
             # torch.distributed.checkpoint keeps only a torch.optim-format state dict: the
             # wrapped optimizer's, which is all the state there is at a window boundary.
@@ -1993,6 +2070,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             for p, master in zip(self._params, saved["masters"], strict=True):
                 if master is not None and p in self._masters:
                     self._masters[p].copy_(master)
+                    self._master_versions[p] = p._version
         if accum_steps != self._accum_steps:
             warnings.warn(
                 f"fastaccum: accum_steps is now {accum_steps}, restored from the state dict "
@@ -2037,9 +2115,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         wrapped optimizer and start a fresh window, as at a boundary."""
         in_progress = self._micro_step
         self.optimizer.load_state_dict(state_dict)  # validates before it changes anything
-        with torch.no_grad():  # masters follow the (just loaded) model parameters
-            for p, master in self._masters.items():
-                master.copy_(p)
+        self.sync_masters()  # masters follow the (just loaded) model parameters
         self._drop_window()
         if in_progress:
             warnings.warn(
