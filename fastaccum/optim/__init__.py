@@ -61,8 +61,8 @@ def wrap(
             each tensor read once. It applies to windows whose parameters (or fp32
             masters) are float32 and dense, when no group is ``capturable`` or
             ``differentiable`` and no step hook is registered on the optimizer; other
-            windows take ``step()``. The optimizer's ``foreach``/``fused`` flags are then
-            not used. ``False``: always ``step()``. ``opt.stats()["fused_update"]`` says
+            windows take ``step()``. In a list, each such member takes it for its own
+            parameters. The optimizer's ``foreach``/``fused`` flags are then not used. ``False``: always ``step()``. ``opt.stats()["fused_update"]`` says
             which the last window took.
 
     Returns:

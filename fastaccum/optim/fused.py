@@ -223,9 +223,11 @@ def fused_window_update(
     window: ParamMap,
     factor: float,
     accums: ParamMap,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Update ``window``'s parameters (parameter of ``opt.optimizer`` -> accumulator) with
-    ``factor x accumulator`` by ``step_group``, one call per (param group, device); the
+    """Update ``window``'s parameters (model parameter -> accumulator) with ``factor x
+    accumulator`` by ``step_group`` on ``optimizer``'s groups and state (default
+    ``opt.optimizer``; a list member's own), one call per (param group, device); the
     accumulators are zeroed. ``accums`` is the dict that holds them (``opt``'s own, or a
     list's wrapper's), updated when a parameter's memory format changed mid-run."""
     for p, acc in window.items():
@@ -234,7 +236,7 @@ def fused_window_update(
             window[p] = accums[p] = torch.empty_like(local).copy_(acc)
     # The optimizer's groups hold the fp32 masters of low-precision parameters.
     targets = {opt._masters.get(p, p): acc for p, acc in window.items()}
-    optimizer = opt.optimizer
+    optimizer = opt.optimizer if optimizer is None else optimizer
     for group in optimizer.param_groups:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for p in group["params"]:
@@ -259,12 +261,14 @@ def auto_update(optimizer: torch.optim.Optimizer) -> GroupUpdate | None:
     return _AUTO_STEPS.get(type(optimizer))
 
 
-def auto_fusable(opt: AccumulatingOptimizer, window: ParamMap) -> bool:
-    """Whether ``opt``'s fused update gives this window what ``opt.optimizer.step()``
-    would: no step hooks on the optimizer and no step of its own patched in (but a
-    learning-rate scheduler's counter), no ``capturable`` or ``differentiable`` group,
-    and float32 dense parameters (or fp32 masters) with float32 accumulators."""
-    optimizer = opt.optimizer
+def auto_fusable(
+    opt: AccumulatingOptimizer, window: ParamMap, optimizer: torch.optim.Optimizer
+) -> bool:
+    """Whether the fused update gives ``window`` (model parameter -> accumulator, of
+    ``opt``) what ``optimizer.step()`` would: no step hooks on the optimizer and no step
+    of its own patched in (but a learning-rate scheduler's counter), no ``capturable`` or
+    ``differentiable`` group, and float32 dense parameters (or fp32 masters) with float32
+    accumulators."""
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return False
     patched = vars(optimizer).get("step")

@@ -459,12 +459,25 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # fastaccum.optim.fused.auto_fusable); None: torch's step() always runs.
         self.fused_update = fused_update
         self._auto_step: GroupUpdate | None = None
+        # The same for the torch.optim members of a list (fused classes excluded: their
+        # own kernels run for them): (member, its update).
+        self._auto_members: list[tuple[torch.optim.Optimizer, GroupUpdate]] = []
         if fused_update and not self._fused_update:
             from fastaccum.optim.fused import auto_update
 
-            self._auto_step = auto_update(inner)
+            if isinstance(inner, ChainedOptimizer):
+                joined = {id(m.optimizer) for m in fused_members}
+                for member in inner.optimizers:
+                    update = auto_update(member)
+                    if update is not None and id(member) not in joined:
+                        self._auto_members.append((member, update))
+            else:
+                self._auto_step = auto_update(inner)
         self._window_fused = False  # whether the current boundary runs _auto_step
-        self._last_update_fused: bool | None = None  # the last applied window's
+        # Whether any parameter of the boundary in progress went through a torch.optim
+        # step(); and, for the last applied window, the opposite (stats()["fused_update"]).
+        self._torch_stepped = False
+        self._last_update_fused: bool | None = None
 
         # The model's parameters, in param-group order; gradients are read from these.
         self._params: list[torch.Tensor] = params
@@ -1559,12 +1572,13 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 if self._masters:
                     self._follow_changed_params()
                 self._window_fused = self._fusable_window()
+                self._torch_stepped = False
                 self._run_step_hooks(pre=True)
                 self._apply_and_step(inv_scale / total * clip)
             except BaseException as err:
                 self._drop_failed_window(err)
                 raise
-            self._last_update_fused = self._window_fused or not self._steps_wrapped_optimizer
+            self._last_update_fused = not self._torch_stepped
             self._last_norm = norm
             self._windows += 1
             self._items_seen += total
@@ -1730,7 +1744,32 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             return False
         from fastaccum.optim.fused import auto_fusable
 
-        return auto_fusable(self, self.window_accums())
+        return auto_fusable(self, self.window_accums(), self.optimizer)
+
+    def _fuse_list_members(self, window: ParamMap, factor: float) -> None:
+        """The fused update for each ``torch.optim`` SGD/Adam/AdamW member of a list whose
+        part of ``window`` it applies to (see ``fused_update`` in :func:`wrap`); their
+        parameters leave ``window``. The list's ``step()`` still calls their ``step()``,
+        which finds no gradient for them (and runs torch's global hooks, as before)."""
+        from fastaccum.optim.fused import auto_fusable, fused_window_update
+
+        owner = {
+            id(t): member
+            for member, _ in self._auto_members
+            for g in member.param_groups
+            for t in g["params"]
+        }
+        parts: dict[int, dict[torch.Tensor, torch.Tensor]] = {}
+        for p, acc in window.items():
+            member = owner.get(id(self._masters.get(p, p)))
+            if member is not None:
+                parts.setdefault(id(member), {})[p] = acc
+        for member, update in self._auto_members:
+            part = parts.get(id(member))
+            if part and auto_fusable(self, part, member):
+                fused_window_update(self, update, part, factor, self._accums, member)
+                for p in part:
+                    del window[p]
 
     def _apply_and_step(self, factor: float) -> None:
         """Write factor x accumulator into each updated tensor's .grad, step, reset; or,
@@ -1748,12 +1787,15 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             # An LR scheduler built on the wrapped optimizer checks that its step ran.
             self.optimizer._opt_called = True  # type: ignore[attr-defined]
             return
+        if self._auto_members:
+            self._fuse_list_members(window, factor)
         for member in self._fused_members:  # fused classes joined in a list: their kernels
             mine = {p: window.pop(p) for p in member._params if p in window}
             if mine:
                 member._fused_window_update(mine, factor, self._accums)
             # An LR scheduler built on the member checks that its step ran before its own.
             member._opt_called = True  # type: ignore[attr-defined]
+        self._torch_stepped = bool(window)
         aliased, written = [], []
         for p, acc in window.items():
             target = self._masters.get(p, p)

@@ -79,8 +79,9 @@ def test_one_window_for_all_optimizers_clipped_by_the_global_norm(mode, fuse, ki
     assert opt.stats()["grad_norm"] > CLIP  # the clip acted on the global norm
     if fuse and mode == "backward":
         assert opt._fused_seen  # the Linear weights were written by the fused GEMM
-    # one kernel call per fused member (one group, one step count) per window
-    assert kernel.calls == 4 * {"torch": 0, "fused-adamw": 1, "all-fused": 2}[kind]
+    # one kernel call per member (one group, one step count) per window: a fused class's
+    # own, or the fused update of a torch.optim SGD/AdamW member
+    assert kernel.calls == 4 * 2
     for member, native in zip(opt.optimizer.optimizers, want_opts, strict=True):
         assert type(member) is type(native)
         got, ref = member.state_dict(), native.state_dict()

@@ -16,10 +16,13 @@ import fastaccum
 from tests.helpers import (
     OPTIM_KINDS,
     assert_close_rel,
+    by_shape,
     large_batch_run,
     make_model,
     mean_loss,
+    members_of,
     micro_step,
+    sgd_adamw,
     split_windows,
     token_batches,
 )
@@ -253,3 +256,81 @@ def test_fused_update_must_be_a_bool():
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="fused_update must be a bool, got str"):
         fastaccum.wrap(inner, K, fused_update="yes")
+
+
+def rmsprop_adamw(params) -> list[torch.optim.Optimizer]:
+    """RMSprop (torch's step) for the 2-D weights, AdamW (fusable) for the rest."""
+    matrices, rest = by_shape(params)
+    return [torch.optim.RMSprop(matrices, lr=1e-3), torch.optim.AdamW(rest, lr=1e-2)]
+
+
+@pytest.mark.parametrize(
+    ("members", "all_fused"),
+    [
+        (sgd_adamw, True),
+        (members_of("fused-adamw"), True),  # torch SGD beside a fused class
+        (rmsprop_adamw, False),
+    ],
+    ids=["sgd+adamw", "sgd+fused-class", "rmsprop+adamw"],
+)
+@pytest.mark.parametrize("mode", ["step", "backward"])
+def test_list_members_take_the_fused_update(members, all_fused, mode):
+    """In wrap([...], K) every torch.optim SGD/Adam/AdamW member takes the fused update;
+    the others keep their step(). Equal to the large batch (rel 1e-5) and to torch's
+    steps on the same windows (rel 1e-6)."""
+    batches = token_batches(3 * K + 1)
+    runs = []
+    for fused_update in (True, False):
+        model = make_model()
+        opt = fastaccum.wrap(
+            members(model.parameters()),
+            K,
+            model=model,
+            max_grad_norm=1.0,
+            fused_update=fused_update,
+        )
+        taken = train(model, opt, batches, mode)
+        runs.append(model)
+        if fused_update:
+            assert taken == [all_fused] * 4
+    ref_model, _ = large_batch_run(
+        lambda params: [
+            m.optimizer if isinstance(m, fastaccum.AccumulatingOptimizer) else m
+            for m in members(params)
+        ],
+        split_windows(batches, K),
+        max_grad_norm=1.0,
+    )
+    for p, q, r in zip(
+        runs[0].parameters(), runs[1].parameters(), ref_model.parameters(), strict=True
+    ):
+        assert_close_rel(p, r, 1e-5)
+        assert_close_rel(p, q, 1e-6)
+
+
+def test_a_list_member_with_a_hook_keeps_its_step():
+    model = make_model()
+    sgd, adamw = sgd_adamw(model.parameters())
+    seen = []
+    sgd.register_step_post_hook(lambda o, args, kwargs: seen.append(1))
+    opt = fastaccum.wrap([sgd, adamw], K, model=model)
+    assert train(model, opt, token_batches(K)) == [False]  # SGD: torch's step
+    assert seen == [1]
+    assert adamw.state  # the fused AdamW member stepped its own state
+
+
+def test_a_fused_list_member_is_bit_identical_to_the_fused_class_member():
+    """[RMSprop, torch AdamW] with the fused update trains exactly as [RMSprop,
+    fastaccum.optim.AdamW]: the AdamW member ran the fused class's kernel."""
+    batches = token_batches(2 * K)
+    runs = []
+    for fused_class in (False, True):
+        model = make_model()
+        rmsprop, adamw = rmsprop_adamw(model.parameters())
+        if fused_class:
+            adamw = fastaccum.optim.AdamW(adamw.param_groups[0]["params"], lr=1e-2)
+        opt = fastaccum.wrap([rmsprop, adamw], K, model=model, max_grad_norm=1.0)
+        assert train(model, opt, batches) == [False, False]  # RMSprop: torch's step
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(p, q)
