@@ -119,6 +119,8 @@ def test_bench_json_matches_reference(bench_out):
         scale = r["noise_scale"]
         assert scale is None or (math.isfinite(scale) and scale >= 0), name
         assert r["noise_scale_units"] == (None if name.startswith("native") else "micro-batches")
+        # every fastaccum run's AdamW update ran in the fused kernel (wrap: fused_update)
+        assert r["fused_update"] == (None if name.startswith("native") else True)
     from fastaccum import _backend
 
     assert report["backends"] == _backend.backends_on("cpu")

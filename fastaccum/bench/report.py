@@ -35,6 +35,7 @@ def run_record(result: RunResult, tokens_per_step: int, baseline_s: float | None
         "noise_scale_windows": result.noise_scale_windows,
         "noise_scale_first_micro_batch": result.noise_scale_first_micro_batch,
         "critical_batch_hint": result.critical_batch_hint,
+        "fused_update": result.fused_update,
     }
 
 

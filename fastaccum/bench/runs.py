@@ -121,6 +121,8 @@ class RunResult:
     """Part of the estimate came from each window's first micro-batch only (fused-wgrad
     layers write no per-micro-batch gradient), which makes it noisier."""
     critical_batch_hint: str | None = None
+    fused_update: bool | None = None
+    """Whether the last window's update ran fastaccum's fused kernel (fastaccum runs)."""
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -341,6 +343,7 @@ class _Trainer:
             self.result.noise_scale_windows = opt.noise_scale_tracker.windows
             self.result.noise_scale_first_micro_batch = bool(opt._fused_seen)
             self.result.critical_batch_hint = stats["critical_batch_hint"]
+            self.result.fused_update = stats["fused_update"]
 
 
 def train(
