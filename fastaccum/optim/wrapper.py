@@ -1855,9 +1855,19 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """Copy into its master each parameter changed in place since its master was last
         in step with it (``model.load_state_dict(...)``, or ``p.copy_(...)`` under
         ``torch.no_grad()``, after wrapping): the update then starts from the parameter's
-        value, as a ``torch.optim`` step would. One version-counter read per parameter."""
+        value, as a ``torch.optim`` step would. One version-counter read per parameter.
+
+        A parameter written with its master's own rounding (a checkpoint's model weights
+        loaded after the wrapper's state dict, which restored the fp32 masters) keeps its
+        master: the write carried nothing the master lacks."""
         versions = self._master_versions
-        changed = [p for p in self._masters if p._version != versions[p]]
+        changed = []
+        for p in self._masters:
+            if p._version != versions[p]:
+                if torch.equal(p, self._masters[p].to(p.dtype)):
+                    versions[p] = p._version
+                else:
+                    changed.append(p)
         if changed:
             self.sync_masters(changed)
 

@@ -2,6 +2,8 @@
 into the model, an edit under ``torch.no_grad()``) are what the next update starts from,
 as with a ``torch.optim`` step; the masters keep their fp32 precision otherwise."""
 
+import copy
+
 import pytest
 import torch
 
@@ -112,3 +114,30 @@ def test_sync_masters_without_masters_does_nothing():
     opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), K)
     opt.sync_masters()
     assert opt._masters == {}
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_a_resume_keeps_the_fp32_masters_in_either_order(model_first):
+    """Checkpoint after some windows; resume loading the model before or after the
+    wrapper's state dict: the masters are the saved fp32 ones either way (the model's
+    bf16 weights are their rounding), and training continues bit-identically."""
+    batches = token_batches(4 * K)
+    model = make_model(dtype=torch.bfloat16)
+    opt = build(model, "wrap", lr=1e-3)
+    train(model, opt, batches[: 2 * K])
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), opt.state_dict()
+    saved_opt = copy.deepcopy(saved_opt)
+    train(model, opt, batches[2 * K :])
+
+    resumed = make_model(seed=3, dtype=torch.bfloat16)
+    again = build(resumed, "wrap", lr=1e-3)
+    if model_first:
+        resumed.load_state_dict(saved_model)
+        again.load_state_dict(saved_opt)
+    else:
+        again.load_state_dict(saved_opt)
+        resumed.load_state_dict(saved_model)
+    train(resumed, again, batches[2 * K :])
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt._masters[p], again._masters[q])
