@@ -29,11 +29,13 @@ class's update for its parameters at the shared boundary (``_fused_window_update
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 import torch
+from torch.optim import optimizer as torch_optimizer
 
 from fastaccum.ops.optim_step import window_step_unchecked
 from fastaccum.optim.wrapper import (
@@ -113,7 +115,8 @@ def sgd_update(state: State, group: Group, params: Tensors, accums: Tensors, sca
         "momentum": float(group["momentum"]),
         "dampening": float(group["dampening"]),
         "weight_decay": float(group["weight_decay"]),
-        "nesterov": bool(group["nesterov"]),
+        # torch's SGD without momentum has no buffer, Nesterov or not
+        "nesterov": bool(group["nesterov"]) and float(group["momentum"]) != 0,
         "maximize": bool(group["maximize"]),
     }
     # The lists below are float32 dense parameters (checked by the caller), their
@@ -217,6 +220,59 @@ def adam_update(state: State, group: Group, params: Tensors, accums: Tensors, sc
     torch._foreach_add_(counts, 1.0)  # torch.optim's per-parameter step counts
 
 
+def _not_finite(group: Group, keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        value = float(group[key])
+        if not math.isfinite(value):
+            return f"{key}={value}"
+    return None
+
+
+def sgd_refusal(group: Group) -> str | None:
+    """What in ``group`` the fused kernel cannot update as ``torch.optim.SGD`` does, or
+    None."""
+    if group.get("differentiable"):
+        return "differentiable=True"
+    bad = _not_finite(group, ("lr", "momentum", "dampening", "weight_decay"))
+    if bad is not None:
+        return bad
+    momentum = float(group["momentum"])
+    if group["nesterov"] and momentum != 0 and (momentum < 0 or float(group["dampening"]) != 0):
+        return "nesterov=True with a negative momentum or a dampening"
+    return None
+
+
+def adam_refusal(group: Group) -> str | None:
+    """What in ``group`` the fused kernel cannot update as ``torch.optim.Adam``/``AdamW``
+    does, or None."""
+    for flag in ("capturable", "differentiable"):
+        if group.get(flag):
+            return f"{flag}=True"
+    bad = _not_finite(group, ("lr", "eps", "weight_decay"))
+    if bad is not None:
+        return bad
+    for i, beta in enumerate(group["betas"]):
+        if not 0.0 <= float(beta) < 1.0:
+            return f"betas[{i}]={float(beta)} (outside [0, 1))"
+    return None
+
+
+def _refusal(
+    step_group: GroupUpdate, optimizer: torch.optim.Optimizer, targets: Container[torch.Tensor]
+) -> str | None:
+    """The first reason the fused update cannot run ``step_group`` on a group of
+    ``optimizer`` holding one of ``targets`` (a set or dict of its parameters), or None."""
+    refusal = _REFUSALS.get(step_group)
+    if refusal is None:
+        return None
+    for i, group in enumerate(optimizer.param_groups):
+        if any(p in targets for p in group["params"]):
+            why = refusal(group)
+            if why is not None:
+                return f"param group {i} has {why}"
+    return None
+
+
 def fused_window_update(
     opt: AccumulatingOptimizer,
     step_group: GroupUpdate,
@@ -237,6 +293,11 @@ def fused_window_update(
     # The optimizer's groups hold the fp32 masters of low-precision parameters.
     targets = {opt._masters.get(p, p): acc for p, acc in window.items()}
     optimizer = opt.optimizer if optimizer is None else optimizer
+    why = _refusal(step_group, optimizer, targets)
+    if why is not None:  # checked for every group before any is updated
+        raise ValueError(
+            f"{why}, which fastaccum's fused update does not support; no parameter was updated"
+        )
     for group in optimizer.param_groups:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for p in group["params"]:
@@ -246,6 +307,11 @@ def fused_window_update(
             step_group(optimizer.state, group, params, [targets[p] for p in params], factor)
     opt._refresh_from_masters(window)  # the model's bf16/fp16 parameters
 
+
+_REFUSALS: dict[GroupUpdate, Callable[[Group], str | None]] = {
+    sgd_update: sgd_refusal,
+    adam_update: adam_refusal,
+}
 
 _AUTO_STEPS: dict[type, GroupUpdate] = {
     torch.optim.SGD: sgd_update,
@@ -265,18 +331,22 @@ def auto_fusable(
     opt: AccumulatingOptimizer, window: ParamMap, optimizer: torch.optim.Optimizer
 ) -> bool:
     """Whether the fused update gives ``window`` (model parameter -> accumulator, of
-    ``opt``) what ``optimizer.step()`` would: no step hooks on the optimizer and no step
-    of its own patched in (but a learning-rate scheduler's counter), no ``capturable`` or
-    ``differentiable`` group, and float32 dense parameters (or fp32 masters) with float32
-    accumulators."""
+    ``opt``) what ``optimizer.step()`` would: no step hooks, on the optimizer or torch's
+    global ones (they see ``.grad``, which the fused update never writes), and no step of
+    its own patched in (but a learning-rate scheduler's counter); groups whose options the
+    kernel takes (not ``capturable``/``differentiable``, finite scalars, ...); float32 dense
+    parameters (or fp32 masters) with float32 accumulators."""
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return False
+    if torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks:
         return False
     patched = vars(optimizer).get("step")
     if patched is not None and not hasattr(patched, "_wrapped_by_lr_sched"):
         return False
-    for group in optimizer.param_groups:
-        if group.get("capturable") or group.get("differentiable"):
-            return False
+    update = _AUTO_STEPS.get(type(optimizer))
+    targets = {opt._masters.get(p, p) for p in window}
+    if update is None or _refusal(update, optimizer, targets) is not None:
+        return False
     for p, acc in window.items():
         target = _local(opt._masters.get(p, p))
         if target.dtype != torch.float32 or acc.dtype != torch.float32:
@@ -331,15 +401,11 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
         self._check_params([p], self.master_weights)
         super()._check_new_dtype(p, name)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As :meth:`AccumulatingOptimizer.add_param_group`; raises as the constructor does
-        for parameters that are not float32 or not dense, before adding anything."""
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        param_group["params"] = params
-        if hasattr(self, "_params"):  # built: the constructor checked its own groups
-            self._check_params(params, self.master_weights)
-        super().add_param_group(param_group)
+    def _check_group_params(self, params: list[torch.Tensor]) -> None:
+        """As the wrapper's, and as the constructor checks: float32 (or bf16/fp16 with
+        ``master_weights``) and dense, before anything is added."""
+        self._check_params(params, self.master_weights)
+        super()._check_group_params(params)
 
     def _apply_and_step(self, factor: float) -> None:
         """One fused update per (param group, device): every parameter that received a

@@ -534,6 +534,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # Fused classes given in a list: their kernels update their parameters at this
         # wrapper's boundary, and they take no micro-batches of their own any more.
         self._fused_members = fused_members
+        # param groups taken in so far (see _adopt_new_groups)
+        self._group_count = len(self.param_groups)
         for member in fused_members:
             member._joined_by = weakref.ref(self)
             member._accums.clear()  # its window is empty: free its (zero) accumulators
@@ -639,16 +641,24 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         elif params is not None and not isinstance(params, set):
             params = list(params)
             param_group = {**param_group, "params": params}
-        for i, p in enumerate(params or []):
-            if isinstance(p, torch.Tensor):
-                _check_param_dtype(p, i)
-                if self._dist is not None:
-                    from fastaccum.distributed import check_reducible
-
-                    check_reducible(p, f"param {i} of the new group")
+        self._check_group_params([p for p in params or [] if isinstance(p, torch.Tensor)])
         super().add_param_group(param_group)  # appends to the shared param_groups list
-        known = {id(p) for p in self._params}
-        for i, p in enumerate(self.param_groups[-1]["params"]):
+        self._register_group(self.param_groups[-1])
+        self._group_count = len(self.param_groups)
+
+    def _check_group_params(self, params: list[torch.Tensor]) -> None:
+        """Raise TypeError for a parameter of a new group this wrapper cannot take."""
+        for i, p in enumerate(params):
+            _check_param_dtype(p, i)
+            if self._dist is not None:
+                from fastaccum.distributed import check_reducible
+
+                check_reducible(p, f"param {i} of the new group")
+
+    def _register_group(self, group: dict[str, Any]) -> None:
+        """Accumulate ``group``'s parameters from now on (masters made where wanted)."""
+        known = self._param_ids
+        for i, p in enumerate(group["params"]):
             if id(p) not in known:
                 self._params.append(p)
                 self._param_ids.add(id(p))
@@ -656,7 +666,32 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     id(p), f"param {len(self._params) - 1} (shape {tuple(p.shape)})"
                 )
                 if self.master_weights:
-                    self._install_master(self.param_groups[-1], i)
+                    self._install_master(group, i)
+
+    def _adopt_new_groups(self) -> None:
+        """Take in the param groups added to the wrapped optimizer itself since wrapping
+        (``inner.add_param_group(...)``, a member's under a list), as :meth:`add_param_group`
+        would have: otherwise their gradients would reach torch's step unaccumulated, or
+        no update at all.
+
+        Raises:
+            TypeError: a new group's parameter is one this wrapper cannot take; nothing
+                is taken in (the group stays in the optimizer, and each step says so).
+        """
+        groups = self.param_groups
+        for index in range(self._group_count, len(groups)):
+            params = list(groups[index]["params"])
+            try:
+                self._check_group_params(params)
+            except TypeError as err:
+                raise TypeError(
+                    f"param group {index}, added to the wrapped optimizer after wrapping: "
+                    f"{err}. Remove it from the optimizer, or add it through the wrapper "
+                    "after fixing it"
+                ) from None
+        for index in range(self._group_count, len(groups)):
+            self._register_group(groups[index])
+        self._group_count = len(groups)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -936,6 +971,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     "opt.backward(loss) produced no gradient for any wrapped parameter; check "
                     "that loss depends on the parameters the optimizer updates"
+                    + self._replaced_params_hint()
                 )
         else:
             weight, uses = self._weight(num_items), num_items is not None
@@ -945,7 +981,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             if expected and not pairs:
                 raise RuntimeError(
                     "step() found no gradients: call loss.backward() or opt.backward(loss) on "
-                    "this micro-batch before opt.step()"
+                    "this micro-batch before opt.step()" + self._replaced_params_hint()
                 )
             if pairs:
                 self._fold(pairs, self._fold_weight(weight))
@@ -1435,6 +1471,23 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             self._dist.check_flush()
         return self._finish_window()
 
+    def _replaced_params_hint(self) -> str:
+        """For a message about missing gradients: a note when ``model`` no longer holds the
+        parameters this wrapper updates (``load_state_dict(..., assign=True)``, a module
+        swapped after wrapping), else ''."""
+        if self.model is None:
+            return ""
+        current = {id(p) for p in self.model.parameters()}
+        gone = [self._names[id(p)] for p in self._params if id(p) not in current]
+        if not gone:
+            return ""
+        return (
+            f". The model no longer holds {len(gone)} of the parameters this optimizer "
+            f"updates (first: {gone[0]}), as after load_state_dict(..., assign=True) or a "
+            "module replaced after wrapping: build the optimizer and the wrapper on the "
+            "model's new parameters"
+        )
+
     def _check_usable(self, call: str, *, micro_batch: bool = True) -> None:
         """Raise RuntimeError when this fused optimizer joined a list's wrapper, or (for
         a ``call`` that takes a ``micro_batch``) ValueError when it has sharded parameters
@@ -1446,6 +1499,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 f"{call} on a {type(self).__name__} that joined fastaccum.wrap([...]): that "
                 "wrapper holds the window and steps it; call its methods instead"
             )
+        if micro_batch and len(self.param_groups) != self._group_count:
+            self._adopt_new_groups()
 
     def _micro_sumsq(self, device: torch.device) -> torch.Tensor:
         """float64 [micro-steps so far]: each micro-batch's gradient sum of squares (0 for

@@ -221,18 +221,26 @@ def test_a_hook_added_later_switches_to_torchs_step():
     assert seen == [1]
 
 
-def test_global_step_hooks_run_once_per_window():
-    """torch's global optimizer hooks run once per fused window, as torch's step would run
-    them (with the wrapper as the optimizer)."""
+def test_a_global_step_hook_gets_torchs_step():
+    """torch's global optimizer hooks may read .grad (which the fused update never writes)
+    or return new arguments: while one is registered, torch's step runs, once per window,
+    and the hook sees the wrapped optimizer with the window gradient in .grad."""
     batches = token_batches(3 * K)
     model, opt = build("SGD")
     seen = []
-    handle = register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(o))
+
+    def hook(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+        seen.append((optimizer, all(g is not None for g in grads)))
+        return args, kwargs
+
+    handle = register_optimizer_step_pre_hook(hook)
     try:
-        train(model, opt, batches)
+        assert train(model, opt, batches) == [False] * 3
     finally:
         handle.remove()
-    assert seen == [opt] * 3
+    assert seen == [(opt.optimizer, True)] * 3
+    assert train(model, opt, batches) == [True] * 3  # the hook is gone
 
 
 def test_a_scheduler_on_the_inner_optimizer_sees_its_steps():
@@ -334,3 +342,120 @@ def test_a_fused_list_member_is_bit_identical_to_the_fused_class_member():
         runs.append(model)
     for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def sgd_windows(model, opt, batches, change=None) -> list[bool]:
+    """Train; after the first window, apply ``change(groups)`` to the param groups."""
+    taken = []
+    for x, y in batches:
+        if micro_step(model, opt, x, y):
+            taken.append(opt.stats()["fused_update"])
+            if change is not None and len(taken) == 1:
+                change(opt.param_groups)
+    return taken
+
+
+@pytest.mark.parametrize(
+    ("change", "fused_after"),
+    [
+        (lambda groups: groups[0].update(momentum=0.0), True),  # torch: plain SGD
+        (lambda groups: groups[0].update(dampening=0.1), False),  # no fused Nesterov+dampening
+    ],
+    ids=["momentum-0", "dampening"],
+)
+def test_nesterov_groups_changed_between_windows_follow_torch(change, fused_after):
+    """A Nesterov group whose options change between windows (a momentum schedule, say):
+    the fused update where its kernel takes them, torch's step where not; equal to
+    torch's step throughout."""
+    batches = token_batches(3 * K)
+    runs = []
+    for fused_update in (True, False):
+        model = make_model()
+        inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        opt = fastaccum.wrap(inner, K, model=model, fused_update=fused_update)
+        taken = sgd_windows(model, opt, batches, change)
+        if fused_update:
+            assert taken == [True, fused_after, fused_after]
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert_close_rel(p, q, 1e-6)
+
+
+def test_a_fused_class_refuses_unsupported_options_before_updating_any_group():
+    model = make_model()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    opt = fastaccum.optim.SGD(
+        [{"params": first}, {"params": second, "nesterov": True}],
+        lr=0.1,
+        momentum=0.9,
+        accum_steps=K,
+    )
+    opt.param_groups[1]["dampening"] = 0.5
+    before = [p.clone() for p in model.parameters()]
+    batches = token_batches(K)
+    for x, y in batches[:-1]:
+        micro_step(model, opt, x, y)
+    with pytest.raises(ValueError, match=r"param group 1 has nesterov=True with .* dampening"):
+        micro_step(model, opt, *batches[-1])
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    assert not opt.optimizer.state  # no momentum buffer made either
+
+
+@pytest.mark.parametrize("fused_update", [True, False])
+def test_a_group_added_to_the_wrapped_optimizer_is_accumulated(fused_update):
+    """``inner.add_param_group`` after wrapping (an unfreeze callback holding the
+    optimizer) trains as the same group added through the wrapper."""
+    batches = token_batches(3 * K)
+    runs = []
+    for through_wrapper in (False, True):
+        model = make_model()
+        params = list(model.parameters())
+        inner = torch.optim.AdamW(params[:3], lr=1e-2)
+        opt = fastaccum.wrap(inner, K, model=model, fused_update=fused_update)
+        for i, (x, y) in enumerate(batches):
+            if i == K:
+                group = {"params": params[3:], "lr": 3e-3}
+                (opt if through_wrapper else inner).add_param_group(group)
+            micro_step(model, opt, x, y)
+        assert opt.stats()["fused_update"] is fused_update
+        runs.append(model)
+    start = list(make_model().parameters())
+    for p, q, p0 in zip(runs[0].parameters(), runs[1].parameters(), start, strict=True):
+        assert torch.equal(p, q)
+        assert not torch.equal(p, p0)  # the added group trained too
+        assert p.grad is None
+
+
+def test_a_group_the_wrapper_cannot_take_is_refused_at_each_step():
+    model = make_model()
+    params = list(model.parameters())
+    inner = torch.optim.SGD(params[:3], lr=0.1)
+    opt = fastaccum.wrap(inner, K, model=model)
+    inner.add_param_group({"params": [torch.zeros(3, dtype=torch.complex32, requires_grad=True)]})
+    x, y = token_batches(1)[0]
+    mean_loss(model, x, y).backward()
+    for _ in range(2):
+        with pytest.raises(TypeError, match="param group 1, added to the wrapped optimizer"):
+            opt.step()
+    assert opt.micro_step == 0
+
+
+def test_a_group_added_to_a_list_member_is_accumulated():
+    """The list's wrapper takes in a group added to one of its members."""
+    batches = token_batches(3 * K)
+    model = make_model()
+    params = list(model.parameters())
+    start = [p.clone() for p in params]
+    sgd = torch.optim.SGD(params[:2], lr=0.1)
+    adamw = torch.optim.AdamW(params[2:4], lr=1e-2)
+    opt = fastaccum.wrap([sgd, adamw], K, model=model)
+    for i, (x, y) in enumerate(batches):
+        if i == K:
+            adamw.add_param_group({"params": params[4:]})
+        micro_step(model, opt, x, y)
+    assert opt.stats()["fused_update"] is True
+    for p, p0 in zip(params, start, strict=True):
+        assert not torch.equal(p, p0)
+        assert p.grad is None
+    assert len(adamw.state) == len(params) - 2

@@ -127,3 +127,15 @@ def test_a_refused_scaler_step_does_not_block_the_corrected_loop():
     assert stepped == [False, True]
     assert opt.stats()["skipped_windows"] == 0
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["step", "backward"])
+def test_parameters_replaced_after_wrapping_are_named(mode):
+    """``model.load_state_dict(..., assign=True)`` gives the model new Parameter objects,
+    which the optimizer does not update: the missing-gradient error says so."""
+    model = make_model()
+    opt = fastaccum.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), K, model=model)
+    model.load_state_dict(make_model(seed=1).state_dict(), assign=True)
+    x, y = token_batches(1)[0]
+    with pytest.raises(RuntimeError, match=r"no longer holds 7 of the parameters .*assign=True"):
+        micro_step(model, opt, x, y, mode)
