@@ -41,7 +41,7 @@ _WRAP_DEFAULTS = {
     "accum_dtype": torch.float32,
     "master_weights": False,
     "activations": None,
-    "fused_update": True,
+    "fused_update": None,
 }
 
 # Trainer methods this class overrides to hand clipping and the norm to the wrapper.
@@ -89,7 +89,7 @@ class FastaccumTrainer(Trainer):
         accum_dtype, master_weights, activations, fused_update: as in
             :func:`fastaccum.wrap`. With the default ``fused_update``, Trainer's AdamW
             (``adamw_torch``, ``adamw_torch_fused``) and SGD update in fastaccum's fused
-            kernel.
+            kernel on the CPU.
 
     The optimizer Trainer builds (``args.optim``, its weight-decay groups) is wrapped with
     ``fastaccum.wrap(opt, args.gradient_accumulation_steps, model=model,
@@ -134,7 +134,7 @@ class FastaccumTrainer(Trainer):
         accum_dtype: torch.dtype = torch.float32,
         master_weights: bool = False,
         activations: Any = None,
-        fused_update: bool = True,
+        fused_update: bool | None = None,
         **kwargs: Any,
     ) -> None:
         missing = [name for name in _TRAINER_HOOKS if not hasattr(Trainer, name)]

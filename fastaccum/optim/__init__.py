@@ -27,7 +27,7 @@ def wrap(
     scaler: torch.amp.GradScaler | None = None,
     reduce_scatter_every_micro_step: bool = False,
     activations: ActivationPolicy | None = None,
-    fused_update: bool = True,
+    fused_update: bool | None = None,
 ) -> AccumulatingOptimizer:
     """Wrap ``optimizer`` so that it steps once per window of ``accum_steps`` micro-batches.
 
@@ -57,12 +57,15 @@ def wrap(
         fused_update: for a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (the class itself,
             not a subclass), run each window's update in fastaccum's fused kernel, as the
             ``fastaccum.optim`` classes do, instead of writing ``.grad`` and calling the
-            optimizer's ``step()``: the same math on the same state (torch's format), with
-            each tensor read once. It applies to windows whose parameters (or fp32
-            masters) are float32 and dense, when no group is ``capturable`` or
-            ``differentiable`` and no step hook is registered on the optimizer; other
-            windows take ``step()``. In a list, each such member takes it for its own
-            parameters. The optimizer's ``foreach``/``fused`` flags are then not used. ``False``: always ``step()``. ``opt.stats()["fused_update"]`` says
+            optimizer's ``step()``: the same math on the same state (torch's format),
+            with each tensor read once. It applies to windows whose parameters (or fp32
+            masters) are float32 and dense, whose groups' options the kernel takes (not
+            ``capturable`` or ``differentiable``), and while no step hook is registered
+            on the optimizer or globally; other windows take ``step()``. In a list, each
+            such member takes it for its own parameters. The optimizer's
+            ``foreach``/``fused`` flags are then not used. ``None`` (default): on CPU
+            parameters only, until the GPU kernels have run on a GPU; ``True``: on every
+            device; ``False``: always ``step()``. ``opt.stats()["fused_update"]`` says
             which the last window took.
 
     Returns:
@@ -73,7 +76,7 @@ def wrap(
             parameter, a fused member built with the window's options or holding a
             partial window, ``accum_steps < 1``, a parameter missing
             from ``model``, a bad ``max_grad_norm`` or ``accum_dtype``, or an unsupported
-            distributed configuration, a ``fused_update`` that is not a bool.
+            distributed configuration, a ``fused_update`` that is not None or a bool.
         RuntimeError: a DDP model that already has a communication hook.
     """
     return AccumulatingOptimizer(

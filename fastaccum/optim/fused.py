@@ -335,7 +335,8 @@ def auto_fusable(
     global ones (they see ``.grad``, which the fused update never writes), and no step of
     its own patched in (but a learning-rate scheduler's counter); groups whose options the
     kernel takes (not ``capturable``/``differentiable``, finite scalars, ...); float32 dense
-    parameters (or fp32 masters) with float32 accumulators."""
+    parameters (or fp32 masters) with float32 accumulators, on the CPU unless
+    ``opt.fused_update`` is True."""
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return False
     if torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks:
@@ -351,6 +352,8 @@ def auto_fusable(
         target = _local(opt._masters.get(p, p))
         if target.dtype != torch.float32 or acc.dtype != torch.float32:
             return False
+        if opt.fused_update is None and target.device.type != "cpu":
+            return False  # the default: GPU kernels not yet run on a GPU
         if not _memory_order(target).is_contiguous():
             return False
     return True

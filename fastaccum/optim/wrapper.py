@@ -384,7 +384,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         scaler: torch.amp.GradScaler | None = None,
         reduce_scatter_every_micro_step: bool = False,
         activations: Any = None,
-        fused_update: bool = True,
+        fused_update: bool | None = None,
     ) -> None:
         fused_members: list[AccumulatingOptimizer] = []
         if isinstance(optimizer, (list, tuple)):
@@ -412,8 +412,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"max_grad_norm must be a positive finite number or None, got {max_grad_norm}"
             )
-        if not isinstance(fused_update, bool):
-            raise TypeError(f"fused_update must be a bool, got {type(fused_update).__name__}")
+        if fused_update is not None and not isinstance(fused_update, bool):
+            raise TypeError(
+                f"fused_update must be None, True or False, got {type(fused_update).__name__}"
+            )
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if activations is not None:
@@ -462,7 +464,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # The same for the torch.optim members of a list (fused classes excluded: their
         # own kernels run for them): (member, its update).
         self._auto_members: list[tuple[torch.optim.Optimizer, GroupUpdate]] = []
-        if fused_update and not self._fused_update:
+        if fused_update is not False and not self._fused_update:
             from fastaccum.optim.fused import auto_update
 
             if isinstance(inner, ChainedOptimizer):

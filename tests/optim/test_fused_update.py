@@ -1,5 +1,6 @@
 """``fastaccum.wrap`` around ``torch.optim.SGD``/``Adam``/``AdamW`` runs each window's
-update in the fused kernel (``fused_update=True``, the default) where that gives what the
+update in the fused kernel (``fused_update``: by default for CPU parameters) where that
+gives what the
 optimizer's own ``step()`` would, and falls back to ``step()`` where it might not.
 
 References: plain torch on the large batch (rel 1e-5), the same wrapper with
@@ -66,7 +67,7 @@ def train(model, opt, batches, mode="step") -> list[bool]:
 def test_fused_update_trains_as_the_large_batch_and_as_torchs_step(kind, mode):
     batches = token_batches(3 * K + 2)  # three windows and a partial one
     model, opt = build(kind)
-    assert opt.fused_update is True
+    assert opt.fused_update is None  # the default: fused on the CPU
     assert opt.stats()["fused_update"] is None
     assert train(model, opt, batches, mode) == [True] * 4
     stepped_model, stepped = build(kind, fused_update=False)
@@ -259,10 +260,10 @@ def test_a_scheduler_on_the_inner_optimizer_sees_its_steps():
     assert inner.param_groups[0]["lr"] == pytest.approx(2.5e-3)
 
 
-def test_fused_update_must_be_a_bool():
+def test_fused_update_must_be_none_or_a_bool():
     model = make_model()
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="fused_update must be a bool, got str"):
+    with pytest.raises(TypeError, match="fused_update must be None, True or False, got str"):
         fastaccum.wrap(inner, K, fused_update="yes")
 
 
