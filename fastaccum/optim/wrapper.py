@@ -677,16 +677,17 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         no update at all.
 
         Raises:
-            TypeError: a new group's parameter is one this wrapper cannot take; nothing
-                is taken in (the group stays in the optimizer, and each step says so).
+            TypeError, ValueError: a new group's parameter is one this wrapper cannot take
+                (a fused class: not float32, or not dense); nothing is taken in (the group
+                stays in the optimizer, and each step says so).
         """
         groups = self.param_groups
         for index in range(self._group_count, len(groups)):
             params = list(groups[index]["params"])
             try:
                 self._check_group_params(params)
-            except TypeError as err:
-                raise TypeError(
+            except (TypeError, ValueError) as err:
+                raise type(err)(
                     f"param group {index}, added to the wrapped optimizer after wrapping: "
                     f"{err}. Remove it from the optimizer, or add it through the wrapper "
                     "after fixing it"

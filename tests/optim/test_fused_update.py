@@ -460,3 +460,18 @@ def test_a_group_added_to_a_list_member_is_accumulated():
         assert not torch.equal(p, p0)
         assert p.grad is None
     assert len(adamw.state) == len(params) - 2
+
+
+def test_a_fused_class_refuses_a_group_added_to_its_optimizer():
+    """A fused class takes in a group added to its torch optimizer only if its kernel can
+    update it: a view with gaps is refused at each step, naming the group."""
+    model = make_model()
+    params = list(model.parameters())
+    opt = fastaccum.optim.AdamW(params, lr=1e-2, accum_steps=K)
+    gappy = torch.nn.Parameter(torch.zeros(4, 6)[:, ::2])
+    opt.optimizer.add_param_group({"params": [gappy]})
+    x, y = token_batches(1)[0]
+    mean_loss(model, x, y).backward()
+    with pytest.raises(ValueError, match=r"param group 1, added to the wrapped optimizer.*dense"):
+        opt.step()
+    assert opt.micro_step == 0
