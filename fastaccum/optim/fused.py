@@ -168,12 +168,8 @@ def adam_update(state: State, group: Group, params: Tensors, accums: Tensors, sc
     """``torch.optim.Adam``'s (``AdamW``'s) update of ``params`` with ``scale x accums``
     as gradients, one ``adam_window_step_`` call per step count; ``state`` is the
     optimizer's, in torch's format (created as torch creates it). The accumulators are
-    zeroed.
-
-    Raises:
-        ValueError: the group is ``capturable`` or ``differentiable``.
+    zeroed. The caller checked the group (:func:`adam_refusal`).
     """
-    _check_adam_options(group["capturable"], group["differentiable"])
     amsgrad = bool(group["amsgrad"])
     beta1, beta2 = (float(b) for b in group["betas"])
     options = {
@@ -293,11 +289,6 @@ def fused_window_update(
     # The optimizer's groups hold the fp32 masters of low-precision parameters.
     targets = {opt._masters.get(p, p): acc for p, acc in window.items()}
     optimizer = opt.optimizer if optimizer is None else optimizer
-    why = _refusal(step_group, optimizer, targets)
-    if why is not None:  # checked for every group before any is updated
-        raise ValueError(
-            f"{why}, which fastaccum's fused update does not support; no parameter was updated"
-        )
     for group in optimizer.param_groups:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for p in group["params"]:
@@ -328,10 +319,13 @@ def auto_update(optimizer: torch.optim.Optimizer) -> GroupUpdate | None:
 
 
 def auto_fusable(
-    opt: AccumulatingOptimizer, window: ParamMap, optimizer: torch.optim.Optimizer
+    opt: AccumulatingOptimizer,
+    window: ParamMap,
+    optimizer: torch.optim.Optimizer,
+    update: GroupUpdate,
 ) -> bool:
-    """Whether the fused update gives ``window`` (model parameter -> accumulator, of
-    ``opt``) what ``optimizer.step()`` would: no step hooks, on the optimizer or torch's
+    """Whether ``update`` (:func:`auto_update` of ``optimizer``) gives ``window`` (model
+    parameter -> accumulator, of ``opt``) what ``optimizer.step()`` would: no step hooks, on the optimizer or torch's
     global ones (they see ``.grad``, which the fused update never writes), and no step of
     its own patched in (but a learning-rate scheduler's counter); groups whose options the
     kernel takes (not ``capturable``/``differentiable``, finite scalars, ...); float32 dense
@@ -344,9 +338,7 @@ def auto_fusable(
     patched = vars(optimizer).get("step")
     if patched is not None and not hasattr(patched, "_wrapped_by_lr_sched"):
         return False
-    update = _AUTO_STEPS.get(type(optimizer))
-    targets = {opt._masters.get(p, p) for p in window}
-    if update is None or _refusal(update, optimizer, targets) is not None:
+    if _refusal(update, optimizer, {opt._masters.get(p, p) for p in window}) is not None:
         return False
     for p, acc in window.items():
         target = _local(opt._masters.get(p, p))
@@ -419,7 +411,18 @@ class _FusedWindowOptimizer(AccumulatingOptimizer):
     def _fused_window_update(self, window: ParamMap, factor: float, accums: ParamMap) -> None:
         """:meth:`_apply_and_step` for ``window`` (parameter of this optimizer ->
         accumulator): this optimizer's own, or, once it joined a list, the window of the
-        list's wrapper, whose ``accums`` dict holds the accumulators."""
+        list's wrapper, whose ``accums`` dict holds the accumulators.
+
+        Raises:
+            ValueError: a group's options are ones the kernel does not take (checked for
+                every group before any is updated).
+        """
+        targets = {self._masters.get(p, p) for p in window}
+        why = _refusal(self._step_group, self.optimizer, targets)
+        if why is not None:
+            raise ValueError(
+                f"{why}, which fastaccum's fused update does not support; no parameter was updated"
+            )
         fused_window_update(self, self._step_group, window, factor, accums)
 
     # The update of one (param group, device): sgd_update or adam_update.

@@ -1802,7 +1802,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             return False
         from fastaccum.optim.fused import auto_fusable
 
-        return auto_fusable(self, self.window_accums(), self.optimizer)
+        return auto_fusable(self, self.window_accums(), self.optimizer, self._auto_step)
 
     def _fuse_list_members(self, window: ParamMap, factor: float) -> None:
         """The fused update for each ``torch.optim`` SGD/Adam/AdamW member of a list whose
@@ -1824,7 +1824,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 parts.setdefault(id(member), {})[p] = acc
         for member, update in self._auto_members:
             part = parts.get(id(member))
-            if part and auto_fusable(self, part, member):
+            if part and auto_fusable(self, part, member, update):
                 fused_window_update(self, update, part, factor, self._accums, member)
                 for p in part:
                     del window[p]
@@ -1938,7 +1938,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         through ``.data`` (``p.data.copy_(...)``) do not move the parameter's version
         counter and need it. Without masters it does nothing.
         """
-        chosen = list(self._masters) if params is None else [p for p in params]
+        chosen = list(self._masters if params is None else params)
         pairs = [(self._masters[p], p) for p in chosen if p in self._masters]
         if pairs:
             with torch.no_grad():
