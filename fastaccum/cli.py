@@ -4,9 +4,9 @@
 ``bench`` trains a byte-level GPT on real text (the Python standard library's sources, or
 ``--data FILE``) with native PyTorch (one large batch; the native accumulation loop) and
 with fastaccum (``wrap``; ``opt.backward`` + fused wgrad + the fused AdamW; the same with
-8-bit saved activations) on the same seeds and batches, then prints time per step, tokens/s, peak memory, final loss and each
-run's largest parameter deviation from the large-batch reference, and writes
-``bench.json`` and ``bench.png`` to ``--out``.
+8-bit saved activations) on the same seeds and batches, then prints time per step,
+tokens/s, peak memory, final loss and each run's largest parameter deviation from the
+large-batch reference, and writes ``bench.json`` and ``bench.png`` to ``--out``.
 
 ``bench-ops`` is the op micro-benchmark: one micro-step of native per-parameter ``add_``
 accumulation against fastaccum's fused ``accumulate_`` on a GPT-2-small parameter set.
@@ -354,7 +354,11 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastaccum`` argument parser."""
-    parser = argparse.ArgumentParser(prog="fastaccum", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fastaccum",
+        description="fastaccum's command line (also `python -m fastaccum`): bench, bench-ops, "
+        "plan and info. `fastaccum COMMAND --help` describes each.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     _add_bench_ops(sub)

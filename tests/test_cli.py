@@ -412,6 +412,17 @@ def test_bench_help_lists_the_flags(capsys):
         assert flag in out
 
 
+def test_top_level_help_names_every_command_in_whole_sentences(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    description = out.split("positional arguments")[0].split("\n\n", 1)[1].strip()
+    assert description.endswith("."), description
+    for command in ("bench", "bench-ops", "plan", "info"):
+        assert command in description
+
+
 def test_plan_prints_a_plan_for_the_bench_model(capsys):
     assert main(["plan", "--device", "cpu", "--memory-budget", "0.02", "--target", "16"]) == 0
     out = capsys.readouterr().out
