@@ -153,17 +153,27 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         "fastaccum.wrap) and print fastaccum.plan_batch's plan for a target batch.",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--model", choices=list(BYTE_GPT_SIZES), default="tiny")
-    p.add_argument("--target", type=int, default=256, help="target batch, sequences")
+    p.add_argument(
+        "--model",
+        choices=list(BYTE_GPT_SIZES),
+        default="tiny",
+        help="bench model size, as for `fastaccum bench` (default: tiny)",
+    )
+    p.add_argument("--target", type=int, default=256, help="target batch, sequences (default: 256)")
     p.add_argument(
         "--memory-budget",
         type=float,
         default=None,
         help="GiB of tensor memory to plan for (default: what the device has free)",
     )
-    p.add_argument("--headroom", type=float, default=0.1, help="fraction kept free")
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=0.1,
+        help="fraction of the budget kept free, in [0, 1) (default: 0.1)",
+    )
     p.add_argument("--data", default=None, help="text file (default: the stdlib's sources)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and batches (default: 0)")
     p.set_defaults(func=_cmd_plan)
 
 
