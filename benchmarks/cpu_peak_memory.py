@@ -11,6 +11,8 @@ of one fp32 set of gradients.
 ``native.foreach`` is the native loop with ``torch.optim.AdamW(..., foreach=True)``: the
 implementation ``torch.optim`` picks by default on CUDA (on CPU it picks the per-tensor loop),
 so its peak shows on this machine the full-size step temporaries a GPU user's native loop has.
+``wrap.backward.torchstep`` is ``wrap`` with ``fused_update=False``: torch's own AdamW step
+at the boundary instead of the fused update.
 
 Run: python benchmarks/cpu_peak_memory.py
 """
@@ -20,7 +22,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 
-PROVIDERS = ["native", "native.foreach", "wrap.step", "wrap.backward", "fused.AdamW.backward"]
+PROVIDERS = [
+    "native",
+    "native.foreach",
+    "wrap.step",
+    "wrap.backward",
+    "wrap.backward.torchstep",
+    "fused.AdamW.backward",
+]
 K, WIDTH, DEPTH, BATCH = 4, 2048, 8, 4
 
 
@@ -63,11 +72,16 @@ def _run(provider: str, queue: mp.Queue) -> None:
         if provider.startswith("fused"):
             wrapped = fastaccum.optim.AdamW(params, lr=1e-4, accum_steps=K, max_grad_norm=1.0)
         else:
-            wrapped = fastaccum.wrap(torch.optim.AdamW(params, lr=1e-4), K, max_grad_norm=1.0)
+            wrapped = fastaccum.wrap(
+                torch.optim.AdamW(params, lr=1e-4),
+                K,
+                max_grad_norm=1.0,
+                fused_update=not provider.endswith("torchstep"),
+            )
 
         def window() -> None:
             for x in data:
-                if provider.endswith("backward"):
+                if ".backward" in provider:
                     wrapped.backward(loss_of(x))
                 else:
                     loss_of(x).backward()
