@@ -273,6 +273,8 @@ class _DistributedWindow:
     replicas = 1  # ranks holding each shard (HSDP), whose shard sums of squares are equal
     # every_micro_step: each global micro-batch's item count in the last window
     micro_sizes: list[float] | None = None
+    # otherwise: the last window's noise-scale sums over every rank (see _noise_sums)
+    pooled: list[float] | None = None
     grad_factor = 1.0  # the reduction's own divisor, multiplied back at the boundary
 
     def __init__(self, opt: AccumulatingOptimizer, model: torch.nn.Module, group: Any) -> None:
@@ -341,6 +343,28 @@ class _DistributedWindow:
         rank's gradient of it (weighted, still loss-scaled), or None."""
         return None
 
+    def _noise_sums(
+        self, micro: torch.Tensor, fused_first: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """This rank's part of the noise-scale sums (``fastaccum.stats.pooled_terms``), to
+        be added over the ranks so that every rank estimates from every rank's
+        micro-batches: (count, sum of squared norms, sum of 1 / size) of the per-micro-batch
+        norms, then the same of the first micro-batch's norm of the fused set. Zero where
+        this rank has none (and when each micro-batch arrives reduced, which needs none)."""
+        sums = torch.zeros(6, dtype=torch.float64, device=device)
+        weights = self.opt._weights
+        if self.every_micro_step or not weights or min(weights) <= 0:
+            return sums
+        if micro.numel() and micro.numel() == len(weights):
+            sums[0] = float(len(weights))
+            sums[1] = micro.to(device=device, dtype=torch.float64).sum()
+            sums[2] = math.fsum(1.0 / w for w in weights)
+        if fused_first is not None:
+            sums[3] = 1.0
+            sums[4] = fused_first.to(device=device, dtype=torch.float64)
+            sums[5] = 1.0 / weights[0]
+        return sums
+
     def accepts_wgrad(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """Sharded windows: whether a fused layer whose parameters are ``weight`` (and
         ``bias``) adds its gradients into the window's gradient through this window."""
@@ -358,9 +382,11 @@ class _DistributedWindow:
         """Reduce the window and exchange counts: (global item total, window norm_sq,
         non-finite, this rank's micro-batch sums of squares, fused), identical on all
         ranks but the last two. ``norm_sq``/``bad`` are the local accumulators' (used when
-        sharded). ``fused`` is (the reduced window's norm_sq in fused-wgrad layers, this
-        rank's ``fused_first``) when both exist and the accumulators are replicated, else
-        None; both come back with the window's one host sync."""
+        sharded). ``fused`` is (the window's norm_sq in fused-wgrad layers, this rank's
+        ``fused_first`` or NaN) when the accumulators are replicated and hold fused-wgrad
+        layers, or sharded (the whole window then counts as fused), else None. The
+        noise-scale sums of every rank (:meth:`_noise_sums`) are left in ``self.pooled``.
+        All of it comes back with the window's one host sync."""
         opt = self.opt
         replicated_sq, replicated_bad = self.reduce_accumulators()
         # (fused part of the window's norm_sq, first micro-batch's) to bring to the host;
@@ -368,10 +394,13 @@ class _DistributedWindow:
         fused: list[torch.Tensor] = []
         if fused_first is not None and self.sharded:
             fused = [fused_first.reshape(1)]
-        elif fused_first is not None:
+        elif not self.sharded:
             fused_sq = self.reduced_fused_sq()
             if fused_sq is not None:
-                fused = [torch.stack([fused_sq, fused_first.to(fused_sq.device)])]
+                first_sq = torch.full_like(fused_sq, math.nan)
+                if fused_first is not None:
+                    first_sq = fused_first.to(device=fused_sq.device, dtype=fused_sq.dtype)
+                fused = [torch.stack([fused_sq, first_sq])]
         device = micro.device
         params = opt._params
         touched = torch.tensor(
@@ -396,6 +425,7 @@ class _DistributedWindow:
                 local_bad,
                 touched.to(device),
                 *per_micro,
+                self._noise_sums(micro, fused_first, device),
             ]
         )
         vector = torch.cat([head, _pack_batchnorm(self.batchnorms, device)])
@@ -427,6 +457,8 @@ class _DistributedWindow:
         m = len(opt._weights) if per_micro else 0
         micro_sums, micro_sizes = host[at : at + m], host[at + m : at + 2 * m]
         at += 2 * m
+        self.pooled = host[at : at + 6] if not per_micro else None
+        at += 6
         rep_sq, rep_bad = host[at], host[at + 1]
         world = gathered.shape[0]
         counts = [host[at + 2 + r * n_bn : at + 2 + (r + 1) * n_bn] for r in range(world)]
@@ -449,10 +481,10 @@ class _DistributedWindow:
         if self.sharded:
             # Shards of window gradients say nothing about one micro-batch; the first
             # micro-batch's norm was read before FSDP2 reduced it.
-            fused_host = (shard_sq, host[at]) if fused else None
-            return total, shard_sq, shard_bad != 0.0, [], fused_host
-        fused_host = (host[at], host[at + 1]) if fused else None
-        return total, rep_sq, rep_bad != 0.0, micro_host, fused_host
+            first = host[at] if fused else math.nan
+            return total, shard_sq, shard_bad != 0.0, [], (shard_sq, first)
+        replicated_fused = (host[at], host[at + 1]) if fused else None
+        return total, rep_sq, rep_bad != 0.0, micro_host, replicated_fused
 
 
 # --------------------------------------------------------------------------- DDP

@@ -34,7 +34,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["NoiseScaleTracker", "noise_scale_terms"]
+__all__ = ["NoiseScaleTracker", "noise_scale_terms", "pooled_terms"]
 
 
 def noise_scale_terms(
@@ -68,12 +68,36 @@ def noise_scale_terms(
         raise ValueError(f"got {len(sizes)} micro-batch sizes for {k} squared norms")
     if any(not (s > 0 and math.isfinite(s)) for s in sizes):
         raise ValueError(f"micro-batch sizes must be positive and finite, got {sizes}")
-    values = [*micro_sq_norms, window_sq_norm]
-    if any(not math.isfinite(v) for v in values):
-        raise ValueError("squared gradient norms must be finite")
     big = math.fsum(sizes) if window_size is None else float(window_size)
-    small = k / math.fsum(1.0 / s for s in sizes)  # harmonic mean
-    mean_small = math.fsum(micro_sq_norms) / k
+    return pooled_terms(
+        k, math.fsum(micro_sq_norms), math.fsum(1.0 / s for s in sizes), window_sq_norm, big
+    )
+
+
+def pooled_terms(
+    count: float,
+    sum_sq: float,
+    sum_inv_size: float,
+    window_sq_norm: float,
+    window_size: float,
+) -> tuple[float, float]:
+    """:func:`noise_scale_terms` from sums over the micro-batches, which add across
+    processes: ``count`` micro-batches, ``sum_sq`` of their squared norms and
+    ``sum_inv_size`` of 1 / their sizes, against a window of ``window_size`` items and
+    squared norm ``window_sq_norm``.
+
+    Raises:
+        ValueError: no micro-batch, non-finite sums or norm, or a window that holds no
+            more items than a micro-batch.
+    """
+    values = [count, sum_sq, sum_inv_size, window_sq_norm, window_size]
+    if any(not math.isfinite(v) for v in values):
+        raise ValueError("squared gradient norms and sizes must be finite")
+    if not (count >= 1 and sum_inv_size > 0):
+        raise ValueError(f"the noise scale needs at least 1 micro-batch, got {count:g}")
+    small = count / sum_inv_size  # harmonic mean of the micro-batch sizes
+    mean_small = sum_sq / count
+    big = float(window_size)
     if not big - small > 0.0:
         raise ValueError(
             f"the window ({big:g} items) must hold more items than a micro-batch ({small:g})"

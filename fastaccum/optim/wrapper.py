@@ -51,7 +51,7 @@ from fastaccum.ops.accumulate import (
 )
 from fastaccum.ops.wgrad import wgrad_accumulate_unchecked
 from fastaccum.optim.chained import ChainedOptimizer, add_note
-from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
+from fastaccum.stats import NoiseScaleTracker, noise_scale_terms, pooled_terms
 
 if TYPE_CHECKING:
     from fastaccum.optim.fused import GroupUpdate
@@ -511,6 +511,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._last_norm: float | None = None
         self._last_micro_sumsq: list[float] = []
         self._last_fused: tuple[float, float] | None = None  # see _finish_window
+        self._pooled: list[float] | None = None  # DDP/FSDP2: see _finish_window
         # ids of the parameters a fused-wgrad layer has written in any window: their
         # ordinary gradients (a tied weight's other use) stay out of the per-micro-batch
         # norms, since the first micro-batch's accumulator read measures them whole.
@@ -1582,6 +1583,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         micro = self._micro_sumsq(device)
         # (window, first micro-batch) squared gradient norms of the fused-wgrad layers
         self._last_fused = None
+        self._pooled = None
         if self._dist is None:
             # One host sync per window: the skip decision and the statistics.
             if norm_sq is None:  # nothing was folded (only fused-wgrad layers, if any)
@@ -1612,6 +1614,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     fused_window * window_scale * window_scale,
                     fused_first * inv_scale * inv_scale,
                 )
+            pooled = self._dist.pooled
+            if pooled is not None:  # sums over every rank: squared norms unscaled as above
+                for at in (1, 4):
+                    pooled[at] *= inv_scale * inv_scale
+            self._pooled = pooled
         self._last_micro_sumsq = [s * inv_scale * inv_scale for s in micro_host]
         if self._dist is not None:
             inv_scale *= self._dist.grad_factor  # FSDP2's average over ranks, undone
@@ -1728,10 +1735,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         The unfused parameters give one squared norm per micro-batch. Fused-wgrad layers
         write no gradient to measure, so for them the first micro-batch's norm stands for
         all: their |G|^2 and tr(Sigma) are estimated apart (both estimates are unbiased;
-        theirs is noisier) and the two sets are added. Under DDP the micro-batches are
-        this rank's and the window is every rank's. Under FSDP2 every parameter counts
-        as fused, its first micro-batch's norm read from FSDP2's unsharded gradient; when
-        FSDP2 reduces every micro-batch, the micro-batches are the global ones instead.
+        theirs is noisier) and the two sets are added. Under DDP and FSDP2 the
+        micro-batches are every rank's (their norms and sizes summed over the ranks in the
+        window's one exchange) and the window is every rank's, so that all ranks hold the
+        same estimate. Under FSDP2 every parameter counts as fused, each rank's first
+        micro-batch's norm read from FSDP2's unsharded gradient; when FSDP2 reduces every
+        micro-batch, the micro-batches are the global ones instead.
         Windows that cannot separate two batch sizes (one micro-batch on one process),
         and windows without the first micro-batch's norm that :meth:`_fused_norms` needs
         (one micro-batch per rank under DDP/FSDP2) are left out."""
@@ -1744,26 +1753,35 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 tracker.update(micro, norm * norm, self._dist.micro_sizes, total, units)
                 self._last_window_size = total
             return
-        if self._dist is not None and self._dist.sharded:
-            # FSDP2: every parameter as a fused layer's, from this rank's first micro-batch
-            if self._last_fused is not None:
-                window_sq, first = self._last_fused
-                with contextlib.suppress(ValueError):
-                    terms = noise_scale_terms([first], window_sq, sizes[:1], window_size=total)
-                    tracker.update_terms(*terms, units)
-                    self._last_window_size = total
+        if self._dist is not None:
+            # Every rank's micro-batches against the window of every rank: the sums of
+            # their norms and sizes come added over the ranks, so that every rank holds the
+            # same estimate. FSDP2: every parameter counts as a fused layer's.
+            if self._pooled is None:
+                return
+            n, sq, inv, n_first, sq_first, inv_first = self._pooled
+            with contextlib.suppress(ValueError):
+                if self._dist.sharded or self._fused_set():
+                    if self._last_fused is None:
+                        return
+                    fused_window = self._last_fused[0]
+                    terms = pooled_terms(n_first, sq_first, inv_first, fused_window, total)
+                    if not self._dist.sharded:  # the unfused parameters on top
+                        rest = pooled_terms(n, sq, inv, norm * norm - fused_window, total)
+                        terms = (terms[0] + rest[0], terms[1] + rest[1])
+                else:
+                    terms = pooled_terms(n, sq, inv, norm * norm, total)
+                tracker.update_terms(*terms, units)
+                self._last_window_size = total
             return
         if not micro or len(micro) != len(sizes):
             return
-        window_size = None if self._dist is None else total  # every rank's items
         with contextlib.suppress(ValueError):
             if not self._fused_set():
                 tracker.update(micro, norm * norm, sizes, total, units)
             elif self._last_fused is not None:
                 fused_window, fused_first = self._last_fused
-                grad_sq, trace = noise_scale_terms(
-                    micro, norm * norm - fused_window, sizes, window_size
-                )
+                grad_sq, trace = noise_scale_terms(micro, norm * norm - fused_window, sizes)
                 fused_grad_sq, fused_trace = noise_scale_terms(
                     [fused_first], fused_window, sizes[:1], window_size=total
                 )

@@ -529,10 +529,64 @@ def zero_redundancy_optimizer(rank: int, world: int) -> None:
         assert len(opt.state_dict()["optimizer"]["state"]) == params
 
 
+def every_rank_window(ref, world: int, w: int) -> tuple[list, list[float]]:
+    """float64 mean-loss gradients and item counts of window ``w``'s micro-batches on
+    every rank, rank by rank."""
+    grads, sizes = [], []
+    for r in range(world):
+        g, n = micro_gradients(ref, rank_batches(r, K * WINDOWS)[w * K : (w + 1) * K], mean_loss)
+        grads += g
+        sizes += n
+    return grads, sizes
+
+
+def assert_same_on_every_rank(value: float) -> None:
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    assert values == [value] * len(values)
+
+
+def noise_scale_pooled_over_ranks(rank: int, world: int) -> None:
+    """Under DDP every rank estimates the noise scale from every rank's micro-batches
+    against the global window, so that all ranks hold the same value (a schedule that
+    changes accum_steps from it keeps the ranks in step). With num_items (in items) and
+    without (in micro-batches), against float64 gradients fed to the same estimator."""
+    from fastaccum.stats import NoiseScaleTracker
+
+    ref = make_model().double()  # lr 0: the weights stay those of the reference
+    batches = rank_batches(rank, K * WINDOWS)
+    for with_items in (True, False):
+        model = make_model()
+        ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+        opt = fastaccum.wrap(torch.optim.SGD(ddp.parameters(), lr=0.0), K, model=ddp)
+        reference = NoiseScaleTracker()
+        for w in range(WINDOWS):
+            for x, y in batches[w * K : (w + 1) * K]:
+                opt.backward(mean_loss(ddp, x, y), num_items=len(y) if with_items else None)
+                opt.step()
+            grads, sizes = every_rank_window(ref, world, w)
+            if with_items:
+                mean = [
+                    sum(n * g[i] for n, g in zip(sizes, grads, strict=True)) / sum(sizes)
+                    for i in range(len(grads[0]))
+                ]
+                reference.update([sq(g) for g in grads], sq(mean), sizes)
+            else:
+                mean = [sum(g[i] for g in grads) / len(grads) for i in range(len(grads[0]))]
+                reference.update([sq(g) for g in grads], sq(mean))
+        stats = opt.stats()
+        assert stats["noise_scale_units"] == ("items" if with_items else "micro-batches")
+        assert opt.noise_scale_tracker.windows == reference.windows == WINDOWS
+        assert opt.noise_scale_tracker.grad_sq == pytest.approx(reference.grad_sq, rel=1e-4)
+        assert opt.noise_scale_tracker.trace == pytest.approx(reference.trace, rel=1e-4)
+        assert stats["noise_scale"] == pytest.approx(reference.noise_scale, rel=1e-4)
+        assert_same_on_every_rank(stats["noise_scale"])
+
+
 def noise_scale_with_fused_wgrad(rank: int, world: int) -> None:
     """With fuse_wgrad under DDP the noise scale is estimated too: the fused layers' part
-    from this rank's first micro-batch (read from its accumulators) and the fused part of
-    the reduced window (measured in the reduction), the LayerNorm's from this rank's
+    from every rank's first micro-batch (read from its accumulators) and the fused part of
+    the reduced window (measured in the reduction), the LayerNorm's from every rank's
     micro-batches, each against the window of every rank. The reference feeds float64
     gradients of each micro-batch and of the global window to the same estimator."""
     from fastaccum.stats import NoiseScaleTracker, noise_scale_terms
@@ -554,13 +608,16 @@ def noise_scale_with_fused_wgrad(rank: int, world: int) -> None:
         for x, y in window:
             opt.backward(mean_loss(ddp, x, y), num_items=len(y))
             opt.step()
-        grads, sizes = micro_gradients(ref, window, mean_loss)
-        mean, total = global_mean(grads, sizes)  # the window over every rank
+        mean, total = global_mean(*micro_gradients(ref, window, mean_loss))
+        grads, sizes = every_rank_window(ref, world, w)
         grad_sq, trace = noise_scale_terms(
             [sq(part(g, False)) for g in grads], sq(part(mean, False)), sizes, window_size=total
         )
         fused_grad_sq, fused_trace = noise_scale_terms(
-            [sq(part(grads[0], True))], sq(part(mean, True)), sizes[:1], window_size=total
+            [sq(part(grads[r * K], True)) for r in range(world)],
+            sq(part(mean, True)),
+            sizes[::K],
+            window_size=total,
         )
         reference.update_terms(grad_sq + fused_grad_sq, trace + fused_trace)
     assert opt._fused_seen  # the fused GEMMs wrote the Linear and Embedding weights
@@ -568,6 +625,7 @@ def noise_scale_with_fused_wgrad(rank: int, world: int) -> None:
     assert opt.noise_scale_tracker.grad_sq == pytest.approx(reference.grad_sq, rel=1e-4)
     assert opt.noise_scale_tracker.trace == pytest.approx(reference.trace, rel=1e-4)
     assert opt.stats()["noise_scale"] == pytest.approx(reference.noise_scale, rel=1e-4)
+    assert_same_on_every_rank(opt.stats()["noise_scale"])
 
 
 SCENARIOS = by_name(
@@ -585,6 +643,7 @@ SCENARIOS = by_name(
     accum_steps_schedule,
     chained_optimizers,
     zero_redundancy_optimizer,
+    noise_scale_pooled_over_ranks,
     noise_scale_with_fused_wgrad,
 )
 

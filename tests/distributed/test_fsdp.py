@@ -325,8 +325,9 @@ def chained_optimizers(rank: int, world: int) -> None:
 
 def noise_scale(rank: int, world: int) -> None:
     """Default mode: after each window's first micro-batch the wrapper reads this rank's
-    unsharded gradient of it, which FSDP2 keeps; with the reduced window's norm that
-    estimates the noise scale as for a fused layer (window of every rank). With
+    unsharded gradient of it, which FSDP2 keeps; the first micro-batches of every rank
+    with the reduced window's norm estimate the noise scale as for a fused layer, the
+    same on every rank. With
     reduce_scatter_every_micro_step each micro-batch arrives reduced over the ranks: the
     estimate uses the global micro-batches (the k-th of every rank: the shards' sums of
     squares and the item counts summed over ranks). Both against float64 gradients of
@@ -359,8 +360,17 @@ def check_noise_scale(rank: int, make_sharded) -> None:
             if every:
                 micro = [global_mean([g], [n]) for g, n in zip(grads, sizes, strict=True)]
                 reference.update([sq(m) for m, _ in micro], sq(mean), [n for _, n in micro])
-            else:
-                first = noise_scale_terms([sq(grads[0])], sq(mean), sizes[:1], window_size=total)
+            else:  # the first micro-batch of every rank
+                firsts = [
+                    micro_gradients(ref, rank_batches(r, K * WINDOWS)[w * K : w * K + 1], mean_loss)
+                    for r in range(dist.get_world_size())
+                ]
+                first = noise_scale_terms(
+                    [sq(g[0]) for g, _ in firsts],
+                    sq(mean),
+                    [n[0] for _, n in firsts],
+                    window_size=total,
+                )
                 reference.update_terms(*first)
         # every micro-batch's norm is known only when each arrives reduced
         assert bool(opt.stats()["micro_batch_sumsq"]) == every
@@ -368,6 +378,9 @@ def check_noise_scale(rank: int, make_sharded) -> None:
         assert opt.noise_scale_tracker.grad_sq == pytest.approx(reference.grad_sq, rel=1e-4)
         assert opt.noise_scale_tracker.trace == pytest.approx(reference.trace, rel=1e-4)
         assert opt.stats()["noise_scale"] == pytest.approx(reference.noise_scale, rel=1e-4)
+        values: list = [None] * dist.get_world_size()
+        dist.all_gather_object(values, opt.stats()["noise_scale"])
+        assert values == [values[0]] * len(values)  # the same estimate on every rank
 
 
 class WgradCalls:
