@@ -46,6 +46,11 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'fastaccum' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The loaded names and the ones loaded on first use, for ``dir()`` and completion."""
+    return sorted({*globals(), *_LAZY, "memory"})
+
+
 __all__ = [
     "AccumulateResult",
     "AccumulatingOptimizer",

@@ -472,9 +472,11 @@ def plan_batch(tmp_path, monkeypatch):
         used = plan.micro_batch_size * (plan.accum_steps - 1) + plan.last_micro_batch_size
         assert used == 512
         assert opt.accum_steps == plan.accum_steps
-        assert ns["lr"] == pytest.approx(3e-4 * math.sqrt(2), rel=1e-12)
+        scaled = 3e-4 * math.sqrt(2)  # the square-root rule from batch 256 to 512
         assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
-        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1, rel=1e-12)  # warm-up
+        for group in opt.optimizer.param_groups:  # the wrapped optimizer's own groups
+            assert group["initial_lr"] == pytest.approx(scaled, rel=1e-12)
+            assert group["lr"] == pytest.approx(scaled * 0.1, rel=1e-12)  # warm-up start
 
     ns = {
         "model": model,

@@ -33,9 +33,10 @@ import contextlib
 import copy
 import gc
 import math
+import operator
 import random
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -224,7 +225,12 @@ class _Saved:
 
 
 def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    out = model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    if isinstance(batch, Mapping):  # keyword inputs, as Hugging Face models take them
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
     if isinstance(out, dict):
         out = out.get("loss", next(iter(out.values())))
     if not isinstance(out, torch.Tensor):
@@ -243,6 +249,10 @@ class _Prober:
         self.opt: AccumulatingOptimizer | None
         if isinstance(optimizer, AccumulatingOptimizer):
             self.opt = optimizer
+            if optimizer.micro_step > 0:
+                # Mid-window: the probes run whole windows of their own (without num_items);
+                # the user's window comes back with the rest of the saved state.
+                optimizer._drop_window()
         elif optimizer is not None:
             self.opt = wrap(optimizer, 2)
         else:
@@ -264,6 +274,7 @@ class _Prober:
         opt = self.opt
         for _ in range(2):
             batch = self.make_batch(b)
+            _check_samples(batch, b)
             session: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if self.policy is not None:
                 from fastaccum.memory import save_activations
@@ -283,7 +294,12 @@ class _Prober:
         self.model.zero_grad(set_to_none=True)
 
     def peak(self, b: int) -> int | None:
-        """Measured peak bytes of one probe window at micro-batch b, or None on OOM."""
+        """Measured peak bytes of one probe window at micro-batch b, or None on OOM.
+
+        Raises:
+            PlanningError: the window raised anything else; the message names b and the
+                original error, which is chained.
+        """
         if self.device.type == "cuda":
             before = torch.cuda.memory_allocated(self.device)
         else:
@@ -296,18 +312,82 @@ class _Prober:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return None
+        except _BatchSizeError as err:
+            raise ValueError(str(err)) from None
+        except Exception as err:
+            hint = ""
+            if b == 1 and "value per channel" in str(err):
+                hint = (
+                    "; a model that cannot train on one sample (BatchNorm on (N, C) inputs) "
+                    "needs plan_batch(..., min_micro_batch_size=2)"
+                )
+            raise PlanningError(
+                f"plan_batch's probe window at micro-batch {b} raised "
+                f"{type(err).__name__}: {err}{hint}"
+            ) from err
         return before + measured
+
+
+def _as_int(name: str, value: Any) -> int:
+    """``value`` as an int (NumPy integers too).
+
+    Raises:
+        TypeError: a bool or a value that is not an integer.
+    """
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(value)
+    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+class _BatchSizeError(ValueError):
+    """``make_batch(n)`` returned a batch that does not hold n samples."""
+
+
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, Mapping):  # dicts, and UserDicts such as BatchEncoding
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
+
+
+def _check_samples(batch: Any, n: int) -> None:
+    """Raise when no tensor of ``make_batch(n)``'s batch holds n samples in its first
+    (batch-first) or second (sequence-first) dimension; batches without tensors pass.
+
+    Raises:
+        ValueError: the batch's tensors, with their shapes.
+    """
+    shapes = [tuple(t.shape) for t in _tensors(batch)]
+    if not shapes or any(n in shape[:2] for shape in shapes):
+        return
+    if isinstance(batch, (list, tuple)) and len(batch) == n:
+        return  # n samples as n tensors (sequences of different lengths, say)
+    shown = ", ".join(str(list(shape)) for shape in shapes[:4])
+    raise _BatchSizeError(
+        f"make_batch({n}) returned tensors of shapes {shown}: none holds {n} samples in its "
+        f"first or second dimension; make_batch(n) must return a batch of n samples, since "
+        "the plan measures memory against the micro-batch size"
+    )
 
 
 # ------------------------------------------------------------------------------ planning
 
 
-def _split(target: int, largest: int) -> tuple[int, int, int]:
-    """(micro, accum_steps, last): the fewest micro-batches of at most ``largest`` samples,
-    as even as possible, summing to ``target``."""
-    k = math.ceil(target / largest)
-    micro = math.ceil(target / k)
-    return micro, k, target - micro * (k - 1)
+def _split(target: int, largest: int, smallest: int = 1) -> tuple[int, int, int] | None:
+    """(micro, accum_steps, last): the fewest micro-batches of ``smallest`` to ``largest``
+    samples, all but the last of one size and as even as possible, summing to
+    ``target``; None when there is no such split."""
+    for k in range(math.ceil(target / largest), target // smallest + 1):
+        micro = math.ceil(target / k)
+        last = target - micro * (k - 1)
+        if smallest <= last <= micro <= largest:
+            return micro, k, last
+    return None
 
 
 def _default_budget(device: torch.device) -> tuple[int, str]:
@@ -344,6 +424,7 @@ def plan_batch(
     headroom: float = 0.1,
     policy: Any = None,
     verbose: bool = True,
+    min_micro_batch_size: int = 1,
 ) -> BatchPlan:
     """Choose the micro-batch size and accumulation steps for ``target_batch_size``.
 
@@ -364,6 +445,8 @@ def plan_batch(
             buffers), in [0, 1).
         policy: a ``fastaccum.ActivationPolicy`` to probe under, or None.
         verbose: print each probe to stderr.
+        min_micro_batch_size: the smallest micro-batch to probe and to plan, for models
+            that cannot train on fewer samples (2 for BatchNorm on (N, C) inputs).
 
     Returns:
         A :class:`BatchPlan`. ``micro_batch_size * (accum_steps - 1) +
@@ -371,21 +454,69 @@ def plan_batch(
         smaller the reasons say so (pass ``num_items`` to ``opt.step`` so it weighs right).
 
     Raises:
-        ValueError: target < 1, headroom outside [0, 1), budget <= 0, no parameters.
-        PlanningError: even micro-batch 1 does not fit; the message says how much memory
-            is missing.
+        TypeError: a model that is not an ``nn.Module``, a ``make_batch`` or ``loss_fn``
+            that is not callable, an optimizer that is not a ``torch.optim.Optimizer``,
+            non-numeric sizes, budget or headroom.
+        ValueError: target < 1, min_micro_batch_size outside [1, target], headroom
+            outside [0, 1), a budget that is not positive and finite, no parameters or
+            none that requires grad, a ``make_batch(n)`` whose tensors hold no n samples.
+        PlanningError: even the smallest micro-batch does not fit (the message says how
+            much memory is missing), a probe window raised (the error is chained), or no
+            split of the target into micro-batches of the allowed sizes exists.
     """
-    if isinstance(target_batch_size, bool) or not isinstance(target_batch_size, int):
-        raise TypeError(f"target_batch_size must be an int, got {type(target_batch_size).__name__}")
+    from fastaccum.optim import AccumulatingOptimizer
+
+    target_batch_size = _as_int("target_batch_size", target_batch_size)
+    min_micro_batch_size = _as_int("min_micro_batch_size", min_micro_batch_size)
     if target_batch_size < 1:
         raise ValueError(f"target_batch_size must be >= 1, got {target_batch_size}")
+    if not 1 <= min_micro_batch_size <= target_batch_size:
+        raise ValueError(
+            f"min_micro_batch_size must be in [1, target_batch_size={target_batch_size}], "
+            f"got {min_micro_batch_size}"
+        )
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)):
+        raise TypeError(f"headroom must be a float in [0, 1), got {type(headroom).__name__}")
     if not (0.0 <= headroom < 1.0):
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
-    if memory_budget is not None and not memory_budget > 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)):
+            raise TypeError(
+                "memory_budget must be a number of bytes (int or float) or None, got "
+                f"{type(memory_budget).__name__}"
+            )
+        if not (memory_budget > 0 and math.isfinite(memory_budget)):
+            raise ValueError(
+                f"memory_budget must be a positive, finite number of bytes, got {memory_budget}"
+            )
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(make_batch):
+        raise TypeError(f"make_batch must be callable as make_batch(n), got {make_batch!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
+    if optimizer is not None and not isinstance(
+        optimizer, (torch.optim.Optimizer, AccumulatingOptimizer)
+    ):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer, a fastaccum wrapper or None, got "
+            f"{type(optimizer).__name__}"
+        )
+    if policy is not None:
+        from fastaccum.memory.policy import ActivationPolicy
+
+        if not isinstance(policy, ActivationPolicy):
+            raise TypeError(
+                f"policy must be a fastaccum.ActivationPolicy or None, got {type(policy).__name__}"
+            )
     params = list(model.parameters())
     if not params:
         raise ValueError("model has no parameters to plan for")
+    if not any(p.requires_grad for p in params):
+        raise ValueError(
+            "no parameter of the model requires grad: a frozen model has no training step "
+            "to plan; unfreeze the parameters to be trained first"
+        )
     device = params[0].device
     if memory_budget is None:
         budget, budget_source = _default_budget(device)
@@ -417,38 +548,51 @@ def plan_batch(
                 peak = probe(b)
                 return peak is not None and peak <= usable
 
-            small = probe(1)
+            least = min_micro_batch_size
+            small = probe(least)
             if small is None or small > usable:
                 detail = "out of memory" if small is None else _size(small)
                 missing = "" if small is None else f", {_size(small - usable)} missing"
+                in_bytes = ""
+                if memory_budget is not None and memory_budget < 2**20:
+                    in_bytes = f" (memory_budget is in bytes: {memory_budget!r} was given)"
                 raise PlanningError(
-                    f"micro-batch 1 does not fit: it needs {detail} against {_size(usable)} "
-                    f"usable ({_size(budget)} budget, headroom {headroom:.0%})"
+                    f"micro-batch {least} does not fit: it needs {detail} against "
+                    f"{_size(usable)} "
+                    f"usable ({_size(budget)} budget, headroom {headroom:.0%}){in_bytes}"
                     f"{missing}; lower the model's memory (an activation policy, a smaller "
                     "model or dtype) or raise the budget"
                 )
-            b2 = min(target_batch_size, 4)
+            b2 = min(target_batch_size, max(4, 2 * least))
             per_sample = 0.0
-            if b2 > 1:
+            if b2 > least:
                 big = probe(b2)
                 if big is not None:
-                    per_sample = max((big - small) / (b2 - 1), 0.0)
-            fixed = int(small - per_sample)
+                    per_sample = max((big - small) / (b2 - least), 0.0)
+            fixed = int(small - per_sample * least)
             if per_sample > 0:
                 predicted_max = int((usable - fixed) // per_sample)
             else:
                 predicted_max = target_batch_size
-            best = max(1, min(target_batch_size, predicted_max))
+            best = max(least, min(target_batch_size, predicted_max))
             reasons.append(
                 f"measured: fixed {_size(fixed)} + {_size(per_sample)} per sample"
                 f" -> at most {predicted_max} samples per micro-batch predicted"
             )
-            best = _largest_fitting(fits, measured, usable, best, target_batch_size)
+            best = _largest_fitting(fits, measured, usable, best, target_batch_size, least)
             reasons.append(
                 f"largest micro-batch that fits, found by real steps: {best} "
                 f"({len(measured)} probes)"
             )
-            micro, k, last = _split(target_batch_size, best)
+            split = _split(target_batch_size, best, least)
+            if split is None:
+                raise PlanningError(
+                    f"no split of target {target_batch_size} into micro-batches of "
+                    f"{least} to {best} samples (all of one size but a smaller last one "
+                    f"of at least {least}); choose a target that is a multiple of a size in "
+                    "that range"
+                )
+            micro, k, last = split
             if micro not in measured:
                 probe(micro)
             micro_peak = measured[micro]
@@ -496,16 +640,17 @@ def _largest_fitting(
     usable: int,
     guess: int,
     target: int,
+    least: int = 1,
 ) -> int:
-    """The largest b in [1, target] with ``fits(b)``, given that 1 fits.
+    """The largest b in [least, target] with ``fits(b)``, given that ``least`` fits.
 
     Secant steps first: each guess is where the line through the two largest fitting
     probes reaches the usable memory (peaks grow about linearly with b). Once a guess
     fails, or the guesses stop moving, the answer is bracketed (by doubling the step if
     need be) and bisected to the exact integer.
     """
-    lo, hi = 1, target + 1  # fits(lo) holds; hi is the smallest known failure (or beyond)
-    b = max(1, min(guess, target))
+    lo, hi = least, target + 1  # fits(lo) holds; hi is the smallest known failure (or beyond)
+    b = max(least, min(guess, target))
     for _ in range(6):
         if not lo < b < hi:
             break

@@ -30,12 +30,25 @@ def scale_lr(base_lr: float, base_batch: int, new_batch: int, rule: str = "linea
     effective batch: micro-batch x accumulation steps (x ranks).
 
     Raises:
+        TypeError: an argument that is not a real number (a bool, a string, None).
         ValueError: a non-positive or non-finite argument, or an unknown ``rule``.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     for name, value in (("base_lr", base_lr), ("base_batch", base_batch), ("new_batch", new_batch)):
-        if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        if isinstance(value, (bool, str, bytes)) or value is None:
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ValueError(
+                f"{name} must be a positive finite number, got one too large for a float"
+            ) from None
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"{name} must be a real number, got {type(value).__name__}: {err}"
+            ) from None
+        if not (math.isfinite(number) and number > 0):
             raise ValueError(f"{name} must be a positive finite number, got {value}")
     ratio = new_batch / base_batch
     return base_lr * (ratio if rule == "linear" else math.sqrt(ratio))
@@ -56,9 +69,20 @@ def warmup(
     ``LinearLR`` / ``SequentialLR``, so it saves and loads like any scheduler.
 
     Raises:
+        TypeError: ``optimizer`` is not an optimizer, or ``after`` not a scheduler.
         ValueError: ``warmup_steps < 1`` or ``start_factor`` outside (0, 1], or ``after``
             schedules another optimizer.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer (or a fastaccum wrapper), got "
+            f"{type(optimizer).__name__}"
+        )
+    if after is not None and not isinstance(after, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(
+            "after must be a torch.optim.lr_scheduler scheduler built on the same optimizer "
+            f"(for example CosineAnnealingLR(opt, T_max)), got {type(after).__name__}"
+        )
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
     if not (0.0 < start_factor <= 1.0):

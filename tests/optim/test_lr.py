@@ -22,11 +22,31 @@ def test_scale_rules():
         ((-1.0, 4, 8), "base_lr"),
         ((1e-3, 4, math.inf), "new_batch"),
         ((1e-3, 4, 8, "cubic"), "rule"),
+        ((1e-3, 4, 10**400), "new_batch must be a positive finite number"),
     ],
 )
 def test_scale_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         scale_lr(*args)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((1e-3, "256", 512), "base_batch must be a real number, got str"),
+        ((1e-3, 256, None), "new_batch must be a real number, got NoneType"),
+        ((True, 256, 512), "base_lr must be a real number, got bool"),
+    ],
+)
+def test_scale_refuses_what_is_not_a_number(args, match):
+    with pytest.raises(TypeError, match=match):
+        scale_lr(*args)
+
+
+def test_scale_takes_numpy_and_tensor_numbers():
+    np = pytest.importorskip("numpy")
+    assert scale_lr(np.float32(0.5), np.int64(256), 1024) == pytest.approx(2.0, rel=1e-7)
+    assert float(scale_lr(torch.tensor(0.5), 256, 1024)) == pytest.approx(2.0, rel=1e-7)
 
 
 def test_warmup_then_cosine_on_a_wrapped_optimizer():
@@ -56,3 +76,7 @@ def test_warmup_bad_input():
         warmup(opt, 3, start_factor=0.0)
     with pytest.raises(ValueError, match="same optimizer"):
         warmup(opt, 3, after=torch.optim.lr_scheduler.StepLR(other, 2))
+    with pytest.raises(TypeError, match=r"after must be a torch\.optim\.lr_scheduler scheduler"):
+        warmup(opt, 3, after="cosine")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
+        warmup("sgd", 3)  # type: ignore[arg-type]
