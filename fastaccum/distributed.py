@@ -197,6 +197,12 @@ def _merge_batchnorm(
         module.window_count = count
 
 
+class RanksDisagreeError(ValueError):
+    """The ranks fed one window in ways that cannot be combined (``num_items`` on some
+    ranks only, or ``opt.backward`` on some and ``loss.backward(); opt.step()`` on others).
+    Raised on every rank at the boundary, with the window discarded everywhere."""
+
+
 def _sum64(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The float64 sum of scalar tensors, on the first one's device."""
     device = tensors[0].device
@@ -207,6 +213,31 @@ def _gather(vector: torch.Tensor, group: Any) -> torch.Tensor:
     parts = [torch.empty_like(vector) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, vector, group=group)
     return torch.stack(parts)
+
+
+def _check_window_kinds(counts: list[float], world: int) -> None:
+    """Raise :class:`RanksDisagreeError` when the ranks fed the window differently
+    (``counts``: :meth:`_DistributedWindow._window_kind` added over the ranks)."""
+    with_items, without_items, by_backward, by_step = (round(c) for c in counts)
+    problems = []
+    if with_items and without_items:
+        problems.append(
+            f"num_items was given on {with_items} of {world} ranks and not on {without_items}: "
+            "give it on every rank (each rank's own item count) or on none"
+        )
+    if by_backward and by_step:
+        problems.append(
+            f"the window's last micro-batch went through opt.backward(loss) on {by_backward} "
+            f"of {world} ranks and through loss.backward(); opt.step() on {by_step}: every "
+            "rank must take the same path"
+        )
+    if problems:
+        raise RanksDisagreeError(
+            "fastaccum: the ranks fed this window in ways that cannot be combined: "
+            + "; ".join(problems)
+            + ". The window was discarded on every rank; parameters and optimizer state are "
+            "unchanged"
+        )
 
 
 def merge_batchnorm_windows(model: torch.nn.Module, group: Any = None) -> None:
@@ -318,6 +349,11 @@ class _DistributedWindow:
     def check_flush(self) -> None:
         """Raise when a partial window cannot be finished."""
 
+    def any_rank_holds(self, micro_steps: int) -> bool:
+        """Whether any rank's partial window holds a micro-batch (``flush()`` on every
+        rank: a rank whose window is empty must still join the others' boundary)."""
+        return micro_steps > 0
+
     def local(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
@@ -342,6 +378,18 @@ class _DistributedWindow:
         """Sharded windows, after the window's first micro-batch: the squared norm of this
         rank's gradient of it (weighted, still loss-scaled), or None."""
         return None
+
+    def _window_kind(self, device: torch.device) -> torch.Tensor:
+        """How this rank fed its window, as counts to add over the ranks: [num_items given,
+        not given, last micro-batch through opt.backward, through loss.backward() and
+        step()]; zeros for an empty window (a rank joining another's flush)."""
+        opt = self.opt
+        kind = torch.zeros(4, dtype=torch.float64, device=device)
+        if opt._uses_num_items is not None:
+            kind[0 if opt._uses_num_items else 1] = 1.0
+        if opt._by_backward is not None:
+            kind[2 if opt._by_backward else 3] = 1.0
+        return kind
 
     def _noise_sums(
         self, micro: torch.Tensor, fused_first: torch.Tensor | None, device: torch.device
@@ -426,6 +474,7 @@ class _DistributedWindow:
                 touched.to(device),
                 *per_micro,
                 self._noise_sums(micro, fused_first, device),
+                self._window_kind(device),
             ]
         )
         vector = torch.cat([head, _pack_batchnorm(self.batchnorms, device)])
@@ -459,6 +508,8 @@ class _DistributedWindow:
         at += 2 * m
         self.pooled = host[at : at + 6] if not per_micro else None
         at += 6
+        _check_window_kinds(host[at : at + 4], world=gathered.shape[0])
+        at += 4
         rep_sq, rep_bad = host[at], host[at + 1]
         world = gathered.shape[0]
         counts = [host[at + 2 + r * n_bn : at + 2 + (r + 1) * n_bn] for r in range(world)]
@@ -591,6 +642,14 @@ class DDPWindow(_DistributedWindow):
     def _reducible(self) -> list[torch.Tensor]:
         return [p for p in self.opt._params if p.requires_grad]
 
+    def any_rank_holds(self, micro_steps: int) -> bool:
+        # No collective runs inside a DDP window before its boundary, so the ranks may
+        # hold different numbers of micro-batches (an uneven last window); one small
+        # all-reduce says whether any holds one.
+        count = torch.tensor([micro_steps], dtype=torch.float64, device=self.opt._params[0].device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(count.item() > 0)
+
     def _launch(self, params: list[torch.Tensor], result: Callable[[], Any]) -> Any:
         """All-reduce the accumulators of ``params`` as one flat fp32 buffer; a future that
         writes the sum back (with its norm and non-finite flag) and yields ``result()``."""
@@ -676,9 +735,13 @@ class DDPWindow(_DistributedWindow):
     def reduce_accumulators(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         missing = [p for p in self._reducible() if id(p) not in self._reduced]
         if missing and self._boundary_backward and not self.find_unused:
-            names = ", ".join(self.opt._names[id(p)] for p in missing[:3])
+            # The ones without a gradient on the last micro-batch; DDP left the rest of
+            # their buckets unreduced with them.
+            used = set().union(*(ids for ids, _ in self.opt._covers))
+            unused = [p for p in missing if id(p) not in used] or missing
+            names = ", ".join(self.opt._names[id(p)] for p in unused[:3])
             warnings.warn(
-                f"fastaccum: {len(missing)} parameter(s) ({names}) got no gradient on the "
+                f"fastaccum: {len(unused)} parameter(s) ({names}) got no gradient on the "
                 "window's last micro-batch while DDP has find_unused_parameters=False; "
                 "fastaccum reduced them itself, but DDP will raise on its next synced "
                 "backward. Create DistributedDataParallel(..., find_unused_parameters=True) "
@@ -984,6 +1047,28 @@ def attach(
                 message + ", or give this optimizer to fastaccum.wrap([...], K, model=...)"
             )
     return found
+
+
+def warn_without_distributed_model(
+    opt: AccumulatingOptimizer, model: torch.nn.Module | None, stacklevel: int
+) -> None:
+    """Warn when torch.distributed runs several ranks but the wrapper drives no DDP or
+    FSDP2 model (called at its first micro-batch, after a Trainer took its DDP over)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if not any(p.requires_grad for p in opt._params):
+        return
+    given = "no model=" if model is None else f"model= a {type(model).__name__}"
+    warnings.warn(
+        f"fastaccum: torch.distributed runs {dist.get_world_size()} ranks, but the wrapper "
+        f"got {given}, not the DistributedDataParallel or fully_shard model, so it "
+        "reduces no gradient across ranks itself and cannot weigh each rank's num_items: "
+        "data-parallel ranks then drift apart. Pass the DDP/FSDP2 model itself "
+        "(model=ddp, not ddp.module). If each rank trains its own model on purpose, "
+        "silence this warning with warnings.filterwarnings",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def check_reducible(p: torch.Tensor, name: str) -> None:

@@ -522,6 +522,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self.noise_scale_tracker = NoiseScaleTracker()
         self._last_window_size: float | None = None
         self._warned_divided = False
+        self._checked_distributed = False  # at the first step(): see step()
         self._window_lrs: list[object] | None = None  # the learning rates at window start
         self._warned_lr = False
         from fastaccum.distributed import attach
@@ -745,6 +746,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._close_after = False
         self._weights: list[float] = []
         self._uses_num_items: bool | None = None
+        self._by_backward: bool | None = None  # the last micro-batch's path: opt.backward
         self._window_bad: list[torch.Tensor] = []
         # Gradient sums of squares of every fold of the window and the micro-step each
         # belongs to: summed per micro-batch once, at the boundary, not on every step.
@@ -949,6 +951,12 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             Nothing is folded or changed when it raises.
         """
         self._check_usable("step()")
+        if not self._checked_distributed:
+            self._checked_distributed = True
+            if self._dist is None:
+                from fastaccum.distributed import warn_without_distributed_model
+
+                warn_without_distributed_model(self, self.model, _user_stacklevel() + 1)
         if not self.optimizer.state and _called_by_distributed_checkpoint():
             # torch.distributed.checkpoint creating missing state (zero gradients, lr 0):
             # that is the wrapped optimizer's step, not a micro-batch of the window.
@@ -961,6 +969,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._collect_wgrad_hits()
         # FSDP2 off the boundary holds gradients itself: step() then finds none.
         expected = self._dist is None or self._dist.grads_expected(self._at_boundary())
+        by_backward = self._hook_weight is not None
         if self._hook_weight is not None:  # opt.backward() already folded this micro-batch
             weight, uses = self._hook_weight, self._hook_uses
             if num_items is not None and _check_num_items(num_items) != weight:
@@ -992,6 +1001,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         if self._dist is not None:
             self._dist.after_micro_step()
         self._uses_num_items = uses
+        self._by_backward = by_backward
         self._weights.append(weight)
         self._watch_lr()
         self._micro_step += 1
@@ -1466,13 +1476,16 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """Step on a partial window (end of an epoch), normalized by what it actually held.
 
         Returns True when the wrapped optimizer stepped; False for an empty window or one
-        skipped for non-finite gradients.
+        skipped for non-finite gradients. Under DDP call it on every rank: a rank whose
+        partial window is empty joins the boundary of the others (with no items), and all
+        return False only when every rank's window is empty.
         """
         self._check_usable("flush()")
-        if self._micro_step == 0:
+        if self._dist is None:
+            return self._micro_step > 0 and self._finish_window()
+        if not self._dist.any_rank_holds(self._micro_step):
             return False
-        if self._dist is not None:
-            self._dist.check_flush()
+        self._dist.check_flush()
         return self._finish_window()
 
     def _replaced_params_hint(self) -> str:
@@ -1604,9 +1617,15 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             # Reduction, then one exchange of counts and the same single host sync.
             if norm_sq is None:
                 norm_sq = torch.zeros((), dtype=torch.float64, device=device)
-            total, norm_sq_host, bad_host, micro_host, fused_host = self._dist.finish_window(
-                norm_sq, bad, micro, self._usable_fused_first()
-            )
+            from fastaccum.distributed import RanksDisagreeError
+
+            try:
+                total, norm_sq_host, bad_host, micro_host, fused_host = self._dist.finish_window(
+                    norm_sq, bad, micro, self._usable_fused_first()
+                )
+            except RanksDisagreeError:
+                self._drop_window()  # on every rank: all of them raise here
+                raise
             if fused_host is not None:  # the reduced window's fused part, this rank's first
                 fused_window, fused_first = fused_host
                 window_scale = inv_scale * self._dist.grad_factor / total
@@ -2059,7 +2078,8 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: between ``opt.backward()`` and ``opt.step()``; from
-                torch.distributed.checkpoint, inside a window.
+                torch.distributed.checkpoint, inside a window; under FSDP2's default mode,
+                inside a window (its gradients are FSDP2's until the boundary).
         """
         if self._hook_weight is not None:
             raise RuntimeError(
@@ -2079,6 +2099,21 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     "Nothing was changed"
                 )
             return self.optimizer.state_dict()
+        dist_window = self._dist
+        if (
+            self._micro_step
+            and dist_window is not None
+            and dist_window.sharded
+            and not dist_window.every_micro_step
+        ):
+            raise RuntimeError(
+                "state_dict() in the middle of an FSDP2 window "
+                f"({self._micro_step} of {self._accum_steps} micro-batches folded): in "
+                "FSDP2's default mode the window's gradients live in FSDP2's unsharded "
+                "gradients until the boundary, and no state dict holds those. Save at a "
+                "boundary (when opt.step() returned True), or wrap with "
+                "reduce_scatter_every_micro_step=True to save mid-window. Nothing was changed"
+            )
         window_bad = (
             torch.stack([b.cpu() for b in self._window_bad]).any() if self._window_bad else None
         )

@@ -160,8 +160,104 @@ def step_path_and_flush(rank: int, world: int) -> None:
         assert opt.flush() is True
         per_window.append(sorted(calls.all_reduce))
     buckets = ddp_bucket_numels(ddp)
-    assert per_window == [buckets] * (WINDOWS + 1), f"{per_window} vs DDP {buckets}"
+    # flush() first asks whether any rank holds a micro-batch: one 1-element all-reduce
+    expected = [buckets] * WINDOWS + [sorted([1, *buckets])]
+    assert per_window == expected, f"{per_window} vs DDP {buckets}"
     assert_matches(model, want)
+
+
+def flush_with_an_empty_rank(rank: int, world: int) -> None:
+    """An uneven last window in which rank 0 holds no micro-batch and the others one:
+    flush() on every rank joins rank 0 to the boundary (it deadlocked before), all ranks
+    step on what the window held, and an all-empty window then returns False everywhere.
+    Both backward paths, against the large batch."""
+    n = K * WINDOWS
+    extra = rank_batches(rank, n + 1)[n:] if rank > 0 else []
+    last = [b for r in range(1, world) for b in rank_batches(r, n + 1)[n:]]
+    want, _ = large_batch_run(sgd, [*global_windows(world, n), last])
+    for opt_backward in (True, False):
+        model = make_model()
+        ddp = DDP(model, bucket_cap_mb=SMALL_BUCKETS_MB)
+        opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
+        for x, y in rank_batches(rank, n) + extra:
+            if opt_backward:
+                opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+                opt.step()
+            else:
+                mean_loss(ddp, x, y).backward()
+                opt.step(num_items=len(y))
+                opt.zero_grad()
+        assert opt.micro_step == len(extra)
+        assert opt.flush() is True
+        assert opt.flush() is False  # every rank's window is empty now
+        assert opt.stats()["windows"] == WINDOWS + 1
+        assert_matches(model, want)
+
+
+def wrap_without_the_ddp_model_warns(rank: int, world: int) -> None:
+    """Under torch.distributed, a wrapper without the DDP model (model= left out, or given
+    the inner module) warns at its first micro-batch, pointing at the user's line, that
+    nothing is reduced across ranks; with model=ddp it does not."""
+    model = make_model()
+    ddp = DDP(model)
+    x, y = rank_batches(rank, 1)[0]
+    for given in ({}, {"model": ddp.module}):
+        opt = fastaccum.wrap(sgd(model.parameters()), K, **given)
+        mean_loss(model, x, y).backward()
+        with pytest.warns(UserWarning, match=r"not the DistributedDataParallel.*model=ddp") as got:
+            opt.step()
+        assert got[0].filename == __file__
+        opt.zero_grad()
+        mean_loss(model, x, y).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()  # once
+        opt.zero_grad()
+    opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+        opt.step()
+
+
+def ranks_that_feed_a_window_differently(rank: int, world: int) -> None:
+    """num_items on rank 0 only, or opt.backward on rank 0 and loss.backward(); opt.step()
+    on the others: every rank raises at the boundary, with the window discarded and the
+    parameters and optimizer state untouched (they trained apart without a word before);
+    the next window, fed alike, trains exactly as the large batch of that window. (Mixed
+    paths reduce at different times; with one DDP bucket the reductions still pair up
+    and the boundary check sees the mix, with several the collective itself fails.)"""
+    from fastaccum.distributed import RanksDisagreeError
+
+    batches = rank_batches(rank, 2 * K)
+    want, _ = large_batch_run(sgd, global_windows(world, 2 * K)[1:])
+    for mix in ("num_items", "path"):
+        model = make_model()
+        start = [p.detach().clone() for p in model.parameters()]
+        ddp = DDP(model)
+        inner = sgd(ddp.parameters())
+        opt = fastaccum.wrap(inner, K, model=ddp)
+        with pytest.raises(RanksDisagreeError, match="discarded on every rank") as err:
+            for x, y in batches[:K]:
+                if mix == "path" and rank > 0:
+                    mean_loss(ddp, x, y).backward()
+                    opt.step(num_items=len(y))
+                    opt.zero_grad()
+                else:
+                    items = len(y) if mix == "path" or rank == 0 else None
+                    opt.backward(mean_loss(ddp, x, y), num_items=items)
+                    opt.step()
+        assert ("num_items was given" in str(err.value)) == (mix == "num_items")
+        assert ("same path" in str(err.value)) == (mix == "path")
+        assert opt.micro_step == 0
+        assert not inner.state or all(not s for s in inner.state.values())
+        for p, q in zip(model.parameters(), start, strict=True):
+            assert torch.equal(p.detach(), q)
+        ddp.zero_grad(set_to_none=True)
+        for x, y in batches[K:]:
+            opt.backward(mean_loss(ddp, x, y), num_items=len(y))
+            opt.step()
+        assert_matches(model, want)
 
 
 def fused_wgrad_and_fused_adamw(rank: int, world: int) -> None:
@@ -263,7 +359,8 @@ def find_unused_with_varying_usage(rank: int, world: int) -> None:
 
 def unused_at_boundary_without_find_unused(rank: int, world: int) -> None:
     """find_unused_parameters=False and a parameter unused on the boundary micro-batch:
-    the window is still reduced exactly, and a warning names the fix before DDP fails."""
+    the window is still reduced exactly, and a warning names the unused parameters (not
+    the others of their DDP bucket) and the fix before DDP fails."""
     streams = [rank_batches(r, K) for r in range(world)]
     windows = [[(streams[r][i], r, i) for r in range(world) for i in range(K)]]
     ref = Branchy()
@@ -272,11 +369,13 @@ def unused_at_boundary_without_find_unused(rank: int, world: int) -> None:
     model = Branchy()
     ddp = DDP(model)
     opt = fastaccum.wrap(sgd(ddp.parameters()), K, model=ddp)
-    with pytest.warns(UserWarning, match="find_unused_parameters=True"):
+    with pytest.warns(UserWarning, match="find_unused_parameters=True") as caught:
         for i, batch in enumerate(streams[rank]):
             loss, items = branchy_loss(ddp, (batch, rank, i))
             opt.backward(loss, num_items=items)
             opt.step()
+    message = next(str(w.message) for w in caught if "find_unused" in str(w.message))
+    assert "2 parameter(s) (module.aux.weight, module.aux.bias) got no gradient" in message
     assert_matches(model, ref)
 
 
@@ -631,6 +730,9 @@ def noise_scale_with_fused_wgrad(rank: int, world: int) -> None:
 SCENARIOS = by_name(
     opt_backward_one_allreduce_per_bucket,
     step_path_and_flush,
+    flush_with_an_empty_rank,
+    ranks_that_feed_a_window_differently,
+    wrap_without_the_ddp_model_warns,
     fused_wgrad_and_fused_adamw,
     static_graph,
     find_unused_with_varying_usage,

@@ -8,6 +8,7 @@ default reduce-scatter calls) through a counter.
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import tempfile
@@ -204,11 +205,41 @@ def partial_window_needs_last(rank: int, world: int) -> None:
     with pytest.raises(RuntimeError, match=re.escape("accumulate(last=True)")):
         opt.flush()
     assert opt.micro_step == 1
+    # The window's gradients are FSDP2's, so no state dict could hold them: refused.
+    with pytest.raises(RuntimeError, match="middle of an FSDP2 window"):
+        opt.state_dict()
+    assert opt.micro_step == 1
     x, y = batches[-1]
     with opt.accumulate(last=True):
         opt.backward(mean_loss(model, x, y), num_items=len(y))
     assert opt.step() is True
     assert_matches(model, want)
+
+
+def mid_window_resume_every_micro_step(rank: int, world: int) -> None:
+    """reduce_scatter_every_micro_step=True keeps the window in the wrapper's shard
+    accumulators: opt.state_dict() mid-window, loaded (with the model's) into a new
+    sharded model and wrapper, goes on bit-identically to the run never stopped."""
+    batches = rank_batches(rank, K * WINDOWS)
+    straight = sharded_model()
+    straight_opt = wrapped_adamw(straight, reduce_scatter_every_micro_step=True)
+    train(straight, straight_opt, batches)
+    model = sharded_model()
+    opt = wrapped_adamw(model, reduce_scatter_every_micro_step=True)
+    train(model, opt, batches[: K + 2])
+    assert opt.micro_step == 2
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=False)
+    model = sharded_model(seed=99)
+    opt = wrapped_adamw(model, reduce_scatter_every_micro_step=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    assert opt.micro_step == 2
+    train(model, opt, batches[K + 2 :])
+    for p, q in zip(model.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(p.to_local(), q.to_local())
 
 
 def step_path(rank: int, world: int) -> None:
@@ -584,6 +615,7 @@ SCENARIOS = by_name(
     window_mode,
     every_micro_step_mode,
     partial_window_needs_last,
+    mid_window_resume_every_micro_step,
     step_path,
     configuration_checks,
     dropped_wrapper_leaves_plain_fsdp,
