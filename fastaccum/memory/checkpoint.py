@@ -22,7 +22,14 @@ from typing import Any, cast
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from fastaccum.memory.policy import ActivationPolicy, Encoder, _is_parameter_like, active_session
+from fastaccum.memory.policy import (
+    ActivationPolicy,
+    Encoder,
+    _is_parameter_like,
+    _Kept,
+    active_session,
+    keep_as_is,
+)
 
 _local = threading.local()
 
@@ -108,13 +115,14 @@ class _Frame:
         index = self.saved
         self.saved += 1
         if _is_parameter_like(t):
-            return t
+            # Held as it is (not recomputed), with its version checked when unpacked.
+            return keep_as_is(t)
         self.placeholders.add(index)
         return _Placeholder(self, index)
 
     def unpack(self, stored: Any) -> torch.Tensor:
-        if isinstance(stored, torch.Tensor):
-            return stored
+        if isinstance(stored, _Kept):
+            return stored.get()
         frame: _Frame = stored.frame
         if stored.index not in frame.values:
             frame.recompute()

@@ -9,11 +9,15 @@ and the region's inputs are saved through the policy that is active around it).
 
 Per saved tensor, in this order:
 
-1. empty, integer or complex tensors, parameters (and views or casts of them), and
-   tensors smaller than ``min_bytes`` are kept as they are;
-2. with ``masks``: bool tensors, float tensors that need no gradient and hold only 0 and
-   one other value (0/1 masks, dropout's 0 or ``1 / (1 - p)``), and the output ReLU saves
-   (its backward needs only ``output > 0``) become 1-bit masks, which is lossless;
+1. empty, integer or complex tensors, parameters (and views or casts of them), tensors
+   smaller than ``min_bytes``, tensors that are not plain strided tensors (sparse, nested,
+   tensor subclasses) and views whose storage is smaller than their dense size (expanded,
+   stride-0 or overlapping views, which a compressed copy would make larger) are kept as
+   they are;
+2. with ``masks``: bool tensors, float tensors that need no gradient and hold only +0.0
+   and one positive finite value (0/1 masks, dropout's 0 or ``1 / (1 - p)``), and the
+   output ReLU saves (its backward needs only ``output > 0``) become 1-bit masks, which is
+   lossless;
 3. with ``bits``: float32/bfloat16/float16 tensors are quantized per group
    (:func:`fastaccum.ops.quantize.quantize_groups`), with seeded stochastic rounding so the
    stored value is unbiased; other dtypes are kept;
@@ -21,10 +25,19 @@ Per saved tensor, in this order:
    (:mod:`fastaccum.memory.offload`); CPU tensors stay where they are.
 
 A tensor saved by several ops (same tensor, same version) is stored once.
+
+In-place changes after saving: like PyTorch, unpacking a saved tensor that was modified in
+place after it was saved raises RuntimeError. For tensors kept as they are this is always
+detected (their version counter is shared). A compressed or copied tensor is not held, so
+it is checked through a weak reference to the tensor that was saved: a change made while
+that tensor object is alive is detected; a change made only through another alias (a
+``detach()``-ed tensor, or a view taken without autograd's view tracking) after the saved
+tensor itself was freed is not, and backward then uses the values as they were saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -135,13 +148,22 @@ class ActivationPolicy:
             )
         if pool is not None and not isinstance(pool, PinnedPool):
             raise TypeError(f"pool must be a PinnedPool, got {type(pool).__name__}")
+        flags = (
+            ("offload", offload),
+            ("stochastic_rounding", stochastic_rounding),
+            ("masks", masks),
+        )
+        for name, flag in flags:
+            # A string such as "no" would be truthy: only real bools are taken.
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool (True or False), got {type(flag).__name__}")
         self.bits = bits
-        self.offload = bool(offload)
+        self.offload = offload
         self.min_bytes = min_bytes
         self.group_size = group_size
-        self.stochastic_rounding = bool(stochastic_rounding)
+        self.stochastic_rounding = stochastic_rounding
         self.seed = seed
-        self.masks = bool(masks)
+        self.masks = masks
         self.prefetch = prefetch
         self.pool = pool
         self._sessions_started = 0
@@ -192,16 +214,23 @@ class _Attachment:
     """Forward pre-hook opens a session, forward hook (always called) closes it."""
 
     def __init__(self, policy: ActivationPolicy, module: torch.nn.Module) -> None:
-        self._sessions: list[Session] = []
+        self._sessions: list[Session | None] = []
 
         def enter(mod: torch.nn.Module, args: Any) -> None:
+            measurement = _measurement()
+            if measurement is not None and measurement.replace_attached:
+                # saved_bytes(..., policy=other) measures that policy in this one's place.
+                self._sessions.append(None)
+                return
             s = policy.session()
             s.__enter__()
             self._sessions.append(s)
 
         def leave(mod: torch.nn.Module, args: Any, output: Any) -> None:
             if self._sessions:
-                self._sessions.pop().__exit__(None, None, None)
+                s = self._sessions.pop()
+                if s is not None:
+                    s.__exit__(None, None, None)
 
         self._handles = [
             module.register_forward_pre_hook(enter),
@@ -258,6 +287,58 @@ def _restore(flat: torch.Tensor, shape: tuple[int, ...], perm: list[int] | None)
     return out.permute(inverse)
 
 
+def _modified_in_place(t: torch.Tensor, saved_version: int) -> RuntimeError:
+    # Starts with PyTorch's own wording, so that searches for it find this case too.
+    return RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an "
+        f"inplace operation: a {t.dtype} tensor of shape {tuple(t.shape)}, saved for backward "
+        f"under fastaccum.save_activations, is at version {t._version}; expected version "
+        f"{saved_version} instead. It was modified in place after it was saved for backward: "
+        "clone it before the in-place operation (or use the out-of-place operation)."
+    )
+
+
+@dataclass
+class _Kept:
+    """A tensor held as it is, with its version when it was saved.
+
+    ``tensor`` is a ``detach()``-ed alias: same storage and same version counter (so any
+    in-place change is seen), but no ``grad_fn``. Holding the saved tensor itself would make
+    a reference cycle when an op saves its own output (output -> grad_fn -> this record ->
+    output) that the garbage collector cannot break: a graph dropped without backward
+    would never be freed.
+    """
+
+    tensor: torch.Tensor
+    version: int
+
+    def get(self) -> torch.Tensor:
+        """The tensor; RuntimeError when it was modified in place after it was saved."""
+        if self.tensor._version != self.version:
+            raise _modified_in_place(self.tensor, self.version)
+        return self.tensor
+
+
+def keep_as_is(t: torch.Tensor) -> _Kept:
+    """What a saved-tensor hook stores to keep ``t`` as it is (see :class:`_Kept`)."""
+    return _Kept(t.detach(), t._version)
+
+
+@dataclass
+class _Source:
+    """The saved tensor behind a compressed or copied record, held weakly (holding it would
+    keep the memory the record saves), and its version when it was saved."""
+
+    ref: weakref.ref
+    version: int
+
+    def check(self) -> None:
+        """RuntimeError when the saved tensor is still alive and was modified in place."""
+        t = self.ref()
+        if t is not None and t._version != self.version:
+            raise _modified_in_place(t, self.version)
+
+
 @dataclass
 class _Quantized:
     data: list[torch.Tensor] | HostCopy  # packed, scale, minimum
@@ -267,6 +348,7 @@ class _Quantized:
     dtype: torch.dtype
     shape: tuple[int, ...]
     perm: list[int] | None
+    source: _Source
 
     def decode(self, data: list[torch.Tensor]) -> torch.Tensor:
         # ``data`` is the (packed, scale, minimum) triple; dequantize_groups unpacks any.
@@ -282,7 +364,8 @@ class _Mask:
     dtype: torch.dtype
     shape: tuple[int, ...]
     perm: list[int] | None
-    value: float  # what a set bit stands for (1, or dropout's 1 / (1 - p))
+    value: float  # what a set bit stands for (1, or dropout's 1 / (1 - p)); positive, finite
+    source: _Source
 
     def decode(self, data: list[torch.Tensor]) -> torch.Tensor:
         flat = unpack_mask(data[0], self.numel, self.dtype)
@@ -296,6 +379,7 @@ class _Raw:
     data: list[torch.Tensor] | HostCopy
     shape: tuple[int, ...]
     perm: list[int] | None
+    source: _Source
 
     def decode(self, data: list[torch.Tensor]) -> torch.Tensor:
         return _restore(data[0], self.shape, self.perm)
@@ -342,33 +426,90 @@ def _is_relu_own_save(t: torch.Tensor) -> bool:
     return node._sequence_nr() == _NEXT_SEQUENCE_NR() - 1
 
 
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse layouts, some tensor subclasses
+        return None
+
+
+def tensor_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The strided tensors holding ``t``'s data: its indices and values when it is sparse,
+    else ``t`` itself."""
+    if t.layout == torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    return [t]
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s elements (of its indices and values when it is sparse)."""
+    return sum(part.numel() * part.element_size() for part in tensor_parts(t))
+
+
+def parameter_data(t: torch.Tensor) -> str | None:
+    """How ``t`` relates to the model's parameters, for what saving it costs.
+
+    ``"parameter"``: a parameter or another leaf that requires grad, or a view of one: its
+    memory is held anyway. ``"cast"``: a copy of an ``nn.Parameter`` made by a cast (and
+    maybe viewed), e.g. autocast's bfloat16 weight: new memory, which the graph holds until
+    backward. None: anything else.
+    """
+    for c in (t, t._base):
+        if c is not None and (isinstance(c, torch.nn.Parameter) or (c.is_leaf and c.requires_grad)):
+            return "parameter"
+    node = t.grad_fn
+    for _ in range(4):
+        if node is None or type(node).__name__ not in _PASS_THROUGH_NODES:
+            return None
+        inputs = [f for f, _ in node.next_functions if f is not None]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+        if type(node).__name__ == "AccumulateGrad":
+            # AccumulateGrad nodes hold their leaf; torch's Node stub does not declare it.
+            leaf = node.variable  # type: ignore[attr-defined]
+            if not isinstance(leaf, torch.nn.Parameter):
+                return None
+            ptr = _storage_ptr(t)
+            return "parameter" if ptr is not None and ptr == _storage_ptr(leaf) else "cast"
+    return None
+
+
 def _is_parameter_like(t: torch.Tensor) -> bool:
     """True for parameters and other leaves that require grad (their memory is held
     anyway), views of them, and view/cast chains that end at an ``nn.Parameter`` (a cast is
     new memory, but a weight's, which the caller holds in full precision already)."""
-    for c in (t, t._base):
-        if c is not None and (isinstance(c, torch.nn.Parameter) or (c.is_leaf and c.requires_grad)):
-            return True
-    node = t.grad_fn
-    for _ in range(4):
-        if node is None or type(node).__name__ not in _PASS_THROUGH_NODES:
-            return False
-        inputs = [f for f, _ in node.next_functions if f is not None]
-        if len(inputs) != 1:
-            return False
-        node = inputs[0]
-        if type(node).__name__ == "AccumulateGrad":
-            # AccumulateGrad nodes hold their leaf; torch's Node stub does not declare it.
-            return isinstance(node.variable, torch.nn.Parameter)  # type: ignore[attr-defined]
-    return False
+    return parameter_data(t) is not None
+
+
+# Float dtypes a {0, c} tensor may be stored as a mask for, with the integer dtype of the
+# same width: a bitwise-zero element (an int view of 0) is +0.0, which the mask gives back.
+_MASK_INT_VIEWS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """True when ``t``'s storage holds fewer bytes than its elements (an expanded, stride-0
+    or overlapping view): a compressed copy of its elements could be larger than it."""
+    return t.untyped_storage().nbytes() < t.numel() * t.element_size()
 
 
 class Encoder:
     """The per-tensor decisions of one policy, with one stream of rounding seeds.
 
-    ``encode(t)`` returns what autograd should hold (the tensor itself when it is kept);
-    ``decode`` gives a tensor back. Sessions and :func:`checkpoint` recomputations each use
-    their own encoder; a recomputation rebuilt from the same seed base draws the same seeds.
+    ``encode(t)`` returns what autograd should hold (a :class:`_Kept` alias when ``t`` is
+    kept as it is, else a record); ``decode`` gives a tensor back, and raises RuntimeError
+    when the tensor was modified in place after it was saved (see the module docstring).
+    Sessions and :func:`checkpoint` recomputations each use their own encoder; a
+    recomputation rebuilt from the same seed base draws the same seeds.
     """
 
     def __init__(self, policy: ActivationPolicy | None, seed_base: int) -> None:
@@ -388,7 +529,13 @@ class Encoder:
     def keeps(self, t: torch.Tensor) -> bool:
         """True when ``t`` is kept as it is whatever else the policy says."""
         p = self.policy
-        if p is None or t.numel() == 0 or _is_parameter_like(t):
+        if p is None or _is_parameter_like(t):
+            return True
+        # Sparse, nested and subclassed tensors (and meta ones) have no plain storage to
+        # compress from, and a record would decode to a plain dense tensor.
+        if t.layout != torch.strided or t.is_nested or type(t) is not torch.Tensor or t.is_meta:
+            return True
+        if t.numel() == 0 or _overlaps(t):
             return True
         if t.dtype == torch.bool:
             return not p.masks or t.numel() < p.min_bytes
@@ -402,11 +549,18 @@ class Encoder:
         if p.masks:
             if t.dtype == torch.bool:
                 return "mask", 1.0
-            if not t.requires_grad:
+            int_view = _MASK_INT_VIEWS.get(t.dtype)
+            if not t.requires_grad and int_view is not None:
                 # Two-valued {0, c} tensors that need no gradient: dropout's scaled keep
-                # mask (0 or 1 / (1 - p)) and 0/1 masks. One extra read, and a sync on GPU.
+                # mask (0 or 1 / (1 - p)) and 0/1 masks. The mask stores x > 0 and decodes
+                # to bit * c, so it is exact only for a positive finite c (a negative c
+                # would come back as 0, and 0 * inf is NaN) and for zeros that are +0.0
+                # (bitwise zero: a -0.0 would come back as +0.0). All +0.0 is exact too.
+                # One extra read, and a sync on GPU.
                 top = t.amax()
-                if bool(((t == 0) | (t == top)).all()):
+                zero = t.view(int_view) == 0
+                two_valued = (top > 0) & top.isfinite() & (zero | (t == top)).all()
+                if bool(two_valued | zero.all()):
                     return "mask", top.item()
         if p.bits is not None and t.dtype in INPUT_DTYPES:
             return "quantize", 1.0
@@ -415,11 +569,13 @@ class Encoder:
     def encode(self, t: torch.Tensor) -> Any:
         """What to store for ``t`` (see the module docstring for the order of decisions)."""
         self.stats.saved += 1
-        self.stats.input_bytes += t.numel() * t.element_size()
+        self.stats.input_bytes += tensor_nbytes(t)
         if self.keeps(t):
             self.stats.kept += 1
-            self._note("parameter" if _is_parameter_like(t) else "kept", t)
-            return t
+            kept = keep_as_is(t)
+            if self.track is not None:
+                self._note(parameter_data(t) or "kept", kept.tensor)
+            return kept
         key = (
             t.untyped_storage().data_ptr(),
             t.storage_offset(),
@@ -443,8 +599,9 @@ class Encoder:
         if kind == "raw" and not (p.offload and t.is_cuda):
             # Neither compressed nor offloaded: autograd holds the tensor itself.
             self.stats.kept += 1
-            self._note("kept", t)
-            return t
+            kept = keep_as_is(t)
+            self._note("kept", kept.tensor)
+            return kept
         record = self._make_record(t, kind, mask_value)
         entry[slot] = record
         return record
@@ -462,10 +619,11 @@ class Encoder:
     def _make_record(self, t: torch.Tensor, kind: str, mask_value: float) -> _Record:
         p = cast(ActivationPolicy, self.policy)  # only called from encode (policy set)
         flat, shape, perm = _flatten_dense(t.detach())
+        source = _Source(weakref.ref(t), t._version)
         data: list[torch.Tensor]
         if kind in ("mask", "relu"):
             data = [pack_mask(flat)]
-            record: _Record = _Mask(data, flat.numel(), t.dtype, shape, perm, mask_value)
+            record: _Record = _Mask(data, flat.numel(), t.dtype, shape, perm, mask_value, source)
             self.stats.masks += 1
         elif kind == "quantize":
             self._quantized_count += 1
@@ -475,11 +633,13 @@ class Encoder:
                 flat, bits, p.group_size, seed=seed, stochastic=p.stochastic_rounding
             )
             data = list(q)
-            record = _Quantized(data, bits, p.group_size, flat.numel(), t.dtype, shape, perm)
+            record = _Quantized(
+                data, bits, p.group_size, flat.numel(), t.dtype, shape, perm, source
+            )
             self.stats.quantized += 1
         else:
             data = [flat]
-            record = _Raw(data, shape, perm)
+            record = _Raw(data, shape, perm, source)
         stored = sum(x.numel() * x.element_size() for x in data)
         if p.offload and t.is_cuda:
             record.data = HostCopy(data, p.pool or default_pool())
@@ -493,13 +653,21 @@ class Encoder:
         return record
 
     def _note(self, kind: str, data: Any) -> None:
+        # ``data`` must not hold a grad_fn: the graph holds this encoder (through the unpack
+        # hook), so a tensor of the graph held here would be a cycle through autograd's
+        # C++ nodes, which the garbage collector cannot break.
         if self.track is not None:
             self.track.append((kind, data))
 
     def decode(self, stored: Any) -> torch.Tensor:
-        """The tensor for what :meth:`encode` returned."""
-        if isinstance(stored, torch.Tensor):
-            return stored
+        """The tensor for what :meth:`encode` returned.
+
+        Raises RuntimeError when the saved tensor was modified in place after it was saved
+        (for a compressed one: while it is still alive, see the module docstring).
+        """
+        if isinstance(stored, _Kept):
+            return stored.get()
+        stored.source.check()
         data = stored.data
         if isinstance(data, HostCopy):
             self._prefetch_before(data)
@@ -533,7 +701,15 @@ class Session:
 
     def __init__(self, policy: ActivationPolicy) -> None:
         self.policy = policy
-        self.encoder = Encoder(policy, policy._next_seed_base())
+        measurement = _measurement()
+        if measurement is None:
+            self.encoder = Encoder(policy, policy._next_seed_base())
+        else:
+            # A measurement draws no session from the policy's seed stream, so that the
+            # sessions after it round as they would have without it (the byte counts do
+            # not depend on the seeds).
+            self.encoder = Encoder(policy, _splitmix64(policy.seed))
+            measurement.adopt(self.encoder)
         # The hooks read autograd's graph (grad_fn, parameters): under torch.compile they
         # run eagerly, never traced.
         reason = "fastaccum.save_activations' hooks read autograd's graph"
@@ -580,6 +756,43 @@ def active_session() -> Session | None:
     """The innermost session open in this thread, or None."""
     stack = _active()
     return stack[-1] if stack else None
+
+
+class Measurement:
+    """What the sessions opened in this thread during a :func:`measuring` block stored.
+
+    ``track`` holds (decision, stored data) pairs from every such session, including those
+    a policy attached to a module opens; ``encoders`` the sessions' encoders.
+    """
+
+    def __init__(self, replace_attached: bool) -> None:
+        self.replace_attached = replace_attached
+        self.track: list[tuple[str, Any]] = []
+        self.encoders: list[Encoder] = []
+
+    def adopt(self, encoder: Encoder) -> None:
+        encoder.track = self.track
+        self.encoders.append(encoder)
+
+
+def _measurement() -> Measurement | None:
+    return getattr(_local, "measurement", None)
+
+
+@contextlib.contextmanager
+def measuring(replace_attached: bool) -> Iterator[Measurement]:
+    """Collect what every session opened in this thread inside the block stores.
+
+    Sessions opened inside draw no seed from their policy's stream. With
+    ``replace_attached``, policies attached to modules (:meth:`ActivationPolicy.attach`)
+    open no session: the session around the call applies in their place.
+    """
+    outer = _measurement()
+    _local.measurement = Measurement(replace_attached)
+    try:
+        yield _local.measurement
+    finally:
+        _local.measurement = outer
 
 
 def iter_tracked(encoder: Encoder) -> Iterator[tuple[str, Any]]:

@@ -183,3 +183,28 @@ def test_region_ending_in_relu_feeds_the_next_layer_exactly():
     loss.backward()
     for p, e in zip([*stage.parameters(), *head.parameters(), x], exact, strict=True):
         assert torch.equal(p.grad, e)
+
+
+@pytest.mark.parametrize("policy", [None, ActivationPolicy(bits=8, min_bytes=0)])
+def test_in_place_change_after_forward_raises_like_pytorch(policy):
+    """A parameter or a region input modified in place between forward and backward: plain
+    PyTorch (no checkpoint) raises, and so does the checkpointed region, rather than
+    recompute from the new values."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+    match = "modified by an inplace operation"
+    for ckpt in (False, True):
+        h = X.detach().requires_grad_() * 1.0  # the weight is saved for its gradient
+        with save_activations(policy) if policy else torch.enable_grad():
+            out = checkpoint(lin, h) if ckpt else lin(h)
+        with torch.no_grad():
+            lin.weight.mul_(2.0)
+        with pytest.raises(RuntimeError, match=match):
+            out.sum().backward()
+        h = X.detach().requires_grad_() * 1.0
+        with save_activations(policy) if policy else torch.enable_grad():
+            out = checkpoint(lin, h) if ckpt else lin(h)
+        with torch.no_grad():
+            h.add_(1.0)
+        with pytest.raises(RuntimeError, match=match):
+            out.sum().backward()

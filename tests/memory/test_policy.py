@@ -1,6 +1,10 @@
 """ActivationPolicy / save_activations: gradients against exact PyTorch, what is kept,
 quantized or masked, determinism, unbiasedness of the gradients, bad input."""
 
+import gc
+import math
+import weakref
+
 import pytest
 import torch
 
@@ -289,6 +293,9 @@ def test_top_level_exports():
         ({"min_bytes": -1}, ValueError, "min_bytes must be >= 0"),
         ({"seed": 1.5}, TypeError, "seed must be an int"),
         ({"pool": object()}, TypeError, "pool must be a PinnedPool"),
+        ({"offload": "yes"}, TypeError, "offload must be a bool .* got str"),
+        ({"stochastic_rounding": "no"}, TypeError, "stochastic_rounding must be a bool .* got str"),
+        ({"masks": 1}, TypeError, "masks must be a bool .* got int"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -342,3 +349,190 @@ def test_compiled_fused_model_under_a_policy():
     assert session.stats.quantized >= 2 and session.stats.masks >= 1
     got = [opt._accums[p] for p in model.parameters()]
     assert rel_error(got, exact) < 0.02
+
+
+# --------------------------------------------------------------------------- trial fixes
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_a_negative_constant_input_keeps_its_value(bits):
+    """A saved tensor that needs no gradient and holds one negative value everywhere is
+    two-valued in no useful sense: a mask of x > 0 would decode it to zeros and dW to 0."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 16)
+    x = torch.full((64, 128), -0.5)  # 32 KiB: the default min_bytes
+
+    lin(x).pow(2).sum().backward()
+    exact = lin.weight.grad.clone()
+    lin.zero_grad()
+    with save_activations(ActivationPolicy(bits=bits)) as s:
+        out = lin(x)
+    out.pow(2).sum().backward()
+    assert s.stats.masks == 0
+    assert torch.equal(lin.weight.grad, exact)
+
+    w = torch.randn(256, 256, requires_grad=True)
+    c = torch.full((256, 256), -2.0)  # saved by mul for d/dw
+    ((w * 1.0) * c).square().sum().backward()
+    exact = w.grad.clone()
+    w.grad = None
+    with save_activations(ActivationPolicy(bits=bits)):
+        loss = ((w * 1.0) * c).square().sum()
+    loss.backward()
+    if bits is None:
+        assert torch.equal(w.grad, exact)
+    else:  # square's input is quantized
+        assert_close_rel(w.grad, exact, 0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_every_constant_and_signed_zero_tensor_decodes_bit_exactly(dtype):
+    """What autograd gets back is the saved tensor bit for bit (NaN, infinities and -0.0
+    included), mask or not; 0/c tensors with c > 0 still become masks."""
+    enc = Encoder(ActivationPolicy(bits=None, min_bytes=0), 1)
+    rand = torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) > 0.5
+    cases = [torch.full((64, 64), v, dtype=dtype) for v in (-0.5, -0.0, 0.0, 0.5)]
+    cases += [torch.full((64, 64), v, dtype=dtype) for v in (math.nan, math.inf, -math.inf)]
+    cases += [torch.where(rand, 3.0, v).to(dtype) for v in (-0.0, math.inf, -1.0, math.nan)]
+    cases += [torch.where(rand, v, 0.0).to(dtype) for v in (-3.0, math.inf)]
+    for t in cases:
+        back = enc.decode(enc.encode(t))
+        assert back.dtype == dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+    masks = enc.stats.masks
+    for t in [torch.where(rand, 2.5, 0.0).to(dtype), torch.zeros(64, 64, dtype=dtype)]:
+        back = enc.decode(enc.encode(t))
+        assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+    assert enc.stats.masks == masks + 2
+
+
+def _tanh_graph(w, policy):
+    """tanh(a @ w), with tanh's saved output y returned for the caller to modify."""
+    a = torch.randn(256, 64, requires_grad=True)
+    x = a * 1.0
+    if policy is None:
+        y = torch.tanh(x @ w)
+    else:
+        with save_activations(policy):
+            y = torch.tanh(x @ w)
+    return y
+
+
+INPLACE_POLICIES = {
+    "bits=None (kept)": ActivationPolicy(bits=None),
+    "bits=8 (quantized)": ActivationPolicy(bits=8),
+    "large min_bytes (kept)": ActivationPolicy(bits=8, min_bytes=1 << 30),
+}
+
+
+@pytest.mark.parametrize("name", list(INPLACE_POLICIES))
+def test_in_place_change_of_a_saved_tensor_raises_like_pytorch(name):
+    torch.manual_seed(0)
+    w = torch.randn(64, 64, requires_grad=True)
+    match = "modified by an inplace operation"
+    y = _tanh_graph(w, None)
+    with torch.no_grad():
+        y.mul_(0.0)
+    with pytest.raises(RuntimeError, match=match):
+        y.sum().backward()  # plain PyTorch, the reference
+    y = _tanh_graph(w, INPLACE_POLICIES[name])
+    with torch.no_grad():
+        y.mul_(0.0)
+    with pytest.raises(RuntimeError, match=rf"{match}.*shape \(256, 64\).*clone it"):
+        y.sum().backward()
+    # Unmodified, the same graph differentiates.
+    w.grad = None
+    _tanh_graph(w, INPLACE_POLICIES[name]).sum().backward()
+    assert w.grad is not None
+
+
+def test_in_place_change_of_a_parameter_or_mask_raises_like_pytorch():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+    x = torch.randn(512, 64, requires_grad=True)
+    for policy in (None, ActivationPolicy(bits=8, min_bytes=0)):
+        with save_activations(policy) if policy else torch.enable_grad():
+            loss = lin(torch.relu(x * 1.0)).sum()
+        with torch.no_grad():
+            lin.weight.add_(1.0)  # an optimizer step before backward
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        with save_activations(policy) if policy else torch.enable_grad():
+            h = torch.relu(x * 1.0)  # ReLU saves its output (a mask under the policy)
+            loss = h.sum()
+        with torch.no_grad():
+            h.neg_()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_a_graph_dropped_without_backward_is_freed(bits):
+    """An op saving its own output (tanh) under a policy that keeps it: the graph is freed
+    when dropped, as in plain PyTorch (holding the tensor itself was a reference cycle
+    through autograd's C++ nodes, never collected)."""
+    x = torch.randn(1 << 16, requires_grad=True)
+    # bits=None: stored raw, so kept; bits=8: kept for its size.
+    kept = ActivationPolicy(bits=bits, min_bytes=0 if bits is None else 1 << 30)
+    for policy in (None, kept):
+        with save_activations(policy) if policy else torch.enable_grad():
+            y = torch.tanh(x * 2)
+        alive = weakref.ref(y)
+        del y
+        gc.collect()
+        assert alive() is None
+
+
+def _sparse_graph(layout):
+    gen = torch.Generator().manual_seed(0)
+    n = 500
+    idx = torch.randint(0, n, (2, 4000), generator=gen)
+    adj = torch.sparse_coo_tensor(idx, torch.rand(4000, generator=gen), (n, n)).coalesce()
+    if layout == "csr":
+        adj = adj.to_sparse_csr()
+    return adj, torch.randn(n, 64, generator=gen)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse")
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("bits", [None, 8])
+def test_sparse_saved_tensors_are_kept(layout, bits):
+    """torch.sparse.mm(adj, h) saves the sparse adj: kept as it is (it has no strided
+    storage to compress); the dense h is compressed as usual."""
+    adj, x = _sparse_graph(layout)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+    torch.sparse.mm(adj, lin(x)).relu().sum().backward()
+    exact = [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad()
+    with save_activations(ActivationPolicy(bits=bits, min_bytes=0)) as s:
+        loss = torch.sparse.mm(adj, lin(x)).relu().sum()
+    loss.backward()
+    if bits is None:
+        assert all(torch.equal(p.grad, e) for p, e in zip(lin.parameters(), exact, strict=True))
+    else:
+        assert s.stats.quantized >= 1
+        assert rel_error([p.grad for p in lin.parameters()], exact) < 0.02
+
+
+def test_expanded_saved_tensor_is_kept_not_materialized():
+    """x * g.expand(B, T, D) saves the stride-0 view (1 KiB of storage): compressing it
+    would first copy it out to its dense size. Kept, the forward's peak memory is plain
+    PyTorch's and the gradients are exact."""
+    from fastaccum.memory import peak_bytes
+
+    b, t, d = 16, 128, 256
+    gate = torch.randn(1, 1, d, requires_grad=True)
+    x = torch.randn(b, t, d, requires_grad=True)
+
+    def forward(policy):
+        with save_activations(policy) if policy else torch.enable_grad():
+            return x * torch.sigmoid(gate * 2).expand(b, t, d)
+
+    plain_peak, out = peak_bytes(lambda: forward(None), "cpu")
+    out.sum().backward()
+    exact = (x.grad.clone(), gate.grad.clone())
+    x.grad = gate.grad = None
+    peak, out = peak_bytes(lambda: forward(ActivationPolicy(bits=8)), "cpu")
+    out.sum().backward()
+    assert peak <= plain_peak
+    assert torch.equal(x.grad, exact[0]) and torch.equal(gate.grad, exact[1])
