@@ -67,9 +67,10 @@ TORCH_LIBRARY(fastaccum, m) {
       "Tensor control, int slot) -> Tensor");
   // Fused batch normalization over dim 1 (the channels) of x: (N, C) or (N, C, *spatial),
   // fp32/bf16/fp16, contiguous or channels-last (outputs keep x's layout). Per-channel
-  // tensors have shape (C,) and are read as fp32; every statistic is fp32.
-  // bn_stats: per-channel mean and M2 (sum of squared deviations from the mean).
-  m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor m2)");
+  // tensors have shape (C,) and are read as fp32; every statistic is fp32 unless asked.
+  // bn_stats: per-channel mean and M2 (sum of squared deviations from the mean), in dtype
+  // (float32 when None, or float64).
+  m.def("bn_stats(Tensor x, ScalarType? dtype=None) -> (Tensor mean, Tensor m2)");
   // y = act((x - mean) * invstd * weight + bias), act = ReLU when relu; weight/bias None
   // mean 1/0.
   m.def(

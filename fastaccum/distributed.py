@@ -42,10 +42,14 @@ with the last backward and its bucket order; the hook keeps both for ``opt.backw
 All ranks must take the same path (both ``opt.backward`` or both ``loss.backward``), as
 they must run the same collectives.
 
-BatchNorm buffers. DDP broadcasts rank 0's buffers (``broadcast_buffers=True``) at the
-first forward after a synced one, i.e. at the first micro-batch of a window, when the
-AccumBatchNorm window statistics have just been merged, folded and reset on every rank, so
-the broadcast leaves them intact.
+BatchNorm windows. DDP broadcasts rank 0's buffers (``broadcast_buffers=True``, its
+default) at every forward after a synced backward: the first micro-batch of a window, the
+second under ``static_graph=True``, the first after a resume. AccumBatchNorm keeps its
+windows (statistics, and ``mode="window"``'s gradient sums, of this window and the
+previous one) in plain tensor attributes, not buffers, so the broadcast never reaches
+them: each rank's window is its own until the window's exchange merges it (statistics by
+Chan's formula, gradient sums added), after which the running statistics and the previous
+window are the same on every rank.
 
 FSDP2 (``fully_shard``)
 -----------------------
@@ -153,34 +157,49 @@ __all__ = ["merge_batchnorm_windows"]
 
 
 def _pack_batchnorm(modules: list[_AccumBatchNorm], device: torch.device) -> torch.Tensor:
-    """[count of each module, window means of all channels, window M2 of all channels]."""
+    """[sample count of each module, gradient-sample count of each module, window means of
+    all channels, window M2 of all channels, window gradient sums (mode="window": sums of g
+    and of g * xhat, 2 per channel) of all channels]."""
     if not modules:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    counts = torch.tensor([float(m.window_count) for m in modules], dtype=torch.float64)
+    counts = torch.tensor(
+        [float(m.window_count) for m in modules] + [float(m.window_grad_count) for m in modules],
+        dtype=torch.float64,
+    )
     means = [m.window_mean.to(device=device, dtype=torch.float64) for m in modules]
     m2s = [m.window_m2.to(device=device, dtype=torch.float64) for m in modules]
-    return torch.cat([counts.to(device), *means, *m2s])
+    grads = [m.window_grad.to(device=device, dtype=torch.float64).reshape(-1) for m in modules]
+    return torch.cat([counts.to(device), *means, *m2s, *grads])
 
 
 def _merge_batchnorm(
     modules: list[_AccumBatchNorm], gathered: torch.Tensor, counts: list[list[float]]
 ) -> None:
-    """Merge every rank's window statistics into each module, identically on all ranks.
+    """Merge every rank's window statistics and gradient sums into each module,
+    identically on all ranks.
 
-    ``gathered`` is (world, len(pack)); ``counts[r][i]`` is rank r's count of module i, read
-    on the host. With N = sum n_r and mean = sum n_r mean_r / N, the merged
-    M2 = sum M2_r + sum n_r (mean_r - mean)^2: Chan's pairwise merge applied to all ranks at
-    once, with deviations taken from the final mean (no cancellation), in float64.
+    ``gathered`` is (world, len(pack)); ``counts[r][i]`` is rank r's sample count of module
+    i and ``counts[r][M + i]`` its gradient-sample count (M modules), read on the host. With
+    N = sum n_r and mean = sum n_r mean_r / N, the merged M2 = sum M2_r + sum n_r (mean_r -
+    mean)^2: Chan's pairwise merge applied to all ranks at once, with deviations taken from
+    the final mean (no cancellation), in float64. Gradient sums and their counts add up, so
+    every rank's next window takes its gradient means over the previous window of all ranks
+    (as its reference statistics do), and the state every rank saves at a boundary is the
+    same.
     """
     if not modules:
         return
     sizes = [m.num_features for m in modules]
     total = sum(sizes)
     n_mod = len(modules)
-    n_rank = torch.tensor(counts, dtype=torch.float64, device=gathered.device)  # (world, M)
+    n_rank = torch.tensor(
+        [row[:n_mod] for row in counts], dtype=torch.float64, device=gathered.device
+    )  # (world, M)
     n = n_rank.repeat_interleave(torch.tensor(sizes, device=gathered.device), dim=1)
-    means = gathered[:, n_mod : n_mod + total]
-    m2s = gathered[:, n_mod + total : n_mod + 2 * total]
+    head = 2 * n_mod
+    means = gathered[:, head : head + total]
+    m2s = gathered[:, head + total : head + 2 * total]
+    grads = gathered[:, head + 2 * total : head + 4 * total].sum(0)
     n_all = n.sum(0)
     safe = n_all.clamp_min(1.0)
     mean = (n * means).sum(0) / safe
@@ -188,7 +207,12 @@ def _merge_batchnorm(
     offset = 0
     for i, (module, size) in enumerate(zip(modules, sizes, strict=True)):
         window = slice(offset, offset + size)
+        grad = grads[2 * offset : 2 * (offset + size)].view(2, size)
         offset += size
+        grad_count = int(sum(row[n_mod + i] for row in counts))
+        if grad_count > 0:
+            module.window_grad.copy_(grad)
+            module.window_grad_count = grad_count
         count = int(sum(row[i] for row in counts))
         if count == 0:
             continue
@@ -262,7 +286,7 @@ def merge_batchnorm_windows(model: torch.nn.Module, group: Any = None) -> None:
         return
     device = modules[0].window_mean.device
     gathered = _gather(_pack_batchnorm(modules, device), group)
-    counts = gathered[:, : len(modules)].tolist()
+    counts = gathered[:, : 2 * len(modules)].tolist()
     _merge_batchnorm(modules, gathered, counts)
 
 
@@ -484,7 +508,7 @@ class _DistributedWindow:
             replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
             replicated_bad = torch.zeros((), dtype=torch.bool, device=device)
         replicated_bad = cast(torch.Tensor, replicated_bad)  # reduce_accumulators: both or none
-        n_bn = len(self.batchnorms)
+        n_bn = 2 * len(self.batchnorms)  # sample and gradient-sample counts
         bn_counts = gathered[:, head.numel() : head.numel() + n_bn].reshape(-1)
         # The one host sync of the window: totals, norms, flags and BatchNorm counts.
         fused = [t.to(device=device, dtype=torch.float64) for t in fused]

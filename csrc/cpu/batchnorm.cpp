@@ -4,7 +4,8 @@
 // x is (N, C, *spatial) with the channels in dim 1, fp32/bf16/fp16, either contiguous
 // (read as planes) or channels-last, any rank (read as rows of C channels); any other
 // layout is copied to contiguous first. Outputs keep x's layout. Per-channel tensors of
-// any floating dtype are read as fp32; statistics and gradient sums are fp32.
+// any floating dtype are read as fp32; statistics are fp32 (or float64 when asked) and
+// gradient sums fp32.
 //
 // The work is cut into items that depend on the shapes alone (batchnorm_kernels.h), and
 // per-channel partial results are merged in item order, so results do not depend on the
@@ -202,7 +203,12 @@ at::Tensor first_sample(const at::Tensor& x) {
 
 // ---------------------------------------------------------------- ops
 
-std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
+std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in,
+                                                std::optional<at::ScalarType> dtype) {
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  TORCH_CHECK(out_type == at::kFloat || out_type == at::kDouble,
+              "dtype (of the statistics) must be float32 or float64, got ",
+              c10::toString(out_type));
   const int64_t C = check_input(x_in);
   const at::Tensor x = in_kernel_layout(x_in);
   check_count(x.numel() / C, x);
@@ -223,10 +229,6 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
     }
   });
 
-  auto opts = x.options().dtype(at::kFloat);
-  at::Tensor mean = at::empty({C}, opts), m2 = at::empty({C}, opts);
-  float* mean_out = mean.data_ptr<float>();
-  float* m2_out = m2.data_ptr<float>();
   std::vector<baseline::Moments> total(C);
   for (size_t i = 0; i < items.size(); ++i) {  // in item order: deterministic
     const double* p = partial.data() + i * per_item;
@@ -236,9 +238,23 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x_in) {
       for (int64_t c = 0; c < C; ++c) total[c].merge(p[3 * c], p[3 * c + 1], p[3 * c + 2]);
     }
   }
-  for (int64_t c = 0; c < C; ++c) {
-    mean_out[c] = static_cast<float>(a.shift[c] + total[c].mean);
-    m2_out[c] = static_cast<float>(total[c].m2);
+  // The moments are double here. A float64 mean keeps the digits that a large mean has
+  // beyond fp32's 24 bits: rounded to fp32 (an error of up to 5e-4 at 1e4), it enters the
+  // mean differences of a later Chan merge of micro-batches (AccumBatchNorm) as an error
+  // of that size.
+  at::Tensor mean = at::empty({C}, x.options().dtype(out_type));
+  at::Tensor m2 = at::empty({C}, x.options().dtype(out_type));
+  auto write = [&](auto* mean_out, auto* m2_out) {
+    using T = std::remove_pointer_t<decltype(mean_out)>;
+    for (int64_t c = 0; c < C; ++c) {
+      mean_out[c] = static_cast<T>(static_cast<double>(a.shift[c]) + total[c].mean);
+      m2_out[c] = static_cast<T>(total[c].m2);
+    }
+  };
+  if (out_type == at::kDouble) {
+    write(mean.data_ptr<double>(), m2.data_ptr<double>());
+  } else {
+    write(mean.data_ptr<float>(), m2.data_ptr<float>());
   }
   return {mean, m2};
 }

@@ -16,7 +16,11 @@ into the window's with Chan et al.'s pairwise update
 (micro-batches may differ in size; variances are never averaged). The running statistics
 are updated once per window, at :func:`end_window`, exactly as one large batch would have:
 ``running_var`` takes the unbiased ``M2 / (n - 1)``, as ``nn.BatchNorm`` does.
-``num_batches_tracked`` counts windows.
+``num_batches_tracked`` counts windows. Each micro-batch's statistics come in float64 (a
+float32 mean of 1e4 would be off by up to 5e-4, an error the merge's mean differences
+carry into M2). Under DDP or FSDP2 each rank's window is its own until the optimizer
+wrapper's once-per-window exchange merges it: the window lives in plain float64 tensor
+attributes, not buffers, which DDP would overwrite with rank 0's at a forward.
 
 ``mode="merged"``. Training-time normalization uses the micro-batch's own statistics, as
 BatchNorm does.
@@ -79,7 +83,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol, cast
 
 import torch
@@ -209,10 +213,10 @@ def _check_window_state(state: object, num_features: int, where: str = "") -> No
 
 
 class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
-    """Shared implementation; use :class:`AccumBatchNorm1d`/``2d``/``3d``."""
+    """Shared implementation; use :class:`AccumBatchNorm1d`/``2d``/``3d`` (or
+    :class:`AccumBatchNormNd`, what a converted ``nn.SyncBatchNorm`` becomes)."""
 
-    # Buffers registered by _init_window (nn.Module.__getattr__ alone would type them as
-    # Tensor | Module).
+    # Per-channel window statistics and gradient sums, float64 (see _init_window).
     window_mean: torch.Tensor
     window_m2: torch.Tensor
     prev_mean: torch.Tensor
@@ -247,27 +251,24 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         device = None if first is None else first.device
         # Window and previous-window statistics, per channel in float64 (a few numbers per
         # channel: the merge's mean differences lose digits in fp32 when the mean is large).
-        # Not persistent, so state_dict keys stay those of nn.BatchNorm and existing
-        # checkpoints load. Sample counts follow from shapes alone, so they live on the host
-        # (no device sync).
+        # Sample counts follow from shapes alone, so they live on the host (no device sync).
+        # mode="window" adds per-channel sums of g = dL/dxhat and of g * xhat over the
+        # window's backward passes so far and over the previous window's, with their
+        # sample counts.
+        #
+        # Plain tensor attributes, not buffers: these are each rank's own until the
+        # window's exchange merges them, and DDP (broadcast_buffers=True, its default)
+        # copies rank 0's buffers over every rank's at each forward after a synced
+        # backward. Out of state_dict too, so its keys stay those of nn.BatchNorm (the
+        # optimizer wrapper saves them). _apply moves them with the module.
         self.window_count = 0
         self.prev_count = 0
-        for name in ("window_mean", "window_m2", "prev_mean", "prev_m2"):
-            self.register_buffer(
-                name,
-                torch.zeros(self.num_features, dtype=torch.float64, device=device),
-                persistent=False,
-            )
-        # mode="window": per-channel sums of g = dL/dxhat and of g * xhat over the window's
-        # backward passes so far and over the previous window's, with their sample counts.
         self.window_grad_count = 0
         self.prev_grad_count = 0
-        for name in ("window_grad", "prev_grad"):
-            self.register_buffer(
-                name,
-                torch.zeros(2, self.num_features, dtype=torch.float64, device=device),
-                persistent=False,
-            )
+        for name in _WINDOW_TENSORS:
+            shape = (2, self.num_features) if name.endswith("grad") else (self.num_features,)
+            self._buffers.pop(name, None)  # a module pickled when these were buffers
+            setattr(self, name, torch.zeros(shape, dtype=torch.float64, device=device))
         # (count, mean, what the forward used) of this window's training forwards, so that a
         # checkpoint recomputation reuses its original forward's r and d (or statistics).
         self._forward_log: list[tuple[int, torch.Tensor, _Pair]] = []
@@ -275,12 +276,46 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         # (r, d) of the last renorm training forward, per channel, for inspection.
         self.renorm_factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> _AccumBatchNorm:
+        """``nn.Module._apply`` (``to``, ``cuda``, ``half``, ``to_empty``, ...), then the
+        window tensors follow the module to ``fn``'s device. They stay float64: a cast such
+        as ``.half()`` applies to the module's own tensors, not to the statistics that
+        merge micro-batches. Values are kept (a window on the meta device starts empty)."""
+        super()._apply(fn, recurse)
+        for name in _WINDOW_TENSORS:
+            window = getattr(self, name)
+            self._window_to(fn(window).device, (name,))
+        return self
+
+    def _window_to(self, device: torch.device, names: tuple[str, ...] = _WINDOW_TENSORS) -> None:
+        """Move the window tensors to ``device``, keeping their values (zeros from the meta
+        device). The forward calls it too: FSDP2's ``fully_shard`` moves a module's
+        parameters and buffers by assigning their ``.data``, which plain attributes do not
+        see, so the first forward on the new device brings them along."""
+        for name in names:
+            window = getattr(self, name)
+            if window.device.type == "meta":
+                setattr(self, name, torch.zeros_like(window, device=device))
+            else:
+                setattr(self, name, window.to(device))
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        super().__setstate__(state)
+        # A module pickled when the window tensors were buffers: make them attributes.
+        for name in _WINDOW_TENSORS:
+            if name in self._buffers:
+                setattr(self, name, self._buffers.pop(name))
+
     def _micro_stats(self, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         """This micro-batch's per-channel (count, mean, M2), in float64."""
         n_b = x.numel() // self.num_features
         if _kernel_input(x):  # one read of x, no temporary the size of x
-            mean_b, m2_b = bn_ops.batch_norm_stats(x.detach())
-            return n_b, mean_b.double(), m2_b.double()
+            # float64: a float32 mean of 1e4 is off by up to 5e-4, and _merge's mean
+            # differences between micro-batches would carry that error into the window's M2.
+            mean_b, m2_b = bn_ops.batch_norm_stats(x.detach(), dtype=torch.float64)
+            return n_b, mean_b, m2_b
         dims = [0, *range(2, x.dim())]
         xf = x.detach().to(torch.promote_types(x.dtype, torch.float32))
         # Shift by one sample per channel before reducing: with a large mean (say 1e4 with
@@ -388,6 +423,11 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         self._windows_done = done + 1
         self.discard_window()
 
+    def _window_in_progress(self) -> bool:
+        """Whether a window has begun: merged statistics, gradient sums or recorded
+        forwards since the last boundary."""
+        return self.window_count > 0 or self.window_grad_count > 0 or bool(self._forward_log)
+
     def discard_window(self) -> None:
         """Drop the window's statistics without touching the running statistics or the
         previous window (used when the optimizer discards a window for non-finite
@@ -463,6 +503,8 @@ class _AccumBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 0.0,
                 self.eps,
             )
+        if (corrected or merge) and self.window_mean.device != input.device:
+            self._window_to(input.device)
         with torch.no_grad():
             n_b, mean_b, m2_b = self._micro_stats(input)
             used = self._recorded(n_b, mean_b) if recomputing and corrected else None
@@ -635,16 +677,35 @@ class AccumBatchNorm3d(_AccumBatchNorm, torch.nn.BatchNorm3d):
     """``nn.BatchNorm3d`` that stays correct under accumulation (see module docs)."""
 
 
+class AccumBatchNormNd(_AccumBatchNorm):
+    """Accumulation-aware BatchNorm for ``(N, C)`` or ``(N, C, *spatial)`` inputs of any
+    rank, as ``nn.SyncBatchNorm`` takes them: what :func:`convert_batchnorm` turns an
+    ``nn.SyncBatchNorm`` into (see there)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
 _CONVERSIONS: dict[type[torch.nn.Module], type[_AccumBatchNorm]] = {
     torch.nn.BatchNorm1d: AccumBatchNorm1d,
     torch.nn.BatchNorm2d: AccumBatchNorm2d,
     torch.nn.BatchNorm3d: AccumBatchNorm3d,
+    torch.nn.SyncBatchNorm: AccumBatchNormNd,
 }
 
 
+def _describe_mode(mode: str, schedule: RenormSchedule | None) -> str:
+    """``mode='window'``, or with the renorm options: ``mode='renorm' (rmax=3.0, ...)``."""
+    if schedule is None:
+        return f"mode={mode!r}"
+    options = ", ".join(f"{k}={getattr(schedule, k)}" for k in RENORM_OPTIONS)
+    return f"mode={mode!r} ({options})"
+
+
 def convert_batchnorm(model: ModuleT, mode: str = "merged", **options: float | int) -> ModuleT:
-    """Switch every ``nn.BatchNorm1d/2d/3d`` of ``model`` (exact classes) to its
-    accumulation-aware counterpart, in place, and return ``model``.
+    """Switch every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` of ``model`` (exact
+    classes) to its accumulation-aware counterpart, in place, and return ``model``.
 
     Weights, buffers and ``state_dict`` keys are kept (the modules are the same objects),
     so existing checkpoints load and eval outputs are unchanged right after conversion.
@@ -653,25 +714,67 @@ def convert_batchnorm(model: ModuleT, mode: str = "merged", **options: float | i
     ``benchmarks/bn_accuracy.py``). ``options`` go to ``mode="renorm"``: ``rmax``,
     ``dmax``, ``plain_windows``, ``warmup_windows`` (see :class:`RenormSchedule`).
 
+    ``nn.SyncBatchNorm`` becomes :class:`AccumBatchNormNd`. It no longer all-reduces
+    statistics at every forward: under ``fastaccum.wrap(..., model=ddp)`` its window
+    statistics are merged across the ranks at each window boundary, as every
+    AccumBatchNorm's are, so the running statistics are those of all ranks' window samples
+    together; training-time normalization is the mode's (``merged``: the micro-batch's own
+    statistics, not the ranks' pooled ones). Its ``process_group`` is dropped.
+
+    Modules that are accumulation-aware already (converted before) take ``mode`` and
+    ``options`` at a window boundary: calling it again right after the optimizer step
+    that closed a window (or after :func:`end_window`) switches the mode, keeping the
+    previous window's statistics.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or an unknown option.
-        ValueError: unknown ``mode``, options given to a mode without any, or an
-            out-of-range option (``rmax < 1``, ``dmax < 0``, a negative window count).
-        Nothing is converted when it raises.
+        ValueError: unknown ``mode``, options given to a mode without any, an out-of-range
+            option (``rmax < 1``, ``dmax < 0``, a negative window count), or an
+            accumulation-aware module of another mode (or other renorm options) in the
+            middle of a window. Nothing is converted when it raises.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     schedule = _renorm_schedule(mode, options)
-    for module in model.modules():
+    fresh: list[tuple[torch.nn.Module, type[_AccumBatchNorm]]] = []
+    switched: list[_AccumBatchNorm] = []
+    for name, module in model.named_modules():
         target = _CONVERSIONS.get(type(module))
         if target is not None:
-            module.__class__ = target
-            cast(_AccumBatchNorm, module)._init_window(mode, schedule)
+            fresh.append((module, target))
+        elif isinstance(module, _AccumBatchNorm):
+            if (module.mode, module.renorm) == (mode, schedule):
+                continue
+            if module._window_in_progress():
+                raise ValueError(
+                    f"cannot switch AccumBatchNorm {name or type(model).__name__!r} from "
+                    f"{_describe_mode(module.mode, module.renorm)} to "
+                    f"{_describe_mode(mode, schedule)} in the middle of a window "
+                    f"({module.window_count} samples so far): the window's statistics and "
+                    "its recorded forwards belong to the old mode. Convert at a window "
+                    "boundary: right after the optimizer step that closes a window, or after "
+                    "fastaccum.nn.end_window(model)"
+                )
+            switched.append(module)
+    for module, target in fresh:
+        module.__dict__.pop("process_group", None)  # nn.SyncBatchNorm's; unused here
+        module.__class__ = target
+        cast(_AccumBatchNorm, module)._init_window(mode, schedule)
+    for module in switched:
+        module.mode = mode
+        module.renorm = schedule
+        module.renorm_factors = None
     return model
 
 
 def accum_batchnorms(model: torch.nn.Module) -> list[_AccumBatchNorm]:
-    """The accumulation-aware BatchNorm modules of ``model``, in ``model.modules()`` order."""
+    """The accumulation-aware BatchNorm modules of ``model``, in ``model.modules()`` order.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [m for m in model.modules() if isinstance(m, _AccumBatchNorm)]
 
 
@@ -715,6 +818,9 @@ def end_window(model: torch.nn.Module, *, discard: bool = False) -> None:
 
     ``fastaccum.wrap(opt, K, model=model)`` calls it at each window boundary (discarding
     windows skipped for non-finite gradients); call it yourself without the wrapper.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
     """
     for module in accum_batchnorms(model):
         if discard:

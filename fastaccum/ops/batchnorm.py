@@ -15,12 +15,15 @@ This module holds, for this op family:
 Semantics. ``x`` is ``(N, C)`` or ``(N, C, *spatial)``: float32, bfloat16 or float16, with
 the channels in dim 1. ``count = x.numel() // C`` is the number of elements per channel.
 Per-channel tensors have shape ``(C,)``, any floating dtype, and are read as float32;
-everything per-channel that an op returns is float32. Element-wise math is float32.
+everything per-channel that an op returns is float32, except the statistics that
+``batch_norm_stats`` is asked for in float64. Element-wise math is float32.
 
-``batch_norm_stats(x) -> (mean, m2)``
+``batch_norm_stats(x, dtype) -> (mean, m2)``
     ``mean[c]`` and ``m2[c] = sum((x[:, c] - mean[c])**2)``; the biased variance is
     ``m2 / count``. Robust to a large mean (values are shifted by one sample of their
-    channel and reduced in blocks merged with Chan et al.'s update).
+    channel and reduced in blocks merged with Chan et al.'s update). Float32 by default;
+    ``dtype=torch.float64`` keeps the mean's digits beyond float32 (a mean of 1e4 rounds
+    to float32 with an error of up to 5e-4), for statistics that are merged further.
 ``batch_norm_apply(x, mean, invstd, weight, bias, relu) -> y``
     ``y = act((x - mean) * (invstd * weight) + bias)``, ``act`` = ReLU when ``relu``;
     ``weight``/``bias`` None mean 1/0. ``y`` has x's dtype.
@@ -52,7 +55,8 @@ X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class BatchNormStats(NamedTuple):
-    """Per-channel float32 ``mean`` and ``m2`` (sum of squared deviations from the mean)."""
+    """Per-channel ``mean`` and ``m2`` (sum of squared deviations from the mean), float32
+    or float64."""
 
     mean: torch.Tensor
     m2: torch.Tensor
@@ -169,10 +173,18 @@ def _check_grad(grad_y: object, x: torch.Tensor) -> None:
         raise ValueError(f"grad_y is on {grad_y.device} but x is on {x.device}")
 
 
-def check_stats_args(x: torch.Tensor) -> None:
-    """Validate :func:`batch_norm_stats`'s argument; raise TypeError/ValueError."""
+STATS_DTYPES = (torch.float32, torch.float64)
+"""Dtypes :func:`batch_norm_stats` returns its statistics in."""
+
+
+def check_stats_args(x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Validate :func:`batch_norm_stats`'s arguments; raise TypeError/ValueError."""
     _check_x(x)
     _check_count(x)
+    if dtype is not None and dtype not in STATS_DTYPES:
+        raise ValueError(
+            f"dtype (of the statistics) must be torch.float32 or torch.float64, got {dtype!r}"
+        )
 
 
 def check_apply_args(
@@ -239,9 +251,10 @@ def _masked_grad(grad_y, x, mean, invstd, weight, bias, relu):
     return g, xmu, mul
 
 
-def batch_norm_stats_ref(x: torch.Tensor) -> BatchNormStats:
-    """Pure-PyTorch :func:`batch_norm_stats`: the spec (float32, shifted by one sample of
-    each channel so that a large mean costs no digits)."""
+def batch_norm_stats_ref(x: torch.Tensor, dtype: torch.dtype | None = None) -> BatchNormStats:
+    """Pure-PyTorch :func:`batch_norm_stats`: the spec (float32 math, shifted by one sample
+    of each channel so that a large mean costs no digits; the shift is added back in the
+    output ``dtype``, float32 when None)."""
     first = x.select(0, 0)
     while first.dim() > 1:
         first = first.select(1, 0)
@@ -250,7 +263,8 @@ def batch_norm_stats_ref(x: torch.Tensor) -> BatchNormStats:
         x.float() - _per_channel(shift, x), dim=_reduce_dims(x), correction=0
     )
     count = x.numel() // x.shape[1]
-    return BatchNormStats(mean + shift, var * count)
+    out = torch.float32 if dtype is None else dtype
+    return BatchNormStats(mean.to(out) + shift.to(out), var.to(out) * count)
 
 
 def batch_norm_apply_ref(
@@ -323,8 +337,9 @@ def _register_fakes() -> None:
         return torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
 
     @torch.library.register_fake("fastaccum::bn_stats")
-    def _stats_fake(x):
-        return per_channel(x), per_channel(x)
+    def _stats_fake(x, dtype=None):
+        out = torch.float32 if dtype is None else dtype
+        return per_channel(x).to(out), per_channel(x).to(out)
 
     @torch.library.register_fake("fastaccum::bn_apply")
     def _apply_fake(x, mean, invstd, weight, bias, relu):
@@ -365,25 +380,33 @@ def _run(op: str, backend: str | None, *args: object) -> Any:
 # --------------------------------------------------------------------------- wrappers
 
 
-def batch_norm_stats(x: torch.Tensor, *, backend: str | None = None) -> BatchNormStats:
+def batch_norm_stats(
+    x: torch.Tensor, *, dtype: torch.dtype = torch.float32, backend: str | None = None
+) -> BatchNormStats:
     """Per-channel mean and M2 (sum of squared deviations from the mean) of ``x``.
 
     Args:
         x: ``(N, C)`` or ``(N, C, *spatial)``, float32/bfloat16/float16.
+        dtype: of the statistics, ``torch.float32`` or ``torch.float64``. Both are computed
+            alike (deviations in float32 from a shift, merged in double); float64 keeps the
+            mean's digits beyond float32 (a mean of 1e4 rounds to float32 with an error of
+            up to 5e-4), for statistics that are merged further, as ``AccumBatchNorm``
+            merges micro-batches.
         backend: force ``"native"``, ``"triton"`` or ``"reference"`` (default: chosen by
             :mod:`fastaccum._backend` from x's device).
 
     Returns:
-        :class:`BatchNormStats` of float32 ``(C,)`` tensors; the biased variance is
+        :class:`BatchNormStats` of ``(C,)`` tensors in ``dtype``; the biased variance is
         ``m2 / count`` with ``count = x.numel() // C``.
 
     Raises:
         TypeError: x is not a float32/bfloat16/float16 tensor.
-        ValueError: x has fewer than 2 dims, no channels or no elements per channel.
+        ValueError: x has fewer than 2 dims, no channels or no elements per channel, or
+            ``dtype`` is neither float32 nor float64.
         RuntimeError: a forced ``backend`` cannot run on x's device.
     """
-    check_stats_args(x)
-    return BatchNormStats(*_run("bn_stats", backend, in_kernel_layout(x)))
+    check_stats_args(x, dtype)
+    return BatchNormStats(*_run("bn_stats", backend, in_kernel_layout(x), dtype))
 
 
 def apply_unchecked(

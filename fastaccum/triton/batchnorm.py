@@ -19,8 +19,10 @@ pairs; its per-channel partial results go to a workspace, which a few torch ops 
 combine in a fixed order (deterministic, no atomics).
 
 Statistics: values are shifted by one sample of their channel; each tile's mean and M2
-come from two passes over the tile in registers, and tiles and programs are combined with
-Chan et al.'s update, all in fp32 on shifted values.
+come from two passes over the tile in registers, and tiles are combined with Chan et al.'s
+update, all in fp32 on shifted values. The programs' moments are combined, and the shift
+added back, in the statistics' dtype (fp32, or float64 when asked: a mean of 1e4 keeps its
+digits beyond fp32).
 """
 
 from __future__ import annotations
@@ -319,8 +321,11 @@ def _first_sample(x: torch.Tensor) -> torch.Tensor:
     return first.to(torch.float32).contiguous()
 
 
-def launch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (mean, M2) of ``x`` (validated, in a kernel layout, not empty)."""
+def launch_stats(
+    x: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, M2) of ``x`` in ``dtype`` (validated, in a kernel layout, not
+    empty)."""
     g = _geometry(x)
     splits, per_split = _splits(g, x.device)
     shift = _first_sample(x)
@@ -334,10 +339,11 @@ def launch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         BLOCK_S=g.BLOCK_S, BLOCK_C=g.BLOCK_C,
     )  # fmt: skip
     # The splits' moments, combined at once (the parallel form of Chan's update).
+    mean_part, m2_part, count_part = (t.to(dtype) for t in (mean_part, m2_part, count_part))
     counts = count_part[:, None]
     mean = (mean_part * counts).sum(0) / count_part.sum()
     m2 = m2_part.sum(0) + ((mean_part - mean).square() * counts).sum(0)
-    return mean + shift, m2
+    return mean + shift.to(dtype), m2
 
 
 def _elementwise_grid(g: _Geometry) -> tuple[tuple[int], int, int]:
@@ -401,20 +407,24 @@ def launch_backward_apply(grad_y, x, mean, invstd, weight, bias, sum_dy, sum_dy_
 # --------------------------------------------------------------------------- registrations
 
 
-def _per_channel_empty(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
+def _per_channel_empty(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(x.shape[1], dtype=dtype, device=x.device)
 
 
 @torch.library.triton_op("fastaccum::bn_stats_triton", mutates_args=())
-def _stats_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate, then launch (or describe the outputs, as the fake kernel)."""
-    check_stats_args(x)
+def _stats_op(
+    x: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate, then launch (or describe the outputs, as the fake kernel). ``dtype``: of
+    the statistics, float32 (None) or float64."""
+    check_stats_args(x, dtype)
+    out = torch.float32 if dtype is None else dtype
     x = in_kernel_layout(x)
     if _is_fake(x):
-        return _per_channel_empty(x), _per_channel_empty(x)
+        return _per_channel_empty(x, out), _per_channel_empty(x, out)
     _check_launchable(x)
     with _on_device(x.device):
-        return launch_stats(x)
+        return launch_stats(x, out)
 
 
 @torch.library.triton_op("fastaccum::bn_apply_triton", mutates_args=())

@@ -621,3 +621,245 @@ def test_torch_compile_matches_eager(mode):
     assert_close_rel(bn_b.running_var, bn_a.running_var, 1e-6)
     for p, q in zip(compiled_model.parameters(), eager.parameters(), strict=True):
         assert_close_rel(p.grad, q.grad, 1e-5)
+
+
+# ------------------------------------------------------------ window tensors, not buffers
+
+WINDOW_TENSORS = ("window_mean", "window_m2", "prev_mean", "prev_m2", "window_grad", "prev_grad")
+
+
+def mid_window_bn(mode="window"):
+    """An AccumBatchNorm2d with one completed window and one micro-batch of the next."""
+    bn = AccumBatchNorm2d(6, mode=mode)
+    xs = micro_batches(mean=3.0, seed=8)
+    for x in xs[:3]:
+        bn(x.requires_grad_()).square().sum().backward()
+    end_window(bn)
+    bn(xs[3].requires_grad_()).square().sum().backward()
+    assert bn.window_count > 0 and bn.prev_count > 0
+    return bn
+
+
+def window_of(bn):
+    return {name: getattr(bn, name).clone() for name in WINDOW_TENSORS}
+
+
+def test_window_tensors_are_not_buffers():
+    """DDP broadcasts every buffer of rank 0 over the other ranks' (broadcast_buffers=True,
+    its default), so the per-rank window tensors must not be buffers; state_dict keeps
+    nn.BatchNorm's keys."""
+    bn = mid_window_bn()
+    names = {name for name, _ in bn.named_buffers()}
+    assert names == {"running_mean", "running_var", "num_batches_tracked"}
+    assert set(bn.state_dict()) == set(torch.nn.BatchNorm2d(6).state_dict())
+
+
+def test_window_tensors_follow_module_moves_and_stay_float64():
+    bn = mid_window_bn()
+    before = window_of(bn)
+    bn.half()
+    assert bn.weight.dtype == torch.float16
+    for name, value in before.items():
+        assert getattr(bn, name).dtype == torch.float64, name
+        assert torch.equal(getattr(bn, name), value), name
+    bn.to(torch.float32)
+    bn.to("meta")
+    assert all(getattr(bn, name).is_meta for name in WINDOW_TENSORS)
+    bn.to_empty(device="cpu")  # deferred initialization: the window starts empty
+    for name in WINDOW_TENSORS:
+        window = getattr(bn, name)
+        assert window.device.type == "cpu" and window.dtype == torch.float64
+        assert not window.any(), name
+
+
+def test_window_tensors_survive_deepcopy_and_pickle():
+    import copy
+    import io
+
+    bn = mid_window_bn()
+    before = window_of(bn)
+    buf = io.BytesIO()
+    torch.save(bn, buf)
+    for other in (copy.deepcopy(bn), torch.load(io.BytesIO(buf.getvalue()), weights_only=False)):
+        assert {name for name, _ in other.named_buffers()} == {
+            "running_mean",
+            "running_var",
+            "num_batches_tracked",
+        }
+        assert other.window_count == bn.window_count
+        for name, value in before.items():
+            assert torch.equal(getattr(other, name), value), name
+            assert getattr(other, name) is not getattr(bn, name)
+
+
+def test_module_pickled_with_window_buffers_loads_them_as_attributes():
+    """A module pickled when the window tensors were (non-persistent) buffers."""
+    import io
+
+    bn = mid_window_bn()
+    before = window_of(bn)
+    for name in WINDOW_TENSORS:
+        bn._buffers[name] = bn.__dict__.pop(name)
+    buf = io.BytesIO()
+    torch.save(bn, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert not set(WINDOW_TENSORS) & set(loaded._buffers)
+    for name, value in before.items():
+        assert torch.equal(getattr(loaded, name), value), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_window_follows_a_move_of_parameters_and_buffers_by_data():
+    """FSDP2's fully_shard moves parameters and buffers by assigning ``.data``; the window
+    tensors follow at the next forward."""
+    bn = mid_window_bn()
+    before = window_of(bn)
+    for t in [*bn.parameters(), *bn.buffers()]:
+        t.data = t.data.cuda()
+    x = micro_batches(mean=3.0, seed=8)[4].cuda()
+    bn(x)
+    assert all(getattr(bn, name).is_cuda for name in WINDOW_TENSORS)
+    assert torch.equal(bn.prev_mean.cpu(), before["prev_mean"])
+
+
+# ------------------------------------------------------------ a large mean, small micro-batches
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("mode", ["merged", "window"])
+@pytest.mark.parametrize("mean,std", [(1e4, 1.0), (1e4, 0.05), (1e3, 0.01)])
+def test_window_statistics_keep_their_digits_at_a_large_mean(mean, std, mode, backend, monkeypatch):
+    """16 micro-batches of 2-5 samples with a mean of 1e4: running statistics within 1e-6
+    of float64 statistics of the same float32 inputs. A micro-batch mean rounded to float32
+    (off by up to 5e-4 at 1e4) made the merged variance 5.7e-5 off at std 1, 1e-3 at 0.05."""
+    from fastaccum import _backend
+
+    if backend == "native" and not _backend.native_can_run(torch.device("cpu"), "bn_stats"):
+        pytest.skip("fastaccum._C is not built")
+    monkeypatch.setenv("FASTACCUM_BACKEND", backend)
+    bn = AccumBatchNorm1d(3, momentum=None, mode=mode)
+    gen = torch.Generator().manual_seed(1)
+    scale = torch.tensor([std, 2 * std, std / 2], dtype=torch.float64)
+    xs = []
+    for m in range(16):
+        n = 2 + (m * 5) % 4
+        x = (torch.randn(n, 3, generator=gen, dtype=torch.float64) * scale + mean).float()
+        xs.append(x)
+        bn(x)
+    bn.end_window()
+    full = torch.cat(xs).double()
+    assert_close_rel(bn.running_mean, full.mean(0), 1e-6)
+    assert_close_rel(bn.running_var, full.var(0), 1e-6)
+
+
+# ------------------------------------------------------------ conversion: SyncBatchNorm, twice
+
+
+def sync_cnn(seed=0):
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(cnn(seed))
+
+
+def test_sync_batchnorm_is_converted():
+    """nn.SyncBatchNorm becomes AccumBatchNormNd: same state_dict keys and eval outputs,
+    and one window of micro-batches gives one large batch's running statistics."""
+    from fastaccum.nn.batchnorm import AccumBatchNormNd
+
+    model = sync_cnn()
+    assert type(model[1]) is torch.nn.SyncBatchNorm
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    keys = list(model.state_dict())
+    convert_batchnorm(model, mode="window")
+    assert type(model[1]) is AccumBatchNormNd and model[1].mode == "window"
+    assert not hasattr(model[1], "process_group")
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(x), before)
+
+    model.train()
+    gen = torch.Generator().manual_seed(6)
+    xs = [torch.randn(n, 3, 6, 6, generator=gen) * 2 + 5 for n in SIZES]
+    with torch.no_grad():
+        conv_outs = [model[0](x) for x in xs]
+    opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.0), len(SIZES), model=model)
+    for x in xs:
+        model(x).sum().backward()
+        opt.step()
+    want_mean, want_var = expected_running(
+        conv_outs, torch.zeros(6).double(), torch.ones(6).double(), 0.1
+    )
+    assert_close_rel(model[1].running_mean, want_mean, 1e-6)
+    assert_close_rel(model[1].running_var, want_var, 1e-6)
+
+
+def test_sync_batchnorm_conversion_takes_any_rank_from_2d():
+    from fastaccum.nn.batchnorm import AccumBatchNormNd
+
+    bn = convert_batchnorm(torch.nn.Sequential(torch.nn.SyncBatchNorm(3)))[0]
+    assert isinstance(bn, AccumBatchNormNd)
+    references = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
+    for shape in [(4, 3), (4, 3, 5), (2, 3, 4, 5), (2, 3, 2, 2, 2)]:
+        x = torch.randn(shape)
+        ref = references.get(len(shape), torch.nn.BatchNorm3d)(3)
+        ref.load_state_dict(bn.state_dict())
+        assert_close_rel(bn(x), ref(x), 1e-6)
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        bn(torch.randn(3))
+
+
+def train_window(model, seed, sizes=(3, 2, 4)):
+    gen = torch.Generator().manual_seed(seed)
+    for n in sizes:
+        model(torch.randn(n, 3, 6, 6, generator=gen) * 2 + 1).square().sum().backward()
+    end_window(model)
+
+
+def test_second_conversion_switches_mode_at_a_window_boundary():
+    """window -> merged between windows: the module then trains as a module converted to
+    merged with the same history (its training output is BatchNorm's on the micro-batch),
+    and keeps the previous window for a switch back."""
+    model = convert_batchnorm(cnn(seed=3), mode="window")
+    train_window(model, seed=1)
+    twin = convert_batchnorm(cnn(seed=3), mode="merged")
+    twin.load_state_dict(model.state_dict())
+    prev = model[1].prev_mean.clone()
+    assert convert_batchnorm(model, mode="merged") is model
+    assert model[1].mode == "merged" and model[1].renorm is None
+    assert torch.equal(model[1].prev_mean, prev)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(model(x), twin(x))
+
+    end_window(model)
+    convert_batchnorm(model, mode="renorm", rmax=2.0, plain_windows=0, warmup_windows=0)
+    assert model[1].mode == "renorm" and model[1].renorm == RenormSchedule(2.0, 5.0, 0, 0)
+
+
+def test_second_conversion_in_the_middle_of_a_window_is_refused():
+    model = torch.nn.Sequential(cnn(seed=3), torch.nn.BatchNorm1d(2))
+    convert_batchnorm(model[0], mode="window")
+    model[0](torch.randn(3, 3, 6, 6))
+    window = model[0][1].window_count
+    with pytest.raises(ValueError, match=r"from mode='window' to mode='merged' in the middle"):
+        convert_batchnorm(model, mode="merged")
+    assert model[0][1].mode == "window" and model[0][1].window_count == window
+    assert type(model[1]) is torch.nn.BatchNorm1d  # nothing converted
+    # The same mode again changes nothing, mid-window too.
+    convert_batchnorm(model[0], mode="window")
+    assert model[0][1].window_count == window
+    # Other renorm options count as another mode.
+    renorm = convert_batchnorm(cnn(), mode="renorm")
+    renorm(torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match=r"mode='renorm' \(rmax=3.0.*\) to mode='renorm' \(rmax=2"):
+        convert_batchnorm(renorm, mode="renorm", rmax=2.0)
+
+
+def test_functions_taking_a_model_refuse_other_objects():
+    from fastaccum.nn import load_window_state_dict, window_state_dict
+
+    for call in (
+        lambda: end_window("model"),
+        lambda: window_state_dict("model"),
+        lambda: load_window_state_dict("model", []),
+    ):
+        with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
+            call()
