@@ -137,6 +137,9 @@ class FastaccumTrainer(Trainer):
         fused_update: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        for name, flag in (("fuse_wgrad", fuse_wgrad), ("master_weights", master_weights)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {type(flag).__name__}")
         missing = [name for name in _TRAINER_HOOKS if not hasattr(Trainer, name)]
         if missing:
             raise NotImplementedError(

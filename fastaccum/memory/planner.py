@@ -33,7 +33,6 @@ import contextlib
 import copy
 import gc
 import math
-import operator
 import random
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -328,18 +327,6 @@ class _Prober:
         return before + measured
 
 
-def _as_int(name: str, value: Any) -> int:
-    """``value`` as an int (NumPy integers too).
-
-    Raises:
-        TypeError: a bool or a value that is not an integer.
-    """
-    if not isinstance(value, bool):
-        with contextlib.suppress(TypeError):
-            return operator.index(value)
-    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-
-
 class _BatchSizeError(ValueError):
     """``make_batch(n)`` returned a batch that does not hold n samples."""
 
@@ -465,6 +452,7 @@ def plan_batch(
             split of the target into micro-batches of the allowed sizes exists.
     """
     from fastaccum.optim import AccumulatingOptimizer
+    from fastaccum.optim.wrapper import _as_int
 
     target_batch_size = _as_int("target_batch_size", target_batch_size)
     min_micro_batch_size = _as_int("min_micro_batch_size", min_micro_batch_size)

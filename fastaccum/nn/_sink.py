@@ -25,16 +25,31 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 layer with another weight dtype (float64, complex) runs as its torch counterpart."""
 
 
-def routes(sink: Any, weight: torch.Tensor) -> bool:
+def routes(sink: Any, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """True when a fused layer whose sink is ``sink`` (None: none attached) routes the
-    gradient of ``weight`` on this forward pass: gradients are wanted and the weight is
-    fp32/bf16/fp16 (float64 and complex weights take plain autograd)."""
+    gradient of ``weight`` (and ``bias``) on this forward pass: gradients are wanted, the
+    weight is fp32/bf16/fp16 (float64 and complex weights take plain autograd), and
+    neither has a gradient hook of the user's (a routed gradient never reaches one)."""
     return (
         sink is not None
         and torch.is_grad_enabled()
         and weight.requires_grad
         and weight.dtype in FUSED_DTYPES
+        and not has_user_grad_hooks(weight)
+        and (bias is None or not has_user_grad_hooks(bias))
     )
+
+
+def has_user_grad_hooks(t: torch.Tensor) -> bool:
+    """True when ``t`` has a hook that must see its gradient: one from ``register_hook``,
+    or a post-accumulate-grad hook other than the wrapper's own fold (which marks itself
+    with ``fastaccum_fold``)."""
+    if getattr(t, "_backward_hooks", None):
+        return True
+    post = getattr(t, "_post_accumulate_grad_hooks", None)
+    if not post:
+        return False
+    return any(not getattr(hook, "fastaccum_fold", False) for hook in post.values())
 
 
 class SinkLink:

@@ -121,7 +121,7 @@ class _FusedWgradLinear(torch.autograd.Function):
 def takes_fused_route(layer: SinkLink) -> bool:
     """True when ``layer`` (a fused layer) routes its weight gradient on this forward
     pass: a sink is attached, gradients are wanted, and the weight is fp32/bf16/fp16."""
-    return routes(layer._wgrad_sink, layer._wgrad_pair()[0])
+    return routes(layer._wgrad_sink, *layer._wgrad_pair())
 
 
 def fused_linear(
@@ -140,7 +140,7 @@ def fused_linear(
     (:func:`takes_fused_route`): the caller runs its plain forward then."""
     sink = layer._wgrad_sink
     pair = layer._wgrad_pair()
-    if not routes(sink, pair[0]):
+    if not routes(sink, *pair):
         return None
     return _fused_linear(layer, input, transposed, rows, sink, pair)  # eager under compile
 
@@ -212,7 +212,7 @@ def fuse_wgrad(model: ModuleT, *, embeddings: bool = True) -> ModuleT:
     embeddings with ``max_norm``, ``scale_grad_by_freq`` or ``sparse=True``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or ``embeddings`` not a bool.
     """
     from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
@@ -222,6 +222,8 @@ def fuse_wgrad(model: ModuleT, *, embeddings: bool = True) -> ModuleT:
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(embeddings, bool):
+        raise TypeError(f"embeddings must be True or False, got {type(embeddings).__name__}")
     hf_conv1d = hf_conv1d_class()
     for module in model.modules():
         if type(module) is torch.nn.Linear:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import operator
 import os
 import sys
 import warnings
@@ -71,6 +72,20 @@ fold is a kernel launch."""
 _INTERNAL_CODE = tuple(
     os.path.dirname(path) + os.sep for path in (os.path.dirname(__file__), torch.__file__)
 )
+
+
+def _as_int(name: str, value: Any) -> int:
+    """``value`` as an int (NumPy and other integer types too).
+
+    Raises:
+        TypeError: a bool, or a value that is not an integer.
+    """
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def _user_stacklevel() -> int:
@@ -242,6 +257,7 @@ class _FoldHook:
     and forever once both are dropped."""
 
     __slots__ = ("_opt",)
+    fastaccum_fold = True  # not a user's hook: fused layers still route (nn._sink)
 
     def __init__(self, opt: AccumulatingOptimizer) -> None:
         self._opt = weakref.ref(opt)
@@ -397,8 +413,11 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         else:
             _check_wrappable(optimizer, "optimizer")
         inner = cast(torch.optim.Optimizer, optimizer)  # checked just above
-        if isinstance(accum_steps, bool) or not isinstance(accum_steps, int):
-            raise TypeError(f"accum_steps must be an int, got {type(accum_steps).__name__}")
+        accum_steps = _as_int("accum_steps", accum_steps)
+        if not isinstance(master_weights, bool):
+            raise TypeError(
+                f"master_weights must be True or False, got {type(master_weights).__name__}"
+            )
         if accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
         if max_grad_norm is not None and (
@@ -593,8 +612,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                 ``loss.backward()`` ran and its ``step()`` has not). Nothing changes when
                 one of these is raised.
         """
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"accum_steps must be an int, got {type(value).__name__}")
+        value = _as_int("accum_steps", value)
         if value < 1:
             raise ValueError(f"accum_steps must be >= 1, got {value}")
         if value == self._accum_steps:
@@ -1142,10 +1160,16 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         RuntimeWarning, since it would hold part of a micro-batch.
 
         Raises:
+            TypeError: ``loss`` is not a tensor.
             ValueError: ``num_items <= 0`` or mixed with micro-batches without it.
             RuntimeError: called twice without ``opt.step()`` in between, or with stale
                 gradients from an earlier ``loss.backward()`` still in place.
         """
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"opt.backward() takes the loss tensor (a scalar with a grad_fn), got "
+                f"{type(loss).__name__}"
+            )
         self._check_usable("backward()")
         if self._hook_weight is not None:
             raise RuntimeError("opt.backward() was called twice without opt.step() in between")

@@ -81,6 +81,35 @@ def test_bad_num_items_changes_nothing(value, error, message):
         assert torch.equal(p.grad, g)
 
 
+def test_numpy_accum_steps_trains_as_the_python_int():
+    batches = token_batches(2 * K)
+    models = []
+    for steps in (K, np.int64(K)):
+        model = make_model()
+        opt = fastaccum.wrap(torch.optim.SGD(model.parameters(), lr=0.1), steps)
+        for x, y in batches:
+            micro_step(model, opt, x, y)
+        opt.accum_steps = np.int32(K)  # the setter takes it too
+        assert opt.accum_steps == K and type(opt.accum_steps) is int
+        models.append(model)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_flags_and_loss_of_the_wrong_type_are_named():
+    model = make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="master_weights must be True or False, got str"):
+        fastaccum.wrap(sgd, K, master_weights="yes")
+    with pytest.raises(TypeError, match="embeddings must be True or False, got str"):
+        fastaccum.fuse_wgrad(model, embeddings="no")
+    assert all(type(m) is not fastaccum.nn.Embedding for m in model.modules())
+    opt = fastaccum.wrap(sgd, K)
+    with pytest.raises(TypeError, match=r"takes the loss tensor .* got float"):
+        opt.backward(1.0)
+    assert opt.micro_step == 0
+
+
 def test_max_grad_norm_of_the_wrong_type_is_named():
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
