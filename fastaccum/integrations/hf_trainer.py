@@ -52,6 +52,7 @@ _TRAINER_HOOKS = (
     "_update_auto_batch_size",
     "training_step",
     "create_optimizer",
+    "_load_optimizer_and_scheduler",
 )
 
 
@@ -171,6 +172,7 @@ class FastaccumTrainer(Trainer):
         self.add_callback(_AfterOptimizerStep(self))
         # Sequences per device and optimizer step: auto_find_batch_size keeps it (below).
         self._window_rows = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        self._first_micro_batch = self.args.train_batch_size
 
     def _check_supported(self) -> None:
         args = self.args
@@ -235,6 +237,19 @@ class FastaccumTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Trainer's loading of a checkpoint's optimizer state, then the window of these
+        arguments: a run saved with another ``gradient_accumulation_steps`` resumes with
+        the new one, as Trainer's own does (its checkpoints are saved at a boundary, where
+        K may change)."""
+        with warnings.catch_warnings():
+            # the wrapper restores the saved K and says so; here the arguments' K wins
+            warnings.filterwarnings("ignore", "fastaccum: accum_steps is now", RuntimeWarning)
+            super()._load_optimizer_and_scheduler(checkpoint)
+        opt = _unaccelerated(self.optimizer)
+        if isinstance(opt, AccumulatingOptimizer) and opt.micro_step == 0:
+            opt.accum_steps = self.args.gradient_accumulation_steps
+
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Trainer's optimizer (``args.optim`` or the one passed in), wrapped by fastaccum.
 
@@ -293,7 +308,12 @@ class FastaccumTrainer(Trainer):
         """
         current = self._train_batch_size
         rows = self._window_rows
-        if batch_size < current:  # a retry: accelerate proposes a smaller batch
+        # A retry: accelerate proposes a smaller batch; or, once an earlier retry took a
+        # smaller micro-batch than accelerate's proposal (a divisor of the window), any
+        # other size, since accelerate's own count then lags behind (8, then 4 for its 7,
+        # then its 6): never a larger micro-batch with the window's K.
+        shrunk = current < self._first_micro_batch
+        if batch_size < current or (shrunk and batch_size != current):
             fits = [d for d in range(1, min(batch_size, current - 1) + 1) if rows % d == 0]
             if not fits:
                 raise RuntimeError(

@@ -52,6 +52,27 @@ def has_user_grad_hooks(t: torch.Tensor) -> bool:
     return any(not getattr(hook, "fastaccum_fold", False) for hook in post.values())
 
 
+# model -> the wrappers whose fused layers it holds, so that fuse_wgrad(model) run after
+# wrapping attaches the new fused layers (both held weakly).
+_SINKS: weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet[Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def register_sink(model: torch.nn.Module, sink: Any) -> None:
+    """Record ``sink`` (a wrapper) as the gradient sink of ``model``'s fused layers."""
+    _SINKS.setdefault(model, weakref.WeakSet()).add(sink)
+
+
+def refresh_sinks(model: torch.nn.Module) -> None:
+    """Hand the fused layers ``fuse_wgrad`` just made in ``model`` to the wrappers built
+    on it (or on a DDP of it) before."""
+    for key, sinks in list(_SINKS.items()):
+        if key is model or getattr(key, "module", None) is model:
+            for sink in list(sinks):
+                sink._refresh_wgrad_sinks()
+
+
 class SinkLink:
     """Mixin for fused layers: ``self._wgrad_sink`` reads and sets a weak reference."""
 

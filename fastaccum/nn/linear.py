@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from fastaccum.nn._sink import ModuleT, SinkLink, routes, run_eagerly, skip_frames
+from fastaccum.nn._sink import ModuleT, SinkLink, refresh_sinks, routes, run_eagerly, skip_frames
 
 
 class WgradSink(Protocol):
@@ -236,4 +236,5 @@ def fuse_wgrad(model: ModuleT, *, embeddings: bool = True) -> ModuleT:
             module.__class__ = fused_conv1d_class()
         elif embeddings and fusable_embedding(module):
             module.__class__ = Embedding
+    refresh_sinks(model)  # a wrapper built on the model before takes the new layers
     return model

@@ -522,6 +522,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         # _attach_wgrad_sinks) and the (weight, bias) of the layer behind each of its slots.
         self._wgrad_control: torch.Tensor | None = None
         self._wgrad_layers: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._sinks_stale = False  # fused layers to attach at the next window start
         self._reset_window()
         self._attach_wgrad_sinks(model)
         self._skipped_windows = 0
@@ -667,6 +668,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)  # appends to the shared param_groups list
         self._register_group(self.param_groups[-1])
         self._group_count = len(self.param_groups)
+        self._refresh_wgrad_sinks()  # fused layers of the new parameters
 
     def _check_group_params(self, params: list[torch.Tensor]) -> None:
         """Raise TypeError for a parameter of a new group this wrapper cannot take."""
@@ -715,6 +717,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         for index in range(self._group_count, len(groups)):
             self._register_group(groups[index])
         self._group_count = len(groups)
+        self._refresh_wgrad_sinks()  # fused layers of the new parameters
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -779,6 +782,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         self._measured_ids: set[int] = set()
         self._fused_ids: set[int] = set()
         self._fused_first: torch.Tensor | None = None
+        if self._sinks_stale:
+            self._sinks_stale = False
+            self._attach_wgrad_sinks(self.model)
         if self._wgrad_control is not None:
             self._wgrad_control.zero_()
         if self._dist is not None:
@@ -1285,7 +1291,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         parameters it updates."""
         if model is None:
             return
-        from fastaccum.nn._sink import SinkLink, prepare_for_compile
+        from fastaccum.nn._sink import SinkLink, prepare_for_compile, register_sink
+
+        register_sink(model, self)  # so that fuse_wgrad(model) later reaches this wrapper
 
         slots: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         for module in model.modules():
@@ -1302,6 +1310,18 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             # accumulators since the last step(); the same per layer]
             self._wgrad_control = torch.zeros(2 + len(slots), dtype=torch.float64)
             self._wgrad_layers = slots
+
+    def _refresh_wgrad_sinks(self) -> None:
+        """Attach the model's fused layers that are not attached yet (``fuse_wgrad`` run on
+        the model after wrapping, parameter groups added later): now, between windows, or
+        at the next window's start, so that no window mixes its layers' routes."""
+        if self.model is None:
+            return
+        between_windows = self._micro_step == 0 and self._hook_weight is None
+        if between_windows and not self._folded_in_this_micro_step():
+            self._attach_wgrad_sinks(self.model)
+            return
+        self._sinks_stale = True
 
     def wgrad_route(
         self, layer: Any
@@ -2090,7 +2110,7 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's state dict plus the accumulation state.
 
         ``"fastaccum"`` holds the configuration, the accumulators (None for parameters that
-        have none yet), fp32 masters, the micro-step, the window's item weights, the
+        have none yet, and all None at a window boundary, where they are zero), fp32 masters, the micro-step, the window's item weights, the
         telemetry and, with ``model=``, the AccumBatchNorm window statistics, so a run
         saved mid-window resumes exactly. ``"optimizer"`` is the wrapped optimizer's state
         dict, whose entries (``"state"`` and ``"param_groups"``) are also at the top level:
@@ -2151,7 +2171,9 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
             "fastaccum": {
                 **self._config(),
                 "accum_steps": self._accum_steps,
-                "accums": [self._accums.get(p) for p in self._params],
+                # At a boundary every accumulator is zero: none are saved (a checkpoint
+                # the size of the optimizer state, not one fp32 gradient set more).
+                "accums": [self._accums.get(p) if self._micro_step else None for p in self._params],
                 "masters": [self._masters.get(p) for p in self._params],
                 "micro_step": self._micro_step,
                 "touched": self._indices_of(self._touched),

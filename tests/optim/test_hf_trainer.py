@@ -8,6 +8,7 @@ Sequences have different numbers of labelled tokens, so the micro-batches weigh 
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -474,6 +475,28 @@ def test_auto_find_batch_size_keeps_the_effective_batch(tmp_path):
     assert native.state.global_step == 2 * N // 4  # 2 epochs of N sequences, 4 per step
 
 
+def test_auto_find_batch_size_never_retries_larger_with_the_window_kept(tmp_path):
+    """8 x 2 asked for and room for 2: accelerate proposes 7, fastaccum takes 4 (a divisor
+    of the 16 sequences), which fails too; accelerate's next proposal, 6, is larger than 4
+    but is a retry all the same: 2 x 8 follows, never 6 x 2 (24 sequences per step) nor 4
+    again. The run trains as Trainer does at one batch of 16."""
+    settings = {**OPTIMS["sgd"], "auto_find_batch_size": True}
+    ref_model, ref = train(SequentialTrainer, tmp_path / "ref", 16, 1, n=2 * N, **OPTIMS["sgd"])
+    tried = []
+
+    class Recording(FastaccumLimited):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            pair = (inputs["input_ids"].shape[0], self.args.gradient_accumulation_steps)
+            if not tried or tried[-1] != pair:
+                tried.append(pair)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    with pytest.warns(UserWarning, match="retrying with 2 x 8 micro-batches"):
+        model, ours = train(Recording, tmp_path / "fa", 8, 2, n=2 * N, **settings)
+    assert tried == [(8, 2), (4, 4), (2, 8)]
+    assert_same_training(model, ours, ref_model, ref, steps=ref.state.global_step)
+
+
 def test_auto_find_batch_size_resume(tmp_path):
     """A checkpoint of the retried run (2 x 4) resumes at 2 x 4 to the parameters of the
     run that never stopped."""
@@ -521,6 +544,31 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     trainer.train(resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-2"))
     for p, q in zip(resumed.parameters(), whole.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("new_k", [K // 2, 2 * K])
+def test_resume_with_other_accumulation_steps_follows_the_arguments(tmp_path, new_k):
+    """A checkpoint saved at K resumed with gradient_accumulation_steps=new_k trains at
+    new_k, as Trainer's own resume does, without a warning about the restored K (it raised
+    once the window outgrew the saved K, and kept the saved K otherwise)."""
+    runs = {}
+    for name, cls in (("trainer", SequentialTrainer), ("fastaccum", SequentialFastaccumTrainer)):
+        out = tmp_path / name
+        train(cls, out, B, K, save_strategy="steps", save_steps=1, **OPTIMS["sgd"])
+        resumed = tiny_gpt2(seed=5)
+        trainer = cls(
+            model=resumed, args=arguments(out, B, new_k, **OPTIMS["sgd"]), train_dataset=dataset()
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", "fastaccum: accum_steps is now")
+            trainer.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+        runs[name] = (resumed, trainer)
+    ours = runs["fastaccum"][1].fastaccum_optimizer
+    assert ours is not None and ours.accum_steps == new_k
+    for p, q in zip(
+        runs["fastaccum"][0].parameters(), runs["trainer"][0].parameters(), strict=True
+    ):
+        assert_close_rel(p, q, 1e-5)
 
 
 @pytest.mark.parametrize("first", ["trainer", "fastaccum"])

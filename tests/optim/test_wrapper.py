@@ -211,6 +211,34 @@ def test_resume_mid_window_is_bit_identical():
     assert s_opt.stats() == r_opt.stats()
 
 
+def test_a_boundary_checkpoint_holds_no_accumulators_and_resumes_bit_identically():
+    """At a boundary every accumulator is zero: the state dict saves none (the checkpoint
+    is the size of the optimizer state), and a resume there, with fused weight gradients
+    too, is bit-identical to the run never stopped; mid-window they are saved."""
+    batches = token_batches(12, seed=8)
+
+    def fused_adamw(seed=0):
+        model = fastaccum.fuse_wgrad(make_model(seed))
+        inner = make_opt("adamw", model.parameters())
+        return model, fo.wrap(inner, 4, model=model, max_grad_norm=1.0)
+
+    for build in (None, fused_adamw):
+        straight, _ = run_with_checkpoint(None, batches, build=build)
+        resumed, _ = run_with_checkpoint(8, batches, build=build)  # at the boundary
+        for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+            assert torch.equal(p, q)
+    model, opt = run_with_checkpoint(None, batches[:8])
+    assert opt.micro_step == 0
+    assert opt.state_dict()["fastaccum"]["accums"] == [None] * len(list(model.parameters()))
+    x, y = batches[8]
+    mean_loss(model, x, y).backward()
+    opt.step(num_items=len(y))
+    saved = opt.state_dict()["fastaccum"]["accums"]
+    accums = opt.window_accums()
+    for p, a in zip(model.parameters(), saved, strict=True):
+        assert torch.equal(a, accums[p])
+
+
 def test_load_state_dict_from_other_configuration_changes_nothing():
     model = make_model()
     opt = fo.wrap(torch.optim.SGD(model.parameters(), lr=0.1), 4)
