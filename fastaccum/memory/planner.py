@@ -331,17 +331,6 @@ class _BatchSizeError(ValueError):
     """``make_batch(n)`` returned a batch that does not hold n samples."""
 
 
-def _tensors(tree: Any) -> Iterator[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, Mapping):  # dicts, and UserDicts such as BatchEncoding
-        for value in tree.values():
-            yield from _tensors(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _tensors(value)
-
-
 def _check_samples(batch: Any, n: int) -> None:
     """Raise when no tensor of ``make_batch(n)``'s batch holds n samples in its first
     (batch-first) or second (sequence-first) dimension; batches without tensors pass.
@@ -349,7 +338,11 @@ def _check_samples(batch: Any, n: int) -> None:
     Raises:
         ValueError: the batch's tensors, with their shapes.
     """
-    shapes = [tuple(t.shape) for t in _tensors(batch)]
+    from torch.utils._pytree import tree_leaves
+
+    # a UserDict batch (Hugging Face's BatchEncoding) is no pytree node: take its dict
+    leaves = tree_leaves(dict(batch) if isinstance(batch, Mapping) else batch)
+    shapes = [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
     if not shapes or any(n in shape[:2] for shape in shapes):
         return
     if isinstance(batch, (list, tuple)) and len(batch) == n:

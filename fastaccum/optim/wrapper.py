@@ -1677,11 +1677,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
                     fused_window * window_scale * window_scale,
                     fused_first * inv_scale * inv_scale,
                 )
-            pooled = self._dist.pooled
-            if pooled is not None:  # sums over every rank: squared norms unscaled as above
-                for at in (1, 4):
-                    pooled[at] *= inv_scale * inv_scale
-            self._pooled = pooled
+            pooled = self._dist.pooled  # sums over every rank: norms unscaled as above
+            if pooled is not None:
+                sq = inv_scale * inv_scale
+                self._pooled = [v * sq if at in (1, 4) else v for at, v in enumerate(pooled)]
         self._last_micro_sumsq = [s * inv_scale * inv_scale for s in micro_host]
         if self._dist is not None:
             inv_scale *= self._dist.grad_factor  # FSDP2's average over ranks, undone
@@ -2110,9 +2109,10 @@ class AccumulatingOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's state dict plus the accumulation state.
 
         ``"fastaccum"`` holds the configuration, the accumulators (None for parameters that
-        have none yet, and all None at a window boundary, where they are zero), fp32 masters, the micro-step, the window's item weights, the
-        telemetry and, with ``model=``, the AccumBatchNorm window statistics, so a run
-        saved mid-window resumes exactly. ``"optimizer"`` is the wrapped optimizer's state
+        have none yet, and all None at a window boundary, where they are zero), fp32
+        masters, the micro-step, the window's item weights, the telemetry and, with
+        ``model=``, the AccumBatchNorm window statistics, so a run saved mid-window resumes
+        exactly. ``"optimizer"`` is the wrapped optimizer's state
         dict, whose entries (``"state"`` and ``"param_groups"``) are also at the top level:
         the wrapped optimizer loads the dict on its own, at a window boundary all the state
         there is (a window in progress is not part of it).

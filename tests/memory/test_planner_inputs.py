@@ -5,6 +5,7 @@ never planned) or against the error it must raise."""
 
 import copy
 import math
+from collections import UserDict
 
 import pytest
 import torch
@@ -121,12 +122,14 @@ def test_dict_batches_go_to_the_model_as_keywords():
         def forward(self, inputs, labels):
             return torch.nn.functional.cross_entropy(self.body(inputs), labels)
 
-    def make(n):
-        x, y = _batch(n)
-        return {"inputs": x, "labels": y}
+    def make(n, size=None):
+        x, y = _batch(n if size is None else size)
+        return UserDict(inputs=x, labels=y)  # a mapping that is no dict, as BatchEncoding
 
     plan = plan_batch(Keyword(), make, 16, memory_budget=2**26, verbose=False)
     assert plan.effective_batch_size == 16
+    with pytest.raises(ValueError, match=r"make_batch\(1\) returned tensors of shapes \[8, 16\]"):
+        plan_batch(Keyword(), lambda n: make(n, 8), 16, verbose=False)
 
 
 def _frozen() -> torch.nn.Module:
